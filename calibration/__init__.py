@@ -1,0 +1,1 @@
+"""Calibration data readers, Q/DQ insertion and accuracy reports."""

@@ -1,0 +1,198 @@
+"""Checkpoints: the atomic `model.pt` (+ readable `model.json`) and the resume state.
+
+`model.pt` is everything later stages need (weights, configs, normalisation, rtg
+scale, env, targets, dataset identity, versions) and nothing about the optimizer.
+`resume.pt` is self-contained training state (weights, optimizer, scheduler, every
+RNG, the sampler, the step), so a run killed at any instant resumes exactly from the
+last one written. Both are written to a temporary file in the same directory, fsynced
+and renamed, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmm_train.config import ModelConfig
+from dmm_train.errors import DMMError
+from dmm_train.model import DecisionMetaMamba, count_parameters
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+MODEL_JSON = "model.json"
+RESUME_FILE = "resume.pt"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_json(obj: Any, path: Path) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "numpy", "minari", "gymnasium", "mujoco", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded `model.pt`: the model plus everything a later stage needs."""
+
+    model: DecisionMetaMamba
+    model_config: ModelConfig
+    train_config: dict
+    preset: str
+    env_id: str
+    state_mean: np.ndarray  # (S,) float32
+    state_std: np.ndarray  # (S,) float32, eps already added
+    rtg_scale: float
+    target_returns: tuple[float, ...]
+    ref_min_score: float
+    ref_max_score: float
+    dataset_id: str
+    dataset_hash: str
+    step: int
+    path: Path
+    metadata: dict
+
+
+def checkpoint_metadata(
+    *,
+    model: DecisionMetaMamba,
+    train_config: dict,
+    preset: str,
+    env_id: str,
+    state_mean: np.ndarray,
+    state_std: np.ndarray,
+    rtg_scale: float,
+    target_returns: tuple[float, ...],
+    ref_min_score: float,
+    ref_max_score: float,
+    dataset_id: str,
+    dataset_hash: str,
+    step: int,
+) -> dict:
+    """The JSON-able description stored in model.pt and model.json."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "dmm-checkpoint",
+        "model_config": dataclasses.asdict(model.config),
+        "train_config": train_config,
+        "n_params": count_parameters(model),
+        "preset": preset,
+        "env_id": env_id,
+        "state_mean": [float(v) for v in state_mean],
+        "state_std": [float(v) for v in state_std],
+        "rtg_scale": float(rtg_scale),
+        "target_returns": [float(v) for v in target_returns],
+        "ref_min_score": float(ref_min_score),
+        "ref_max_score": float(ref_max_score),
+        "dataset": {"id": dataset_id, "content_hash": dataset_hash},
+        "step": int(step),
+        "versions": library_versions(),
+    }
+
+
+def save_model(directory: Path, model: DecisionMetaMamba, metadata: dict) -> Path:
+    """Write DIR/model.pt and DIR/model.json atomically; returns the .pt path."""
+    directory = Path(directory)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({**metadata, "model_state": state}, directory / MODEL_FILE)
+    atomic_write_json(metadata, directory / MODEL_JSON)
+    return directory / MODEL_FILE
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    """Load a model.pt (or a run directory holding one); raise DMMError if it is not usable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise DMMError(
+            f"checkpoint {str(path)!r} does not exist; expected a model.pt written by "
+            "'python cli.py train' (or its run directory)"
+        )
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise DMMError(
+            f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: {error}); "
+            "expected a model.pt written by 'python cli.py train'; retrain or pick another file"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("kind") != "dmm-checkpoint":
+        raise DMMError(f"{str(path)!r} is not a dmm-deploy checkpoint; expected a model.pt from 'cli.py train'")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DMMError(
+            f"checkpoint {str(path)!r} has format version {version}; this dmm-deploy reads version "
+            f"{FORMAT_VERSION}; retrain with this version or use the dmm-deploy release that wrote it"
+        )
+    model_config = ModelConfig(**payload["model_config"])
+    model = DecisionMetaMamba(model_config)
+    model.load_state_dict(payload["model_state"])
+    model.eval()
+    metadata = {k: v for k, v in payload.items() if k != "model_state"}
+    return Checkpoint(
+        model=model,
+        model_config=model_config,
+        train_config=payload["train_config"],
+        preset=payload["preset"],
+        env_id=payload["env_id"],
+        state_mean=np.asarray(payload["state_mean"], dtype=np.float32),
+        state_std=np.asarray(payload["state_std"], dtype=np.float32),
+        rtg_scale=float(payload["rtg_scale"]),
+        target_returns=tuple(payload["target_returns"]),
+        ref_min_score=float(payload["ref_min_score"]),
+        ref_max_score=float(payload["ref_max_score"]),
+        dataset_id=payload["dataset"]["id"],
+        dataset_hash=payload["dataset"]["content_hash"],
+        step=int(payload["step"]),
+        path=path,
+        metadata=metadata,
+    )

@@ -1,0 +1,169 @@
+"""Configuration: environment presets, model config, train config.
+
+One table of presets per environment (DMM_SPEC.md, "Training" and "Evaluation"),
+one frozen dataclass per stage. The CLI parses options into these and calls one
+function; the checkpoint stores them, so later stages never re-read CLI flags.
+Importable without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from dmm_train.errors import DMMError
+
+# Padding conventions of the official sampler (DMM_SPEC.md, "Sampling").
+ACTION_PAD_VALUE = -10.0  # left-padded actions in training windows; out of tanh's range on purpose
+RTG_PAD_VALUE = 0.0
+STATE_STD_EPS = 1e-6  # added to the dataset std before normalising
+
+
+@dataclass(frozen=True)
+class EnvPreset:
+    """Everything that depends on the environment rather than on the run."""
+
+    name: str = field(metadata={"help": "preset name (hopper, walker2d, ...)"})
+    env_id: str = field(metadata={"help": "gymnasium id of the plant"})
+    state_dim: int = field(metadata={"help": "observation size S"})
+    act_dim: int = field(metadata={"help": "action size Adim"})
+    d_model: int = field(metadata={"help": "model width D"})
+    target_returns: tuple[float, ...] = field(metadata={"help": "evaluation targets; the first is the default"})
+    rtg_scale: float = field(default=1000.0, metadata={"help": "return-to-go divisor"})
+    ref_min_score: float = field(default=0.0, metadata={"help": "D4RL random-policy return"})
+    ref_max_score: float = field(default=1.0, metadata={"help": "D4RL expert return"})
+    max_episode_steps: int = field(default=1000, metadata={"help": "episode cap of the plant"})
+    share_dsm_across_layers: bool = field(
+        default=False,
+        metadata={"help": "official antmaze/kitchen quirk: one DSM shared by all layers"},
+    )
+
+
+# D4RL reference scores (random and expert returns) for the normalised score.
+PRESETS: dict[str, EnvPreset] = {
+    "hopper": EnvPreset(
+        "hopper", "Hopper-v5", 11, 3, 64, (3600.0, 7200.0, 36000.0, 72000.0),
+        ref_min_score=-20.272305, ref_max_score=3234.3,
+    ),
+    "walker2d": EnvPreset(
+        "walker2d", "Walker2d-v5", 17, 6, 64, (5000.0,),
+        ref_min_score=1.629008, ref_max_score=4592.3,
+    ),
+    "halfcheetah": EnvPreset(
+        "halfcheetah", "HalfCheetah-v5", 17, 6, 64, (12000.0,),
+        ref_min_score=-280.178953, ref_max_score=12135.0,
+    ),
+    # antmaze/kitchen: D=128 as in the official run.sh; their reward scale is 1, and
+    # the official code shares one DSM across layers there (offered only explicitly).
+    "antmaze": EnvPreset(
+        "antmaze", "AntMaze_UMaze-v5", 27, 8, 128, (1.0,), rtg_scale=1.0,
+        ref_min_score=0.0, ref_max_score=1.0, max_episode_steps=700,
+    ),
+    "kitchen": EnvPreset(
+        "kitchen", "FrankaKitchen-v1", 59, 9, 128, (4.0,), rtg_scale=1.0,
+        ref_min_score=0.0, ref_max_score=4.0, max_episode_steps=280,
+    ),
+}
+
+
+def get_preset(name: str) -> EnvPreset:
+    """Return the preset called ``name`` or raise a DMMError listing the known ones."""
+    if name not in PRESETS:
+        raise DMMError(
+            f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}; "
+            "pass --preset with one of those names"
+        )
+    return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one DMM policy (DMM_SPEC.md symbols in brackets)."""
+
+    state_dim: int = field(metadata={"help": "observation size [S]"})
+    act_dim: int = field(metadata={"help": "action size [Adim]"})
+    d_model: int = field(default=64, metadata={"help": "residual width [D]"})
+    n_layer: int = field(default=3, metadata={"help": "number of DSM + Mamba layers"})
+    d_state: int = field(default=16, metadata={"help": "SSM state size per channel [N]"})
+    dsm_window: int = field(default=6, metadata={"help": "DSM window in tokens [W]; 6 = two timesteps"})
+    context_len: int = field(default=8, metadata={"help": "timesteps per window [K]; tokens L = 3K"})
+    embed_dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding LayerNorm"})
+    per_layer_norms: bool = field(
+        default=False,
+        metadata={"help": "one LN_1/LN_2 per layer instead of the official shared pair"},
+    )
+    share_dsm_across_layers: bool = field(
+        default=False,
+        metadata={"help": "official antmaze/kitchen compatibility: one DSM for all layers (trainable here)"},
+    )
+
+    @property
+    def dt_rank(self) -> int:
+        """[R] = ceil(D / 16), as in Mamba."""
+        return math.ceil(self.d_model / 16)
+
+    @property
+    def n_tokens(self) -> int:
+        """[L] = 3K tokens per window: (rtg, state, action) per timestep."""
+        return 3 * self.context_len
+
+    def validate(self) -> None:
+        for name in ("state_dim", "act_dim", "d_model", "n_layer", "d_state", "dsm_window", "context_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise DMMError(f"model config {name}={value!r}; expected a positive integer")
+        if not 0.0 <= self.embed_dropout < 1.0:
+            raise DMMError(f"model config embed_dropout={self.embed_dropout!r}; expected a value in [0, 1)")
+
+    @classmethod
+    def from_preset(cls, preset: EnvPreset, **overrides) -> ModelConfig:
+        config = cls(
+            state_dim=preset.state_dim,
+            act_dim=preset.act_dim,
+            d_model=preset.d_model,
+            share_dsm_across_layers=preset.share_dsm_across_layers,
+        )
+        return dataclasses.replace(config, **overrides)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Official DMM training hyperparameters (DMM_SPEC.md, "Training")."""
+
+    preset: str = field(default="hopper", metadata={"help": "environment preset"})
+    dataset: str | None = field(default=None, metadata={"help": "Minari id or path; None = embedded default"})
+    steps: int = field(default=100_000, metadata={"help": "gradient steps"})
+    batch_size: int = field(default=64, metadata={"help": "windows per step"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay, on every parameter"})
+    warmup_steps: int = field(default=10_000, metadata={"help": "linear warmup, then constant"})
+    grad_clip: float = field(default=0.25, metadata={"help": "max global grad norm"})
+    seed: int = field(default=0, metadata={"help": "seeds torch, numpy and the sampler"})
+    eval_every: int = field(default=10_000, metadata={"help": "steps between evaluations; 0 = only at the end"})
+    eval_episodes: int = field(default=10, metadata={"help": "episodes per periodic evaluation"})
+    checkpoint_every: int = field(default=1_000, metadata={"help": "steps between resumable checkpoints"})
+    scan: str = field(default="auto", metadata={"help": "selective-scan implementation: auto | fused | loop"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def validate(self) -> None:
+        get_preset(self.preset)
+        positive = {
+            "steps": self.steps, "batch_size": self.batch_size,
+            "checkpoint_every": self.checkpoint_every,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise DMMError(f"--{name.replace('_', '-')} {value}; expected a positive integer")
+        if self.eval_every < 0 or self.eval_episodes < 0 or self.warmup_steps < 0:
+            raise DMMError(
+                f"eval_every={self.eval_every}, eval_episodes={self.eval_episodes}, "
+                f"warmup_steps={self.warmup_steps}; expected non-negative integers"
+            )
+        if self.learning_rate <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise DMMError(
+                f"learning_rate={self.learning_rate}, grad_clip={self.grad_clip}, "
+                f"weight_decay={self.weight_decay}; expected positive lr and clip, non-negative decay"
+            )
+        if self.scan not in ("auto", "fused", "loop"):
+            raise DMMError(f"scan={self.scan!r}; expected auto, fused or loop")

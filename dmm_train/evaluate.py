@@ -1,0 +1,156 @@
+"""The official DMM evaluation protocol in gymnasium MuJoCo, batched over episodes.
+
+Each env step (DMM_SPEC.md, "Evaluation"): append a zero placeholder action, take
+the last K normalised states, actions and rtg, left-pad with zeros, run the whole
+window and act with the prediction at the last state token; then
+rtg_{t+1} = rtg_t - r_t / scale, starting from target / scale.
+
+All episodes of one evaluation run side by side: one batched forward per env step
+over the episodes still running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from dmm_train.errors import DMMError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    target_return: float
+    returns: tuple[float, ...]
+    lengths: tuple[int, ...]
+    return_mean: float
+    return_std: float
+    normalized_mean: float
+    normalized_std: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def normalized_score(episode_return, ref_min: float, ref_max: float):
+    """D4RL score: 100 * (return - random) / (expert - random)."""
+    return 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def make_env(env_id: str):
+    import gymnasium as gym
+
+    try:
+        return gym.make(env_id)
+    except Exception as error:  # gymnasium raises several types for unknown or broken envs
+        raise DMMError(
+            f"cannot create environment {env_id!r} ({type(error).__name__}: {error}); "
+            "expected a registered gymnasium id; install 'gymnasium[mujoco]'"
+        ) from None
+
+
+@torch.no_grad()
+def evaluate_policy(
+    model: torch.nn.Module,
+    *,
+    env_id: str,
+    state_mean: np.ndarray,
+    state_std: np.ndarray,
+    rtg_scale: float,
+    target_return: float,
+    episodes: int,
+    seed: int,
+    ref_min_score: float,
+    ref_max_score: float,
+    device: str = "cpu",
+) -> EvalResult:
+    """Run ``episodes`` episodes of the sliding-window protocol; episode i uses seed + i."""
+    if episodes < 1:
+        raise DMMError(f"--episodes {episodes}; expected at least 1")
+    was_training = model.training
+    model.eval()
+    envs = [make_env(env_id) for _ in range(episodes)]
+    context_len = model.config.context_len
+    max_steps = envs[0].spec.max_episode_steps or 1000
+    state_dim = int(np.prod(envs[0].observation_space.shape))
+    act_dim = int(np.prod(envs[0].action_space.shape))
+    if state_dim != model.config.state_dim or act_dim != model.config.act_dim:
+        raise DMMError(
+            f"environment {env_id} has obs/act dims {state_dim}/{act_dim}; the model expects "
+            f"{model.config.state_dim}/{model.config.act_dim}; evaluate on the env the model was trained for"
+        )
+    mean = np.asarray(state_mean, dtype=np.float32)
+    std = np.asarray(state_std, dtype=np.float32)
+
+    # Per-episode histories; index t holds s_t, a_t, rtg_t. a_t stays 0 until acted (placeholder).
+    states = np.zeros((episodes, max_steps + 1, state_dim), dtype=np.float32)  # (E, Tmax+1, S)
+    actions = np.zeros((episodes, max_steps + 1, act_dim), dtype=np.float32)  # (E, Tmax+1, Adim)
+    rtg = np.zeros((episodes, max_steps + 1, 1), dtype=np.float32)  # (E, Tmax+1, 1)
+    for index, env in enumerate(envs):
+        observation, _ = env.reset(seed=seed + index)
+        states[index, 0] = (observation - mean) / std
+    rtg[:, 0, 0] = target_return / rtg_scale
+    returns = np.zeros(episodes, dtype=np.float64)
+    lengths = np.zeros(episodes, dtype=np.int64)
+    running = np.ones(episodes, dtype=bool)
+
+    try:
+        for t in range(max_steps):
+            if not running.any():
+                break
+            active = np.flatnonzero(running)
+            start = max(0, t + 1 - context_len)
+            width = t + 1 - start
+            window_states = np.zeros((len(active), context_len, state_dim), dtype=np.float32)  # (E', K, S)
+            window_actions = np.zeros((len(active), context_len, act_dim), dtype=np.float32)  # (E', K, Adim)
+            window_rtg = np.zeros((len(active), context_len, 1), dtype=np.float32)  # (E', K, 1)
+            window_states[:, context_len - width:] = states[active, start:t + 1]
+            window_actions[:, context_len - width:] = actions[active, start:t + 1]
+            window_rtg[:, context_len - width:] = rtg[active, start:t + 1]
+            predicted = model(
+                torch.from_numpy(window_states).to(device),
+                torch.from_numpy(window_actions).to(device),
+                torch.from_numpy(window_rtg).to(device),
+            )[:, -1].cpu().numpy()  # (E', Adim), at the last state token
+            for row, index in enumerate(active):
+                observation, reward, terminated, truncated, _ = envs[index].step(predicted[row])
+                actions[index, t] = predicted[row]
+                states[index, t + 1] = (observation - mean) / std
+                rtg[index, t + 1, 0] = rtg[index, t, 0] - reward / rtg_scale
+                returns[index] += reward
+                lengths[index] = t + 1
+                if terminated or truncated:
+                    running[index] = False
+    finally:
+        for env in envs:
+            env.close()
+        model.train(was_training)
+
+    scores = normalized_score(returns, ref_min_score, ref_max_score)
+    return EvalResult(
+        target_return=float(target_return),
+        returns=tuple(float(r) for r in returns),
+        lengths=tuple(int(n) for n in lengths),
+        return_mean=float(returns.mean()),
+        return_std=float(returns.std()),
+        normalized_mean=float(scores.mean()),
+        normalized_std=float(scores.std()),
+    )
+
+
+def evaluate_checkpoint(checkpoint, *, target_return: float, episodes: int, seed: int, device: str = "cpu"):
+    """`evaluate_policy` with everything read from a loaded `Checkpoint`."""
+    return evaluate_policy(
+        checkpoint.model.to(device),
+        env_id=checkpoint.env_id,
+        state_mean=checkpoint.state_mean,
+        state_std=checkpoint.state_std,
+        rtg_scale=checkpoint.rtg_scale,
+        target_return=target_return,
+        episodes=episodes,
+        seed=seed,
+        ref_min_score=checkpoint.ref_min_score,
+        ref_max_score=checkpoint.ref_max_score,
+        device=device,
+    )

@@ -1,0 +1,342 @@
+"""Fused CPU selective scan: a small C kernel (dmm_train/csrc/selective_scan.c) built
+with the system C compiler on first use and called through ctypes on tensor pointers.
+
+Symbols (DMM_SPEC.md): B batch, L tokens, D channels, N state size.
+
+Why a C kernel: the scan is B * L * D * N = 1.6M exp/multiply-adds per layer at the
+hopper preset, far too little work for PyTorch to amortise its per-op cost over L = 24
+sequential steps. In C the time loop runs inside, nothing of shape (B, L, D, N) is
+materialised, and exp is an inlined polynomial that vectorises with the loop.
+
+Build: ``cc -O3`` with the safe subset of fast-math (no errno, no traps, FMA
+contraction; not -ffast-math, whose reassociation would undo the kernel's rounding
+tricks and whose crtfastmath.o would switch the whole process to flush-to-zero), into a
+per-user cache: ``$DMM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dmm-deploy``, else
+``~/.cache/dmm-deploy``, in a folder keyed by a hash of the source, the compiler's
+version and every flag. The library is written under a temporary name and renamed
+into place, so concurrent processes never load a half-written file.
+
+Instruction set: never ``-march=native``. On x86-64 the highest of the portable levels
+x86-64-v2/v3/v4 that /proc/cpuinfo shows is chosen (v3 = AVX2 + FMA, v4 = AVX-512;
+2-2.5x faster than the SSE2 baseline); the level is part of the flags and so of the
+cache key, and ``DMM_SCAN_ISA=baseline`` (or a level name) overrides the choice. The
+results do not depend on the level beyond float rounding.
+
+Threads: the kernel shares fixed work items of the batch out over its own small pthread
+pool (not torch's OpenMP one), by default as many threads as torch uses
+(`torch.set_num_threads` sets both), else ``$DMM_SCAN_THREADS`` or `set_num_threads`.
+Results are bitwise the same for any thread count. On a 2-core machine with a free
+second core, torch at 1 thread and the kernel at 2 run the scan 1.6x faster; when another
+job holds that core, 2 kernel threads gained nothing (measured in bench/train_speed.py).
+
+`is_available()` never raises: when no compiler is present or the build fails it
+returns False and keeps the reason in `UNAVAILABLE_REASON`; `selective_scan(impl="auto")`
+then falls back to the loop reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dmm_train.errors import DMMError
+
+SOURCE_PATH = Path(__file__).resolve().parent / "csrc" / "selective_scan.c"
+LIBRARY_NAME = "libdmm_selective_scan.so"
+COMPILE_FLAGS = (
+    "-O3", "-std=gnu11", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+    "-ffp-contract=fast", "-Wall",
+)
+LINK_FLAGS = ("-shared", "-pthread")
+COMPILE_TIMEOUT_S = 120
+ISA_ENV = "DMM_SCAN_ISA"
+# x86-64 micro-architecture levels and the /proc/cpuinfo flags each needs beyond the last.
+X86_LEVELS = (
+    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
+    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+)
+THREADS_ENV = "DMM_SCAN_THREADS"  # see "Threads" above
+# Error codes of the C entry points (DMM_SCAN_* in the source).
+_KERNEL_ERRORS = {1: "out of memory for the scan scratch"}
+
+# Why the kernel is unavailable (None while it has not been tried or when it loaded).
+UNAVAILABLE_REASON: str | None = None
+_library: ctypes.CDLL | None = None
+_tried = False
+_num_threads: int | None = None
+
+
+def cache_dir() -> Path:
+    """Per-user folder of built kernels: $DMM_CACHE_DIR, else $XDG_CACHE_HOME/dmm-deploy, else ~/.cache."""
+    override = os.environ.get("DMM_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dmm-deploy"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def isa_level() -> str:
+    """The instruction-set level the kernel is built for: "baseline" or an x86-64-vN name."""
+    requested = os.environ.get(ISA_ENV, "auto")
+    known = ("baseline", *(name for name, _ in X86_LEVELS))
+    if requested != "auto":
+        if requested not in known:
+            raise DMMError(f"{ISA_ENV}={requested!r}; expected auto or one of {', '.join(known)}")
+        return requested
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "baseline"
+    flags, level, needed = _cpu_flags(), "baseline", set()
+    for name, extra in X86_LEVELS:
+        needed |= extra
+        if not needed <= flags:
+            break
+        level = name
+    return level
+
+
+def build_flags() -> tuple[str, ...]:
+    """Compiler flags for this machine (the ISA level included)."""
+    level = isa_level()
+    return COMPILE_FLAGS if level == "baseline" else (*COMPILE_FLAGS, f"-march={level}")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build_key(compiler: str, source: bytes, flags: tuple[str, ...]) -> str:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=True
+    ).stdout
+    digest = hashlib.sha256()
+    for part in (source, compiler.encode(), version.encode(), " ".join(flags + LINK_FLAGS).encode(),
+                 sys.platform.encode(), platform.machine().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel into the cache (if not there yet) and return the library's path."""
+    source = SOURCE_PATH.read_bytes()
+    flags = build_flags()
+    target_dir = cache_dir() / "fused_scan" / _build_key(compiler, source, flags)
+    library = target_dir / LIBRARY_NAME
+    if library.exists():
+        return library
+    target_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".build-") as work:
+        staged = Path(work) / LIBRARY_NAME
+        command = [compiler, *flags, str(SOURCE_PATH), "-o", str(staged), *LINK_FLAGS]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"'{' '.join(command)}' failed:\n{result.stderr.strip()}")
+        os.replace(staged, library)  # atomic: a reader sees no file or the whole file
+    return library
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (looked for $CC, gcc, cc)")
+    library = ctypes.CDLL(str(_build(compiler)))
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.dmm_selective_scan_fwd.argtypes = [pointer] * 3 + [flag] + [pointer] * 7 + [size] * 7 + [flag]
+    library.dmm_selective_scan_fwd.restype = ctypes.c_int
+    library.dmm_selective_scan_bwd.argtypes = [pointer] * 3 + [flag] + [pointer] * 15 + [size] * 7 + [flag]
+    library.dmm_selective_scan_bwd.restype = ctypes.c_int
+    return library
+
+
+def is_available() -> bool:
+    """True when the kernel is built and loaded; builds it on the first call. Never raises."""
+    global _library, _tried, UNAVAILABLE_REASON
+    if not _tried:
+        _tried = True
+        try:
+            _library = _load()
+        except (OSError, RuntimeError, subprocess.SubprocessError, DMMError) as error:
+            UNAVAILABLE_REASON = f"{type(error).__name__}: {error}"
+    return _library is not None
+
+
+def _require_library() -> ctypes.CDLL:
+    if not is_available():
+        raise DMMError(
+            f"the fused selective-scan kernel is unavailable ({UNAVAILABLE_REASON}); expected a working C "
+            "compiler; install gcc (e.g. apt-get install gcc), set $CC, or use scan impl 'loop'"
+        )
+    return _library
+
+
+def _check_inputs(tensors: dict, batch: int, length: int, channels: int, states: int) -> None:
+    """Shapes, float32 and CPU, with "name | received | expected" errors (None entries are skipped)."""
+    expected = {
+        "x": (batch, length, channels), "delta": (batch, length, channels), "A": (channels, states),
+        "Bm": (batch, length, states), "Cm": (batch, length, states), "Dskip": (channels,),
+        "z": (batch, length, channels), "delta_bias": (channels,),
+    }
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        shape_ok = tuple(tensor.shape) == expected[name]
+        if not shape_ok or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise DMMError(
+                f"fused selective scan input {name} | received {tuple(tensor.shape)} {tensor.dtype} on "
+                f"{tensor.device} | expected {expected[name]} torch.float32 on cpu"
+            )
+
+
+def _rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A (B, L, C) tensor whose rows (b, t) are contiguous and evenly spaced, and that spacing.
+
+    Views into wider rows, such as the chunks of in_proj's output and the splits of
+    x_proj's, are passed as they are; anything else is made contiguous.
+    """
+    _, length, _ = tensor.shape
+    row_stride = tensor.stride(1)
+    if tensor.stride(2) == 1 and row_stride >= tensor.shape[2] and tensor.stride(0) == length * row_stride:
+        return tensor, row_stride
+    tensor = tensor.contiguous()
+    return tensor, tensor.shape[2]
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def default_num_threads() -> int:
+    """$DMM_SCAN_THREADS if set, else torch's intra-op thread count (one knob for the whole step)."""
+    requested = os.environ.get(THREADS_ENV)
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            raise DMMError(f"{THREADS_ENV}={requested!r}; expected a positive integer")
+        return int(requested)
+    return torch.get_num_threads()
+
+
+def set_num_threads(count: int | None) -> None:
+    """Threads of the scan kernel; None restores the default (`default_num_threads`)."""
+    global _num_threads
+    if count is not None and count < 1:
+        raise DMMError(f"scan threads {count}; expected a positive integer or None")
+    _num_threads = count
+
+
+def get_num_threads() -> int:
+    return _num_threads if _num_threads is not None else default_num_threads()
+
+
+def _check_status(status: int, direction: str) -> None:
+    if status != 0:
+        raise DMMError(f"fused selective scan {direction} failed: {_KERNEL_ERRORS.get(status, status)}")
+
+
+class _FusedSelectiveScan(torch.autograd.Function):
+    """out = scan(x, softplus?(delta + delta_bias), A, Bm, Cm, Dskip) * silu?(z), exact reverse backward."""
+
+    @staticmethod
+    def forward(ctx, x, delta, A, Bm, Cm, Dskip, z, delta_bias, delta_softplus):
+        library = _require_library()
+        if x.dim() != 3 or A.dim() != 2:
+            raise DMMError(
+                f"fused selective scan | received x {tuple(x.shape)}, A {tuple(A.shape)} | "
+                "expected x (B, L, D), A (D, N)"
+            )
+        batch, length, channels = x.shape
+        states = A.shape[1]
+        inputs = {"x": x, "delta": delta, "A": A, "Bm": Bm, "Cm": Cm, "Dskip": Dskip}
+        _check_inputs({**inputs, "z": z, "delta_bias": delta_bias}, batch, length, channels, states)
+        x, delta, Dskip = x.contiguous(), delta.contiguous(), Dskip.contiguous()  # (B, L, D) x2, (D,)
+        Bm, stride_B = _rows(Bm)  # (B, L, N)
+        Cm, stride_C = _rows(Cm)  # (B, L, N)
+        z, stride_z = (None, channels) if z is None else _rows(z)  # (B, L, D)
+        delta_bias = None if delta_bias is None else delta_bias.contiguous()  # (D,)
+        A_t = A.t().contiguous()  # (N, D): the kernel's inner loops run over D
+        out = torch.empty_like(x)  # (B, L, D)
+        # The backward needs softplus?(delta + bias); the kernel writes it on the way.
+        transformed = bool(delta_softplus) or delta_bias is not None
+        delta_used = torch.empty_like(delta) if transformed else delta  # (B, L, D)
+        status = library.dmm_selective_scan_fwd(
+            x.data_ptr(), delta.data_ptr(), _pointer(delta_bias), int(delta_softplus), A_t.data_ptr(),
+            Bm.data_ptr(), Cm.data_ptr(), Dskip.data_ptr(), _pointer(z), out.data_ptr(),
+            delta_used.data_ptr() if transformed else None,
+            batch, length, channels, states, stride_B, stride_C, stride_z, get_num_threads(),
+        )
+        _check_status(status, "forward")
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.strides = (stride_B, stride_C, stride_z)
+        ctx.save_for_backward(x, delta, A_t, Bm, Cm, Dskip, z, delta_bias, delta_used)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, delta, A_t, Bm, Cm, Dskip, z, delta_bias, delta_used = ctx.saved_tensors
+        batch, length, channels = x.shape
+        states = A_t.shape[0]
+        dout = dout.contiguous()  # (B, L, D)
+        dx = torch.empty_like(x)  # (B, L, D)
+        ddelta = torch.empty_like(delta)  # (B, L, D)
+        dA_t = torch.empty_like(A_t)  # (N, D)
+        dBm = x.new_empty(batch, length, states)  # (B, L, N)
+        dCm = x.new_empty(batch, length, states)  # (B, L, N)
+        dDskip = torch.empty_like(Dskip)  # (D,)
+        dz = None if z is None else torch.empty_like(x)  # (B, L, D)
+        ddelta_bias = None if delta_bias is None else torch.empty_like(delta_bias)  # (D,)
+        inputs = (x, delta, delta_bias, A_t, Bm, Cm, Dskip, z, delta_used, dout)
+        outputs = (dx, ddelta, dA_t, dBm, dCm, dDskip, dz, ddelta_bias)
+        pointers = [_pointer(t) for t in (*inputs, *outputs)]
+        pointers.insert(3, int(ctx.delta_softplus))  # the flag follows delta_bias in the C signature
+        status = _library.dmm_selective_scan_bwd(
+            *pointers, batch, length, channels, states, *ctx.strides, get_num_threads()
+        )
+        _check_status(status, "backward")
+        return dx, ddelta, dA_t.t(), dBm, dCm, dDskip, dz, ddelta_bias, None
+
+
+def fused_selective_scan(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    Bm: torch.Tensor,
+    Cm: torch.Tensor,
+    Dskip: torch.Tensor,
+    *,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """Scan from h_0 = 0 with the fused kernel.
+
+    Args:
+        x, delta: (B, L, D); A: (D, N); Bm, Cm: (B, L, N); Dskip: (D,); float32 on the CPU,
+        any strides.
+        z: (B, L, D) or None; when given the output is gated, y * silu(z) (Mamba's gate).
+        delta_bias: (D,) or None, added to delta; delta_softplus: apply softplus to
+        delta + delta_bias first (Mamba's ``selective_scan_fn`` options, fused here so
+        that the step spends no separate passes on them).
+    Returns:
+        y (or the gated y): (B, L, D), differentiable w.r.t. every tensor input.
+    """
+    return _FusedSelectiveScan.apply(x, delta, A, Bm, Cm, Dskip, z, delta_bias, delta_softplus)

@@ -1,0 +1,1 @@
+"""Lowering a checkpoint to ONNX (window and stream modes), precision passes, engines."""

@@ -1,0 +1,74 @@
+"""Build a runtime `Manifest` from a loaded checkpoint (torch side of the manifest)."""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+
+from dmm_train.checkpoint import Checkpoint, sha256_file
+from runtime.manifest import Manifest, tensor_specs
+
+# Gymnasium MuJoCo locomotion actions live in [-1, 1]; the tanh head cannot leave it.
+DEFAULT_ACTION_BOUND = 1.0
+
+
+def exporter_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("torch", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def build_manifest(
+    checkpoint: Checkpoint,
+    *,
+    mode: str,
+    precision: str = "fp32",
+    batch: int = 1,
+    onnx_sha256: str = "",
+    opset: int = 0,
+    parity: dict | None = None,
+    accuracy: dict | None = None,
+) -> Manifest:
+    """The manifest of a graph of ``mode`` exported from ``checkpoint``."""
+    config = checkpoint.model_config
+    inputs, outputs = tensor_specs(
+        mode, batch=batch, context_len=config.context_len, state_dim=config.state_dim,
+        act_dim=config.act_dim, n_layer=config.n_layer, dsm_window=config.dsm_window,
+        d_model=config.d_model, d_state=config.d_state,
+    )
+    manifest = Manifest(
+        mode=mode,
+        precision=precision,
+        inputs=inputs,
+        outputs=outputs,
+        batch=batch,
+        context_len=config.context_len,
+        state_dim=config.state_dim,
+        act_dim=config.act_dim,
+        n_layer=config.n_layer,
+        d_model=config.d_model,
+        d_state=config.d_state,
+        dsm_window=config.dsm_window,
+        state_mean=tuple(float(v) for v in checkpoint.state_mean),
+        state_std=tuple(float(v) for v in checkpoint.state_std),
+        rtg_scale=checkpoint.rtg_scale,
+        target_return=float(checkpoint.target_returns[0]),
+        target_returns=tuple(float(v) for v in checkpoint.target_returns),
+        action_low=(-DEFAULT_ACTION_BOUND,) * config.act_dim,
+        action_high=(DEFAULT_ACTION_BOUND,) * config.act_dim,
+        env_id=checkpoint.env_id,
+        preset=checkpoint.preset,
+        ref_min_score=checkpoint.ref_min_score,
+        ref_max_score=checkpoint.ref_max_score,
+        checkpoint_sha256=sha256_file(checkpoint.path),
+        onnx_sha256=onnx_sha256,
+        opset=opset,
+        exporter=exporter_versions(),
+        parity=parity or {},
+        accuracy=accuracy or {},
+    )
+    manifest.validate()
+    return manifest

@@ -1,0 +1,178 @@
+"""`export_checkpoint`: a model.pt -> NAME.onnx and its manifest NAME.json (window or stream mode).
+
+    onnx_path, manifest_path = export_checkpoint("runs/hopper-seed0/model.pt", mode="stream")
+
+The graph comes from `export.lowering` (built from the model's weights), is checked
+with ``onnx.checker`` (full check), against the TensorRT parser's op table
+(`export.trt_ops`) and, in ONNX Runtime, against the PyTorch model on real-looking
+inputs (`export.reference.measure_parity`); the figures go into the manifest. Nothing
+is written unless every check passes; both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from dmm_train.checkpoint import MODEL_FILE, atomic_write_bytes, load_checkpoint
+from dmm_train.errors import DMMError
+from runtime.manifest import MODES, manifest_path_for, write_manifest
+
+DEFAULT_OPSET = 17
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def find_latest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """The newest model.pt (by modification time) anywhere under ``runs_dir``."""
+    runs_dir = Path(runs_dir)
+    candidates = list(runs_dir.rglob(MODEL_FILE)) if runs_dir.is_dir() else []
+    if not candidates:
+        raise DMMError(f"no checkpoint given and no {MODEL_FILE} under {str(runs_dir)!r}/; expected one "
+                       "written by 'python cli.py train'; train first or pass --checkpoint PATH")
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def onnx_path_for(out: str | Path) -> Path:
+    """NAME or NAME.onnx -> NAME.onnx (a dotted NAME like 'hopper.v2' keeps its dot)."""
+    out = Path(out)
+    return out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
+
+
+def build_graph(model, *, mode: str, batch: int = 1, opset: int = DEFAULT_OPSET):
+    """The ONNX model (onnx.ModelProto) of ``mode`` for ``model`` (in eval mode)."""
+    from export.lowering import build_stream_graph, build_window_graph
+
+    builder = {"window": build_window_graph, "stream": build_stream_graph}[mode]
+    return builder(model, batch=batch, opset=opset)
+
+
+def ort_session(model_bytes: bytes, *, threads: int | None = 1,
+                optimized_model_path: str | Path | None = None):
+    """A CPU ONNX Runtime session at the default (full) graph optimisation level."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = threads
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def optimized_node_count(model_bytes: bytes) -> int:
+    """Nodes of the graph after ONNX Runtime's CPU optimisations (what a session actually runs)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="dmm-ort-opt-") as scratch:
+        path = Path(scratch) / "optimized.onnx"
+        ort_session(model_bytes, optimized_model_path=path)
+        return len(onnx.load(str(path)).graph.node)
+
+
+def check_graph(proto) -> None:
+    """onnx.checker (full check: strict shape inference) and the TensorRT op table; DMMError on failure."""
+    import onnx
+
+    from export.trt_ops import check_graph_ops
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise DMMError(f"the exported graph fails onnx.checker ({first_line}); this is a bug in "
+                       "export/lowering.py, please report it with the checkpoint") from None
+    problems = check_graph_ops((node.domain, node.op_type) for node in proto.graph.node)
+    if problems:
+        raise DMMError(f"the exported graph has ops TensorRT cannot parse ({'; '.join(problems)}); this is "
+                       "a bug in export/lowering.py, please report it")
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path | None = None,
+    *,
+    mode: str = "window",
+    out: str | Path | None = None,
+    batch: int = 1,
+    opset: int = DEFAULT_OPSET,
+    runs_dir: str | Path = DEFAULT_RUNS_DIR,
+) -> tuple[Path, Path]:
+    """Export a checkpoint to ``out``.onnx + ``out``.json; returns (onnx_path, manifest_path).
+
+    checkpoint_path: a model.pt or its run directory (None: the newest model.pt under
+    ``runs_dir``). mode: "window" (the official sliding-window evaluation, default) or
+    "stream" (one env step with explicit caches). out: NAME or NAME.onnx (default: the
+    checkpoint's preset, e.g. "hopper", in the current directory). batch: the static
+    batch dimension (1 for a control loop). opset: 17 (LayerNormalization) or newer.
+    """
+    from export.lowering import MAX_OPSET, MIN_OPSET
+    from export.manifest_builder import build_manifest
+
+    if mode not in MODES:
+        raise DMMError(f"--mode {mode!r}; expected one of {', '.join(MODES)} (window: the official "
+                       "sliding-window evaluation; stream: one step with explicit caches)")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise DMMError(f"--batch {batch!r}; expected a positive integer (1 for a control loop)")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise DMMError(f"--opset {opset!r}; expected an integer in {MIN_OPSET}..{MAX_OPSET} (17 is the first "
+                       "with LayerNormalization; TensorRT 10 parses up to 24)")
+    source = Path(checkpoint_path) if checkpoint_path is not None else find_latest_checkpoint(runs_dir)
+    checkpoint = load_checkpoint(source)
+    model = checkpoint.model.eval()
+    model.set_scan_impl("loop")  # the reference the parity figures are measured against
+
+    proto = build_graph(model, mode=mode, batch=batch, opset=opset)
+    check_graph(proto)
+    model_bytes = proto.SerializeToString()
+    parity = _measure_parity(model, model_bytes, checkpoint, mode=mode, batch=batch)
+
+    onnx_path = onnx_path_for(out if out is not None else checkpoint.preset)
+    manifest = build_manifest(
+        checkpoint, mode=mode, batch=batch, onnx_sha256=hashlib.sha256(model_bytes).hexdigest(), opset=opset,
+        parity=parity,
+    )
+    manifest = dataclasses.replace(manifest, exporter={
+        **manifest.exporter, "lowering": "export.lowering", "graph_nodes": len(proto.graph.node),
+        "graph_nodes_ort_optimized": optimized_node_count(model_bytes),
+    })
+    manifest_path = manifest_path_for(onnx_path)
+    try:
+        atomic_write_bytes(onnx_path, model_bytes)
+        write_manifest(manifest, manifest_path)
+    except OSError as error:
+        raise DMMError(f"cannot write {str(onnx_path)!r} / {str(manifest_path)!r} "
+                       f"({error.strerror or error}); expected a writable location; pass --out with a "
+                       "writable NAME") from None
+    return onnx_path, manifest_path
+
+
+def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: int) -> dict:
+    from export.reference import PARITY_REFUSE_ABOVE, measure_parity
+
+    session = ort_session(model_bytes)
+    parity = measure_parity(model, session, mode=mode, batch=batch,
+                            rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
+    if not np.isfinite(parity["max_abs"]) or parity["max_abs"] > PARITY_REFUSE_ABOVE:
+        raise DMMError(f"parity | ONNX Runtime differs from PyTorch by {parity['max_abs']:.3g} on "
+                       f"real-looking inputs | expected at most {PARITY_REFUSE_ABOVE:g}; nothing was "
+                       "written; this is a bug in export/lowering.py (or a checkpoint with non-finite weights)")
+    return parity
+
+
+def export_summary(onnx_path: Path, manifest_path: Path) -> str:
+    """One line for the CLI: what was written, and how it checked out."""
+    from runtime.manifest import read_manifest
+
+    manifest = read_manifest(manifest_path)
+    return (f"wrote {onnx_path} ({manifest.mode}, batch {manifest.batch}, opset {manifest.opset}, "
+            f"{manifest.exporter.get('graph_nodes')} nodes, ORT vs PyTorch max |diff| "
+            f"{manifest.parity['max_abs']:.1e}) and {manifest_path}")
+
+
+__all__ = ["DEFAULT_OPSET", "build_graph", "check_graph", "export_checkpoint", "export_summary",
+           "find_latest_checkpoint", "onnx_path_for", "optimized_node_count", "ort_session"]

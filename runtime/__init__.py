@@ -1,0 +1,26 @@
+"""Torch-free runtime: backends, Policy, control loop, latency statistics.
+
+Needs numpy and one backend (onnxruntime, or tensorrt + pycuda); torch is needed only
+for the PyTorch reference backend (a .pt) and gymnasium only for the simulated plant.
+
+    from runtime import Policy, load_backend
+
+    with load_backend("hopper.onnx") as backend:        # .plan -> TensorRT, .onnx -> ORT, .pt -> PyTorch
+        policy = Policy(backend)                        # target return: the manifest's default
+        observation, reward = plant.reset(), 0.0
+        policy.reset()
+        while running:
+            action = policy.act(observation, reward)    # (Adim,) float32, clipped to the bounds
+            observation, reward = plant.step(action)
+"""
+
+from runtime.backends import Backend, check_feeds, load_backend
+from runtime.latency import LatencyStats
+from runtime.loop import RunConfig, RunReport, run_engine, run_episode
+from runtime.manifest import Manifest, manifest_path_for, read_manifest
+from runtime.policy import Policy
+
+__all__ = [
+    "Backend", "LatencyStats", "Manifest", "Policy", "RunConfig", "RunReport", "check_feeds", "load_backend",
+    "manifest_path_for", "read_manifest", "run_engine", "run_episode",
+]

@@ -1,0 +1,228 @@
+"""The manifest: the JSON record beside every .onnx and .plan (DESIGN.md section 1).
+
+It carries everything the runtime needs (mode, I/O tensors, normalisation, rtg scale,
+default target, action bounds) so that no stage re-reads an earlier stage's flags,
+and the identity of what it describes (sha256 of the source checkpoint and of the
+graph, exporter versions, parity figures, and for a plan the TensorRT version and GPU).
+numpy-free and torch-free: the robot reads it with the standard library.
+
+Graph I/O contract (batch B is 1 unless the manifest says otherwise):
+
+window mode, the official sliding-window evaluation as one graph:
+    inputs   states  (B, K, S)   float32, normalised, zero left-padded
+             actions (B, K, Adim) float32, zero left-padded, zero placeholder at the last step
+             rtg     (B, K, 1)   float32, already divided by rtg_scale, zero left-padded
+    outputs  action  (B, Adim)   float32, prediction at the last state token
+
+stream mode, one env step with explicit caches:
+    inputs   prev_action       (B, Adim)  float32, a_{t-1} (anything at t = 0)
+             prev_action_valid (B, 1)     float32, 0 at t = 0 (the a_{t-1} token is skipped), else 1
+             rtg               (B, 1)     float32, rtg_t / rtg_scale
+             state             (B, S)     float32, normalised s_t
+             dsm_cache         (n_layer, B, W-1, D) float32, zeros at t = 0
+             ssm_state         (n_layer, B, D, N)   float32, zeros at t = 0
+    outputs  action            (B, Adim)  float32
+             dsm_cache_next    (n_layer, B, W-1, D) float32
+             ssm_state_next    (n_layer, B, D, N)   float32
+    One step consumes the tokens a_{t-1}, R_t, s_t and predicts a_t at s_t; stepping
+    from zero caches equals the sequence form over the whole episode history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dmm_train.errors import DMMError
+
+MANIFEST_FORMAT_VERSION = 1
+MANIFEST_KIND = "dmm-manifest"
+MODES = ("window", "stream")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+WINDOW_INPUTS = ("states", "actions", "rtg")
+WINDOW_OUTPUTS = ("action",)
+STREAM_INPUTS = ("prev_action", "prev_action_valid", "rtg", "state", "dsm_cache", "ssm_state")
+STREAM_OUTPUTS = ("action", "dsm_cache_next", "ssm_state_next")
+# Which output feeds which input on the next stream step.
+STREAM_CACHE_PAIRS = (("dsm_cache_next", "dsm_cache"), ("ssm_state_next", "ssm_state"))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TensorSpec:
+        return cls(name=str(data["name"]), shape=tuple(int(d) for d in data["shape"]),
+                   dtype=str(data["dtype"]))
+
+
+def tensor_specs(mode: str, *, batch: int, context_len: int, state_dim: int, act_dim: int,
+                 n_layer: int, dsm_window: int, d_model: int, d_state: int
+                 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The I/O tensors of a graph of ``mode`` (see the module docstring)."""
+    if mode == "window":
+        inputs = (
+            TensorSpec("states", (batch, context_len, state_dim)),
+            TensorSpec("actions", (batch, context_len, act_dim)),
+            TensorSpec("rtg", (batch, context_len, 1)),
+        )
+        return inputs, (TensorSpec("action", (batch, act_dim)),)
+    if mode == "stream":
+        dsm_shape = (n_layer, batch, dsm_window - 1, d_model)
+        ssm_shape = (n_layer, batch, d_model, d_state)
+        inputs = (
+            TensorSpec("prev_action", (batch, act_dim)),
+            TensorSpec("prev_action_valid", (batch, 1)),
+            TensorSpec("rtg", (batch, 1)),
+            TensorSpec("state", (batch, state_dim)),
+            TensorSpec("dsm_cache", dsm_shape),
+            TensorSpec("ssm_state", ssm_shape),
+        )
+        outputs = (
+            TensorSpec("action", (batch, act_dim)),
+            TensorSpec("dsm_cache_next", dsm_shape),
+            TensorSpec("ssm_state_next", ssm_shape),
+        )
+        return inputs, outputs
+    raise DMMError(f"mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runtime needs to drive one engine, and what the engine is."""
+
+    mode: str
+    precision: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    batch: int
+    context_len: int
+    state_dim: int
+    act_dim: int
+    n_layer: int
+    d_model: int
+    d_state: int
+    dsm_window: int
+    state_mean: tuple[float, ...]
+    state_std: tuple[float, ...]
+    rtg_scale: float
+    target_return: float
+    target_returns: tuple[float, ...]
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    env_id: str
+    preset: str
+    ref_min_score: float
+    ref_max_score: float
+    checkpoint_sha256: str
+    onnx_sha256: str
+    opset: int
+    exporter: dict = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)  # for a .plan: TensorRT version, GPU name, compute capability
+    format_version: int = MANIFEST_FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["inputs"] = [spec.to_dict() for spec in self.inputs]
+        data["outputs"] = [spec.to_dict() for spec in self.outputs]
+        data["kind"] = MANIFEST_KIND
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "manifest") -> Manifest:
+        if data.get("kind") != MANIFEST_KIND:
+            raise DMMError(f"{source} is not a dmm-deploy manifest (kind {data.get('kind')!r}); "
+                           "expected the .json written beside the engine by 'cli.py export'")
+        version = data.get("format_version")
+        if version != MANIFEST_FORMAT_VERSION:
+            raise DMMError(f"{source} has manifest format version {version}; this runtime reads "
+                           f"{MANIFEST_FORMAT_VERSION}; re-export the engine with this dmm-deploy version")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(name for name in names if name not in data and name not in
+                         ("exporter", "parity", "accuracy", "engine", "format_version"))
+        if missing:
+            raise DMMError(f"{source} lacks fields {', '.join(missing)}; re-export the engine")
+        values = {name: data[name] for name in names if name in data}
+        values["inputs"] = tuple(TensorSpec.from_dict(d) for d in data["inputs"])
+        values["outputs"] = tuple(TensorSpec.from_dict(d) for d in data["outputs"])
+        for name in ("state_mean", "state_std", "target_returns", "action_low", "action_high"):
+            values[name] = tuple(float(v) for v in data[name])
+        manifest = cls(**values)
+        manifest.validate(source)
+        return manifest
+
+    def validate(self, source: str = "manifest") -> None:
+        if self.mode not in MODES:
+            raise DMMError(f"{source}: mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.precision not in PRECISIONS:
+            raise DMMError(f"{source}: precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        expected_inputs, expected_outputs = tensor_specs(
+            self.mode, batch=self.batch, context_len=self.context_len, state_dim=self.state_dim,
+            act_dim=self.act_dim, n_layer=self.n_layer, dsm_window=self.dsm_window,
+            d_model=self.d_model, d_state=self.d_state,
+        )
+        if self.inputs != expected_inputs or self.outputs != expected_outputs:
+            raise DMMError(f"{source}: I/O tensors disagree with its own {self.mode} mode and dims; "
+                           "the manifest is damaged; re-export the engine")
+        if len(self.state_mean) != self.state_dim or len(self.state_std) != self.state_dim:
+            raise DMMError(f"{source}: state_mean/std have {len(self.state_mean)}/{len(self.state_std)} "
+                           f"entries; expected state_dim={self.state_dim}")
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.outputs if spec.name == name)
+
+
+def manifest_path_for(engine_path: str | Path) -> Path:
+    """hopper.onnx -> hopper.json; hopper.plan -> hopper.plan.json."""
+    engine_path = Path(engine_path)
+    if engine_path.suffix == ".plan":
+        return engine_path.with_name(engine_path.name + ".json")
+    return engine_path.with_suffix(".json")
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if not path.is_file():
+        raise DMMError(f"manifest {str(path)!r} does not exist; expected the .json that 'cli.py export' "
+                       "writes beside the engine; re-export, or keep the manifest next to the engine")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DMMError(f"manifest {str(path)!r} is not valid JSON ({error}); re-export the engine") from None
+    if not isinstance(data, dict):
+        raise DMMError(f"manifest {str(path)!r} holds {type(data).__name__}; expected a JSON object")
+    return Manifest.from_dict(data, source=f"manifest {str(path)!r}")

@@ -1,0 +1,121 @@
+"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers on request.
+
+ONNX Runtime does not fail when a requested GPU provider cannot start (a missing
+libcublas, no GPU): it logs and runs on the CPU (deploy_notes.md section 6). So the
+provider actually in use, ``session.get_providers()``, is asserted after the session is
+built, and a request that fell back is a DMMError, never a silently slower policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dmm_train.errors import DMMError
+from runtime.backends import Backend, check_engine_io
+from runtime.manifest import Manifest, manifest_path_for, read_manifest
+
+# Requested provider -> ONNX Runtime's provider list, best first; the first one must end up in use.
+PROVIDER_CHAINS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+PROVIDERS = (*PROVIDER_CHAINS, "auto")
+GPU_PACKAGE_HINT = ("install onnxruntime-gpu (in place of onnxruntime; they share the import name) with the "
+                    "CUDA/cuDNN (and TensorRT) libraries it was built for, or use provider 'cpu'")
+
+# ONNX Runtime's type strings -> numpy dtype names, as the manifest writes them.
+ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool",
+}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OrtBackend(Backend):
+    """A .onnx graph of the I/O contract, run by an ``onnxruntime.InferenceSession``.
+
+    provider: "cpu" (default), "cuda", "tensorrt" (asserted in use) or "auto" (the best
+    one that starts, reported in ``provider``). threads: intra-op threads (None: ORT's
+    default). manifest_path: defaults to the .json beside the graph.
+    """
+
+    name = "ort"
+
+    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
+                 manifest_path: str | Path | None = None):
+        super().__init__(path)
+        if provider not in PROVIDERS:
+            raise DMMError(f"provider | received {provider!r} | expected one of {', '.join(PROVIDERS)}")
+        self.requested_provider = provider
+        self.threads = threads
+        self.manifest_path = Path(manifest_path) if manifest_path else manifest_path_for(self.path)
+        self._session = None
+        self._output_names: list[str] = []
+
+    def _load(self) -> Manifest:
+        import onnxruntime as ort
+
+        source = f"engine {str(self.path)!r}"
+        if not self.path.is_file():
+            raise DMMError(f"{source} does not exist; expected a .onnx written by 'cli.py export'; "
+                           "export the checkpoint or fix the path")
+        manifest = read_manifest(self.manifest_path)
+
+        available = ort.get_available_providers()
+        if self.requested_provider == "auto":
+            chain = next(c for key in ("tensorrt", "cuda", "cpu")
+                         if (c := PROVIDER_CHAINS[key])[0] in available)
+        else:
+            chain = PROVIDER_CHAINS[self.requested_provider]
+            if chain[0] not in available:
+                raise DMMError(f"provider | received {self.requested_provider!r} | this onnxruntime offers "
+                               f"{', '.join(available)}; {GPU_PACKAGE_HINT}")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: a failed GPU provider is reported below, as a DMMError
+        if self.threads is not None:
+            options.intra_op_num_threads = int(self.threads)
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(chain))
+        except Exception as error:  # ORT raises several pybind types (InvalidProtobuf, Fail, ...)
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            raise DMMError(f"{source} could not be loaded by ONNX Runtime ({type(error).__name__}: "
+                           f"{first_line}); expected a .onnx written by 'cli.py export'; "
+                           "re-export it") from None
+
+        in_use = session.get_providers()
+        if self.requested_provider != "auto" and chain[0] not in in_use:
+            raise DMMError(f"provider | requested {chain[0]} | ONNX Runtime runs on {', '.join(in_use)} "
+                           f"(it falls back silently when a GPU provider cannot start); {GPU_PACKAGE_HINT}")
+        self.provider = in_use[0]
+
+        def graph_io(args):
+            return [(a.name, tuple(a.shape), ORT_DTYPES.get(a.type, a.type)) for a in args]
+
+        check_engine_io(source, manifest, "input", graph_io(session.get_inputs()))
+        check_engine_io(source, manifest, "output", graph_io(session.get_outputs()))
+        if manifest.onnx_sha256 and manifest.onnx_sha256 != sha256_of(self.path):
+            raise DMMError(f"{source}: sha256 | file {sha256_of(self.path)[:12]}... | manifest "
+                           f"{manifest.onnx_sha256[:12]}...; the graph was changed after export or the "
+                           "manifest belongs to another export; re-export")
+        self._session = session
+        self._output_names = [spec.name for spec in manifest.outputs]
+        return manifest
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, outputs, strict=True))
+
+    def _close(self) -> None:
+        self._session = None

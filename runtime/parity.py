@@ -1,0 +1,270 @@
+"""Backend parity on a real trajectory, teacher-forced, with the drift over the episode.
+
+Polygraphy's Comparator feeds identical inputs to stateless runners; a recurrent policy
+needs more (deploy_notes.md section 5.1). Here every backend gets a `Policy` of its own
+and, step by step, the same observation and reward of one recorded trajectory; after
+each step its history is overwritten with the trajectory's executed action
+(`Policy.override_action`), so all backends condition on the same tokens while each
+carries its own caches (stream mode). The per-step action difference against the
+reference, binned by step index (1, 2-10, 11-100, 101-1000, ...), shows whether an
+error grows over the episode rather than hiding it in one per-step tolerance.
+
+``run_parity`` (``cli.py parity``) compares the PyTorch reference with ONNX Runtime per
+mode; it needs torch (the reference), unlike the rest of the runtime.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dmm_train.errors import DMMError
+from runtime.backends import DEFAULT_THREADS, Backend, load_backend
+from runtime.loop import check_plant, make_plant
+from runtime.policy import Policy
+
+# Upper edges (inclusive) of the step-index bins of the drift table; the last bin is open.
+DRIFT_EDGES = (1, 10, 100, 1000)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """T recorded steps of a plant, episodes concatenated (``starts`` marks each reset)."""
+
+    observations: np.ndarray  # (T, S) float64, raw o_t
+    actions: np.ndarray  # (T, Adim) float32, the executed a_t
+    rewards: np.ndarray  # (T,) float64, r_t received for a_t
+    starts: np.ndarray  # (T,) bool, True where an episode begins
+
+    @property
+    def steps(self) -> int:
+        return int(self.observations.shape[0])
+
+    @property
+    def episodes(self) -> int:
+        return int(self.starts.sum())
+
+    def step_in_episode(self) -> np.ndarray:
+        """(T,) int64, 1-based index of each step within its episode."""
+        index = np.arange(self.steps)
+        last_start = np.maximum.accumulate(np.where(self.starts, index, 0))  # (T,)
+        return index - last_start + 1
+
+
+def record_trajectory(policy: Policy, plant, *, steps: int, seed: int) -> Trajectory:
+    """Roll ``policy`` in ``plant`` closed loop for ``steps`` steps; episode i is seeded seed + i."""
+    manifest = policy.manifest
+    observations = np.empty((steps, manifest.state_dim), dtype=np.float64)  # (T, S)
+    actions = np.empty((steps, manifest.act_dim), dtype=np.float32)  # (T, Adim)
+    rewards = np.empty(steps, dtype=np.float64)  # (T,)
+    starts = np.zeros(steps, dtype=bool)  # (T,)
+    done, episode, reward = True, 0, 0.0
+    for t in range(steps):
+        if done:
+            observation, _ = plant.reset(seed=seed + episode)
+            policy.reset()
+            starts[t], episode, reward = True, episode + 1, 0.0
+        observations[t] = observation
+        actions[t] = policy.act(observation, reward)
+        observation, reward, terminated, truncated, _ = plant.step(actions[t])
+        rewards[t] = reward
+        done = terminated or truncated
+    return Trajectory(observations, actions, rewards, starts)
+
+
+def teacher_forced_actions(policy: Policy, trajectory: Trajectory) -> np.ndarray:
+    """The actions (T, Adim) ``policy`` predicts along ``trajectory``, conditioned on its executed actions."""
+    predicted = np.empty_like(trajectory.actions)  # (T, Adim)
+    for t in range(trajectory.steps):
+        if trajectory.starts[t]:
+            policy.reset()
+        reward = 0.0 if trajectory.starts[t] else trajectory.rewards[t - 1]
+        predicted[t] = policy.act(trajectory.observations[t], reward)
+        policy.override_action(trajectory.actions[t])
+    return predicted
+
+
+@dataclass(frozen=True)
+class DriftBin:
+    first: int  # step index within the episode, 1-based, inclusive
+    last: int | None  # inclusive; None: open-ended
+    max_abs: float
+    mean_abs: float
+    count: int
+
+    @property
+    def label(self) -> str:
+        if self.last is None:
+            return f"{self.first}+"
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class PairReport:
+    """|candidate - reference| over all action components of all steps, and per step-index bin."""
+
+    reference: str
+    candidate: str
+    mode: str
+    max_abs: float
+    mean_abs: float
+    bins: tuple[DriftBin, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "reference": self.reference, "candidate": self.candidate, "mode": self.mode,
+            "max_abs": self.max_abs, "mean_abs": self.mean_abs,
+            "bins": [{"steps": b.label, "max_abs": b.max_abs, "mean_abs": b.mean_abs, "count": b.count}
+                     for b in self.bins],
+        }
+
+
+def compare_actions(reference: np.ndarray, candidate: np.ndarray, step_index: np.ndarray, *,
+                    reference_label: str, candidate_label: str, mode: str) -> PairReport:
+    """reference, candidate: (T, Adim); step_index: (T,) 1-based step within the episode."""
+    error = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))  # (T, Adim)
+    bins = []
+    lower = 1
+    for upper in (*DRIFT_EDGES, None):
+        selected = (step_index >= lower) & (step_index <= upper if upper is not None else True)  # (T,)
+        if selected.any():
+            bins.append(DriftBin(lower, upper, float(error[selected].max()), float(error[selected].mean()),
+                                 int(selected.sum())))
+        if upper is None:
+            break
+        lower = upper + 1
+    return PairReport(reference_label, candidate_label, mode, float(error.max()), float(error.mean()),
+                      tuple(bins))
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """What ``cli.py parity`` asks for."""
+
+    checkpoint: Path
+    onnx: tuple[Path, ...] = ()  # empty: export both modes of the checkpoint to a temporary directory
+    steps: int = 1000
+    seed: int = 0
+    target_return: float | None = None
+    threads: int | None = DEFAULT_THREADS  # intra-op threads; None: the library's default
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise DMMError(f"--steps {self.steps}; expected at least 1")
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    checkpoint: str
+    env_id: str
+    trajectory: Trajectory = field(repr=False)
+    pairs: tuple[PairReport, ...]
+    actions: dict = field(repr=False)  # label -> (T, Adim) teacher-forced actions
+
+    def to_dict(self) -> dict:
+        return {
+            "checkpoint": self.checkpoint, "env_id": self.env_id, "steps": self.trajectory.steps,
+            "episodes": self.trajectory.episodes, "pairs": [pair.to_dict() for pair in self.pairs],
+        }
+
+    def table(self) -> str:
+        """The drift table: one row per backend pair, max abs difference per step-index bin."""
+        labels = [b.label for b in self.pairs[0].bins] if self.pairs else []
+        header = f"{'reference':<14} {'candidate':<34} {'max abs':>9} {'mean abs':>9}" + "".join(
+            f" {'max@' + label:>12}" for label in labels)
+        rows = [header]
+        for pair in self.pairs:
+            rows.append(f"{pair.reference:<14} {pair.candidate:<34} {pair.max_abs:9.2e} {pair.mean_abs:9.2e}"
+                        + "".join(f" {b.max_abs:12.2e}" for b in pair.bins))
+        return "\n".join(rows)
+
+
+def _label(backend: Backend) -> str:
+    return f"{backend.name}/{backend.manifest.mode}"
+
+
+def run_parity(config: ParityConfig) -> ParityReport:
+    """PyTorch reference vs each ONNX graph (per mode), teacher-forced on a real trajectory of the plant.
+
+    The trajectory is a closed-loop rollout of the PyTorch window policy in the
+    checkpoint's env; for Hopper / Walker2d the env is made with
+    ``terminate_when_unhealthy=False`` so that one episode covers all ``steps`` steps
+    (a fallen robot still gives real observations), elsewhere episodes are concatenated.
+    """
+    config.validate()
+    with tempfile.TemporaryDirectory(prefix="dmm-parity-") as scratch:
+        onnx_paths = config.onnx or _export_both_modes(config.checkpoint, Path(scratch))
+        candidates = [load_backend(path, provider="cpu", threads=config.threads) for path in onnx_paths]
+        references = {}
+        try:
+            for mode in sorted({c.manifest.mode for c in candidates}, key=("window", "stream").index):
+                references[mode] = load_backend(config.checkpoint, mode, threads=config.threads)
+            reference_window = references.get("window") or load_backend(config.checkpoint, "window",
+                                                                         threads=config.threads)
+            references.setdefault("window", reference_window)
+            manifest = reference_window.manifest
+            for candidate, path in zip(candidates, onnx_paths, strict=True):
+                _check_same_checkpoint(candidate.manifest.checkpoint_sha256, manifest.checkpoint_sha256, path)
+
+            trajectory = _record(reference_window, config, manifest.env_id)
+            step_index = trajectory.step_in_episode()
+            actions = {}
+            pairs = []
+            for mode, reference in references.items():
+                mode_candidates = [c for c in candidates if c.manifest.mode == mode]
+                if not mode_candidates:
+                    continue
+                reference_label = _label(reference)
+                if mode == "window":
+                    # The trajectory was rolled out by this very policy, so teacher forcing it on its own
+                    # executed actions reproduces the recorded actions exactly: no second pass needed.
+                    actions[reference_label] = trajectory.actions
+                else:
+                    actions[reference_label] = teacher_forced_actions(
+                        Policy(reference, config.target_return), trajectory)
+                for index, candidate in enumerate(mode_candidates):
+                    label = _label(candidate) + (f"#{index}" if len(mode_candidates) > 1 else "")
+                    actions[label] = teacher_forced_actions(
+                        Policy(candidate, config.target_return), trajectory)
+                    pairs.append(compare_actions(
+                        actions[reference_label], actions[label], step_index, reference_label=reference_label,
+                        candidate_label=f"{label} ({candidate.provider})", mode=mode))
+        finally:
+            for backend in (*candidates, *references.values()):
+                backend.close()
+    return ParityReport(str(config.checkpoint), manifest.env_id, trajectory, tuple(pairs), actions)
+
+
+def _check_same_checkpoint(graph_sha: str, checkpoint_sha: str, path: Path) -> None:
+    if graph_sha and graph_sha != checkpoint_sha:
+        raise DMMError(f"--onnx {str(path)!r}: checkpoint sha256 | graph's manifest {graph_sha[:12]}... | "
+                       f"--checkpoint {checkpoint_sha[:12]}...; the graph was exported from another "
+                       "checkpoint; pass the matching pair")
+
+
+def _record(reference: Backend, config: ParityConfig, env_id: str) -> Trajectory:
+    try:
+        plant = make_plant(env_id, terminate_when_unhealthy=False)
+    except DMMError:
+        plant = make_plant(env_id)  # no such option (not a locomotion env): episodes are concatenated
+    try:
+        check_plant(plant, reference.manifest, env_id)
+        return record_trajectory(Policy(reference, config.target_return), plant, steps=config.steps,
+                                 seed=config.seed)
+    finally:
+        plant.close()
+
+
+def _export_both_modes(checkpoint: Path, directory: Path) -> tuple[Path, ...]:
+    try:
+        from export.onnx_export import export_checkpoint
+    except ModuleNotFoundError as error:
+        if error.name != "export.onnx_export":
+            raise
+        raise DMMError("parity without --onnx exports the checkpoint first, and this dmm-deploy has no ONNX "
+                       "exporter yet; pass --onnx PATH for each graph to compare") from None
+    return tuple(export_checkpoint(checkpoint, mode=mode, out=directory / f"policy-{mode}")[0]
+                 for mode in ("window", "stream"))

@@ -1,0 +1,103 @@
+"""PyTorch backend: the reference every exported engine is compared with.
+
+It runs the plain model of `dmm_train.model` from a model.pt, behind the same graph
+I/O contract as the exported graphs (`runtime.manifest`), with a manifest built from
+the checkpoint by `export.manifest_builder.build_manifest`:
+
+- window: ``model(states, actions, rtg)[:, -1]``, the official sliding-window form;
+- stream: ``model.step`` once per token over a_{t-1} (skipped where
+  prev_action_valid == 0), R_t, s_t, and the action read at s_t.
+
+It uses the loop selective scan (the slow, obviously-correct reference; STYLE.md
+practice 3), so it needs no C compiler and checks the fast paths rather than sharing
+them. torch is imported in ``load``: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dmm_train.errors import DMMError
+from runtime.backends import Backend
+from runtime.manifest import MODES, Manifest
+
+
+class TorchBackend(Backend):
+    """A model.pt run by PyTorch on the CPU. mode: "window" or "stream".
+
+    threads: torch's intra-op threads while this backend runs (set and restored around
+    each call, about 1 us, so the process's own setting is untouched; None: torch's
+    setting). `load_backend` passes 1: batch-1 tensors of width 64 gain nothing from
+    threads, and OpenMP barriers on a busy 2-core machine measured 200 ms per window
+    step instead of 2.3 ms.
+    """
+
+    name = "torch"
+
+    def __init__(self, path: str | Path, *, mode: str = "window", threads: int | None = None):
+        super().__init__(path)
+        if mode not in MODES:
+            raise DMMError(f"mode | received {mode!r} | expected one of {', '.join(MODES)}")
+        self.mode = mode
+        self.threads = threads
+        self.checkpoint = None
+        self._model = None
+        self._torch = None
+
+    def _load(self) -> Manifest:
+        try:
+            import torch
+        except ImportError:
+            raise DMMError(f"engine {str(self.path)!r} is a PyTorch checkpoint and torch is not installed; "
+                           "install torch, or run an exported .onnx / .plan") from None
+        from dmm_train.checkpoint import load_checkpoint
+        from export.manifest_builder import build_manifest
+
+        checkpoint = load_checkpoint(self.path)
+        checkpoint.model.set_scan_impl("loop")
+        self.checkpoint = checkpoint
+        self._model = checkpoint.model.eval()
+        self._torch = torch
+        self.provider = "torch-cpu"
+        return build_manifest(checkpoint, mode=self.mode)
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self._torch
+        previous_threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(int(self.threads))
+        try:
+            with torch.inference_mode():
+                inputs = {name: torch.from_numpy(array) for name, array in feeds.items()}
+                if self.mode == "window":
+                    states, actions, rtg = inputs["states"], inputs["actions"], inputs["rtg"]
+                    predicted = self._model(states, actions, rtg)  # (B, K, Adim)
+                    return {"action": predicted[:, -1].numpy()}  # (B, Adim), at the last state token
+                return self._stream_step(**inputs)
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    def _stream_step(self, prev_action, prev_action_valid, rtg, state, dsm_cache, ssm_state):
+        """Shapes as in the stream contract: (B, Adim), (B, 1), (B, 1), (B, S), caches (n_layer, B, ...)."""
+        model, torch = self._model, self._torch
+        valid = prev_action_valid > 0.5  # (B, 1); the graph's input is 0 or 1
+        if bool(valid.any()):
+            _, dsm_next, ssm_next = model.step(model.embed_act(prev_action), dsm_cache, ssm_state)
+            keep = valid[None, :, :, None]  # (1, B, 1, 1): rows where a_{t-1} is a real token
+            dsm_cache = torch.where(keep, dsm_next, dsm_cache)  # (n_layer, B, W-1, D)
+            ssm_state = torch.where(keep, ssm_next, ssm_state)  # (n_layer, B, D, N)
+        _, dsm_cache, ssm_state = model.step(model.embed_rtg(rtg), dsm_cache, ssm_state)
+        hidden, dsm_cache, ssm_state = model.step(model.embed_observation(state), dsm_cache, ssm_state)
+        return {
+            "action": model.predict_action(hidden).numpy(),  # (B, Adim)
+            "dsm_cache_next": dsm_cache.numpy(),  # (n_layer, B, W-1, D)
+            "ssm_state_next": ssm_state.numpy(),  # (n_layer, B, D, N)
+        }
+
+    def _close(self) -> None:
+        self._model = None
+        self.checkpoint = None
+

@@ -1,0 +1,471 @@
+"""The torch-free runtime: backends by file type, manifest checks, Policy bookkeeping, latency, `run`.
+
+Engines are real ONNX graphs of the fixture checkpoint, run by real ONNX Runtime sessions;
+the plant is a real gymnasium Hopper-v5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+from dmm_train.errors import DMMError
+from runtime import LatencyStats, Policy, load_backend
+from runtime.backends import check_feeds, zero_feeds
+from runtime.latency import save_histogram
+from runtime.manifest import MODES, manifest_path_for, read_manifest
+from runtime.ort_backend import OrtBackend
+from runtime.torch_backend import TorchBackend
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_ENGINES: dict[str, dict[str, Path]] = {}
+
+
+def export_engines(checkpoint_path: Path, directory: Path) -> dict[str, Path]:
+    """mode -> .onnx (manifest beside it) of ``checkpoint_path``, exported once per test session."""
+    key = str(checkpoint_path)
+    if key not in _ENGINES:
+        _ENGINES[key] = {mode: _export(checkpoint_path, mode, directory) for mode in MODES}
+    return _ENGINES[key]
+
+
+def _export(checkpoint_path: Path, mode: str, directory: Path) -> Path:
+    try:
+        from export.onnx_export import export_checkpoint
+    except ModuleNotFoundError as error:
+        if error.name != "export.onnx_export":
+            raise
+        return _throwaway_export(checkpoint_path, mode, directory)
+    return export_checkpoint(checkpoint_path, mode=mode, out=directory / f"hopper-{mode}")[0]
+
+
+def _throwaway_export(checkpoint_path: Path, mode: str, directory: Path) -> Path:
+    """Stand-in until export.onnx_export lands (delete it then): the model's own step form, unrolled."""
+    import dataclasses
+
+    import torch
+
+    from dmm_train.checkpoint import load_checkpoint, sha256_file
+    from export.manifest_builder import build_manifest
+    from runtime.manifest import write_manifest
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = checkpoint.model.eval()
+    manifest = build_manifest(checkpoint, mode=mode)
+
+    class Window(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, states, actions, rtg):
+            dsm_cache, ssm_state = model.init_cache(states.shape[0])
+            tokens = model.embed_tokens(states, actions, rtg)  # (B, 3K, D)
+            for index in range(tokens.shape[1] - 1):  # up to the last state token
+                hidden, dsm_cache, ssm_state = model.step(tokens[:, index], dsm_cache, ssm_state)
+            return model.predict_action(hidden)
+
+    class Stream(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, prev_action, prev_action_valid, rtg, state, dsm_cache, ssm_state):
+            _, dsm_a, ssm_a = model.step(model.embed_act(prev_action), dsm_cache, ssm_state)
+            valid = prev_action_valid[None, :, :, None]  # (1, B, 1, 1)
+            dsm_cache = valid * dsm_a + (1 - valid) * dsm_cache
+            ssm_state = valid * ssm_a + (1 - valid) * ssm_state
+            _, dsm_cache, ssm_state = model.step(model.embed_rtg(rtg), dsm_cache, ssm_state)
+            hidden, dsm_cache, ssm_state = model.step(model.embed_observation(state), dsm_cache, ssm_state)
+            return model.predict_action(hidden), dsm_cache, ssm_state
+
+    path = directory / f"hopper-{mode}.onnx"
+    example = tuple(torch.zeros(spec.shape) for spec in manifest.inputs)
+    torch.onnx.export(Window() if mode == "window" else Stream(), example, str(path), dynamo=False,
+                      input_names=[s.name for s in manifest.inputs],
+                      output_names=[s.name for s in manifest.outputs], opset_version=17)
+    manifest = dataclasses.replace(manifest, onnx_sha256=sha256_file(path), opset=17)
+    write_manifest(manifest, manifest_path_for(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint_path, tmp_path_factory):
+    return export_engines(checkpoint_path, tmp_path_factory.mktemp("engines"))
+
+
+def copy_engine(engine: Path, directory: Path) -> Path:
+    """A private copy of an engine and its manifest, free to damage."""
+    target = directory / engine.name
+    shutil.copy(engine, target)
+    shutil.copy(manifest_path_for(engine), manifest_path_for(target))
+    return target
+
+
+def edit_manifest(engine: Path, **changes) -> None:
+    path = manifest_path_for(engine)
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
+    captured = capsys.readouterr()
+    assert code != 0
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    for fragment in fragments:
+        assert fragment in captured.err, (fragment, captured.err)
+    return captured.err
+
+
+# -- torch-free -------------------------------------------------------------------------
+
+
+def test_runtime_runs_a_policy_without_torch_or_gymnasium(engines):
+    """A fresh interpreter where torch and gymnasium cannot be imported runs both modes on ONNX Runtime."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["torch"] = None  # any `import torch` now raises ImportError
+        sys.modules["gymnasium"] = None
+        import numpy as np
+        import runtime
+        from runtime import Policy, load_backend
+        rng = np.random.default_rng(0)
+        observations = rng.normal(size=(5, 11))
+        actions = {{}}
+        for mode, path in {json.dumps({m: str(p) for m, p in engines.items()})}.items():
+            with load_backend(path) as backend:
+                policy = Policy(backend)
+                actions[mode] = [policy.act(o, 1.0).tolist() for o in observations]
+        assert not any(name == "torch" or name.startswith("torch.") for name, module in sys.modules.items()
+                       if module is not None)
+        print(json.dumps(actions))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr
+    actions = json.loads(result.stdout.strip().splitlines()[-1])
+    observations = np.random.default_rng(0).normal(size=(5, 11))
+    for mode, path in engines.items():  # the same actions as in this (torch-loaded) process
+        with load_backend(path) as backend:
+            policy = Policy(backend)
+            expected = [policy.act(o, 1.0) for o in observations]
+        np.testing.assert_array_equal(np.asarray(actions[mode], dtype=np.float32), np.asarray(expected))
+
+
+# -- backends ---------------------------------------------------------------------------
+
+
+def test_load_backend_picks_by_file_type(engines, checkpoint_path):
+    with load_backend(engines["window"]) as backend:
+        assert isinstance(backend, OrtBackend) and backend.provider == "CPUExecutionProvider"
+        assert backend.manifest.mode == "window" and backend.name == "ort"
+    with load_backend(engines["stream"]) as backend:
+        assert backend.manifest.mode == "stream"
+    with load_backend(checkpoint_path) as backend:
+        assert isinstance(backend, TorchBackend) and backend.manifest.mode == "window"
+    with load_backend(checkpoint_path, "stream") as backend:
+        assert backend.manifest.mode == "stream" and backend.provider == "torch-cpu"
+    assert not backend.loaded  # the context manager closed it
+
+
+def test_backends_share_one_shape(engines, checkpoint_path):
+    """Same feeds -> same outputs by name, for every backend of a mode."""
+    rng = np.random.default_rng(1)
+    for mode in MODES:
+        with load_backend(engines[mode]) as ort_backend, load_backend(checkpoint_path, mode) as torch_backend:
+            assert ort_backend.manifest.inputs == torch_backend.manifest.inputs
+            feeds = {name: rng.normal(size=a.shape).astype(np.float32) for name, a in
+                     zero_feeds(ort_backend.manifest).items()}
+            if mode == "stream":
+                feeds["prev_action_valid"][:] = 1.0
+            ort_out, torch_out = ort_backend.infer(feeds), torch_backend.infer(feeds)
+            output_names = sorted(spec.name for spec in ort_backend.manifest.outputs)
+            assert sorted(ort_out) == sorted(torch_out) == output_names
+            for name in ort_out:
+                difference = np.abs(ort_out[name] - torch_out[name]).max()
+                assert difference < 1e-5, (mode, name, difference)
+
+
+def test_inputs_are_checked_by_name_dtype_and_shape(engines):
+    with load_backend(engines["window"]) as backend:
+        feeds = zero_feeds(backend.manifest)
+        with pytest.raises(DMMError, match=r"'states' \| received float64 \(1, 8, 11\) \| expected float32 "
+                                           r"\(1, 8, 11\)"):
+            backend.infer({**feeds, "states": feeds["states"].astype(np.float64)})
+        with pytest.raises(DMMError, match=r"'rtg' \| received float32 \(1, 8\) \| expected float32 "
+                                           r"\(1, 8, 1\)"):
+            backend.infer({**feeds, "rtg": feeds["rtg"][..., 0]})
+        with pytest.raises(DMMError, match=r"inputs \| received \['actions', 'states'\] \| expected"):
+            backend.infer({"states": feeds["states"], "actions": feeds["actions"]})
+        with pytest.raises(DMMError, match=r"'actions' \| received list"):
+            check_feeds(backend.manifest, {**feeds, "actions": feeds["actions"].tolist()})
+
+
+def test_unknown_suffix_and_missing_tensorrt(tmp_path):
+    with pytest.raises(DMMError, match="unknown engine file type '.bin'"):
+        load_backend(tmp_path / "policy.bin")
+    with pytest.raises(DMMError, match="unknown engine file type"):
+        load_backend(tmp_path / "policy")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(DMMError, match="'tensorrt' package is not installed.*built on the target"):
+            load_backend(tmp_path / "hopper.plan")
+
+
+def test_missing_and_corrupt_onnx(engines, tmp_path):
+    with pytest.raises(DMMError, match="does not exist"):
+        load_backend(tmp_path / "absent.onnx")
+    corrupt = copy_engine(engines["window"], tmp_path)
+    corrupt.write_bytes(b"not a protobuf" * 100)
+    with pytest.raises(DMMError, match="could not be loaded by ONNX Runtime.*re-export"):
+        load_backend(corrupt)
+
+
+def test_manifest_missing_or_disagreeing(engines, tmp_path):
+    engine = copy_engine(engines["window"], tmp_path)
+    manifest_path_for(engine).unlink()
+    with pytest.raises(DMMError, match=rf"manifest .*{engine.stem}.json' does not exist"):
+        load_backend(engine)
+
+    # The stream manifest beside the window graph: different I/O names.
+    shutil.copy(manifest_path_for(engines["stream"]), manifest_path_for(engine))
+    with pytest.raises(DMMError, match=r"graph inputs \| graph \['actions', 'rtg', 'states'\] \| manifest"):
+        load_backend(engine)
+
+    # A consistent manifest of another K: same names, other shapes.
+    shutil.copy(manifest_path_for(engines["window"]), manifest_path_for(engine))
+    manifest = json.loads(manifest_path_for(engine).read_text())
+    manifest["context_len"] = 9
+    for spec in manifest["inputs"]:
+        spec["shape"][1] = 9
+    manifest_path_for(engine).write_text(json.dumps(manifest))
+    with pytest.raises(DMMError, match=r"input 'states' \| graph float32 \(1, 8, 11\) \| manifest float32 "
+                                       r"\(1, 9, 11\)"):
+        load_backend(engine)
+
+    # Same I/O, but the graph is not the one the manifest was written for.
+    shutil.copy(manifest_path_for(engines["window"]), manifest_path_for(engine))
+    edit_manifest(engine, onnx_sha256="0" * 64)
+    with pytest.raises(DMMError, match="sha256 .*re-export"):
+        load_backend(engine)
+
+    manifest_path_for(engine).write_text("{not json")
+    with pytest.raises(DMMError, match="not valid JSON"):
+        load_backend(engine)
+
+
+def test_mode_must_match_an_exported_engine(engines):
+    with pytest.raises(DMMError, match="received 'stream' .* is a window graph"):
+        load_backend(engines["window"], "stream")
+
+
+def test_gpu_provider_request_is_asserted(engines):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu installed: see test_cuda_provider_in_use")
+    with pytest.raises(DMMError, match="received 'cuda' .*onnxruntime-gpu"):
+        load_backend(engines["window"], provider="cuda")
+    with pytest.raises(DMMError, match="received 'gpu'"):
+        OrtBackend(engines["window"], provider="gpu")
+    with load_backend(engines["window"], provider="auto") as backend:
+        assert backend.provider == "CPUExecutionProvider"
+
+
+@pytest.mark.gpu
+def test_cuda_provider_in_use(engines):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu with CUDA")
+    with load_backend(engines["window"], provider="cuda") as backend:
+        assert backend.provider == "CUDAExecutionProvider"
+        assert backend._session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+# -- Policy -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def window_backend(engines):
+    with load_backend(engines["window"]) as backend:
+        yield backend
+
+
+def test_policy_window_protocol(window_backend):
+    """Normalisation, rtg bookkeeping, zero left-padding and the zero placeholder, step by step."""
+    manifest = window_backend.manifest
+    mean, std = np.asarray(manifest.state_mean), np.asarray(manifest.state_std)
+    policy = Policy(window_backend, target_return=3000.0)
+    rng = np.random.default_rng(2)
+    observations, rewards = rng.normal(size=(12, 11)), rng.uniform(0, 3, size=12)
+    actions = []
+    for t in range(12):
+        actions.append(policy.act(observations[t], rewards[t - 1] if t else 123.0))
+        feeds = policy._feeds
+        width = min(t + 1, manifest.context_len)
+        pad = manifest.context_len - width
+        assert not feeds["states"][0, :pad].any() and not feeds["rtg"][0, :pad].any()
+        expected_states = ((observations[t + 1 - width:t + 1] - mean) / std).astype(np.float32)
+        np.testing.assert_array_equal(feeds["states"][0, pad:], expected_states)
+        # The placeholder was zero when the graph ran; after act it holds the action taken.
+        assert not feeds["actions"][0, :pad].any()
+        np.testing.assert_array_equal(feeds["actions"][0, pad:], np.asarray(actions)[t + 1 - width:])
+    rtg = [np.float32(3000.0 / 1000.0)]  # the first reward (123) is ignored
+    for t in range(1, 12):
+        rtg.append(np.float32(float(rtg[-1]) - rewards[t - 1] / 1000.0))
+    np.testing.assert_array_equal(policy._feeds["rtg"][0, :, 0], np.asarray(rtg[-8:]))
+    assert policy.t == 12 and policy.rtg == pytest.approx(float(rtg[-1]))
+
+    policy.reset()
+    assert policy.t == 0 and not any(array.any() for array in policy._feeds.values())
+    np.testing.assert_array_equal(policy.act(observations[0], 5.0), actions[0])  # a fresh episode
+
+
+def test_policy_refuses_bad_observations_and_rewards(window_backend):
+    policy = Policy(window_backend)
+    with pytest.raises(DMMError, match=r"observation \| received float64 \(12,\) \| expected .*\(11,\)"):
+        policy.act(np.zeros(12))
+    with pytest.raises(DMMError, match=r"observation \| received float64 \(1, 11\)"):
+        policy.act(np.zeros((1, 11)))
+    observation = np.zeros(11)
+    observation[[3, 7]] = [np.nan, np.inf]
+    with pytest.raises(DMMError, match=r"non-finite values at indices \[3, 7\]"):
+        policy.act(observation)
+    with pytest.raises(DMMError, match="override_action .*before any act"):
+        policy.override_action(np.zeros(3))
+    policy.act(np.zeros(11))
+    with pytest.raises(DMMError, match=r"reward \| received nan"):
+        policy.act(np.zeros(11), float("nan"))
+    with pytest.raises(DMMError, match="target return"):
+        Policy(window_backend, target_return=float("inf"))
+
+
+def test_policy_clips_to_the_manifest_bounds(engines, tmp_path):
+    engine = copy_engine(engines["window"], tmp_path)
+    edit_manifest(engine, action_low=[-0.001] * 3, action_high=[0.002] * 3)
+    with load_backend(engine) as backend:
+        policy = Policy(backend)
+        actions = np.asarray([policy.act(o, 1.0) for o in np.random.default_rng(3).normal(size=(20, 11))])
+    assert actions.min() >= -0.001 and actions.max() <= 0.002
+    assert actions.min() == np.float32(-0.001) or actions.max() == np.float32(0.002)
+
+
+def test_policy_stream_feeds_back_its_caches(engines):
+    with load_backend(engines["stream"]) as backend:
+        policy = Policy(backend)
+        feeds = policy._feeds
+        first = policy.act(np.ones(11))
+        assert feeds["prev_action_valid"][0, 0] == 0.0  # the first step had no a_{t-1} token
+        np.testing.assert_array_equal(feeds["prev_action"][0], first)  # the next step consumes a_0
+        assert feeds["dsm_cache"].any() and feeds["ssm_state"].any()  # the caches came back
+        policy.act(np.ones(11), 1.0)
+        assert feeds["prev_action_valid"][0, 0] == 1.0
+        policy.reset()
+        assert not feeds["dsm_cache"].any() and not feeds["ssm_state"].any() and policy.t == 0
+
+
+# -- latency ----------------------------------------------------------------------------
+
+
+def test_latency_stats_and_histogram(tmp_path):
+    samples = np.arange(1, 101, dtype=np.int64) * 100_000  # 0.1 .. 10 ms
+    stats = LatencyStats.from_ns(samples, deadline_ms=8.0)
+    assert stats.count == 100 and stats.max == pytest.approx(10.0) and stats.misses == 20
+    assert stats.p50 == pytest.approx(5.05) and stats.p99 == pytest.approx(9.901)
+    assert "deadline 8 ms: 20 missed" in stats.summary()
+    path = save_histogram(samples, tmp_path / "h.png", deadline_ms=8.0)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(DMMError, match="latency samples"):
+        LatencyStats.from_ns([])
+
+
+# -- cli run ----------------------------------------------------------------------------
+
+
+def run_json(capsys, *args: str) -> dict:
+    code = cli.main(["run", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out.strip().splitlines()[-1])
+
+
+def test_run_same_return_for_checkpoint_and_window_onnx(capsys, checkpoint_path, engines, tmp_path):
+    histogram = tmp_path / "latency.png"
+    torch_report = run_json(capsys, "--engine", str(checkpoint_path), "--episodes", "2", "--seed", "5")
+    ort_report = run_json(capsys, "--engine", str(engines["window"]), "--episodes", "2", "--seed", "5",
+                          "--deadline-ms", "50", "--histogram", str(histogram))
+    def identity(report):
+        return report["backend"], report["provider"], report["mode"]
+
+    assert identity(torch_report) == ("torch", "torch-cpu", "window")
+    assert identity(ort_report) == ("ort", "CPUExecutionProvider", "window")
+    assert ort_report["lengths"] == torch_report["lengths"] and ort_report["seeds"] == [5, 6]
+    np.testing.assert_allclose(ort_report["returns"], torch_report["returns"], rtol=1e-6)
+    assert ort_report["return"] == pytest.approx(np.mean(ort_report["returns"]))
+    expected_score = 100 * (ort_report["return"] + 20.272305) / (3234.3 + 20.272305)
+    assert ort_report["normalized_score"] == pytest.approx(expected_score)
+    latency = ort_report["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert ort_report["steps"] == sum(ort_report["lengths"]) and ort_report["deadline_ms"] == 50.0
+    assert torch_report["deadline_ms"] == pytest.approx(8.0)  # Hopper-v5's control period by default
+    assert histogram.is_file() and ort_report["histogram"] == str(histogram)
+
+
+def test_run_stream_checkpoint_and_target(capsys, checkpoint_path, engines):
+    torch_report = run_json(capsys, "--engine", str(checkpoint_path), "--mode", "stream", "--episodes", "1",
+                            "--target", "7200")
+    ort_report = run_json(capsys, "--engine", str(engines["stream"]), "--episodes", "1", "--target", "7200")
+    assert torch_report["mode"] == ort_report["mode"] == "stream"
+    assert torch_report["target_return"] == ort_report["target_return"] == 7200.0
+    assert ort_report["lengths"] == torch_report["lengths"]
+    np.testing.assert_allclose(ort_report["returns"], torch_report["returns"], rtol=1e-6)
+
+
+def test_run_errors_are_one_line(capsys, checkpoint_path, engines, tmp_path):
+    window = str(engines["window"])
+    assert_one_line_error(capsys, cli.main(["run", "--engine", window, "--episodes", "0"]), "--episodes 0")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", window, "--deadline-ms", "-1"]),
+                          "--deadline-ms")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(tmp_path / "policy.tflite")]),
+                          "unknown engine file type '.tflite'")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(tmp_path / "absent.onnx")]),
+                          "absent.onnx", "does not exist")
+    corrupt = copy_engine(engines["window"], tmp_path)
+    corrupt.write_bytes(b"\x00garbage")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(corrupt)]), "could not be loaded")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(engines["window"], bare / "hopper.onnx")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(bare / "hopper.onnx")]),
+                          "hopper.json", "does not exist")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", window, "--mode", "stream"]), "window graph")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert_one_line_error(capsys, cli.main(["run", "--engine", window, "--provider", "cuda"]),
+                              "onnxruntime-gpu")
+    # The plant gives 17-dim observations to an 11-dim policy: refused before the first step.
+    walker = copy_engine(engines["window"], tmp_path / "bare")
+    edit_manifest(walker, env_id="Walker2d-v5")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(walker)]), "received 17/6 | expected 11/3")
+    code = cli.main(["run", "--engine", str(checkpoint_path), "--provider", "tensorrt"])
+    assert_one_line_error(capsys, code, "provider 'tensorrt' for a .pt engine")
+
+
+def test_manifest_of_the_engines_is_readable_without_torch(engines):
+    manifest = read_manifest(manifest_path_for(engines["stream"]))
+    assert manifest.mode == "stream" and manifest.input("dsm_cache").shape == (3, 1, 5, 64)

@@ -1,0 +1,126 @@
+"""Training end to end: the CLI on the embedded default, checkpoints, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+from dmm_train.checkpoint import FORMAT_VERSION, load_checkpoint
+from dmm_train.errors import DMMError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def minari_store(tmp_path_factory):
+    """A private Minari store holding a small real Hopper-v5 dataset written from rollouts."""
+    from dmm_train.collect import collect
+
+    store = tmp_path_factory.mktemp("minari")
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(store)
+    try:
+        path = collect("Hopper-v5", "test/hopper-random-v0", policy="random", episodes=40, seed=3)
+    finally:
+        if previous is None:
+            os.environ.pop("MINARI_DATASETS_PATH")
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+    return store, Path(path)
+
+
+def run_cli(args: list[str], store: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "MINARI_DATASETS_PATH": str(store), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=REPO_ROOT, env=environment,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_train_on_embedded_default_writes_checkpoint_and_records(tmp_path):
+    store = tmp_path / "store"
+    out = tmp_path / "run"
+    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "model.json").read_text())
+    assert record["n_params"] == 123_587
+    assert record["format_version"] == FORMAT_VERSION
+    assert record["step"] == 20
+    assert record["dataset"]["id"].startswith("dmm-deploy/hopper")
+    assert len(record["dataset"]["content_hash"]) == 64
+    assert record["train_config"]["learning_rate"] == 1e-4 and record["train_config"]["warmup_steps"] == 10_000
+    assert len(record["state_mean"]) == 11 and record["rtg_scale"] == 1000.0
+    for name in ("model.pt", "resume.pt", "metrics.jsonl", "training.png"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 20 and "normalized_mean" in metrics[-1]
+    loaded = load_checkpoint(out)
+    assert loaded.step == 20 and loaded.env_id == "Hopper-v5"
+    assert "step 20/20" in result.stderr  # progress was shown
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, minari_store):
+    store, dataset_path = minari_store
+    common = ["--dataset", str(dataset_path), "--steps", "150", "--batch-size", "16",
+              "--checkpoint-every", "10", "--eval-episodes", "0", "--quiet", "--seed", "5"]
+    reference = tmp_path / "reference"
+    assert run_cli(["train", *common, "--out", str(reference)], store).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    environment = {**os.environ, "MINARI_DATASETS_PATH": str(store), "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "cli.py", "train", *common, "--out", str(interrupted)],
+        cwd=REPO_ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        resume_file = interrupted / "resume.pt"
+        if resume_file.exists() and torch.load(resume_file, weights_only=False)["step"] >= 20:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = load_checkpoint(interrupted).step
+    assert 20 <= killed_at < 150  # what was on disk at the kill is a whole, loadable checkpoint
+
+    result = run_cli(["train", *common, "--out", str(interrupted), "--resume"], store)
+    assert result.returncode == 0, result.stderr
+    expected = load_checkpoint(reference).model.state_dict()
+    resumed = load_checkpoint(interrupted).model.state_dict()
+    assert load_checkpoint(interrupted).step == 150
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name
+    steps_logged = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == sorted(set(steps_logged))  # no duplicated tail from the killed run
+
+
+def test_resume_without_a_run_is_refused(tmp_path, capsys):
+    assert cli.main(["train", "--steps", "5", "--out", str(tmp_path / "none"), "--resume"]) == 1
+    error = capsys.readouterr().err
+    assert "--resume" in error and "does not exist" in error and error.count("\n") == 1
+
+
+def test_checkpoint_of_another_format_version_is_refused(tmp_path, checkpoint_path):
+    payload = torch.load(checkpoint_path, weights_only=False)
+    payload["format_version"] = FORMAT_VERSION + 1
+    torch.save(payload, tmp_path / "model.pt")
+    with pytest.raises(DMMError, match="format version"):
+        load_checkpoint(tmp_path / "model.pt")
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DMMError, match="could not be read"):
+        load_checkpoint(tmp_path / "model.pt")
