@@ -76,30 +76,52 @@ def evaluate_behavior(policy, env_id: str, episodes: int, seed: int) -> list[flo
     return returns
 
 
-def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_every: int) -> None:
-    """Train SB3 SAC (default hyperparameters) and snapshot the actor with its evaluated return."""
+def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_every: int,
+              buffer_every: int, threads: int = 1) -> None:
+    """Train SB3 SAC (default hyperparameters) and snapshot the actor with its evaluated return.
+
+    Every ``snapshot_every`` steps the deterministic actor is saved as ``sac_<steps>.npz``
+    with its mean return over 5 evaluation episodes; every ``buffer_every`` steps the
+    replay buffer so far (every transition the learner saw, in order) is written to
+    ``replay.npz``, so that a medium-replay dataset can be cut at the medium snapshot.
+    """
     try:
         from stable_baselines3 import SAC
         from stable_baselines3.common.callbacks import BaseCallback
     except ImportError:
-        raise DMMError("stable-baselines3 is not installed; pip install stable-baselines3") from None
+        raise DMMError("stable-baselines3 is not installed; pip install -e '.[behavior]'") from None
     import gymnasium as gym
+    import torch
 
+    torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+    def dump_replay(model) -> None:
+        buffer = model.replay_buffer
+        size = buffer.buffer_size if buffer.full else buffer.pos
+        arrays = {name: getattr(buffer, name)[:size, 0] for name in
+                  ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")}
+        partial = out_dir / "replay.tmp.npz"
+        np.savez(partial, **arrays)
+        partial.replace(out_dir / "replay.npz")
 
     class Snapshot(BaseCallback):
         def _on_step(self) -> bool:
-            if self.num_timesteps % snapshot_every == 0:
+            steps = self.num_timesteps
+            if steps % snapshot_every == 0:
                 actor = actor_from_sb3(self.model)
                 returns = evaluate_behavior(actor, env_id, 5, seed=10_000)
                 mean = float(np.mean(returns))
-                actor.save(out_dir / f"sac_{self.num_timesteps}.npz", env_id=env_id, steps=self.num_timesteps,
-                           seed=seed, eval_return=mean)
+                actor.save(out_dir / f"sac_{steps}.npz", env_id=env_id, steps=steps, seed=seed,
+                           eval_return=mean, eval_returns=returns)
+                print(f"{steps} steps: eval return {mean:.1f} (min {min(returns):.1f})", file=sys.stderr, flush=True)
+            if steps % buffer_every == 0 or steps == total_steps:
+                dump_replay(self.model)
                 self.model.save(out_dir / "sac_latest")
-                print(f"{self.num_timesteps} steps: eval return {mean:.1f}", file=sys.stderr, flush=True)
             return True
 
-    model = SAC("MlpPolicy", gym.make(env_id), seed=seed, verbose=0, learning_starts=1000)
+    model = SAC("MlpPolicy", gym.make(env_id), seed=seed, verbose=0, learning_starts=1000,
+                buffer_size=max(total_steps, 1000))
     model.learn(total_timesteps=total_steps, callback=Snapshot())
 
 
@@ -109,9 +131,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--snapshot-every", type=int, default=10_000)
+    parser.add_argument("--buffer-every", type=int, default=50_000)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    train_sac(args.env, args.steps, args.seed, args.out, args.snapshot_every)
+    train_sac(args.env, args.steps, args.seed, args.out, args.snapshot_every, args.buffer_every, args.threads)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from dmm_train.scan import selective_scan
 
 # The official `_init_weights`: N(0, 0.02) weights, zero bias for every Linear in the stack.
 LINEAR_INIT_STD = 0.02
+# Token positions of the states in the interleaved [R1, s1, a1, R2, ...] sequence: the head reads these.
+STATE_TOKENS = slice(1, None, 3)
 
 
 class DenseSequenceMixer(nn.Module):
@@ -49,9 +51,20 @@ class DenseSequenceMixer(nn.Module):
         self.d_model = d_model
         self.window = window
         self.lin = nn.Linear(window * d_model, d_model, bias=False)
+        self.impl = "conv"
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, D) -> (B, L, D)."""
+        """u: (B, L, D) -> (B, L, D), by `forward_conv` (default) or `forward_window` (reference)."""
+        return self.forward_window(u) if self.impl == "window" else self.forward_conv(u)
+
+    def forward_window(self, u: torch.Tensor) -> torch.Tensor:
+        """The official form, verbatim: pad, unfold W-token windows, flatten, Linear. u: (B, L, D) -> (B, L, D)."""
+        padded = F.pad(u, (0, 0, self.window - 1, 0))  # (B, L+W-1, D), zeros after LN_1
+        windows = padded.unfold(1, self.window, 1)  # (B, L, D, W), last axis oldest first
+        return self.lin(windows.transpose(2, 3).flatten(2))  # (B, L, W*D) -> (B, L, D)
+
+    def forward_conv(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, L, D) -> (B, L, D), the same map as `forward_window` computed as a convolution."""
         # The same map as a causal convolution whose kernel is `lin.weight` viewed as
         # (D_out, W, D_in), run as a channels-last Conv2d over a (1, L) image: the memory
         # of (B, L, D) already is NHWC, so oneDNN needs no layout copies, and there is no
@@ -105,8 +118,12 @@ class SelectiveSSM(nn.Module):
         delta = F.softplus(self.dt_proj(dt))  # (..., D)
         return x, z, delta, b_in, c_in
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """u: (B, L, D), already LN_2-normalised -> (B, L, D)."""
+    def forward(self, u: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
+        """u: (B, L, D), already LN_2-normalised -> (B, L, D), or (B, L', D) at the tokens ``keep`` selects.
+
+        The scan runs over every token either way (each state depends on all earlier
+        ones); ``keep`` only skips out_proj where the caller needs no output.
+        """
         x, z, delta_pre, b_in, c_in = self._ssm_inputs(u, fused_delta=True)  # (B, L, D) x3, (B, L, N) x2
         A = -torch.exp(self.A_log)  # (D, N)
         # softplus(delta_pre + dt_proj.bias) and the gate y * silu(z) happen inside the
@@ -115,7 +132,9 @@ class SelectiveSSM(nn.Module):
             x, delta_pre, A, b_in, c_in, self.Dskip, impl=self.scan_impl,
             z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
         )  # (B, L, D)
-        return self.out_proj(gated)  # (B, L, D)
+        if keep is not None:
+            gated = gated[:, keep]  # (B, L', D)
+        return self.out_proj(gated)  # (B, L, D) or (B, L', D)
 
     def step(self, u_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u_t: (B, D), h: (B, D, N) -> (B, D), new h (B, D, N)."""
@@ -172,6 +191,13 @@ class DecisionMetaMamba(nn.Module):
         for block in self.ssm:
             block.scan_impl = impl
 
+    def set_dsm_impl(self, impl: str) -> None:
+        """Select the DSM's sequence form: "conv" (fast) or "window" (the official unfold + Linear)."""
+        if impl not in ("conv", "window"):
+            raise ValueError(f"DSM impl {impl!r}; expected conv or window")
+        for mixer in self.dsm:
+            mixer.impl = impl
+
     def _embed(self, token: torch.Tensor) -> torch.Tensor:
         return self.embed_dropout(self.embed_ln(token))
 
@@ -201,19 +227,28 @@ class DecisionMetaMamba(nn.Module):
         )  # (B, T, 3, D)
         return self._embed(stacked.reshape(batch, 3 * steps, self.config.d_model))  # (B, 3T, D)
 
-    def mix(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, L, D) embedded -> hidden (B, L, D) after LN_f."""
+    def mix(self, tokens: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
+        """tokens: (B, L, D) embedded -> hidden (B, L, D) after LN_f.
+
+        With ``keep`` (a slice of token positions) the last layer's out_proj, residual
+        and LN_f run only there, returning (B, L', D): the same values at those tokens,
+        without the work for outputs nobody reads (LN_f is per token).
+        """
         hidden = tokens
+        last = self.config.n_layer - 1
         for index in range(self.config.n_layer):
             norm_mixer, dsm, norm_ssm, ssm = self._layer(index)
             hidden = hidden + dsm(norm_mixer(hidden))  # (B, L, D)
-            hidden = hidden + ssm(norm_ssm(hidden))  # (B, L, D)
+            if index == last and keep is not None:
+                hidden = hidden[:, keep] + ssm(norm_ssm(hidden), keep=keep)  # (B, L', D)
+            else:
+                hidden = hidden + ssm(norm_ssm(hidden))  # (B, L, D)
         return self.ln_f(hidden)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor) -> torch.Tensor:
         """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1) -> predicted actions (B, T, Adim)."""
-        hidden = self.mix(self.embed_tokens(states, actions, rtg))  # (B, 3T, D)
-        return self.predict_action(hidden[:, 1::3])  # state tokens -> (B, T, Adim)
+        hidden = self.mix(self.embed_tokens(states, actions, rtg), keep=STATE_TOKENS)  # (B, T, D)
+        return self.predict_action(hidden)  # state tokens -> (B, T, Adim)
 
     # -- step form -------------------------------------------------------------------
 

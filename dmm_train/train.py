@@ -55,7 +55,7 @@ def batch_to_tensors(batch, device: str) -> dict[str, torch.Tensor]:
 def make_optimizer(model: torch.nn.Module, config: TrainConfig):
     """AdamW on every parameter (official: no exclusions) and linear warmup then constant."""
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
     )
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))

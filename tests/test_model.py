@@ -113,3 +113,39 @@ def test_dropout_only_in_training_mode():
         assert torch.equal(model(states, actions, rtg), model(states, actions, rtg))
         model.train()
         assert not torch.equal(model(states, actions, rtg), model(states, actions, rtg))
+
+
+def test_dsm_convolution_equals_the_official_unfold_window_in_values_and_gradients():
+    torch.manual_seed(3)
+    mixer = build("hopper").dsm[0]
+    u = torch.randn(4, 24, 64, requires_grad=True)  # (B, L, D)
+    fast = mixer.forward_conv(u)
+    fast_grads = torch.autograd.grad(fast.square().sum(), (u, mixer.lin.weight))
+    reference = mixer.forward_window(u)
+    reference_grads = torch.autograd.grad(reference.square().sum(), (u, mixer.lin.weight))
+    difference = (fast - reference).abs().max().item()
+    assert difference < 1e-5, f"conv vs window max abs {difference:.2e}"
+    for name, a, b in zip(("input", "weight"), fast_grads, reference_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"{name} grad max abs {(a - b).abs().max():.2e}"
+
+
+def test_dsm_window_is_causal_and_reads_the_last_w_tokens_oldest_first():
+    mixer = build("hopper").dsm[0]
+    u = torch.randn(1, 10, 64)  # (B, L, D)
+    out = mixer.forward_window(u)
+    t = 7
+    expected = mixer.lin(u[0, t - 5: t + 1].reshape(-1))  # window [t-5 .. t], flattened w * D + d
+    assert torch.allclose(out[0, t], expected, atol=1e-6)
+    changed = u.clone()
+    changed[0, t + 1:] += 1.0  # the future must not matter
+    assert torch.equal(mixer.forward_window(changed)[0, : t + 1], out[0, : t + 1])
+
+
+@torch.no_grad()
+def test_state_token_tail_equals_the_full_sequence_at_the_state_tokens():
+    model = build("hopper")
+    states, actions, rtg = random_trajectory(model, 8, seed=4)
+    tokens = model.embed_tokens(states, actions, rtg)  # (1, 24, D)
+    full = model.mix(tokens)[:, 1::3]  # (1, 8, D)
+    tail = model.mix(tokens, keep=slice(1, None, 3))  # (1, 8, D)
+    assert (full - tail).abs().max().item() < 1e-6
