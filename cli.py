@@ -24,37 +24,64 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--preset", default="hopper", show_default=True, help="environment preset")
-@click.option("--dataset-id", default=None, help="Minari id to write (default: dmm-deploy/<env>-random-v0)")
-@click.option("--episodes", default=100, show_default=True, type=int, help="episodes to roll out")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the env and the policy")
-@click.option("--policy", default="random", show_default=True, help="behaviour policy (random)")
-@click.option("--out", default=None, type=click.Path(), help="directory to write into (default: Minari store)")
+@click.option("--recipe", "recipes", multiple=True,
+              help="embedded dataset to regenerate (repeatable): hopper-medium, hopper-medium-replay, "
+                   "hopper-expert, hopper-medium-expert, hopper-random (default: every one this checkout ships)")
+@click.option("--steps", default=None, type=int, help="rollout budget per policy (default 100000)")
+@click.option("--seed", default=None, type=int, help="seed of the env resets and the action noise (default 0)")
+@click.option("--out", default=None, type=click.Path(), help="Minari store to write into (default: the local one)")
 @click.option("--overwrite", is_flag=True, help="replace an existing dataset of the same id")
-def collect(preset, dataset_id, episodes, seed, policy, out, overwrite) -> None:
-    """Write a Minari dataset from rollouts of a behaviour policy."""
+@click.option("--policy", default=None, help="custom rollouts: 'random' or a behaviour-policy .npz")
+@click.option("--episodes", default=None, type=int, help="custom rollouts: episodes to roll out (default 100)")
+@click.option("--dataset-id", default=None, help="custom rollouts: Minari id to write (namespace/name-vN)")
+@click.option("--preset", default="hopper", show_default=True, help="custom rollouts: environment preset")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def collect(recipes, steps, seed, out, overwrite, policy, episodes, dataset_id, preset, quiet) -> None:
+    """Write Minari datasets: the embedded D4RL-style recipes, or custom rollouts of a policy."""
     from dmm_train.collect import collect as collect_dataset
     from dmm_train.config import get_preset
+    from dmm_train.data import load_dataset
+    from dmm_train.recipes import RECIPE_SEED, RECIPE_STEPS, RECIPES, collect_recipe
 
-    env_preset = get_preset(preset)
-    if episodes < 1:
-        raise DMMError(f"--episodes {episodes}; expected at least 1")
-    if policy != "random":
-        raise DMMError(f"--policy {policy!r}; expected 'random' (trained behaviour policies are not shipped yet)")
-    dataset_id = dataset_id or f"dmm-deploy/{env_preset.name}-random-v0"
-    path = collect_dataset(
-        env_preset.env_id, dataset_id, policy=policy, episodes=episodes, seed=seed, out=out, overwrite=overwrite
-    )
-    click.echo(f"wrote {dataset_id} to {path}")
+    seed = RECIPE_SEED if seed is None else seed
+    custom = policy is not None or episodes is not None or dataset_id is not None
+    if custom and recipes:
+        raise DMMError(f"--recipe {' '.join(recipes)} with --policy/--episodes/--dataset-id; expected either a "
+                       "recipe or custom rollouts, not both")
+    if custom:
+        env_preset = get_preset(preset)
+        episodes = 100 if episodes is None else episodes
+        if episodes < 1:
+            raise DMMError(f"--episodes {episodes}; expected at least 1")
+        policy = policy or "random"
+        if policy != "random" and not policy.endswith(".npz"):
+            raise DMMError(f"--policy {policy!r}; expected 'random' or a behaviour-policy .npz file")
+        name = "random" if policy == "random" else Path(policy).stem.replace("_", "-")
+        dataset_id = dataset_id or f"dmm-deploy/{env_preset.name}-{name}-custom-v0"
+        paths = [collect_dataset(env_preset.env_id, dataset_id, policy=policy, episodes=episodes, seed=seed,
+                                 out=out, overwrite=overwrite)]
+    else:
+        names = recipes or tuple(name for name, recipe in RECIPES.items()
+                                 if recipe.available() and recipe.kind != "random")
+        paths = [collect_recipe(name, steps=RECIPE_STEPS if steps is None else steps, seed=seed, out=out,
+                                overwrite=overwrite, progress=not quiet) for name in names]
+    for path in paths:
+        dataset = load_dataset(path)
+        click.echo(f"wrote {dataset.dataset_id}: {len(dataset.episodes)} episodes, {dataset.total_steps} steps, "
+                   f"content hash {dataset.content_hash[:16]} -> {path}")
 
 
 @cli.command()
 @click.option("--dataset", default=None, help="Minari id or dataset directory (default: embedded Hopper dataset)")
 @click.option("--preset", default="hopper", show_default=True, help="environment preset")
+@click.option("--model", default="dmm", show_default=True,
+              help="policy: dmm | dmamba (DMM without DSM, with Mamba's conv) | dt (Decision Transformer) | bc")
 @click.option("--steps", default=100_000, show_default=True, type=int, help="gradient steps")
-@click.option("--out", default=None, type=click.Path(), help="run directory (default: runs/<preset>-seed<S>)")
+@click.option("--out", default=None, type=click.Path(),
+              help="run directory (default: runs/<preset>-seed<S>; runs/<preset>-<model>-seed<S> for a baseline)")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--resume", is_flag=True, help="continue the run in --out exactly where it stopped")
+@click.option("--resume", is_flag=True,
+              help="continue the run in --out exactly where it stopped (with its own model and settings)")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--eval-every", default=10_000, show_default=True, type=int, help="0 = only at the end")
 @click.option("--eval-episodes", default=10, show_default=True, type=int, help="0 = no evaluation")
@@ -62,19 +89,20 @@ def collect(preset, dataset_id, episodes, seed, policy, out, overwrite) -> None:
 @click.option("--scan", default="auto", show_default=True, help="selective scan: auto | fused | loop")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def train(dataset, preset, steps, out, seed, resume, batch_size, eval_every, eval_episodes,
+def train(dataset, preset, model, steps, out, seed, resume, batch_size, eval_every, eval_episodes,
           checkpoint_every, scan, device, quiet) -> None:
-    """Train a DMM policy offline (official hyperparameters)."""
+    """Train a DMM policy (or a baseline, --model) offline (official DMM hyperparameters)."""
     from dmm_train.config import TrainConfig
     from dmm_train.train import train as run_training
 
     config = TrainConfig(
-        preset=preset, dataset=dataset, steps=steps, batch_size=batch_size, seed=seed,
+        preset=preset, model=model, dataset=dataset, steps=steps, batch_size=batch_size, seed=seed,
         eval_every=eval_every, eval_episodes=eval_episodes, checkpoint_every=checkpoint_every,
         scan=scan, device=device,
     )
     config.validate()
-    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / f"{preset}-seed{seed}"
+    run_name = f"{preset}-seed{seed}" if model == "dmm" else f"{preset}-{model}-seed{seed}"
+    out_dir = Path(out) if out else DEFAULT_RUNS_DIR / run_name
     model_path = run_training(config, out_dir, resume=resume, progress=not quiet)
     click.echo(f"wrote {model_path}")
 
@@ -105,7 +133,8 @@ def evaluate(checkpoint, episodes, targets, seed, device, as_json) -> None:
         )
     if as_json:
         click.echo(json.dumps({
-            "checkpoint": str(loaded.path), "step": loaded.step, "env_id": loaded.env_id,
+            "checkpoint": str(loaded.path), "model": loaded.model_config.model, "step": loaded.step,
+            "env_id": loaded.env_id,
             "results": [r.to_dict() for r in results],
         }))
 
@@ -189,13 +218,82 @@ def parity(checkpoint, onnx_paths, steps, seed, target, atol, as_json) -> None:
               help="NAME: writes NAME.onnx and the manifest NAME.json (default: the preset, e.g. hopper)")
 @click.option("--batch", default=1, show_default=True, type=int, help="static batch (1 for a control loop)")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 or newer)")
-def export_graph(checkpoint, mode, out, batch, opset) -> None:
-    """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime."""
+@click.option("--fp16", is_flag=True, help="mixed precision: fp16 Linear layers, everything else (LayerNorm, "
+              "softplus, exp, the SSM recurrence, caches, graph I/O) fp32")
+@click.option("--int8", is_flag=True, help="Q/DQ int8 on the Linear inputs (symmetric, per-channel weights, "
+              "per-tensor activations), calibrated on the training dataset")
+@click.option("--calibration", default=None, type=click.Choice(["minmax", "entropy", "percentile"]),
+              help="int8 range calibration (default percentile)")
+@click.option("--calibration-windows", default=None, type=int,
+              help="int8 calibration samples from the training dataset (default 512; stream: steps)")
+@click.option("--dataset", default=None,
+              help="the training dataset (directory or local Minari id) for calibration and the held-out "
+                   "accuracy (default: the id the checkpoint records)")
+@click.option("--max-score-drop", default=None, type=float,
+              help="fail when the closed-loop normalised score drops by more than this many points against "
+                   "fp32 (default: fp16 1, int8 3)")
+@click.option("--score-episodes", default=None, type=int,
+              help="closed-loop episodes per graph for the accuracy report (default 5)")
+@click.option("--no-engine", is_flag=True, help="only the ONNX, even where TensorRT and a GPU are present")
+def export_graph(checkpoint, mode, out, batch, opset, fp16, int8, calibration, calibration_windows, dataset,
+                 max_score_drop, score_episodes, no_engine) -> None:
+    """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime; --fp16 / --int8
+    add an accuracy report against fp32; where TensorRT and a GPU are present, build NAME.plan too.
+    """
     from export.onnx_export import export_checkpoint, export_summary
+    from export.trt_build import engine_after_export
 
+    if fp16 and int8:
+        raise DMMError("--fp16 with --int8; expected one precision per export (run export twice with two --out)")
+    precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+    precision_flags = {"--calibration": calibration, "--calibration-windows": calibration_windows,
+                       "--dataset": dataset, "--max-score-drop": max_score_drop, "--score-episodes": score_episodes}
+    given = [flag for flag, value in precision_flags.items() if value is not None]
+    if precision == "fp32" and given:
+        raise DMMError(f"{', '.join(given)} without --fp16 or --int8; expected them only with a low precision, "
+                       "which they calibrate and judge")
+    for flag in ("--calibration", "--calibration-windows"):
+        if precision == "fp16" and flag in given:
+            raise DMMError(f"{flag} with --fp16; expected it only with --int8 (fp16 needs no calibration)")
+    options = None
+    if precision != "fp32":
+        from export.precision import PrecisionOptions
+
+        chosen = {"calibration": calibration, "calibration_samples": calibration_windows, "dataset": dataset,
+                  "max_score_drop": max_score_drop, "score_episodes": score_episodes}
+        options = PrecisionOptions(**{name: value for name, value in chosen.items() if value is not None})
     onnx_path, manifest_path = export_checkpoint(checkpoint, mode=mode, out=out, batch=batch, opset=opset,
-                                                 runs_dir=DEFAULT_RUNS_DIR)
+                                                 runs_dir=DEFAULT_RUNS_DIR, precision=precision,
+                                                 precision_options=options)
     click.echo(export_summary(onnx_path, manifest_path))
+    if precision != "fp32":
+        from calibration.accuracy import accuracy_summary
+        from runtime.manifest import read_manifest
+
+        click.echo(accuracy_summary(read_manifest(manifest_path).accuracy, precision))
+    click.echo(engine_after_export(onnx_path, build=not no_engine))
+
+
+@cli.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("--out", default=None, type=click.Path(), help="NAME.plan to write (default: beside the ONNX)")
+@click.option("--workspace-mb", default=None, type=int, help="builder workspace limit in MiB (default 256)")
+@click.option("--timing-cache", default=None, type=click.Path(),
+              help="timing cache to reuse and update (default: beside the plan, one per TensorRT version and GPU)")
+@click.option("--typing", default=None, type=click.Choice(["auto", "strong", "weak"]),
+              help="strongly typed network (precision from the graph), or weak typing with the FP16/INT8 "
+                   "builder flags (TensorRT 10.x only); auto: strong, weak only where 10.x needs it")
+@click.option("--tf32", is_flag=True, help="allow TF32 in the fp32 layers (off: true fp32, for parity)")
+@click.option("--device", default=None, type=int, help="CUDA device to build on (default 0)")
+def build(onnx_file, out, workspace_mb, timing_cache, typing, tf32, device) -> None:
+    """Build the TensorRT engine NAME.plan (+ NAME.plan.json) of an exported NAME.onnx on this machine's GPU."""
+    from export.trt_build import BuildConfig, build_engine, build_summary
+
+    chosen = {"out": Path(out) if out else None, "workspace_mb": workspace_mb,
+              "timing_cache": Path(timing_cache) if timing_cache else None, "typing": typing, "device": device}
+    config = BuildConfig(onnx=Path(onnx_file), tf32=tf32,
+                         **{name: value for name, value in chosen.items() if value is not None})
+    click.echo(build_summary(*build_engine(config)))
 
 
 def main(argv: list[str] | None = None) -> int:

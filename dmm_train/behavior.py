@@ -17,46 +17,96 @@ import numpy as np
 
 from dmm_train.errors import DMMError
 
-POLICY_DIR = Path(__file__).resolve().parent / "policies"
+POLICY_DIR = Path(__file__).resolve().parent / "policies"  # the shipped actors and replay log
+
+
+# SB3's SAC clamps the log standard deviation of its Gaussian to this range.
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
 
 
 class MlpPolicy:
-    """Deterministic SAC actor: obs -> ReLU MLP -> mean -> tanh (the SAC action squashing)."""
+    """A SAC actor run with numpy: obs -> ReLU MLP -> (mean, log_std) -> tanh-squashed Gaussian.
 
-    def __init__(self, weights: list[np.ndarray], biases: list[np.ndarray]):
+    ``policy(obs)`` is the deterministic action tanh(mean); ``policy.sample(obs, rng)``
+    draws tanh(mean + std * eps) as SAC does while it collects data, which is how the
+    D4RL datasets were recorded. Weights are (in, out) matrices, float32 on disk and
+    float64 in memory so that actions do not depend on BLAS summation order more than
+    float64 rounding does.
+    """
+
+    def __init__(self, weights: list[np.ndarray], biases: list[np.ndarray],
+                 log_std_weight: np.ndarray | None = None, log_std_bias: np.ndarray | None = None,
+                 metadata: dict | None = None):
         self.weights = [np.asarray(w, dtype=np.float64) for w in weights]  # (in, out) each
         self.biases = [np.asarray(b, dtype=np.float64) for b in biases]
+        self.log_std_weight = None if log_std_weight is None else np.asarray(log_std_weight, dtype=np.float64)
+        self.log_std_bias = None if log_std_bias is None else np.asarray(log_std_bias, dtype=np.float64)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def observation_dim(self) -> int:
+        return self.weights[0].shape[0]
+
+    @property
+    def action_dim(self) -> int:
+        return self.weights[-1].shape[1]
 
     @classmethod
     def load(cls, path: str | Path) -> MlpPolicy:
         path = Path(path)
         if not path.is_file():
-            raise DMMError(f"behaviour policy {str(path)!r} does not exist; expected an .npz of MLP weights")
-        with np.load(path) as data:
-            count = int(data["n_layers"])
-            return cls([data[f"w{i}"] for i in range(count)], [data[f"b{i}"] for i in range(count)])
+            raise DMMError(f"behaviour policy {str(path)!r} does not exist; expected an .npz of MLP weights "
+                           "written by 'python -m dmm_train.behavior'")
+        try:
+            with np.load(path) as data:
+                count = int(data["n_layers"])
+                metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
+                log_std = (data["log_std_w"], data["log_std_b"]) if "log_std_w" in data else (None, None)
+                return cls([data[f"w{i}"] for i in range(count)], [data[f"b{i}"] for i in range(count)],
+                           *log_std, metadata=metadata)
+        except (OSError, KeyError, ValueError) as error:
+            raise DMMError(f"behaviour policy {str(path)!r} is unreadable ({error}); expected an .npz with "
+                           "n_layers, w0.., b0..; regenerate it with 'python -m dmm_train.behavior'") from None
 
     def save(self, path: str | Path, **metadata) -> None:
         arrays = {f"w{i}": w.astype(np.float32) for i, w in enumerate(self.weights)}
         arrays.update({f"b{i}": b.astype(np.float32) for i, b in enumerate(self.biases)})
-        np.savez(path, n_layers=len(self.weights), metadata=json.dumps(metadata), **arrays)
+        if self.log_std_weight is not None:
+            arrays["log_std_w"] = self.log_std_weight.astype(np.float32)
+            arrays["log_std_b"] = self.log_std_bias.astype(np.float32)
+        np.savez_compressed(path, n_layers=len(self.weights), metadata=json.dumps(metadata), **arrays)
 
-    def __call__(self, observation: np.ndarray) -> np.ndarray:
-        """observation: (S,) -> action (Adim,) in [-1, 1]."""
-        hidden = np.asarray(observation, dtype=np.float64)
+    def _features(self, observation: np.ndarray) -> np.ndarray:
+        hidden = np.asarray(observation, dtype=np.float64)  # (S,) or (n, S)
         for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
             hidden = np.maximum(hidden @ weight + bias, 0.0)
+        return hidden  # (..., H)
+
+    def __call__(self, observation: np.ndarray) -> np.ndarray:
+        """observation: (S,) -> deterministic action (Adim,) in [-1, 1]."""
+        hidden = self._features(observation)
         return np.tanh(hidden @ self.weights[-1] + self.biases[-1]).astype(np.float32)
+
+    def sample(self, observation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """observation: (S,) -> action (Adim,) drawn from the squashed Gaussian, as SAC explores."""
+        if self.log_std_weight is None:
+            raise DMMError("this behaviour policy has no log_std head; it can only act deterministically")
+        hidden = self._features(observation)  # (H,)
+        mean = hidden @ self.weights[-1] + self.biases[-1]  # (Adim,)
+        log_std = np.clip(hidden @ self.log_std_weight + self.log_std_bias, LOG_STD_MIN, LOG_STD_MAX)
+        noise = rng.standard_normal(mean.shape)  # (Adim,)
+        return np.tanh(mean + np.exp(log_std) * noise).astype(np.float32)
 
 
 def actor_from_sb3(model) -> MlpPolicy:
-    """The deterministic actor of an SB3 SAC model: latent_pi layers then the mu head."""
+    """The actor of an SB3 SAC model: latent_pi layers, the mu head and the log_std head."""
     import torch
 
     layers = [m for m in model.actor.latent_pi if isinstance(m, torch.nn.Linear)] + [model.actor.mu]
     weights = [layer.weight.detach().cpu().numpy().T for layer in layers]
     biases = [layer.bias.detach().cpu().numpy() for layer in layers]
-    return MlpPolicy(weights, biases)
+    log_std = model.actor.log_std
+    return MlpPolicy(weights, biases, log_std.weight.detach().cpu().numpy().T, log_std.bias.detach().cpu().numpy())
 
 
 def evaluate_behavior(policy, env_id: str, episodes: int, seed: int) -> list[float]:
@@ -125,18 +175,82 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
     model.learn(total_timesteps=total_steps, callback=Snapshot())
 
 
+def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, out_dir: Path = POLICY_DIR,
+                    episodes: int = 20) -> None:
+    """Ship snapshots of a SAC run: hopper_medium.npz (+ hopper_expert.npz) and the replay log.
+
+    Each policy is re-evaluated deterministically over ``episodes`` episodes (seeds
+    20000+) and with sampled actions (the way the datasets are rolled out) and the
+    returns go into its metadata. The replay log is the run's replay buffer cut at the
+    medium snapshot: every transition SAC saw up to it, in order.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = {"hopper_medium.npz": medium_step}
+    if expert_step is not None:
+        chosen["hopper_expert.npz"] = expert_step
+    for name, step in chosen.items():
+        policy = MlpPolicy.load(run_dir / f"sac_{step}.npz")
+        deterministic = evaluate_behavior(policy, "Hopper-v5", episodes, seed=20_000)
+        rng = np.random.default_rng(0)
+        sampled = evaluate_behavior(lambda obs, p=policy, g=rng: p.sample(obs, g), "Hopper-v5", episodes, seed=20_000)
+        snapshot = {key: value for key, value in policy.metadata.items() if not key.startswith("eval_")}
+        metadata = {**snapshot, "sac_steps": step,
+                    "eval_return": float(np.mean(deterministic)), "eval_return_std": float(np.std(deterministic)),
+                    "sampled_return": float(np.mean(sampled)), "sampled_return_std": float(np.std(sampled)),
+                    "eval_episodes": episodes}
+        policy.save(out_dir / name, **metadata)
+        print(f"{name}: SAC step {step}, deterministic return {np.mean(deterministic):.0f} "
+              f"± {np.std(deterministic):.0f}, sampled {np.mean(sampled):.0f} ± {np.std(sampled):.0f}",
+              file=sys.stderr)
+    with np.load(run_dir / "replay.npz") as buffer:
+        if len(buffer["observations"]) < medium_step:
+            raise DMMError(f"replay.npz holds {len(buffer['observations'])} transitions; expected at least "
+                           f"{medium_step} (the medium snapshot); export after the buffer dump past it")
+        cut = slice(0, medium_step)
+        dones = buffer["dones"][cut].astype(bool)
+        timeouts = buffer["timeouts"][cut].astype(bool)
+        truncations = timeouts & dones
+        terminations = dones & ~timeouts
+        truncations[-1] |= not dones[-1]  # the episode running at the cut ends there
+        ends = np.flatnonzero(terminations | truncations)
+        np.savez_compressed(
+            out_dir / "hopper_medium_replay.npz",
+            observations=buffer["observations"][cut].astype(np.float32),
+            actions=buffer["actions"][cut].astype(np.float32),
+            rewards=buffer["rewards"][cut].astype(np.float32),
+            terminations=terminations, truncations=truncations,
+            final_observations=buffer["next_observations"][ends].astype(np.float32),
+        )
+    print(f"hopper_medium_replay.npz: {medium_step} transitions, {len(ends)} episodes", file=sys.stderr)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Train a SAC behaviour policy (needs stable-baselines3).")
-    parser.add_argument("--env", default="Hopper-v5")
-    parser.add_argument("--steps", type=int, default=300_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--snapshot-every", type=int, default=10_000)
-    parser.add_argument("--buffer-every", type=int, default=50_000)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
-    parser.add_argument("--out", type=Path, required=True)
+    parser = argparse.ArgumentParser(description="Behaviour policies: train SAC (needs stable-baselines3), "
+                                                 "then export snapshots for the embedded datasets.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train SAC and snapshot its actor")
+    train.add_argument("--env", default="Hopper-v5")
+    train.add_argument("--steps", type=int, default=300_000)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--snapshot-every", type=int, default=10_000)
+    train.add_argument("--buffer-every", type=int, default=50_000)
+    train.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
+    train.add_argument("--out", type=Path, required=True)
+    export = commands.add_parser("export", help="ship snapshots of a run into dmm_train/policies")
+    export.add_argument("--run", type=Path, required=True, help="the --out directory of 'train'")
+    export.add_argument("--medium-step", type=int, required=True)
+    export.add_argument("--expert-step", type=int, default=None)
+    export.add_argument("--episodes", type=int, default=20)
     args = parser.parse_args()
-    train_sac(args.env, args.steps, args.seed, args.out, args.snapshot_every, args.buffer_every, args.threads)
+    if args.command == "train":
+        train_sac(args.env, args.steps, args.seed, args.out, args.snapshot_every, args.buffer_every, args.threads)
+    else:
+        export_policies(args.run, args.medium_step, args.expert_step, episodes=args.episodes)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DMMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

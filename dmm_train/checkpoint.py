@@ -1,7 +1,10 @@
 """Checkpoints: the atomic `model.pt` (+ readable `model.json`) and the resume state.
 
-`model.pt` is everything later stages need (weights, configs, normalisation, rtg
-scale, env, targets, dataset identity, versions) and nothing about the optimizer.
+`model.pt` is everything later stages need (weights, configs, the model kind,
+normalisation, rtg scale, env, targets, dataset identity, versions) and nothing about
+the optimizer. The kind (dmm, dmamba, dt, bc) is ``model_config["model"]``, also shown at
+the top level as ``"model"``; a checkpoint without it is a DMM checkpoint (written before
+the baselines existed), so format version 1 covers both.
 `resume.pt` is self-contained training state (weights, optimizer, scheduler, every
 RNG, the sampler, the step), so a run killed at any instant resumes exactly from the
 last one written. Both are written to a temporary file in the same directory, fsynced
@@ -14,40 +17,25 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from dmm_train.config import ModelConfig
+from dmm_train.atomic import atomic_write_bytes
+from dmm_train.baselines import build_policy
+from dmm_train.config import MODEL_KINDS, ModelConfig
 from dmm_train.errors import DMMError
-from dmm_train.model import DecisionMetaMamba, count_parameters
+from dmm_train.model import count_parameters
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
 RESUME_FILE = "resume.pt"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -84,7 +72,7 @@ def sha256_file(path: Path) -> str:
 class Checkpoint:
     """A loaded `model.pt`: the model plus everything a later stage needs."""
 
-    model: DecisionMetaMamba
+    model: nn.Module  # DecisionMetaMamba, or the baseline that model_config.model names
     model_config: ModelConfig
     train_config: dict
     preset: str
@@ -104,7 +92,7 @@ class Checkpoint:
 
 def checkpoint_metadata(
     *,
-    model: DecisionMetaMamba,
+    model: nn.Module,
     train_config: dict,
     preset: str,
     env_id: str,
@@ -122,6 +110,7 @@ def checkpoint_metadata(
     return {
         "format_version": FORMAT_VERSION,
         "kind": "dmm-checkpoint",
+        "model": model.config.model,
         "model_config": dataclasses.asdict(model.config),
         "train_config": train_config,
         "n_params": count_parameters(model),
@@ -139,7 +128,7 @@ def checkpoint_metadata(
     }
 
 
-def save_model(directory: Path, model: DecisionMetaMamba, metadata: dict) -> Path:
+def save_model(directory: Path, model: nn.Module, metadata: dict) -> Path:
     """Write DIR/model.pt and DIR/model.json atomically; returns the .pt path."""
     directory = Path(directory)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -173,8 +162,14 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
             f"checkpoint {str(path)!r} has format version {version}; this dmm-deploy reads version "
             f"{FORMAT_VERSION}; retrain with this version or use the dmm-deploy release that wrote it"
         )
+    kind = payload["model_config"].get("model", "dmm")  # no "model" key: a DMM checkpoint
+    if kind not in MODEL_KINDS:
+        raise DMMError(
+            f"checkpoint {str(path)!r} holds a model of kind {kind!r}; this dmm-deploy reads "
+            f"{', '.join(MODEL_KINDS)}; use the dmm-deploy release that wrote it"
+        )
     model_config = ModelConfig(**payload["model_config"])
-    model = DecisionMetaMamba(model_config)
+    model = build_policy(model_config)
     model.load_state_dict(payload["model_state"])
     model.eval()
     metadata = {k: v for k, v in payload.items() if k != "model_state"}

@@ -6,8 +6,9 @@ final location and is renamed into place at the end, so an interrupted write nev
 leaves a half dataset under the final id; Minari skips hidden directories when it
 lists a store.
 
-The embedded default (``DEFAULT_DATASET_ID``) is a small random-policy Hopper-v5
-dataset generated on first use; remote Minari datasets cannot be reached here.
+The embedded default (``DEFAULT_DATASET_ID``) is ``hopper-medium`` of
+`dmm_train.recipes`, rolled out from the shipped medium SAC policy on first use;
+remote Minari datasets need a network, which a closed lab may not have.
 """
 
 from __future__ import annotations
@@ -30,11 +31,7 @@ from dmm_train.config import PRESETS
 from dmm_train.data import DATA_DIR, DATASET_ID_RE, METADATA_FILE
 from dmm_train.errors import DMMError
 
-DEFAULT_DATASET_ID = "dmm-deploy/hopper-random-v0"
-DEFAULT_ENV_ID = "Hopper-v5"
-# Random Hopper episodes last about 20 steps, so this is about 6k steps, 2-3 s to generate.
-DEFAULT_EPISODES = 300
-DEFAULT_SEED = 0
+DEFAULT_DATASET_ID = "dmm-deploy/hopper-medium-v0"  # recipes.RECIPES["hopper-medium"].dataset_id
 
 MINARI_STORE_ENV = "MINARI_DATASETS_PATH"
 _STAGING_PREFIX = ".dmm-staging-"
@@ -95,6 +92,7 @@ def rollout_episodes(
     n_episodes: int | None = None,
     n_steps: int | None = None,
     seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[Rollout]:
     """Roll out ``policy`` in a real gymnasium env; deterministic for a given seed.
 
@@ -102,6 +100,7 @@ def rollout_episodes(
     last episode is cut and marked truncated) must be given. Episode i is reset with
     seed ``seed + i``; the "random" policy samples the action space seeded with
     ``seed``. ``policy`` may also be any callable ``obs (S,) -> action (Adim,)``.
+    ``on_step(steps_done)`` is called after every env step (progress reporting).
     """
     if (n_episodes is None) == (n_steps is None):
         raise DMMError(
@@ -143,6 +142,8 @@ def rollout_episodes(
                     )
                 observation, reward, terminated, truncated, _ = env.step(action)
                 steps_done += 1
+                if on_step is not None:
+                    on_step(steps_done)
                 out_of_budget = n_steps is not None and steps_done >= n_steps
                 observations.append(observation)
                 actions.append(action)
@@ -397,8 +398,13 @@ def collect(
     )
 
 
-def ensure_default_dataset(progress: bool = True) -> Path:
-    """Path of the embedded default dataset, generated in the local Minari store on first use."""
+def ensure_default_dataset(progress: bool = True, steps: int | None = None) -> Path:
+    """Path of the embedded default dataset (hopper-medium), generated in the local Minari store on first use.
+
+    ``steps`` overrides the recipe's rollout budget (tests use small ones).
+    """
+    from dmm_train.recipes import DEFAULT_RECIPE, RECIPE_SEED, RECIPE_STEPS, collect_recipe
+
     root = store_root()
     final = root / DEFAULT_DATASET_ID
     if final.exists():
@@ -408,16 +414,14 @@ def ensure_default_dataset(progress: bool = True) -> Path:
                 "remove that directory so the default dataset can be regenerated"
             )
         return final
+    budget = RECIPE_STEPS if steps is None else steps
     if progress:
-        print(
-            f"generating the default dataset {DEFAULT_DATASET_ID} ({DEFAULT_EPISODES} random "
-            f"{DEFAULT_ENV_ID} episodes) in {str(root)!r} ...",
-            file=sys.stderr, flush=True,
-        )
+        print(f"generating the default dataset {DEFAULT_DATASET_ID} ({budget} steps of the shipped medium "
+              f"SAC policy, seed {RECIPE_SEED}) in {str(root)!r}; this happens once ...",
+              file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:
-        path = collect(DEFAULT_ENV_ID, DEFAULT_DATASET_ID, policy="random", episodes=DEFAULT_EPISODES,
-                       seed=DEFAULT_SEED)
+        path = collect_recipe(DEFAULT_RECIPE, steps=budget, seed=RECIPE_SEED, progress=progress)
     except DMMError:
         # Another process may have generated it meanwhile; same seed, same data.
         if (final / DATA_DIR / METADATA_FILE).is_file():

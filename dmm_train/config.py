@@ -77,18 +77,51 @@ def get_preset(name: str) -> EnvPreset:
     return PRESETS[name]
 
 
+# The policies one harness trains and evaluates (dmm_train/baselines.py has the baselines):
+# dmm: Decision MetaMamba; dmamba: the paper's ablation, DMM without the DSM and with Mamba's
+# depthwise conv back in the block; dt: Decision Transformer (kzl/decision-transformer);
+# bc: an MLP on the normalised state.
+MODEL_KINDS = ("dmm", "dmamba", "dt", "bc")
+
+# What each kind changes in the preset's ModelConfig. DT follows kzl's experiment.py
+# (K 20, embed_dim 128 for every env, 3 layers, 1 head); BC reads one state per window.
+MODEL_KIND_OVERRIDES: dict[str, dict] = {
+    "dmm": {},
+    "dmamba": {},
+    "dt": {"context_len": 20, "d_model": 128, "n_layer": 3},
+    "bc": {"context_len": 1, "d_model": 256, "n_layer": 2},
+}
+
+
+def check_model_kind(model: str) -> str:
+    """Return ``model`` if it is a known kind, else raise a DMMError listing the kinds."""
+    if model not in MODEL_KINDS:
+        raise DMMError(f"unknown model {model!r}; expected one of {', '.join(MODEL_KINDS)}; pass --model with one")
+    return model
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one DMM policy (DMM_SPEC.md symbols in brackets)."""
+    """Architecture of one policy (DMM_SPEC.md symbols in brackets); DMM unless ``model`` says otherwise.
+
+    d_model and n_layer mean the width and depth of whichever kind ``model`` names
+    (for bc: the hidden width and the number of hidden layers).
+    """
 
     state_dim: int = field(metadata={"help": "observation size [S]"})
     act_dim: int = field(metadata={"help": "action size [Adim]"})
-    d_model: int = field(default=64, metadata={"help": "residual width [D]"})
-    n_layer: int = field(default=3, metadata={"help": "number of DSM + Mamba layers"})
+    d_model: int = field(default=64, metadata={"help": "residual width [D] (bc: hidden width)"})
+    n_layer: int = field(
+        default=3, metadata={"help": "layers: DSM + Mamba (dmm), Mamba (dmamba), GPT blocks (dt), hidden (bc)"}
+    )
     d_state: int = field(default=16, metadata={"help": "SSM state size per channel [N]"})
     dsm_window: int = field(default=6, metadata={"help": "DSM window in tokens [W]; 6 = two timesteps"})
     context_len: int = field(default=8, metadata={"help": "timesteps per window [K]; tokens L = 3K"})
-    embed_dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding LayerNorm"})
+    embed_dropout: float = field(
+        default=0.1,
+        metadata={"help": "dropout: after the embedding LayerNorm (dmm, dmamba: the only one); on embeddings, "
+                          "attention and residuals (dt); after each hidden layer (bc)"},
+    )
     per_layer_norms: bool = field(
         default=False,
         metadata={"help": "one LN_1/LN_2 per layer instead of the official shared pair"},
@@ -97,6 +130,10 @@ class ModelConfig:
         default=False,
         metadata={"help": "official antmaze/kitchen compatibility: one DSM for all layers (trainable here)"},
     )
+    model: str = field(default="dmm", metadata={"help": "policy kind: dmm | dmamba | dt | bc"})
+    conv_kernel: int = field(default=4, metadata={"help": "dmamba: depthwise causal conv width, Mamba's d_conv"})
+    n_head: int = field(default=1, metadata={"help": "dt: attention heads"})
+    max_ep_len: int = field(default=1000, metadata={"help": "dt: rows of the timestep embedding table"})
 
     @property
     def dt_rank(self) -> int:
@@ -109,29 +146,40 @@ class ModelConfig:
         return 3 * self.context_len
 
     def validate(self) -> None:
-        for name in ("state_dim", "act_dim", "d_model", "n_layer", "d_state", "dsm_window", "context_len"):
+        check_model_kind(self.model)
+        for name in ("state_dim", "act_dim", "d_model", "n_layer", "d_state", "dsm_window", "context_len",
+                     "conv_kernel", "n_head", "max_ep_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DMMError(f"model config {name}={value!r}; expected a positive integer")
         if not 0.0 <= self.embed_dropout < 1.0:
             raise DMMError(f"model config embed_dropout={self.embed_dropout!r}; expected a value in [0, 1)")
+        if self.d_model % self.n_head:
+            raise DMMError(f"model config d_model={self.d_model} with n_head={self.n_head}; expected d_model "
+                           "divisible by n_head")
 
     @classmethod
-    def from_preset(cls, preset: EnvPreset, **overrides) -> ModelConfig:
+    def from_preset(cls, preset: EnvPreset, model: str = "dmm", **overrides) -> ModelConfig:
+        """The config of kind ``model`` for ``preset``: the preset's dims, the kind's overrides, then ``overrides``."""
         config = cls(
             state_dim=preset.state_dim,
             act_dim=preset.act_dim,
             d_model=preset.d_model,
-            share_dsm_across_layers=preset.share_dsm_across_layers,
+            # The shared-DSM quirk belongs to DMM's official code; no other kind has a DSM.
+            share_dsm_across_layers=preset.share_dsm_across_layers and model == "dmm",
+            model=check_model_kind(model),
+            # DT's timestep table covers the plant's longest episode (kzl: max_ep_len 1000 for gym).
+            max_ep_len=preset.max_episode_steps,
         )
-        return dataclasses.replace(config, **overrides)
+        return dataclasses.replace(config, **{**MODEL_KIND_OVERRIDES[model], **overrides})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Official DMM training hyperparameters (DMM_SPEC.md, "Training")."""
+    """Official DMM training hyperparameters (DMM_SPEC.md, "Training"), the same for every model kind."""
 
     preset: str = field(default="hopper", metadata={"help": "environment preset"})
+    model: str = field(default="dmm", metadata={"help": "policy kind: dmm | dmamba | dt | bc (MODEL_KINDS)"})
     dataset: str | None = field(default=None, metadata={"help": "Minari id or path; None = embedded default"})
     steps: int = field(default=100_000, metadata={"help": "gradient steps"})
     batch_size: int = field(default=64, metadata={"help": "windows per step"})
@@ -148,6 +196,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_preset(self.preset)
+        check_model_kind(self.model)
         positive = {
             "steps": self.steps, "batch_size": self.batch_size,
             "checkpoint_every": self.checkpoint_every,

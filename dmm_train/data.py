@@ -437,13 +437,16 @@ class WindowBatch:
     states:  (B, K, S) normalised; padded steps are ``-mean/std`` (raw zeros normalised)
     actions: (B, K, Adim); padded steps are ACTION_PAD_VALUE
     rtg:     (B, K, 1) return-to-go / rtg_scale, aligned with the states; padded 0
-    mask:    (B, K) 1 on real steps, 0 on padding (used by the loss only)
+    mask:    (B, K) 1 on real steps, 0 on padding (used by the loss; DT also masks attention with it)
+    timesteps: (B, K) int64 step index within the episode; padded 0 (kzl's get_batch). DMM
+             ignores it, as the official code; the Decision Transformer embeds it.
     """
 
     states: np.ndarray
     actions: np.ndarray
     rtg: np.ndarray
     mask: np.ndarray
+    timesteps: np.ndarray
 
 
 class WindowSampler:
@@ -518,11 +521,13 @@ class WindowSampler:
         action_pad = np.float32(ACTION_PAD_VALUE)
         actions = np.where(real[..., None], self._actions[index], action_pad)  # (B, K, Adim)
         rtg = np.where(real, self._rtg[index], np.float32(RTG_PAD_VALUE))[..., None]  # (B, K, 1)
+        timesteps = np.where(real, (start - pad)[:, None] + self._offsets[None, :], 0)  # (B, K)
         return WindowBatch(
             states=states.astype(np.float32, copy=False),
             actions=actions.astype(np.float32, copy=False),
             rtg=rtg.astype(np.float32, copy=False),
             mask=real.astype(np.float32),
+            timesteps=timesteps.astype(np.int64, copy=False),
         )
 
     def get_state(self) -> dict:

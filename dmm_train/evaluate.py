@@ -6,7 +6,9 @@ window and act with the prediction at the last state token; then
 rtg_{t+1} = rtg_t - r_t / scale, starting from target / scale.
 
 All episodes of one evaluation run side by side: one batched forward per env step
-over the episodes still running.
+over the episodes still running. Every model kind runs the same protocol; the kinds that
+read timesteps and a padding mask (DT) get them as kzl's evaluation builds them: the
+window's episode step indices, left-padded with 0, and 0 on the padded steps.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from dmm_train.baselines import policy_actions
 from dmm_train.errors import DMMError
 
 
@@ -108,10 +111,17 @@ def evaluate_policy(
             window_states[:, context_len - width:] = states[active, start:t + 1]
             window_actions[:, context_len - width:] = actions[active, start:t + 1]
             window_rtg[:, context_len - width:] = rtg[active, start:t + 1]
-            predicted = model(
+            window_timesteps = np.zeros((len(active), context_len), dtype=np.int64)  # (E', K)
+            window_timesteps[:, context_len - width:] = np.arange(start, t + 1)
+            window_mask = np.zeros((len(active), context_len), dtype=np.float32)  # (E', K)
+            window_mask[:, context_len - width:] = 1.0
+            predicted = policy_actions(
+                model,
                 torch.from_numpy(window_states).to(device),
                 torch.from_numpy(window_actions).to(device),
                 torch.from_numpy(window_rtg).to(device),
+                torch.from_numpy(window_timesteps).to(device),
+                torch.from_numpy(window_mask).to(device),
             )[:, -1].cpu().numpy()  # (E', Adim), at the last state token
             for row, index in enumerate(active):
                 observation, reward, terminated, truncated, _ = envs[index].step(predicted[row])

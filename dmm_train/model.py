@@ -1,4 +1,5 @@
-"""Decision MetaMamba in pure PyTorch: the one model module.
+"""Decision MetaMamba in pure PyTorch: the one model module (the baselines in
+`dmm_train.baselines` reuse its SelectiveSSM, scan and token interleaving).
 
 Glossary (DMM_SPEC.md): B batch, T timesteps in the window (K), L = 3T tokens,
 D d_model, N d_state, W DSM window, R dt_rank, S state dim, Adim action dim.
@@ -36,6 +37,15 @@ from dmm_train.scan import selective_scan
 LINEAR_INIT_STD = 0.02
 # Token positions of the states in the interleaved [R1, s1, a1, R2, ...] sequence: the head reads these.
 STATE_TOKENS = slice(1, None, 3)
+
+
+def interleave_tokens(
+    rtg_tokens: torch.Tensor, state_tokens: torch.Tensor, action_tokens: torch.Tensor
+) -> torch.Tensor:
+    """Three (B, T, D) token streams -> (B, 3T, D) in the order [R1, s1, a1, R2, s2, a2, ...]."""
+    batch, steps, d_model = state_tokens.shape
+    stacked = torch.stack((rtg_tokens, state_tokens, action_tokens), dim=2)  # (B, T, 3, D)
+    return stacked.reshape(batch, 3 * steps, d_model)  # (B, 3T, D)
 
 
 class DenseSequenceMixer(nn.Module):
@@ -110,13 +120,17 @@ class SelectiveSSM(nn.Module):
         """
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (..., D) each
         x = F.silu(x)  # Mamba's conv1d is removed in DMM
+        return (x, z, *self._selection(x, fused_delta))
+
+    def _selection(self, x: torch.Tensor, fused_delta: bool = False):
+        """x: (..., D), the activated x branch -> delta (..., D), Bm (..., N), Cm (..., N) (see `_ssm_inputs`)."""
         dt, b_in, c_in = self.x_proj(x).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )  # (..., R), (..., N), (..., N)
         if fused_delta:
-            return x, z, F.linear(dt, self.dt_proj.weight), b_in, c_in  # delta pre-activation (..., D)
+            return F.linear(dt, self.dt_proj.weight), b_in, c_in  # delta pre-activation (..., D)
         delta = F.softplus(self.dt_proj(dt))  # (..., D)
-        return x, z, delta, b_in, c_in
+        return delta, b_in, c_in
 
     def forward(self, u: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
         """u: (B, L, D), already LN_2-normalised -> (B, L, D), or (B, L', D) at the tokens ``keep`` selects.
@@ -125,6 +139,10 @@ class SelectiveSSM(nn.Module):
         ones); ``keep`` only skips out_proj where the caller needs no output.
         """
         x, z, delta_pre, b_in, c_in = self._ssm_inputs(u, fused_delta=True)  # (B, L, D) x3, (B, L, N) x2
+        return self._scan_out(x, z, delta_pre, b_in, c_in, keep)
+
+    def _scan_out(self, x, z, delta_pre, b_in, c_in, keep: slice | None = None) -> torch.Tensor:
+        """x, z, delta_pre: (B, L, D); b_in, c_in: (B, L, N) -> out_proj(scan * silu(z)): (B, L, D) or (B, L', D)."""
         A = -torch.exp(self.A_log)  # (D, N)
         # softplus(delta_pre + dt_proj.bias) and the gate y * silu(z) happen inside the
         # scan (Mamba's selective_scan_fn options): no separate passes over (B, L, D).
@@ -221,11 +239,8 @@ class DecisionMetaMamba(nn.Module):
 
     def embed_tokens(self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor) -> torch.Tensor:
         """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1) -> tokens (B, 3T, D) as [R1, s1, a1, ...]."""
-        batch, steps, _ = states.shape
-        stacked = torch.stack(
-            (self.embed_return(rtg), self.embed_state(states), self.embed_action(actions)), dim=2
-        )  # (B, T, 3, D)
-        return self._embed(stacked.reshape(batch, 3 * steps, self.config.d_model))  # (B, 3T, D)
+        tokens = interleave_tokens(self.embed_return(rtg), self.embed_state(states), self.embed_action(actions))
+        return self._embed(tokens)  # (B, 3T, D)
 
     def mix(self, tokens: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
         """tokens: (B, L, D) embedded -> hidden (B, L, D) after LN_f.

@@ -1,5 +1,5 @@
 """The training loop: official DMM hyperparameters, progress, periodic evaluation,
-atomic checkpoints and exact resume.
+atomic checkpoints and exact resume, for every model kind (``TrainConfig.model``).
 
 A run directory holds:
 - model.pt / model.json: the latest weights and everything later stages need;
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
 from dmm_train.checkpoint import (
     MODEL_FILE,
     RESUME_FILE,
@@ -32,7 +33,6 @@ from dmm_train.checkpoint import (
 )
 from dmm_train.config import ModelConfig, TrainConfig, get_preset
 from dmm_train.errors import DMMError
-from dmm_train.model import DecisionMetaMamba
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
@@ -48,7 +48,7 @@ def masked_action_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 def batch_to_tensors(batch, device: str) -> dict[str, torch.Tensor]:
     return {
         name: torch.from_numpy(np.ascontiguousarray(getattr(batch, name))).to(device)
-        for name in ("states", "actions", "rtg", "mask")
+        for name in ("states", "actions", "rtg", "mask", "timesteps")
     }
 
 
@@ -64,7 +64,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig):
 
 def train_step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], grad_clip: float) -> float:
     """One gradient step on a batch of windows; returns the loss."""
-    predicted = model(batch["states"], batch["actions"], batch["rtg"])  # (B, K, Adim)
+    predicted = policy_actions(
+        model, batch["states"], batch["actions"], batch["rtg"], batch.get("timesteps"), batch["mask"]
+    )  # (B, K, Adim)
     loss = masked_action_loss(predicted, batch["actions"], batch["mask"])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -187,7 +189,7 @@ def train(
     log_every: int = 100,
     on_step: Callable[[int], None] | None = None,
 ) -> Path:
-    """Train a DMM policy; returns the path of model.pt."""
+    """Train a policy of the kind ``config.model`` (DMM by default); returns the path of model.pt."""
     config.validate()
     out_dir = Path(out_dir)
     preset = get_preset(config.preset)
@@ -218,9 +220,9 @@ def train(
     from dmm_train.data import WindowSampler
 
     _seed_everything(config.seed)
-    model_config = ModelConfig.from_preset(preset)
-    model = DecisionMetaMamba(model_config).to(config.device)
-    model.set_scan_impl(config.scan)
+    model_config = ModelConfig.from_preset(preset, model=config.model)
+    model = build_policy(model_config).to(config.device)
+    set_scan_impl(model, config.scan)
     optimizer, scheduler = make_optimizer(model, config)
     sampler = WindowSampler(dataset, model_config.context_len, preset.rtg_scale, seed=config.seed)
     step = 0
@@ -289,7 +291,7 @@ def train(
     if progress:
         origin = "resuming at step " + str(step) if resume_state is not None else "training"
         print(
-            f"{origin}: {preset.name} on {dataset.dataset_id} ({len(dataset.episodes)} episodes, "
+            f"{origin}: {config.model} on {preset.name}, {dataset.dataset_id} ({len(dataset.episodes)} episodes, "
             f"{dataset.total_steps} steps), {config.steps} steps, out {out_dir}",
             file=sys.stderr, flush=True,
         )

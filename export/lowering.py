@@ -2,30 +2,32 @@
 
 Glossary (DMM_SPEC.md): B batch, K timesteps in the window, L tokens processed, D d_model,
 N d_state, W DSM window, R dt_rank, S state dim, Adim action dim, nl n_layer, F the width
-of the augmented x_proj output (D + 2N + 2D).
+of the x_proj output (D + 2N, or 3D + 2N augmented).
 
 Why a second lowering instead of tracing `model.forward` / `model.step`: on a batch-1
-CPU step ONNX Runtime spends about 0.5-1 us per node, so the node count *is* the
-latency. A traced window forward has about 1200 nodes (a 3K-token Python scan with
-per-token slicing); this builder writes about 190 (window) and 140 (stream). The
-maths is the same as `dmm_train.model` and every number comes from the model's
-parameters (read here, never copied into a second module); tests/test_export.py holds
-both graphs to `model.forward` and `model.step` within 1e-5.
+CPU step ONNX Runtime's cost is mostly per node (0.3-1 us each here) and per broadcast
+span, so the node count and the tensor layout *are* the latency. A traced window forward
+has about 1200 nodes (a 3K-token Python scan with per-token slicing); this builder writes
+about 200 (window) and 150 (stream). The maths is the same as `dmm_train.model` and every
+number comes from the model's parameters (read here, never copied into a second module);
+tests/test_export.py holds both graphs to `model.forward` and `model.step` within 1e-5.
 
 What makes it lean:
 - token-parallel work is batched over all tokens of a graph: one MatMul per projection,
   the three token embeddings as one MatMul over a block input [rtg | state | action | 1]
   (bias as the last row), LayerNorm as the opset-17 LayerNormalization op;
-- the DSM is a MatMul with a constant 0/1 selection matrix (each token's causal window,
-  zero rows for the left padding) followed by one MatMul with the DSM weight;
-- dt_proj is folded into x_proj (float64 product of the two weights), and x_proj is
-  augmented with an identity block and a diag(Dskip) block so that one MatMul + one
-  Split yields delta, Bm, Cm, x and Dskip * x in the column layout the scan needs
-  (a 0/1 or diagonal block reproduces x and Dskip * x exactly: every other product is 0);
+- the DSM is one MatMul with the DSM weight over each token's causal window, gathered
+  from the zero-left-padded LN_1 output (window) or picked from [cache | tokens] by a
+  constant 0/1 selection matrix (stream);
+- dt_proj is folded into x_proj (float64 product of the two weights), so one MatMul + one
+  Split yields delta's pre-activation, Bm and Cm; in stream mode x_proj is augmented with an
+  identity and a diag(Dskip) block, so that the same Split also yields x and Dskip * x
+  (a 0/1 or diagonal block reproduces them exactly: every other product is 0);
 - A = -exp(A_log) is a constant; exp(delta * A) and delta * Bm * x are computed for all
   tokens at once; only the recurrence h_t = dA_t * h_{t-1} + dBx_t is sequential (one
   Split, then a Mul and an Add per token, one Concat), and y = <h, Cm> is one batched
   MatMul;
+- the SSM tensors are laid out (B, T, N, D), channels innermost (see `_ssm_front`);
 - window mode's last layer only needs the state at the last state token, so it uses the
   exact parallel form h_T = sum_j exp(A * sum_{j<k<=T} delta_k) * delta_j Bm_j x_j (the
   sums of positive deltas come from one MatMul with a constant 0/1 matrix, no
@@ -159,10 +161,12 @@ def _folded_x_proj(ssm, augmented: bool) -> tuple[np.ndarray, np.ndarray]:
 
     [delta_pre | Bm | Cm] (F = D + 2N), or with ``augmented`` [delta_pre | Bm | Cm | x | Dskip * x]
     (F = 3D + 2N), where delta_pre = dt_proj(dt) before the softplus. The fold is a float64
-    product of the two weights (about 1e-7 relative from the two-step float32 form). The
-    identity and diag(Dskip) blocks reproduce x and Dskip * x exactly (one nonzero product
-    per output); they save two nodes where tokens are few (stream) and cost more MatMul
-    time than that where they are many (window), so only the stream graph uses them.
+    product of the two weights (about 1e-7 relative from the two-step float32 form); the
+    identity and diag(Dskip) blocks reproduce x and Dskip * x exactly (one nonzero product per
+    output). The Dskip block saves a node where tokens are few (stream) and costs more MatMul
+    time than that where they are many (window). The identity block makes the scan read x as
+    the Linear's output, which is what the int8 pass (calibration/qdq.py) relies on in stream
+    mode.
     """
     D, N, R = ssm.d_model, ssm.d_state, ssm.dt_rank
     x_weight = _np64(ssm.x_proj.weight)  # (R + 2N, D)
@@ -181,22 +185,36 @@ def _folded_x_proj(ssm, augmented: bool) -> tuple[np.ndarray, np.ndarray]:
 def _softplus(g: GraphBuilder, x: str, name: str) -> str:
     """log(1 + exp(x)) as Exp, Add, Log: element-wise as the input.
 
-    ONNX Runtime's CPU Softplus kernel is scalar (17 us for 23 x 64 values against 5 us for
-    the three vectorised ops). Against torch's softplus (threshold 20) the difference is at
-    most about 1e-7 absolute; exp overflows for x > 88 (delta = inf, non-finite actions that
-    the export parity check and the runtime's finiteness check both catch), far beyond any
-    trained dt_proj pre-activation.
+    ONNX Runtime's CPU Softplus kernel is scalar (about 16 us for 23 x 64 values, several
+    times the three vectorised ops). Against torch's softplus (threshold 20) the difference
+    is at most about 1e-7 absolute; exp overflows for x > 88 (delta = inf, non-finite actions
+    that the export parity check and the runtime's finiteness check both catch), far beyond
+    any trained dt_proj pre-activation.
     """
     one = g.const("1.0", np.array(1.0, dtype=np.float32))
     return g.op("Log", [g.op("Add", [g.op("Exp", [x], f"{name}/exp"), one], f"{name}/1p")], name)
 
 
-def _ssm_front(g, w, p, ssm, u2, B, T, D, N, augmented: bool):
+def _A(w, ssm) -> str:
+    """A = -exp(A_log) transposed to (N, D), computed by torch in float32 exactly as the model does."""
+    return w(ssm.A_log, ":A.T", _np(-torch.exp(ssm.A_log)).T)
+
+
+# Layout of the SSM tensors in the graph: (B, T, N, D), the channel axis D innermost, and every
+# per-token row (delta, x, ...) kept as (B, T, D) until it meets the (N, D) axes. ONNX Runtime's
+# CPU broadcasting then runs over contiguous spans of D = 64 floats; in the model's (B, T, D, N)
+# layout with (..., 1) columns it walks spans of 16 or of 1 element: a scalar added to a
+# (1, 23, 64, 1) column took 27 us against 1 us for the (1, 23, 64) rows, and the window graph
+# took 390 us per call against 290 us in this layout.
+
+
+def _ssm_front(g, w, p, ssm, u2, B, T, D, N, token_mask: str | None = None, augmented: bool = False):
     """The Mamba block up to the scan inputs, over T tokens.
 
-    u2: (B, T, D), LN_2 output. Returns sz (B, T, D) = silu(z) and, in the column layout the
-    scan wants, delta_c (B, T, D, 1) = softplus(dt_proj(dt)), b_c and c_c (B, T, N, 1),
-    x_c (B, T, D, 1) and skip_c (B, T, D, 1) = Dskip * x.
+    u2: (B, T, D), LN_2 output; token_mask: (B, T, 1) multiplying delta (stream mode's
+    skipped a-token), or None; augmented: x_proj as in `_folded_x_proj`. Returns a dict of
+    (B, T, D) rows sz = silu(z), x, delta = softplus(dt_proj(dt)) and dx = delta * x, of
+    (B, T, N) rows b = Bm and c = Cm, and when ``augmented`` skip = Dskip * x (B, T, D).
     """
     in_weight = w(ssm.in_proj.weight, ".T", _np(ssm.in_proj.weight).T)  # (D, 2D)
     xz = g.op("MatMul", [u2, in_weight], f"{p}/in_proj")  # (B, T, 2D)
@@ -206,41 +224,43 @@ def _ssm_front(g, w, p, ssm, u2, B, T, D, N, augmented: bool):
     weight, bias = _folded_x_proj(ssm, augmented)
     tag = "+dt_proj" + ("+eye+Dskip" if augmented else "")
     proj = g.op("MatMul", [x, w(ssm.x_proj.weight, tag, weight)], f"{p}/x_proj")  # (B, T, F)
-    proj_bias = w(ssm.dt_proj.bias, f"+zeros({bias.size})", bias)  # (F,)
-    proj = g.op("Add", [proj, proj_bias], f"{p}/x_proj_bias")  # (B, T, F)
-    column = g.op("Unsqueeze", [proj, g.ints([-1])], f"{p}/column")  # (B, T, F, 1)
+    proj = g.op("Add", [proj, w(ssm.dt_proj.bias, f"+zeros({bias.size - D})", bias)], f"{p}/x_proj_bias")  # (B, T, F)
     if augmented:
-        delta_pre_c, b_c, c_c, x_c, skip_c = g.op(
-            "Split", [column, g.ints([D, N, N, D, D])], f"{p}/split_proj", outputs=5, axis=2)  # (B, T, *, 1)
+        delta_pre, b, c, x, skip = g.op("Split", [proj, g.ints([D, N, N, D, D])], f"{p}/split_proj",
+                                        outputs=5, axis=2)  # (B, T, D), (B, T, N) x2, (B, T, D) x2
     else:
-        delta_pre_c, b_c, c_c = g.op(
-            "Split", [column, g.ints([D, N, N])], f"{p}/split_proj", outputs=3, axis=2)  # (B, T, *, 1)
-        x_c = g.op("Unsqueeze", [x, g.ints([-1])], f"{p}/x_c")  # (B, T, D, 1)
-        dskip = w(ssm.Dskip, ":column", _np(ssm.Dskip)[:, None])  # (D, 1)
-        skip_c = g.op("Mul", [x_c, dskip], f"{p}/skip")  # (B, T, D, 1)
-    delta_c = _softplus(g, delta_pre_c, f"{p}/delta")  # (B, T, D, 1)
-    return sz, delta_c, b_c, c_c, x_c, skip_c
+        delta_pre, b, c = g.op("Split", [proj, g.ints([D, N, N])], f"{p}/split_proj", outputs=3,
+                               axis=2)  # (B, T, D), (B, T, N), (B, T, N)
+        skip = None
+    delta = _softplus(g, delta_pre, f"{p}/delta")  # (B, T, D)
+    if token_mask is not None:
+        delta = g.op("Mul", [delta, token_mask], f"{p}/delta_masked")  # (B, T, D)
+    dx = g.op("Mul", [delta, x], f"{p}/delta_x")  # (B, T, D)
+    return {"sz": sz, "x": x, "delta": delta, "dx": dx, "skip": skip, "b": b, "c": c}
 
 
-def _A(w, ssm) -> str:
-    """A = -exp(A_log), (D, N), computed by torch in float32 exactly as the model does."""
-    return w(ssm.A_log, ":A", _np(-torch.exp(ssm.A_log)))
+def _skip(g, w, p, ssm, front, x: str | None = None) -> str:
+    """Dskip * x (x: (..., D), default the front's x rows), unless x_proj already made it."""
+    if front["skip"] is not None and x is None:
+        return front["skip"]
+    x = front["x"] if x is None else x
+    return g.op("Mul", [x, w(ssm.Dskip, "", _np(ssm.Dskip))], f"{p}/skip")  # (..., D)
 
 
-def _scan_and_output(g, w, p, ssm, h, hidden, sz, delta_c, b_c, c_c, x_c, skip_c, B, T, D, N):
+def _scan_and_output(g, w, p, ssm, h, hidden, front, B, T, D, N):
     """Sequential recurrence over T tokens from state ``h`` (None: zeros), then the gated residual output.
 
-    delta_c (B, T, D, 1), b_c / c_c (B, T, N, 1), x_c / skip_c (B, T, D, 1), sz (B, T, D),
-    hidden (B, T, D) the residual stream, h (B, 1, D, N) or None.
-    Returns the new residual stream (B, T, D) and the last state (B, 1, D, N).
+    front: `_ssm_front`'s tensors; hidden (B, T, D) the residual stream; h (B, 1, N, D) or None.
+    Returns the new residual stream (B, T, D) and the last state (B, 1, N, D).
     """
-    dA = g.op("Exp", [g.op("Mul", [delta_c, _A(w, ssm)], f"{p}/delta_A")], f"{p}/dA")  # (B, T, D, N)
-    dx_c = g.op("Mul", [delta_c, x_c], f"{p}/delta_x")  # (B, T, D, 1)
-    b_row = g.op("Reshape", [b_c, g.ints([B, T, 1, N])], f"{p}/b_row")  # (B, T, 1, N)
-    dBx = g.op("Mul", [dx_c, b_row], f"{p}/dBx")  # (B, T, D, N)
+    delta_r = g.op("Unsqueeze", [front["delta"], g.ints([2])], f"{p}/delta_r")  # (B, T, 1, D)
+    dA = g.op("Exp", [g.op("Mul", [delta_r, _A(w, ssm)], f"{p}/delta_A")], f"{p}/dA")  # (B, T, N, D)
+    dx_r = g.op("Unsqueeze", [front["dx"], g.ints([2])], f"{p}/delta_x_r")  # (B, T, 1, D)
+    b_c = g.op("Unsqueeze", [front["b"], g.ints([3])], f"{p}/b_c")  # (B, T, N, 1)
+    dBx = g.op("Mul", [b_c, dx_r], f"{p}/dBx")  # (B, T, N, D): delta_t * Bm_t * x_t
     if T > 1:
-        dA_t = g.op("Split", [dA, g.ints([1] * T)], f"{p}/split_dA", outputs=T, axis=1)  # T x (B, 1, D, N)
-        dBx_t = g.op("Split", [dBx, g.ints([1] * T)], f"{p}/split_dBx", outputs=T, axis=1)  # T x (B, 1, D, N)
+        dA_t = g.op("Split", [dA, g.ints([1] * T)], f"{p}/split_dA", outputs=T, axis=1)  # T x (B, 1, N, D)
+        dBx_t = g.op("Split", [dBx, g.ints([1] * T)], f"{p}/split_dBx", outputs=T, axis=1)  # T x (B, 1, N, D)
     else:
         dA_t, dBx_t = [dA], [dBx]
     states = []
@@ -248,47 +268,46 @@ def _scan_and_output(g, w, p, ssm, h, hidden, sz, delta_c, b_c, c_c, x_c, skip_c
         if h is None:  # h_{-1} = 0: h_0 = dBx_0 exactly, as in the reference loop
             h = dBx_t[t]
         else:
-            decayed = g.op("Mul", [dA_t[t], h], f"{p}/h{t}_decay")  # (B, 1, D, N)
-            h = g.op("Add", [decayed, dBx_t[t]], f"{p}/h{t}")  # (B, 1, D, N)
+            decayed = g.op("Mul", [dA_t[t], h], f"{p}/h{t}_decay")  # (B, 1, N, D)
+            h = g.op("Add", [decayed, dBx_t[t]], f"{p}/h{t}")  # (B, 1, N, D)
         states.append(h)
-    H = g.op("Concat", states, f"{p}/states", axis=1) if T > 1 else states[0]  # (B, T, D, N)
-    y_c = g.op("MatMul", [H, c_c], f"{p}/y_C")  # (B, T, D, 1): <h_t, Cm_t>
-    y_c = g.op("Add", [y_c, skip_c], f"{p}/y_skip")  # (B, T, D, 1): + Dskip * x_t
-    y = g.op("Reshape", [y_c, g.ints([B, T, D])], f"{p}/y")  # (B, T, D)
-    gated = g.op("Mul", [y, sz], f"{p}/gate")  # (B, T, D): y * silu(z)
+    H = g.op("Concat", states, f"{p}/states", axis=1) if T > 1 else states[0]  # (B, T, N, D)
+    c_r = g.op("Unsqueeze", [front["c"], g.ints([2])], f"{p}/c_r")  # (B, T, 1, N)
+    y = g.op("MatMul", [c_r, H], f"{p}/y_C")  # (B, T, 1, D): <h_t, Cm_t>
+    y = g.op("Reshape", [y, g.ints([B, T, D])], f"{p}/y")  # (B, T, D)
+    y = g.op("Add", [y, _skip(g, w, p, ssm, front)], f"{p}/y_skip")  # (B, T, D): + Dskip * x_t
+    gated = g.op("Mul", [y, front["sz"]], f"{p}/gate")  # (B, T, D): y * silu(z)
     out_w = w(ssm.out_proj.weight, ".T", _np(ssm.out_proj.weight).T)  # (D, D)
     out = g.op("MatMul", [gated, out_w], f"{p}/out_proj")  # (B, T, D)
     return g.op("Add", [hidden, out], f"{p}/residual"), h
 
 
-def _last_token_ssm(g, w, p, ssm, hidden, sz, delta_c, b_c, c_c, x_c, skip_c, B, L, D, N):
+def _last_token_ssm(g, w, p, ssm, hidden, front, B, L, D, N):
     """The Mamba block's residual output at token L-1 only, from the exact parallel form.
 
     y_{L-1} = <h_{L-1}, Cm_{L-1}> with h_{L-1} = sum_j exp(A * G_j) * delta_j x_j Bm_j and
     G_j = sum_{j<k<L} delta_k, evaluated as
         y_{L-1}[d] = sum_j delta_j[d] x_j[d] * sum_n exp(A[d, n] G_j[d]) (Bm_j[n] Cm_{L-1}[n]),
-    so the only (B, L, D, N) tensors are the exponent and its exp; the inner sum over n is
+    so the only (B, L, N, D) tensors are the exponent and its exp; the inner sum over n is
     one batched MatMul. G comes from one MatMul with a constant strictly-upper 0/1 matrix:
     sums of positive terms, never a difference of cumulative sums, so no cancellation.
-    Inputs as in `_scan_and_output`; returns the residual stream at token L-1, (B, D).
+    ``front`` as from `_ssm_front`; returns the residual stream at token L-1, (B, D).
     """
     later = g.const(f"later({L})", np.triu(np.ones((L, L), dtype=np.float32), k=1))  # (L, L): 1 where k > j
-    delta_row = g.op("Reshape", [delta_c, g.ints([B, L, D])], f"{p}/delta_row")  # (B, L, D)
-    G = g.op("MatMul", [later, delta_row], f"{p}/later_delta")  # (B, L, D): sum of the deltas after j
-    G_c = g.op("Unsqueeze", [G, g.ints([-1])], f"{p}/later_delta_c")  # (B, L, D, 1)
-    decay = g.op("Exp", [g.op("Mul", [G_c, _A(w, ssm)], f"{p}/later_delta_A")], f"{p}/decay")  # (B, L, D, N)
-    last = g.ints([L - 1])
-    c_last = g.op("Gather", [c_c, last], f"{p}/C_last", axis=1)  # (B, 1, N, 1)
-    bc = g.op("Mul", [b_c, c_last], f"{p}/B_C_last")  # (B, L, N, 1): Bm_j[n] Cm_{L-1}[n]
-    inner = g.op("MatMul", [decay, bc], f"{p}/decay_B_C")  # (B, L, D, 1)
-    dx_c = g.op("Mul", [delta_c, x_c], f"{p}/delta_x")  # (B, L, D, 1)
-    terms = g.op("Mul", [inner, dx_c], f"{p}/terms")  # (B, L, D, 1)
-    y_c = g.op("ReduceSum", [terms, g.ints([1])], f"{p}/y_C", keepdims=1)  # (B, 1, D, 1)
-    skip_last = g.op("Gather", [skip_c, last], f"{p}/skip_last", axis=1)  # (B, 1, D, 1)
-    y_c = g.op("Add", [y_c, skip_last], f"{p}/y_skip")  # (B, 1, D, 1)
-    y = g.op("Reshape", [y_c, g.ints([B, D])], f"{p}/y")  # (B, D)
+    G = g.op("MatMul", [later, front["delta"]], f"{p}/later_delta")  # (B, L, D): sum of the deltas after j
+    G_r = g.op("Unsqueeze", [G, g.ints([2])], f"{p}/later_delta_r")  # (B, L, 1, D)
+    decay = g.op("Exp", [g.op("Mul", [G_r, _A(w, ssm)], f"{p}/later_delta_A")], f"{p}/decay")  # (B, L, N, D)
+    c_last = g.op("Gather", [front["c"], g.ints([L - 1])], f"{p}/C_last", axis=1)  # (B, 1, N)
+    bc = g.op("Mul", [front["b"], c_last], f"{p}/B_C_last")  # (B, L, N): Bm_j[n] Cm_{L-1}[n]
+    bc_r = g.op("Unsqueeze", [bc, g.ints([2])], f"{p}/B_C_last_r")  # (B, L, 1, N)
+    inner = g.op("MatMul", [bc_r, decay], f"{p}/decay_B_C")  # (B, L, 1, D)
+    inner = g.op("Reshape", [inner, g.ints([B, L, D])], f"{p}/decay_B_C_rows")  # (B, L, D)
+    terms = g.op("Mul", [inner, front["dx"]], f"{p}/terms")  # (B, L, D)
+    y = g.op("ReduceSum", [terms, g.ints([1])], f"{p}/y_C", keepdims=0)  # (B, D)
     last_index = g.scalar_index(L - 1)
-    sz_last = g.op("Gather", [sz, last_index], f"{p}/silu_z_last", axis=1)  # (B, D)
+    x_last = g.op("Gather", [front["x"], last_index], f"{p}/x_last", axis=1)  # (B, D)
+    y = g.op("Add", [y, _skip(g, w, p, ssm, front, x_last)], f"{p}/y_skip")  # (B, D)
+    sz_last = g.op("Gather", [front["sz"], last_index], f"{p}/silu_z_last", axis=1)  # (B, D)
     gated = g.op("Mul", [y, sz_last], f"{p}/gate")  # (B, D)
     out_w = w(ssm.out_proj.weight, ".T", _np(ssm.out_proj.weight).T)  # (D, D)
     out = g.op("MatMul", [gated, out_w], f"{p}/out_proj")  # (B, D)
@@ -358,11 +377,11 @@ def build_window_graph(model: DecisionMetaMamba, *, batch: int = 1,
         mixed = _dense(g, w, f"{p}/dsm", dsm, windows, B, L, D, W)  # (B, L, D)
         hidden = g.op("Add", [hidden, mixed], f"{p}/dsm_residual")  # (B, L, D)
         u2 = _layer_norm(g, w, hidden, norm_ssm, f"{p}/ln_2")  # (B, L, D)
-        scan_inputs = _ssm_front(g, w, f"{p}/ssm", ssm, u2, B, L, D, N, augmented=False)
+        front = _ssm_front(g, w, f"{p}/ssm", ssm, u2, B, L, D, N)
         if index < cfg.n_layer - 1:
-            hidden, _ = _scan_and_output(g, w, f"{p}/ssm", ssm, None, hidden, *scan_inputs, B, L, D, N)
+            hidden, _ = _scan_and_output(g, w, f"{p}/ssm", ssm, None, hidden, front, B, L, D, N)  # (B, L, D)
         else:
-            hidden = _last_token_ssm(g, w, f"{p}/ssm", ssm, hidden, *scan_inputs, B, L, D, N)  # (B, D)
+            hidden = _last_token_ssm(g, w, f"{p}/ssm", ssm, hidden, front, B, L, D, N)  # (B, D)
     _head(g, w, model, hidden)
 
     inputs = [("states", (B, K, S)), ("actions", (B, K, Adim)), ("rtg", (B, K, 1))]
@@ -427,17 +446,20 @@ def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1,
     select = g.op("Add", [g.const("dsm_select_skip", skip), g.op(
         "Mul", [valid3, g.const("dsm_select_keep-skip", keep - skip)], "valid/select_diff")],
         "valid/select")  # (B, 3W + W-1, W+2)
-    token_mask = g.op("Concat", ["prev_action_valid", g.const(f"ones({B},2)", np.ones((B, 2), np.float32))],
-                      "valid/token_mask", axis=1)  # (B, 3): [valid, 1, 1]
-    token_mask = g.op("Reshape", [token_mask, g.ints([B, T, 1, 1])], "valid/token_mask_c")  # (B, 3, 1, 1)
+    token_mask = g.op("Concat", [valid3, g.const(f"ones({B},2,1)", np.ones((B, 2, 1), np.float32))],
+                      "valid/token_mask", axis=1)  # (B, 3, 1): [valid, 1, 1] per token
 
     dsm_in = g.op("Reshape", ["dsm_cache", g.ints([nl * B, W - 1, D])], "cache/dsm_rows")  # (nl*B, W-1, D)
     dsm_in = g.op("Split", [dsm_in, g.ints([B] * nl)], "cache/dsm_layers", outputs=nl, axis=0) \
         if nl > 1 else dsm_in  # nl x (B, W-1, D)
     dsm_in = dsm_in if nl > 1 else [dsm_in]
-    ssm_in = g.op("Transpose", ["ssm_state"], "cache/ssm_batch_major", perm=[1, 0, 2, 3])  # (B, nl, D, N)
-    ssm_in = g.op("Split", [ssm_in, g.ints([1] * nl)], "cache/ssm_layers", outputs=nl, axis=1) \
-        if nl > 1 else ssm_in  # nl x (B, 1, D, N)
+    # The SSM state to the graph's (N, D) layout (see `_ssm_front`) by swapping the last two axes
+    # only: ONNX Runtime's CPU Transpose has a fast path for that and took about 10 us for a
+    # perm that also moves the layer axis; the layer axis is split off by a Reshape instead.
+    ssm_in = g.op("Reshape", ["ssm_state", g.ints([nl * B, 1, D, N])], "cache/ssm_rows")  # (nl*B, 1, D, N)
+    ssm_in = g.op("Transpose", [ssm_in], "cache/ssm_nd", perm=[0, 1, 3, 2])  # (nl*B, 1, N, D)
+    ssm_in = g.op("Split", [ssm_in, g.ints([B] * nl)], "cache/ssm_layers", outputs=nl, axis=0) \
+        if nl > 1 else ssm_in  # nl x (B, 1, N, D)
     ssm_in = ssm_in if nl > 1 else [ssm_in]
 
     dsm_out, ssm_out = [], []
@@ -453,16 +475,16 @@ def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1,
         mixed = _dense(g, w, f"{p}/dsm", dsm, windows, B, T, D, W)  # (B, 3, D)
         hidden = g.op("Add", [hidden, mixed], f"{p}/dsm_residual")  # (B, 3, D)
         u2 = _layer_norm(g, w, hidden, norm_ssm, f"{p}/ln_2")  # (B, 3, D)
-        sz, delta_c, b_c, c_c, x_c, skip_c = _ssm_front(g, w, f"{p}/ssm", ssm, u2, B, T, D, N, augmented=True)
-        delta_c = g.op("Mul", [delta_c, token_mask], f"{p}/ssm/delta_masked")  # (B, 3, D, 1)
-        hidden, h_last = _scan_and_output(g, w, f"{p}/ssm", ssm, ssm_in[index], hidden, sz, delta_c, b_c, c_c,
-                                          x_c, skip_c, B, T, D, N)  # (B, 3, D), (B, 1, D, N)
+        front = _ssm_front(g, w, f"{p}/ssm", ssm, u2, B, T, D, N, token_mask=token_mask, augmented=True)
+        hidden, h_last = _scan_and_output(g, w, f"{p}/ssm", ssm, ssm_in[index], hidden, front,
+                                          B, T, D, N)  # (B, 3, D), (B, 1, N, D)
         ssm_out.append(h_last)
 
     dsm_next = g.op("Concat", dsm_out, "cache/dsm_concat", axis=0) if nl > 1 else dsm_out[0]  # (nl*B, W-1, D)
     g.op("Reshape", [dsm_next, g.ints([nl, B, W - 1, D])], "dsm_cache_next")  # (nl, B, W-1, D)
-    ssm_next = g.op("Concat", ssm_out, "cache/ssm_concat", axis=1) if nl > 1 else ssm_out[0]  # (B, nl, D, N)
-    g.op("Transpose", [ssm_next], "ssm_state_next", perm=[1, 0, 2, 3])  # (nl, B, D, N)
+    ssm_next = g.op("Concat", ssm_out, "cache/ssm_concat", axis=0) if nl > 1 else ssm_out[0]  # (nl*B, 1, N, D)
+    ssm_next = g.op("Transpose", [ssm_next], "cache/ssm_dn", perm=[0, 1, 3, 2])  # (nl*B, 1, D, N)
+    g.op("Reshape", [ssm_next, g.ints([nl, B, D, N])], "ssm_state_next")  # (nl, B, D, N)
     state_token = g.op("Gather", [hidden, g.scalar_index(T - 1)], "state_token", axis=1)  # (B, D) at s_t
     _head(g, w, model, state_token)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from dmm_train.checkpoint import MODEL_FILE, atomic_write_bytes, load_checkpoint
 from dmm_train.errors import DMMError
-from runtime.manifest import MODES, manifest_path_for, write_manifest
+from runtime.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
 
 DEFAULT_OPSET = 17
 DEFAULT_RUNS_DIR = Path("runs")
@@ -101,6 +101,8 @@ def export_checkpoint(
     batch: int = 1,
     opset: int = DEFAULT_OPSET,
     runs_dir: str | Path = DEFAULT_RUNS_DIR,
+    precision: str = "fp32",
+    precision_options=None,
 ) -> tuple[Path, Path]:
     """Export a checkpoint to ``out``.onnx + ``out``.json; returns (onnx_path, manifest_path).
 
@@ -109,10 +111,16 @@ def export_checkpoint(
     "stream" (one env step with explicit caches). out: NAME or NAME.onnx (default: the
     checkpoint's preset, e.g. "hopper", in the current directory). batch: the static
     batch dimension (1 for a control loop). opset: 17 (LayerNormalization) or newer.
+    precision: "fp32", "fp16" (mixed-precision casts) or "int8" (Q/DQ); a low precision is
+    lowered from the checked fp32 graph by `export.precision.lower_precision` with
+    ``precision_options`` (`export.precision.PrecisionOptions`), and its accuracy report
+    goes into the manifest; a score drop beyond the limit writes nothing.
     """
     from export.lowering import MAX_OPSET, MIN_OPSET
     from export.manifest_builder import build_manifest
 
+    if precision not in PRECISIONS:
+        raise DMMError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if mode not in MODES:
         raise DMMError(f"--mode {mode!r}; expected one of {', '.join(MODES)} (window: the official "
                        "sliding-window evaluation; stream: one step with explicit caches)")
@@ -123,6 +131,10 @@ def export_checkpoint(
                        "with LayerNormalization; TensorRT 10 parses up to 24)")
     source = Path(checkpoint_path) if checkpoint_path is not None else find_latest_checkpoint(runs_dir)
     checkpoint = load_checkpoint(source)
+    if checkpoint.model_config.model != "dmm":  # export.lowering lowers DMM's own graph only
+        raise DMMError(f"checkpoint {str(checkpoint.path)!r} is a {checkpoint.model_config.model!r} baseline; "
+                       "export expects a 'dmm' checkpoint (cli.py train --model dmm); evaluate baselines "
+                       "with 'cli.py eval'")
     model = checkpoint.model.eval()
     model.set_scan_impl("loop")  # the reference the parity figures are measured against
 
@@ -131,14 +143,27 @@ def export_checkpoint(
     model_bytes = proto.SerializeToString()
     parity = _measure_parity(model, model_bytes, checkpoint, mode=mode, batch=batch)
 
+    accuracy, precision_pass = {}, {}
+    if precision != "fp32":
+        from export.precision import PrecisionOptions, lower_precision
+
+        proto, accuracy, precision_pass = lower_precision(
+            proto, checkpoint, build_manifest(checkpoint, mode=mode, batch=batch, opset=opset),
+            precision=precision, options=precision_options or PrecisionOptions())
+        check_graph(proto)
+        model_bytes = proto.SerializeToString()
+        parity = {**parity, "graph": "the fp32 graph this one was lowered from (see accuracy)"}
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
     onnx_path = onnx_path_for(out if out is not None else checkpoint.preset)
     manifest = build_manifest(
-        checkpoint, mode=mode, batch=batch, onnx_sha256=hashlib.sha256(model_bytes).hexdigest(), opset=opset,
-        parity=parity,
+        checkpoint, mode=mode, precision=precision, batch=batch,
+        onnx_sha256=hashlib.sha256(model_bytes).hexdigest(), opset=opset, parity=parity, accuracy=accuracy,
     )
     manifest = dataclasses.replace(manifest, exporter={
         **manifest.exporter, "lowering": "export.lowering", "graph_nodes": len(proto.graph.node),
         "graph_nodes_ort_optimized": optimized_node_count(model_bytes),
+        **({"precision_pass": precision_pass} if precision_pass else {}),
     })
     manifest_path = manifest_path_for(onnx_path)
     try:
@@ -169,8 +194,10 @@ def export_summary(onnx_path: Path, manifest_path: Path) -> str:
     from runtime.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
-    return (f"wrote {onnx_path} ({manifest.mode}, batch {manifest.batch}, opset {manifest.opset}, "
-            f"{manifest.exporter.get('graph_nodes')} nodes, ORT vs PyTorch max |diff| "
+    lowered = manifest.precision != "fp32"
+    return (f"wrote {onnx_path} ({manifest.precision + ', ' if lowered else ''}{manifest.mode}, batch "
+            f"{manifest.batch}, opset {manifest.opset}, {manifest.exporter.get('graph_nodes')} nodes, "
+            f"{'its fp32 graph: ' if lowered else ''}ORT vs PyTorch max |diff| "
             f"{manifest.parity['max_abs']:.1e}) and {manifest_path}")
 
 

@@ -25,7 +25,6 @@ do the rest. The TensorRT backend plugs in as ``runtime.trt_backend.TrtBackend(p
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -220,20 +219,10 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
 
 
 def _trt_backend(path: Path) -> Backend:
-    """The TensorRT backend, with a clear error where it cannot run here."""
-    if importlib.util.find_spec("tensorrt") is None:
-        raise DMMError(
-            f"engine {str(path)!r} is a TensorRT plan, and the 'tensorrt' package is not installed; "
-            "install it (pip install tensorrt pycuda, i.e. the 'gpu' extra) on the machine with the NVIDIA "
-            "GPU; plans are built on the target ('cli.py export' there), or run the .onnx with ONNX Runtime"
-        )
-    try:
-        from runtime.trt_backend import TrtBackend
-    except ModuleNotFoundError as error:
-        if error.name != "runtime.trt_backend":
-            raise
-        raise DMMError(
-            f"engine {str(path)!r} is a TensorRT plan; this dmm-deploy version has no TensorRT backend yet; "
-            "run the .onnx with ONNX Runtime instead"
-        ) from None
+    """The TensorRT backend. Its ``load`` checks the plan against its manifest (sha256), then the
+    installed TensorRT and the GPU against the ones the plan was built with, before deserialising;
+    where tensorrt or pycuda is missing it says what to install (`runtime.trt_backend`).
+    """
+    from runtime.trt_backend import TrtBackend
+
     return TrtBackend(path)

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dmm_train.atomic import atomic_write_bytes
 from dmm_train.errors import DMMError
 
 MANIFEST_FORMAT_VERSION = 1
@@ -200,17 +199,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     """Write atomically (temporary file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     return path
 
 

@@ -84,6 +84,11 @@ class OrtBackend(Backend):
                                f"{', '.join(available)}; {GPU_PACKAGE_HINT}")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: a failed GPU provider is reported below, as a DMMError
+        if manifest.precision == "int8" and chain[0] == "CPUExecutionProvider":
+            # ORT's CPU optimiser fuses DQ -> MatMul -> Q into integer kernels whose u8s8 path
+            # saturates on CPUs without VNNI; without fusion Q/DQ run as fake-quant in float, which
+            # is what the export's accuracy report measured and what TensorRT's int8 approximates.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if self.threads is not None:
             options.intra_op_num_threads = int(self.threads)
         try:

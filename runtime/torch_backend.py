@@ -57,6 +57,10 @@ class TorchBackend(Backend):
         from export.manifest_builder import build_manifest
 
         checkpoint = load_checkpoint(self.path)
+        if checkpoint.model_config.model != "dmm":  # the runtime's window/stream contract is DMM's
+            raise DMMError(f"engine {str(self.path)!r} is a {checkpoint.model_config.model!r} baseline checkpoint; "
+                           "expected a DMM model.pt (the runtime and export serve DMM only); evaluate baselines "
+                           "with 'python cli.py eval --checkpoint PATH'")
         checkpoint.model.set_scan_impl("loop")
         self.checkpoint = checkpoint
         self._model = checkpoint.model.eval()

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from dmm_train import collect as collect_module
 from dmm_train.collect import (
     DEFAULT_DATASET_ID,
     collect,
@@ -189,24 +188,16 @@ def test_collect_from_a_preset_records_reference_scores(store, tmp_path):
         collect("Hopper-v5", "cc/hopper-v0", episodes=3, seed=1, out=tmp_path)
 
 
-def test_default_dataset_is_generated_once(store, monkeypatch, capsys):
-    monkeypatch.setattr(collect_module, "DEFAULT_EPISODES", 4)
-    path = ensure_default_dataset(progress=True)
+def test_default_dataset_is_generated_once(store, capsys):
+    path = ensure_default_dataset(progress=True, steps=300)
     assert path == store / DEFAULT_DATASET_ID
     assert "generating the default dataset" in capsys.readouterr().err
     stamp = (path / "data" / "metadata.json").stat().st_mtime_ns
     assert ensure_default_dataset(progress=True) == path
     assert capsys.readouterr().err == ""  # reused, not regenerated
     assert (path / "data" / "metadata.json").stat().st_mtime_ns == stamp
-    assert len(load_dataset(path).episodes) == 4
-
-
-def test_default_dataset_full_size(store):
-    dataset = load_dataset(ensure_default_dataset(progress=False))
-    assert dataset.dataset_id == DEFAULT_DATASET_ID
-    assert len(dataset.episodes) == collect_module.DEFAULT_EPISODES
-    assert (dataset.state_dim, dataset.act_dim) == (11, 3)
-    assert 3_000 < dataset.total_steps < 15_000
+    dataset = load_dataset(path)
+    assert dataset.total_steps == 300 and (dataset.state_dim, dataset.act_dim) == (11, 3)
 
 
 def test_broken_default_dataset_directory_is_reported(store):

@@ -218,11 +218,9 @@ def test_unknown_suffix_and_missing_tensorrt(tmp_path):
         load_backend(tmp_path / "policy.bin")
     with pytest.raises(DMMError, match="unknown engine file type"):
         load_backend(tmp_path / "policy")
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        with pytest.raises(DMMError, match="'tensorrt' package is not installed.*built on the target"):
-            load_backend(tmp_path / "hopper.plan")
+    # A plan is checked against its manifest before TensorRT is needed (tests/test_trt.py has the rest).
+    with pytest.raises(DMMError, match="hopper.plan' does not exist.*build it on the target GPU"):
+        load_backend(tmp_path / "hopper.plan")
 
 
 def test_missing_and_corrupt_onnx(engines, tmp_path):
@@ -354,6 +352,42 @@ def test_policy_refuses_bad_observations_and_rewards(window_backend):
         Policy(window_backend, target_return=float("inf"))
 
 
+@pytest.mark.parametrize("engine", ["window", "stream", "checkpoint"])
+def test_a_refused_observation_is_one_line_and_leaves_the_episode_intact(engine, engines, checkpoint_path):
+    """Wrong size or non-finite: a DMMError of one line before anything runs; the next good
+    observation continues the episode as if the bad one had never come."""
+    path = checkpoint_path if engine == "checkpoint" else engines[engine]
+    mode = "stream" if engine == "stream" else "window"
+    observations = np.random.default_rng(5).normal(size=(3, 11))
+    with load_backend(path, mode) as backend:
+        reference = Policy(backend)
+        expected = [reference.act(o, 1.0) for o in observations]
+        policy = Policy(backend)
+        policy.act(observations[0], 1.0)
+        snapshot = {name: array.copy() for name, array in policy._feeds.items()}
+        bad = observations[1].copy()
+        bad[4] = np.nan
+        for observation, fragment in ((bad, "non-finite values at indices [4]"),
+                                      (observations[1][:10], "(10,) | expected"),
+                                      (np.full(11, np.inf), "non-finite")):
+            with pytest.raises(DMMError) as refused:
+                policy.act(observation, 1.0)
+            assert fragment in str(refused.value) and "\n" not in str(refused.value)
+        assert policy.t == 1
+        assert all(np.array_equal(policy._feeds[name], array) for name, array in snapshot.items())
+        actions = [expected[0], policy.act(observations[1], 1.0), policy.act(observations[2], 1.0)]
+    np.testing.assert_array_equal(np.asarray(actions), np.asarray(expected))
+
+
+def test_run_errors_of_stream_and_checkpoint_engines_are_one_line(capsys, checkpoint_path, engines):
+    stream = str(engines["stream"])
+    assert_one_line_error(capsys, cli.main(["run", "--engine", stream, "--episodes", "0"]), "--episodes 0")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(checkpoint_path), "--episodes", "0"]),
+                          "--episodes 0")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", stream, "--mode", "window"]), "stream graph")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", stream, "--threads", "-2"]), "--threads -2")
+
+
 def test_policy_clips_to_the_manifest_bounds(engines, tmp_path):
     engine = copy_engine(engines["window"], tmp_path)
     edit_manifest(engine, action_low=[-0.001] * 3, action_high=[0.002] * 3)
@@ -469,3 +503,11 @@ def test_run_errors_are_one_line(capsys, checkpoint_path, engines, tmp_path):
 def test_manifest_of_the_engines_is_readable_without_torch(engines):
     manifest = read_manifest(manifest_path_for(engines["stream"]))
     assert manifest.mode == "stream" and manifest.input("dsm_cache").shape == (3, 1, 5, 64)
+
+
+def test_run_refuses_a_baseline_checkpoint(capsys, tmp_path):
+    from tests.conftest import write_checkpoint
+
+    baseline = write_checkpoint(tmp_path / "bc", model_kind="bc")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(baseline), "--episodes", "1"]),
+                          "'bc' baseline", "cli.py eval")

@@ -85,8 +85,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, minari_store):
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        resume_file = interrupted / "resume.pt"
-        if resume_file.exists() and torch.load(resume_file, weights_only=False)["step"] >= 20:
+        # model.json is the last file of a checkpoint (resume.pt, then model.pt, then model.json):
+        # polling resume.pt alone could kill the run before its model.pt caught up.
+        record_file = interrupted / "model.json"
+        if record_file.exists() and json.loads(record_file.read_text())["step"] >= 20:
             break
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

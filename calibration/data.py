@@ -1,0 +1,186 @@
+"""Real model inputs from the training dataset: calibration samples and held-out samples.
+
+Glossary: B batch (1 here: precision graphs are for the control loop), K window length,
+S state dim, Adim action dim, nl n_layer, W DSM window, D d_model, N d_state, T steps
+of one episode.
+
+Where the inputs come from (DESIGN.md section 3):
+- the dataset the checkpoint was trained on, found by the id the checkpoint records (or
+  a directory / id given explicitly) and identified by its content hash, which must equal
+  the checkpoint's: calibrating on other data would silently tune the scales to inputs
+  the policy never sees;
+- its episodes split once, by a seeded shuffle, into calibration and held-out episodes,
+  so that the accuracy report never scores a graph on the windows it was calibrated on;
+- window mode: windows built exactly as the official evaluation builds them
+  (`export.reference.window_at`: the last min(t+1, K) steps, zero left-padded, a zero
+  placeholder for a_t), with the return-to-go conditioned on the manifest's default
+  target (rtg_t = (target - rewards so far) / scale), as it is at run time; the
+  training sampler's padding (-10 actions, -mean/std states) never reaches a deployed
+  graph, so it is not used here;
+- stream mode: every step of an episode as the runtime feeds it, with the caches that
+  the fp32 graph itself produced rolling through the episode from zero caches: real
+  caches, not zeros or noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dmm_train.errors import DMMError
+
+DEFAULT_HELDOUT_FRACTION = 0.2  # of the episodes; at least one episode either side
+DEFAULT_CALIBRATION_SAMPLES = 512
+DEFAULT_HELDOUT_SAMPLES = 256
+# Stream samples come from whole rolled episodes; roll this many times the requested
+# count before subsampling, so that the samples spread over many episodes and phases.
+STREAM_OVERSAMPLING = 4
+
+
+@dataclass(frozen=True)
+class EpisodeSplit:
+    """Episodes of the training dataset (`dmm_train.data.Episode`), split once by a seeded shuffle."""
+
+    dataset_id: str
+    content_hash: str
+    calibration: tuple
+    heldout: tuple
+
+    def describe(self) -> dict:
+        return {
+            "dataset_id": self.dataset_id, "content_hash": self.content_hash,
+            "calibration_episodes": len(self.calibration), "heldout_episodes": len(self.heldout),
+            "calibration_steps": int(sum(len(e) for e in self.calibration)),
+            "heldout_steps": int(sum(len(e) for e in self.heldout)),
+        }
+
+
+def load_training_dataset(checkpoint, dataset: str | None = None):
+    """The dataset ``checkpoint`` was trained on (`OfflineDataset`), checked by content hash.
+
+    dataset: a Minari dataset directory or id (default: the id the checkpoint records,
+    looked up in the local Minari store, never downloaded here).
+    """
+    from dmm_train.data import load_dataset
+
+    spec = dataset if dataset is not None else checkpoint.dataset_id
+    try:
+        loaded = load_dataset(spec, download=False)
+    except DMMError as error:
+        raise DMMError(f"calibration and accuracy need the training dataset {spec!r} of the checkpoint, which "
+                       f"cannot be loaded here ({error}); pass --dataset with its directory or local id") from None
+    if loaded.content_hash != checkpoint.dataset_hash:
+        raise DMMError(f"dataset {spec!r} | content hash {loaded.content_hash[:12]}... | the checkpoint was "
+                       f"trained on {checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r}); pass "
+                       "--dataset with the dataset the checkpoint was trained on")
+    if (loaded.state_dim, loaded.act_dim) != (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim):
+        raise DMMError(f"dataset {spec!r} has state/action dims {loaded.state_dim}/{loaded.act_dim}; the "
+                       f"checkpoint expects {checkpoint.model_config.state_dim}/{checkpoint.model_config.act_dim}")
+    return loaded
+
+
+def split_episodes(dataset, *, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0
+                   ) -> EpisodeSplit:
+    """Disjoint calibration and held-out episodes (a seeded shuffle of the dataset's episodes)."""
+    episodes = dataset.episodes
+    if len(episodes) < 2:
+        raise DMMError(f"dataset {dataset.dataset_id!r} has {len(episodes)} episode; expected at least 2, so "
+                       "that the accuracy report runs on episodes the calibration never saw")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise DMMError(f"held-out fraction {heldout_fraction!r}; expected a number strictly between 0 and 1")
+    order = np.random.default_rng(seed).permutation(len(episodes))  # (E,)
+    n_heldout = min(len(episodes) - 1, max(1, round(heldout_fraction * len(episodes))))
+    heldout = tuple(episodes[i] for i in sorted(order[:n_heldout]))
+    calibration = tuple(episodes[i] for i in sorted(order[n_heldout:]))
+    return EpisodeSplit(dataset.dataset_id, dataset.content_hash, calibration, heldout)
+
+
+def episode_trajectory(episode, *, state_mean, state_std, rtg_scale: float, target_return: float):
+    """One dataset episode as the runtime would have seen it (`export.reference.Trajectory`, B = 1).
+
+    states (1, T, S) normalised in float64 and stored float32 (as `runtime.Policy`),
+    actions (1, T, Adim) the executed actions, rtg (1, T, 1) = (target - rewards so far) / scale.
+    """
+    from export.reference import Trajectory
+
+    mean = np.asarray(state_mean, dtype=np.float64)  # (S,)
+    std = np.asarray(state_std, dtype=np.float64)  # (S,)
+    states = (episode.observations.astype(np.float64) - mean) / std  # (T, S)
+    received = np.concatenate([[0.0], np.cumsum(episode.rewards.astype(np.float64))[:-1]])  # (T,) before step t
+    rtg = (float(target_return) - received) / float(rtg_scale)  # (T,)
+    return Trajectory(states[None].astype(np.float32), np.asarray(episode.actions, dtype=np.float32)[None],
+                      rtg[None, :, None].astype(np.float32))
+
+
+def window_samples(episodes, count: int, *, context_len: int, state_mean, state_std, rtg_scale: float,
+                   target_return: float, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` window-mode feeds at distinct (episode, t) drawn uniformly over every step of ``episodes``.
+
+    Each feed: states (1, K, S), actions (1, K, Adim), rtg (1, K, 1), as the evaluation builds
+    them (`export.reference.window_at`). Fewer when the episodes have fewer steps.
+    """
+    from export.reference import window_at
+
+    _check_count(count)
+    lengths = np.array([len(e) for e in episodes], dtype=np.int64)  # (E,)
+    ends = np.cumsum(lengths)  # (E,)
+    rng = np.random.default_rng(seed)
+    steps = np.sort(rng.choice(int(ends[-1]), size=min(count, int(ends[-1])), replace=False))  # (n,) global steps
+    samples, trajectories = [], {}
+    for step in steps:
+        index = int(np.searchsorted(ends, step, side="right"))
+        t = int(step - (ends[index] - lengths[index]))
+        if index not in trajectories:
+            trajectories[index] = episode_trajectory(episodes[index], state_mean=state_mean, state_std=state_std,
+                                                     rtg_scale=rtg_scale, target_return=target_return)
+        samples.append(window_at(trajectories[index], t, context_len))
+    return samples
+
+
+def stream_rollout(session, trajectory, *, n_layer: int, dsm_window: int, d_model: int, d_state: int,
+                   max_steps: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Roll a stream graph (an ONNX Runtime session) through one episode from zero caches.
+
+    Returns the feeds of every step, each with the caches the graph produced at the step
+    before (copied): prev_action (1, Adim), prev_action_valid (1, 1), rtg (1, 1), state (1, S),
+    dsm_cache (nl, 1, W-1, D), ssm_state (nl, 1, D, N). Actions are the episode's own
+    (teacher-forced); the caches are the graph's.
+    """
+    from export.reference import stream_feeds
+
+    dsm = np.zeros((n_layer, 1, dsm_window - 1, d_model), dtype=np.float32)  # (nl, 1, W-1, D)
+    ssm = np.zeros((n_layer, 1, d_model, d_state), dtype=np.float32)  # (nl, 1, D, N)
+    steps = trajectory.states.shape[1] if max_steps is None else min(max_steps, trajectory.states.shape[1])
+    feeds = []
+    for t in range(steps):
+        feed = stream_feeds(trajectory, t, dsm, ssm)
+        feeds.append({name: np.array(value, copy=True) for name, value in feed.items()})
+        _, dsm, ssm = session.run(["action", "dsm_cache_next", "ssm_state_next"], feed)
+    return feeds
+
+
+def stream_samples(session, episodes, count: int, *, n_layer: int, dsm_window: int, d_model: int,
+                   d_state: int, state_mean, state_std, rtg_scale: float, target_return: float,
+                   seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``count`` stream-mode feeds with real caches: episodes in a seeded random order are rolled
+    whole through the fp32 stream graph ``session`` until STREAM_OVERSAMPLING * count steps are
+    collected, then ``count`` of those steps are drawn without replacement.
+    """
+    _check_count(count)
+    rng = np.random.default_rng(seed)
+    pool: list[dict[str, np.ndarray]] = []
+    for index in rng.permutation(len(episodes)):
+        trajectory = episode_trajectory(episodes[int(index)], state_mean=state_mean, state_std=state_std,
+                                        rtg_scale=rtg_scale, target_return=target_return)
+        pool.extend(stream_rollout(session, trajectory, n_layer=n_layer, dsm_window=dsm_window,
+                                   d_model=d_model, d_state=d_state))
+        if len(pool) >= STREAM_OVERSAMPLING * count:
+            break
+    chosen = np.sort(rng.choice(len(pool), size=min(count, len(pool)), replace=False))
+    return [pool[int(i)] for i in chosen]
+
+
+def _check_count(count) -> None:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise DMMError(f"sample count {count!r}; expected a positive integer")

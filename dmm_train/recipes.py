@@ -1,0 +1,249 @@
+"""The embedded offline datasets: D4RL's recipes, regenerated offline from shipped SAC policies.
+
+D4RL's MuJoCo datasets (and Minari's copies of them) cannot be downloaded behind a
+closed network, so the project regenerates datasets of the same kinds itself, as real
+Minari datasets, deterministically from a seed:
+
+- ``hopper-medium``: rollouts of a SAC policy stopped at a medium level (D4RL: about a
+  third of expert), actions sampled from its squashed Gaussian as SAC samples them;
+- ``hopper-medium-replay``: every transition the SAC learner saw up to the medium
+  snapshot, in order (its replay buffer, the first 1000 steps random), shipped as a
+  compressed log and converted here;
+- ``hopper-expert``: rollouts of the final SAC policy, when it reached an expert level;
+- ``hopper-medium-expert``: the medium and expert episodes together (D4RL's mixture);
+- ``hopper-random``: uniform random actions (a smoke-test dataset).
+
+Sizes are a tenth of D4RL's 1M transitions (``RECIPE_STEPS``): 100k steps take about a
+minute to roll out on one CPU core, and DMM's 100k training steps see each transition
+about 500 times anyway. The shipped policies and their provenance (training command,
+SB3 version, evaluated returns) are in ``dmm_train/policies/README.md``.
+
+Regeneration is deterministic for a seed on a given machine: episode i is reset with
+seed ``seed + i`` and the action noise comes from ``numpy.random.default_rng(seed)``;
+``python cli.py collect`` twice gives the same content hash (tests check it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dmm_train.config import get_preset
+from dmm_train.errors import DMMError
+
+POLICY_DIR = Path(__file__).resolve().parent / "policies"
+RECIPE_STEPS = 100_000
+RECIPE_SEED = 0
+NAMESPACE = "dmm-deploy"
+REPLAY_LOG = "hopper_medium_replay.npz"
+PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one embedded dataset is made."""
+
+    name: str  # e.g. hopper-medium; the Minari id is dmm-deploy/<name>-v0
+    preset: str
+    kind: str  # "policy" (rollouts), "replay" (the shipped SAC replay log), "mixture" (of other recipes)
+    source: tuple[str, ...]  # policy .npz files, the replay log, or the recipes mixed
+    description: str
+
+    @property
+    def dataset_id(self) -> str:
+        return f"{NAMESPACE}/{self.name}-v0"
+
+    def available(self) -> bool:
+        """True when every shipped file the recipe needs is present."""
+        if self.kind == "mixture":
+            return all(RECIPES[name].available() for name in self.source)
+        if self.kind == "random":
+            return True
+        return all((POLICY_DIR / file).is_file() for file in self.source)
+
+
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe
+    for recipe in (
+        Recipe("hopper-medium", "hopper", "policy", ("hopper_medium.npz",),
+               "rollouts of a medium-level SAC policy (stochastic actions, as SAC samples them)"),
+        Recipe("hopper-medium-replay", "hopper", "replay", (REPLAY_LOG,),
+               "the replay buffer of SAC training up to the medium snapshot, in order"),
+        Recipe("hopper-expert", "hopper", "policy", ("hopper_expert.npz",),
+               "rollouts of the final SAC policy (stochastic actions)"),
+        Recipe("hopper-medium-expert", "hopper", "mixture", ("hopper-medium", "hopper-expert"),
+               "the hopper-medium and hopper-expert episodes together"),
+        Recipe("hopper-random", "hopper", "random", (),
+               "uniform random actions (a smoke-test dataset; random Hopper episodes last ~20 steps)"),
+    )
+}
+DEFAULT_RECIPE = "hopper-medium"
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise DMMError(f"unknown dataset recipe {name!r}; expected one of {', '.join(RECIPES)}")
+    recipe = RECIPES[name]
+    if not recipe.available():
+        missing = [f for f in recipe.source if f.endswith(".npz") and not (POLICY_DIR / f).is_file()]
+        raise DMMError(f"recipe {name!r} needs {', '.join(missing) or 'files'} in dmm_train/policies, "
+                       "which this checkout does not ship; expected one of the available recipes: "
+                       f"{', '.join(n for n, r in RECIPES.items() if r.available())}")
+    return recipe
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.label, self.total, self.enabled = label, max(int(total), 1), enabled
+        self.started = self.last = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_decile = -1
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        fraction = min(done / self.total, 1.0)
+        if self.tty:
+            if now - self.last < PROGRESS_INTERVAL_S and done < self.total:
+                return
+            width = 30
+            filled = int(fraction * width)
+            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} "
+                  f"{done}/{self.total} steps {now - self.started:5.1f} s", end="", file=sys.stderr, flush=True)
+        elif int(fraction * 10) > self.last_decile:
+            self.last_decile = int(fraction * 10)
+            print(f"{self.label}: {fraction:.0%} ({done}/{self.total} steps, {now - self.started:.1f} s)",
+                  file=sys.stderr, flush=True)
+        self.last = now
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- making the data
+
+
+def sampling_policy(path: Path, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The shipped SAC actor at ``path``, sampling its squashed Gaussian from a generator seeded ``seed``."""
+    from dmm_train.behavior import MlpPolicy
+
+    actor = MlpPolicy.load(path)
+    rng = np.random.default_rng(seed)
+
+    def act(observation: np.ndarray) -> np.ndarray:
+        return actor.sample(observation, rng)
+
+    act.__name__ = f"SAC actor {path.name}"
+    return act
+
+
+def replay_rollouts(path: Path):
+    """The SAC replay log at ``path`` as Rollouts, in the order the learner collected them.
+
+    The log holds, per transition t: observations (n, S), actions (n, Adim), rewards (n,),
+    terminations and truncations (n,) bool, and at each episode end the observation after
+    it (final_observations, one row per episode end, in order). The last, unfinished
+    episode is closed as truncated where the log stops.
+    """
+    from dmm_train.collect import Rollout
+
+    try:
+        with np.load(path) as log:
+            observations = log["observations"].astype(np.float64)  # (n, S)
+            actions = log["actions"].astype(np.float32)  # (n, Adim)
+            rewards = log["rewards"].astype(np.float64)  # (n,)
+            terminations = log["terminations"].astype(bool)  # (n,)
+            truncations = log["truncations"].astype(bool)  # (n,)
+            final_observations = log["final_observations"].astype(np.float64)  # (episodes, S)
+    except (OSError, KeyError, ValueError) as error:
+        raise DMMError(f"replay log {str(path)!r} is unreadable ({error}); expected the npz written by "
+                       "'python -m dmm_train.behavior export'") from None
+    ends = np.flatnonzero(terminations | truncations)  # (episodes,)
+    if len(ends) != len(final_observations):
+        raise DMMError(f"replay log {str(path)!r} has {len(ends)} episode ends but {len(final_observations)} "
+                       "final observations; expected one per end")
+    rollouts, start = [], 0
+    for index, end in enumerate(ends):
+        rollouts.append(Rollout(
+            observations=np.concatenate([observations[start: end + 1], final_observations[index][None]]),
+            actions=actions[start: end + 1], rewards=rewards[start: end + 1],
+            terminations=terminations[start: end + 1], truncations=truncations[start: end + 1],
+            seed=index,
+        ))
+        start = end + 1
+    return rollouts
+
+
+def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool):
+    from dmm_train.collect import rollout_episodes
+
+    env_id = get_preset(recipe.preset).env_id
+    if recipe.kind == "replay":
+        return replay_rollouts(POLICY_DIR / recipe.source[0])
+    if recipe.kind == "mixture":
+        return [rollout for name in recipe.source
+                for rollout in make_rollouts(RECIPES[name], steps=steps, seed=seed, progress=progress)]
+    bar = Progress(f"rolling out {recipe.name}", steps, enabled=progress)
+    policy = "random" if recipe.kind == "random" else sampling_policy(POLICY_DIR / recipe.source[0], seed)
+    try:
+        return rollout_episodes(env_id, policy, n_steps=steps, seed=seed, on_step=bar.update)
+    finally:
+        bar.close()
+
+
+def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_SEED,
+                   out: str | os.PathLike | None = None, overwrite: bool = False,
+                   progress: bool = True) -> Path:
+    """Generate the embedded dataset ``name`` as a Minari dataset; return its directory.
+
+    ``steps`` is the rollout budget (per policy for a mixture; the replay log has its own
+    size); ``out`` is the Minari store (default: the local one).
+    """
+    from dmm_train.collect import store_root, write_minari_dataset
+
+    recipe = get_recipe(name)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DMMError(f"--steps {steps!r}; expected a positive integer")
+    final = store_root(out) / recipe.dataset_id
+    if final.exists() and not overwrite:
+        raise DMMError(f"dataset {recipe.dataset_id!r} already exists at {str(final)!r}; pass --overwrite to "
+                       "regenerate it")
+    preset = get_preset(recipe.preset)
+    rollouts = make_rollouts(recipe, steps=steps, seed=seed, progress=progress)
+    total = sum(len(r) for r in rollouts)
+    provenance = policy_provenance(recipe)
+    return write_minari_dataset(
+        recipe.dataset_id, rollouts, preset.env_id,
+        algorithm_name=f"SAC (stable-baselines3) {provenance}" if provenance else recipe.kind,
+        ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score,
+        description=(f"{recipe.description}: {len(rollouts)} episodes, {total} steps of {preset.env_id}, "
+                     f"seed {seed}; regenerate with 'python cli.py collect --recipe {recipe.name}'"),
+        data_path=out, overwrite=overwrite,
+    )
+
+
+def policy_provenance(recipe: Recipe) -> str:
+    """A short label of the shipped policies behind a recipe (their SAC step and evaluated return)."""
+    if recipe.kind == "mixture":
+        return " + ".join(filter(None, (policy_provenance(RECIPES[name]) for name in recipe.source)))
+    if recipe.kind != "policy":
+        return "replay buffer" if recipe.kind == "replay" else ""
+    with np.load(POLICY_DIR / recipe.source[0]) as data:
+        metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
+    if not metadata:
+        return recipe.source[0]
+    return f"{recipe.source[0]} ({metadata.get('steps')} steps, eval return {metadata.get('eval_return', 0):.0f})"

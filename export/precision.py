@@ -1,0 +1,325 @@
+"""Precision in the graph (DESIGN.md section 3): which MatMuls are Linear layers, the fp16 pass, and
+`lower_precision`, which turns a checked fp32 graph into its fp16 or int8 (Q/DQ) form with an
+accuracy report.
+
+TensorRT 11 removed the FP16/INT8 builder flags and the INT8 calibrators, and JetPack 6 ships
+TensorRT 10.3, so the precision is written into the ONNX graph itself: a strongly typed
+TensorRT network (or ONNX Runtime) runs each tensor in the type the graph gives it.
+
+Linear layers. The lowering (`export.lowering`) writes every projection of the model as
+one MatMul (the head as a Gemm) whose second input is an initializer named after the model
+parameter it comes from (``ssm.0.in_proj.weight.T``, ``dsm.1.lin.weight.T``, ...). Those
+are the Linear layers, and `linear_nodes` names their role from the node name:
+
+    role      node                 weight (K x N)             notes
+    embed     embed/linear         block-diagonal embeddings  bias folded in as the last row (input 1)
+    dsm       layer{i}/dsm/dense   DSM lin, (W*D, D)
+    in_proj   layer{i}/ssm/in_proj (D, 2D)
+    x_proj    layer{i}/ssm/x_proj  x_proj with dt_proj folded in; in stream mode augmented with
+                                   an identity and a diag(Dskip) block (x and Dskip * x pass through)
+    out_proj  layer{i}/ssm/out_proj (D, D)
+    head      head (Gemm)          (Adim, D), transB
+
+Every other MatMul is not a Linear layer and stays float32 in every precision: the 0/1
+selection matrices (stream DSM windows and caches, ``dsm/select``; window mode's sums of
+later deltas, ``later_delta``) are exact data movement in float32, and ``y_C`` /
+``decay_B_C`` are the SSM recurrence's output <h, Cm>.
+
+fp16 (`to_fp16`): each Linear gets fp16 weights (and bias), a Cast to fp16 on its activation
+input and a Cast back to fp32 on its output; everything else (LayerNorm, softplus as
+Exp/Add/Log, exp(delta * A), the recurrence, the selection MatMuls, all caches) stays
+float32 and the graph I/O stays float32. This is the deployable graph (TensorRT builds it
+strongly typed). ONNX Runtime's CPU provider runs it, but not as written: it has no fp16
+MatMul / Gemm kernel, inserts fp16 -> fp32 casts around them and removes those together with
+the graph's own casts, even at ORT_DISABLE_ALL, so only the weights stay rounded. The CPU
+accuracy report therefore evaluates `fp16_emulation`: the same arithmetic in float32 ops ORT
+keeps (fp16-rounded inputs, weights and outputs of each Linear, fp32 accumulation, which is
+what TensorRT's fp16 GEMMs compute up to the order of the accumulation).
+
+int8: see `calibration.qdq` (Q/DQ on Linear inputs only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dmm_train.errors import DMMError
+
+LOW_PRECISIONS = ("fp16", "int8")
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+# Node-name suffix -> role of a Linear layer (see the module docstring).
+LINEAR_ROLES = {
+    "embed/linear": "embed",
+    "/dsm/dense": "dsm",
+    "/ssm/in_proj": "in_proj",
+    "/ssm/x_proj": "x_proj",
+    "/ssm/out_proj": "out_proj",
+    "head": "head",
+}
+ALL_ROLES = tuple(dict.fromkeys(LINEAR_ROLES.values()))
+FP16_ROLES = ALL_ROLES
+# int8 on the per-layer projections only (deploy_notes.md section 2.2: "in_proj, out_proj,
+# DSM lin, x_proj"). The embedding carries its bias as a constant-1 column of its input, which
+# a per-tensor activation scale would round (1 becomes k * scale, up to half a step off), and
+# its K = S + Adim + 2 and the head's N = Adim are too small for int8 tensor cores anyway
+# (ModelOpt leaves GEMMs with K or N < 16 unquantized for that reason); they stay float32.
+INT8_ROLES = ("dsm", "in_proj", "x_proj", "out_proj")
+
+# What a precision may lose in closed-loop normalised score, in points (cli.py --max-score-drop).
+DEFAULT_MAX_SCORE_DROP = {"fp16": 1.0, "int8": 3.0}
+
+
+def _role(node_name: str) -> str | None:
+    for suffix, role in LINEAR_ROLES.items():
+        if node_name == suffix or node_name.endswith(suffix):
+            return role
+    return None
+
+
+def linear_nodes(proto: onnx.ModelProto) -> dict[str, str]:
+    """Node name -> role for every Linear layer of a lowered graph (see the module docstring).
+
+    A Linear layer is a MatMul / Gemm whose second input is a float initializer derived from
+    a model weight (its name holds ".weight"). Such a node with no known role means the
+    lowering changed without this table: a bug, raised rather than guessed about.
+    """
+    initializers = {init.name: init for init in proto.graph.initializer}
+    found = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = initializers.get(node.input[1])
+        if weight is None or weight.data_type != TensorProto.FLOAT or ".weight" not in weight.name:
+            continue
+        role = _role(node.name)
+        if role is None:
+            raise ValueError(f"MatMul {node.name!r} reads the weight {weight.name!r} but has no role in "
+                             "export.precision.LINEAR_ROLES; add it there (and decide its precision)")
+        found[node.name] = role
+    if not found:
+        raise ValueError("no Linear layers found; expected a graph built by export.lowering")
+    return found
+
+
+def _fp16_initializer(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
+    array = numpy_helper.to_array(init)  # float32
+    peak = float(np.abs(array).max()) if array.size else 0.0
+    if not np.isfinite(peak) or peak > FP16_MAX:
+        raise DMMError(f"weight {init.name!r} | max |value| {peak:.4g} | fp16 holds at most {FP16_MAX:g}; "
+                       "export this checkpoint in fp32 (or int8)")
+    return numpy_helper.from_array(array.astype(np.float16), name)
+
+
+def to_fp16(proto: onnx.ModelProto, roles: tuple[str, ...] = FP16_ROLES) -> onnx.ModelProto:
+    """The mixed-precision graph: the Linear layers of ``roles`` in fp16, everything else float32.
+
+    Node names stay those of the fp32 graph; the casts are named ``<node>/to_fp16`` and
+    ``<node>/to_fp32``, and the Linear's output keeps its name (on the fp32 cast), so
+    downstream wiring and name-based exclusions are unchanged.
+    """
+    unknown = sorted(set(roles) - set(ALL_ROLES))
+    if unknown:
+        raise DMMError(f"fp16 roles | received {unknown} | expected some of {', '.join(ALL_ROLES)}")
+    linears = {name: role for name, role in linear_nodes(proto).items() if role in roles}
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    graph = out.graph
+    initializers = {init.name: init for init in graph.initializer}
+    converted: dict[str, str] = {}  # fp32 initializer -> its fp16 copy
+    nodes = []
+    for node in graph.node:
+        if node.name not in linears:
+            nodes.append(node)
+            continue
+        cast_in = helper.make_node("Cast", [node.input[0]], [f"{node.name}/to_fp16"], name=f"{node.name}/to_fp16",
+                                   to=TensorProto.FLOAT16)
+        constant_inputs = range(1, len(node.input))  # MatMul: the weight; Gemm: weight and bias
+        for index in constant_inputs:
+            source = node.input[index]
+            if source not in converted:
+                converted[source] = f"{source}:fp16"
+                graph.initializer.append(_fp16_initializer(initializers[source], converted[source]))
+            node.input[index] = converted[source]
+        node.input[0] = cast_in.output[0]
+        output = node.output[0]
+        node.output[0] = f"{output}:fp16"
+        cast_out = helper.make_node("Cast", [node.output[0]], [output], name=f"{node.name}/to_fp32",
+                                    to=TensorProto.FLOAT)
+        nodes.extend([cast_in, node, cast_out])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # Drop the float32 originals nothing reads any more (a weight shared with an fp32 node stays).
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    _set_precision_metadata(out, "fp16")
+    return out
+
+
+def fp16_emulation(fp16_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The fp16 graph's arithmetic in float32 ops that ONNX Runtime's CPU provider keeps, for the accuracy report.
+
+    ORT CPU has no fp16 MatMul / Gemm kernel: it inserts its own fp16 -> fp32 casts around them
+    and then drops them together with the graph's casts (even at ORT_DISABLE_ALL), which would
+    leave only the weights rounded. Here each Linear instead reads fp16-rounded inputs as float32
+    (Cast to fp16 then back), uses the fp16 weights' exact values as float32, and rounds its float32
+    result to fp16 and back: fp16 inputs and weights, fp32 accumulation, fp16 output, what
+    TensorRT's fp16 GEMMs compute (up to the accumulation order). Not the deployable graph.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(fp16_proto)
+    graph = out.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    nodes = []
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.op_type in ("MatMul", "Gemm") else None
+        lowered = source is not None and source.op_type == "Cast" and source.name.endswith("/to_fp16")
+        if not lowered:
+            nodes.append(node)
+            continue
+        widened = helper.make_node("Cast", [node.input[0]], [f"{node.name}/input_fp16_as_fp32"],
+                                   name=f"{node.name}/input_fp16_as_fp32", to=TensorProto.FLOAT)
+        node.input[0] = widened.output[0]
+        for index in range(1, len(node.input)):
+            init = initializers[node.input[index]]
+            if init.data_type == TensorProto.FLOAT16:  # exact: every fp16 value is a float32 value
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+        fp16_output = node.output[0]  # read by the graph's <node>/to_fp32 cast
+        node.output[0] = f"{node.name}:fp32_accumulated"
+        rounded = helper.make_node("Cast", [node.output[0]], [fp16_output], name=f"{node.name}/output_to_fp16",
+                                   to=TensorProto.FLOAT16)
+        nodes.extend([widened, node, rounded])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out
+
+
+def _set_precision_metadata(proto: onnx.ModelProto, precision: str) -> None:
+    props = {p.key: p.value for p in proto.metadata_props}
+    props["precision"] = precision
+    del proto.metadata_props[:]
+    helper.set_model_props(proto, props)
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> ONNX element type for every tensor of the graph (by strict shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    types = {}
+    for info in (*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info):
+        types[info.name] = info.type.tensor_type.elem_type
+    for init in inferred.graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def precision_summary(proto: onnx.ModelProto, precision: str) -> dict:
+    """What the pass did, for the manifest: the low-precision Linear layers and the node counts.
+
+    A MatMul / Gemm counts as low precision when its activation input comes from a Cast to
+    fp16 (fp16) or from a DequantizeLinear (int8).
+    """
+    producers = {output: node for node in proto.graph.node for output in node.output}
+
+    def lowered(node) -> bool:
+        source = producers.get(node.input[0])
+        if source is None:
+            return False
+        if precision == "fp16":
+            return source.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16
+                                                    for a in source.attribute)
+        return source.op_type == "DequantizeLinear"
+
+    low = sorted(node.name for node in proto.graph.node if node.op_type in ("MatMul", "Gemm") and lowered(node))
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"precision": precision, "low_precision_linears": low, "graph_nodes": len(proto.graph.node),
+            "casts": ops.get("Cast", 0), "quantize_linear": ops.get("QuantizeLinear", 0),
+            "dequantize_linear": ops.get("DequantizeLinear", 0)}
+
+
+# -- the export step ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecisionOptions:
+    """How `lower_precision` calibrates and judges a low-precision graph (cli.py export options)."""
+
+    dataset: str | None = None  # the training dataset (directory or local id); None: the checkpoint's id
+    calibration: str = "percentile"  # int8 range calibration: minmax | entropy | percentile
+    calibration_samples: int = 512  # calibration windows (stream: steps with real caches)
+    heldout_samples: int = 256  # held-out windows / steps for the action RMSE
+    score_episodes: int = 5  # closed-loop episodes per graph (seeds seed .. seed + n - 1)
+    max_score_drop: float | None = None  # None: DEFAULT_MAX_SCORE_DROP of the precision
+    seed: int = 0
+
+    def validate(self, precision: str) -> None:
+        from calibration.qdq import CALIBRATION_METHODS
+
+        if precision not in LOW_PRECISIONS:
+            raise DMMError(f"precision {precision!r}; expected one of {', '.join(LOW_PRECISIONS)}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise DMMError(f"--calibration {self.calibration!r}; expected one of {', '.join(CALIBRATION_METHODS)}")
+        flags = {"calibration_samples": "--calibration-windows", "heldout_samples": "heldout_samples",
+                 "score_episodes": "--score-episodes"}
+        for name, flag in flags.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DMMError(f"{flag} {value!r}; expected a positive integer")
+        if self.max_score_drop is not None and not np.isfinite(self.max_score_drop):
+            raise DMMError(f"--max-score-drop {self.max_score_drop}; expected a finite number of points")
+
+    def score_drop_limit(self, precision: str) -> float:
+        return DEFAULT_MAX_SCORE_DROP[precision] if self.max_score_drop is None else float(self.max_score_drop)
+
+
+def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: str,
+                    options: PrecisionOptions) -> tuple[onnx.ModelProto, dict, dict]:
+    """The ``precision`` form of the checked fp32 graph ``proto``, with its accuracy report.
+
+    manifest: the `runtime.Manifest` of the graph (its mode, dims, normalisation), batch 1.
+    Returns (graph, accuracy, details): accuracy is the manifest's ``accuracy`` record,
+    details what the pass did (for ``exporter``). Raises DMMError when the closed-loop
+    score drops by more than the limit (nothing has been written then).
+    """
+    from calibration.accuracy import accuracy_report
+    from calibration.data import load_training_dataset, split_episodes
+
+    options.validate(precision)
+    if manifest.batch != 1:
+        raise DMMError(f"--batch {manifest.batch} with --{precision}; expected 1: a precision graph is judged by "
+                       "its closed-loop score in the control loop, which drives one plant")
+    dataset = load_training_dataset(checkpoint, options.dataset)
+    split = split_episodes(dataset, seed=options.seed)
+    details: dict = {"dataset": split.describe()}
+    if precision == "fp16":
+        lowered = to_fp16(proto)
+    else:
+        from calibration.qdq import calibration_feeds, quantize_qdq
+
+        feeds = calibration_feeds(proto, manifest, split.calibration, options.calibration_samples, seed=options.seed)
+        lowered, details["calibration"] = quantize_qdq(proto, feeds, method=options.calibration)
+    details.update(precision_summary(lowered, precision))
+    limit = options.score_drop_limit(precision)
+    evaluated = fp16_emulation(lowered) if precision == "fp16" else lowered
+    accuracy = accuracy_report(proto, evaluated, manifest=dataclasses.replace(manifest, precision=precision),
+                               heldout=split.heldout, heldout_samples=options.heldout_samples,
+                               episodes=options.score_episodes, seed=options.seed, max_score_drop=limit)
+    if precision == "int8":
+        accuracy["calibration_method"] = options.calibration
+    if accuracy["score_drop"] > limit:
+        raise DMMError(
+            f"--{precision} accuracy | closed-loop normalised score {accuracy['score']:.2f} against fp32 "
+            f"{accuracy['score_fp32']:.2f} (drop {accuracy['score_drop']:.2f} points, action RMSE "
+            f"{accuracy['action_rmse']:.2e}) | expected a drop of at most --max-score-drop {limit:g}; nothing was "
+            "written; export fp32/fp16, try another --calibration, or raise --max-score-drop"
+        )
+    return lowered, accuracy, details

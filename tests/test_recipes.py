@@ -1,0 +1,135 @@
+"""The embedded datasets: shipped SAC policies, D4RL-style recipes, deterministic regeneration."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import cli
+from dmm_train import recipes
+from dmm_train.behavior import MlpPolicy, evaluate_behavior
+from dmm_train.collect import DEFAULT_DATASET_ID, rollout_episodes
+from dmm_train.data import load_dataset
+from dmm_train.errors import DMMError
+from dmm_train.recipes import POLICY_DIR, RECIPES, collect_recipe, replay_rollouts
+
+MEDIUM = POLICY_DIR / "hopper_medium.npz"
+
+
+@pytest.fixture
+def store(monkeypatch, tmp_path):
+    root = tmp_path / "minari"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    return root
+
+
+def test_the_default_dataset_is_the_medium_recipe():
+    assert DEFAULT_DATASET_ID == RECIPES[recipes.DEFAULT_RECIPE].dataset_id == "dmm-deploy/hopper-medium-v0"
+    assert RECIPES["hopper-medium"].available() and RECIPES["hopper-medium-replay"].available()
+
+
+def test_shipped_medium_policy_is_medium_level():
+    policy = MlpPolicy.load(MEDIUM)
+    assert (policy.observation_dim, policy.action_dim) == (11, 3)
+    metadata = policy.metadata
+    # D4RL's "medium" is about a third of expert: on Hopper a return of about 1000 to 1800.
+    assert 900 <= metadata["sampled_return"] <= 2000, metadata
+    rng = np.random.default_rng(5)
+    returns = evaluate_behavior(lambda obs: policy.sample(obs, rng), "Hopper-v5", 2, seed=123)
+    assert np.mean(returns) > 500, returns  # hops, where a random policy scores about 20
+
+
+def test_sampled_actions_are_seeded_and_squashed():
+    import gymnasium as gym
+
+    policy = MlpPolicy.load(MEDIUM)
+    observation, _ = gym.make("Hopper-v5").reset(seed=0)  # a real start state (saturating ones give tanh = +-1)
+    first = [policy.sample(observation, np.random.default_rng(0)) for _ in range(2)]
+    assert np.array_equal(first[0], first[1])
+    draws = np.stack([policy.sample(observation, np.random.default_rng(i)) for i in range(50)])  # (50, 3)
+    assert np.all(np.abs(draws) <= 1.0) and draws.std(axis=0).min() > 0
+    assert policy(observation).shape == (3,)
+
+
+def test_recipe_regenerates_with_the_same_content_hash(store):
+    first = load_dataset(collect_recipe("hopper-medium", steps=400, progress=False))
+    second = load_dataset(collect_recipe("hopper-medium", steps=400, progress=False, overwrite=True))
+    other_seed = load_dataset(collect_recipe("hopper-medium", steps=400, seed=1, progress=False, overwrite=True))
+    assert first.content_hash == second.content_hash
+    assert first.content_hash != other_seed.content_hash
+    assert first.total_steps == 400
+    assert (first.ref_min_score, first.ref_max_score) == (-20.272305, 3234.3)
+    metadata = json.loads((store / first.dataset_id / "data" / "metadata.json").read_text())
+    assert "SAC" in metadata["algorithm_name"] and "hopper_medium.npz" in metadata["algorithm_name"]
+    assert "Hopper-v5" in metadata["env_spec"]
+
+
+def test_replay_log_round_trips_real_rollouts(tmp_path):
+    rollouts = rollout_episodes("Hopper-v5", "random", n_steps=150, seed=2)
+    log = tmp_path / "replay.npz"
+    ends_final = [r.observations[-1] for r in rollouts]
+    np.savez_compressed(
+        log,
+        observations=np.concatenate([r.observations[:-1] for r in rollouts]).astype(np.float32),
+        actions=np.concatenate([r.actions for r in rollouts]),
+        rewards=np.concatenate([r.rewards for r in rollouts]).astype(np.float32),
+        terminations=np.concatenate([r.terminations for r in rollouts]),
+        truncations=np.concatenate([r.truncations for r in rollouts]),
+        final_observations=np.stack(ends_final).astype(np.float32),
+    )
+    converted = replay_rollouts(log)
+    assert [len(r) for r in converted] == [len(r) for r in rollouts]
+    for original, back in zip(rollouts, converted, strict=True):
+        assert np.allclose(back.observations, original.observations, atol=1e-6)
+        assert np.array_equal(back.actions, original.actions)
+        assert np.array_equal(back.terminations, original.terminations)
+        assert np.array_equal(back.truncations, original.truncations)
+
+
+def test_shipped_replay_log_is_the_sac_history(store):
+    dataset = load_dataset(collect_recipe("hopper-medium-replay", progress=False))
+    lengths = dataset.episode_lengths
+    returns = np.array([e.rewards.sum() for e in dataset.episodes])
+    assert dataset.total_steps >= 20_000
+    # The learner starts from random actions and improves: late episodes score far above early ones.
+    assert returns[-20:].mean() > 5 * returns[:20].mean(), (returns[:20].mean(), returns[-20:].mean())
+    assert lengths.min() >= 1
+
+
+def test_mixture_is_its_parts_in_order(store):
+    if not RECIPES["hopper-medium-expert"].available():
+        pytest.skip("this checkout ships no expert policy (dmm_train/policies/hopper_expert.npz)")
+    mixed = load_dataset(collect_recipe("hopper-medium-expert", steps=300, progress=False))
+    medium = load_dataset(collect_recipe("hopper-medium", steps=300, progress=False))
+    expert = load_dataset(collect_recipe("hopper-expert", steps=300, progress=False))
+    assert len(mixed.episodes) == len(medium.episodes) + len(expert.episodes)
+    assert np.array_equal(mixed.episodes[0].actions, medium.episodes[0].actions)
+
+
+def test_recipe_errors(store):
+    with pytest.raises(DMMError, match="unknown dataset recipe 'hopper-perfect'"):
+        collect_recipe("hopper-perfect")
+    collect_recipe("hopper-random", steps=50, progress=False)
+    with pytest.raises(DMMError, match="--overwrite"):
+        collect_recipe("hopper-random", steps=50, progress=False)
+    with pytest.raises(DMMError, match="--steps 0"):
+        collect_recipe("hopper-random", steps=0, overwrite=True)
+
+
+def test_cli_collect_recipe_prints_the_hash_and_is_repeatable(capsys, store):
+    args = ["collect", "--recipe", "hopper-medium", "--steps", "300", "--quiet"]
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert cli.main([*args, "--overwrite"]) == 0
+    second = capsys.readouterr().out
+    assert "dmm-deploy/hopper-medium-v0" in first and "content hash" in first
+    assert first.split("content hash")[1].split()[0] == second.split("content hash")[1].split()[0]
+
+
+def test_cli_collect_refuses_recipe_with_custom_options(capsys, store):
+    code = cli.main(["collect", "--recipe", "hopper-medium", "--policy", "random"])
+    captured = capsys.readouterr()
+    assert code != 0 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "--recipe hopper-medium" in captured.err
