@@ -61,10 +61,18 @@ def collect(recipes, steps, seed, out, overwrite, policy, episodes, dataset_id, 
         paths = [collect_dataset(env_preset.env_id, dataset_id, policy=policy, episodes=episodes, seed=seed,
                                  out=out, overwrite=overwrite)]
     else:
+        from dmm_train.collect import store_root
+
         names = recipes or tuple(name for name, recipe in RECIPES.items()
                                  if recipe.available() and recipe.kind != "random")
-        paths = [collect_recipe(name, steps=RECIPE_STEPS if steps is None else steps, seed=seed, out=out,
-                                overwrite=overwrite, progress=not quiet) for name in names]
+        paths = []
+        for name in names:
+            existing = store_root(out) / RECIPES[name].dataset_id if name in RECIPES else None
+            if not recipes and not overwrite and existing is not None and existing.exists():
+                click.echo(f"kept the existing {RECIPES[name].dataset_id} (--overwrite regenerates it)")
+                continue  # the no-argument form fills in what is missing
+            paths.append(collect_recipe(name, steps=RECIPE_STEPS if steps is None else steps, seed=seed, out=out,
+                                        overwrite=overwrite, progress=not quiet))
     for path in paths:
         dataset = load_dataset(path)
         click.echo(f"wrote {dataset.dataset_id}: {len(dataset.episodes)} episodes, {dataset.total_steps} steps, "

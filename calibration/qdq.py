@@ -10,10 +10,10 @@ What TensorRT accepts (deploy_notes.md section 2.2) and what this pass writes:
   softplus, the selection MatMuls or the caches. ONNX Runtime's QDQ quantizer hands the
   dequantized tensor to *every* consumer of a quantized activation (in window mode x
   feeds x_proj and also delta * x and Dskip * x of the scan); `_confine_to_linears`
-  gives those other consumers the float tensor back. In stream mode the lowering's x_proj
-  carries x and Dskip * x through an identity / diag block (export.lowering), so there
-  the scan sees x as x_proj's input quantization leaves it: that is the Linear's output,
-  as delta, Bm and Cm are, and it is what TensorRT computes for this graph too;
+  gives those other consumers the float tensor back. (The fp32 stream graph normally
+  carries x and Dskip * x through an identity / diag block of x_proj; the int8 export
+  builds it without that block, `export.onnx_export.build_graph`, so that the scan reads
+  float x in both modes;
 - no int32 bias quantization (TensorRT's DequantizeLinear takes int8 / fp8 / int4 only;
   the Linears here have no bias input anyway: biases are separate float32 Adds).
 

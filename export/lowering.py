@@ -164,9 +164,8 @@ def _folded_x_proj(ssm, augmented: bool) -> tuple[np.ndarray, np.ndarray]:
     product of the two weights (about 1e-7 relative from the two-step float32 form); the
     identity and diag(Dskip) blocks reproduce x and Dskip * x exactly (one nonzero product per
     output). The Dskip block saves a node where tokens are few (stream) and costs more MatMul
-    time than that where they are many (window). The identity block makes the scan read x as
-    the Linear's output, which is what the int8 pass (calibration/qdq.py) relies on in stream
-    mode.
+    time than that where they are many (window). The int8 stream graph is built without the
+    blocks, so that x_proj's input Q/DQ stays out of the recurrence.
     """
     D, N, R = ssm.d_model, ssm.d_state, ssm.dt_rank
     x_weight = _np64(ssm.x_proj.weight)  # (R + 2N, D)
@@ -413,8 +412,8 @@ def _stream_selections(W: int) -> tuple[np.ndarray, np.ndarray]:
     return rows(keep_windows, keep_seq), rows(skip_windows, skip_seq)
 
 
-def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1,
-                       opset: int = MIN_OPSET) -> onnx.ModelProto:
+def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1, opset: int = MIN_OPSET,
+                       x_through_x_proj: bool = True) -> onnx.ModelProto:
     """One env step with explicit caches (runtime/manifest.py, stream mode).
 
     prev_action (B, Adim), prev_action_valid (B, 1), rtg (B, 1), state (B, S),
@@ -422,6 +421,10 @@ def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1,
     dsm_cache_next, ssm_state_next (same shapes). Consumes the tokens a_{t-1} (skipped
     exactly where prev_action_valid == 0), R_t, s_t; equals three (or two) `model.step`
     calls and, from zero caches, `model.forward` over the whole history.
+
+    x_through_x_proj: x_proj carries x and Dskip * x to the scan (`_folded_x_proj`, one node
+    less per layer). The int8 export turns it off: Q/DQ on x_proj's input would otherwise
+    reach the recurrence through the identity block, and the scan must see float x.
     """
     _check(model, batch, opset)
     cfg = model.config
@@ -475,7 +478,8 @@ def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1,
         mixed = _dense(g, w, f"{p}/dsm", dsm, windows, B, T, D, W)  # (B, 3, D)
         hidden = g.op("Add", [hidden, mixed], f"{p}/dsm_residual")  # (B, 3, D)
         u2 = _layer_norm(g, w, hidden, norm_ssm, f"{p}/ln_2")  # (B, 3, D)
-        front = _ssm_front(g, w, f"{p}/ssm", ssm, u2, B, T, D, N, token_mask=token_mask, augmented=True)
+        front = _ssm_front(g, w, f"{p}/ssm", ssm, u2, B, T, D, N, token_mask=token_mask,
+                           augmented=x_through_x_proj)
         hidden, h_last = _scan_and_output(g, w, f"{p}/ssm", ssm, ssm_in[index], hidden, front,
                                           B, T, D, N)  # (B, 3, D), (B, 1, N, D)
         ssm_out.append(h_last)

@@ -42,12 +42,14 @@ def onnx_path_for(out: str | Path) -> Path:
     return out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
 
 
-def build_graph(model, *, mode: str, batch: int = 1, opset: int = DEFAULT_OPSET):
-    """The ONNX model (onnx.ModelProto) of ``mode`` for ``model`` (in eval mode)."""
+def build_graph(model, *, mode: str, batch: int = 1, opset: int = DEFAULT_OPSET, precision: str = "fp32"):
+    """The fp32 ONNX model (onnx.ModelProto) of ``mode`` for ``model`` (in eval mode), as the pass
+    for ``precision`` wants it: the int8 stream graph keeps the scan's x out of x_proj's output."""
     from export.lowering import build_stream_graph, build_window_graph
 
-    builder = {"window": build_window_graph, "stream": build_stream_graph}[mode]
-    return builder(model, batch=batch, opset=opset)
+    if mode == "stream":
+        return build_stream_graph(model, batch=batch, opset=opset, x_through_x_proj=precision != "int8")
+    return build_window_graph(model, batch=batch, opset=opset)
 
 
 def ort_session(model_bytes: bytes, *, threads: int | None = 1,
@@ -138,7 +140,7 @@ def export_checkpoint(
     model = checkpoint.model.eval()
     model.set_scan_impl("loop")  # the reference the parity figures are measured against
 
-    proto = build_graph(model, mode=mode, batch=batch, opset=opset)
+    proto = build_graph(model, mode=mode, batch=batch, opset=opset, precision=precision)
     check_graph(proto)
     model_bytes = proto.SerializeToString()
     parity = _measure_parity(model, model_bytes, checkpoint, mode=mode, batch=batch)
