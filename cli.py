@@ -80,7 +80,8 @@ def collect(recipes, steps, seed, out, overwrite, policy, episodes, dataset_id, 
 
 
 @cli.command()
-@click.option("--dataset", default=None, help="Minari id or dataset directory (default: embedded Hopper dataset)")
+@click.option("--dataset", default=None,
+              help="Minari id or dataset directory (default: the embedded hopper-medium, generated on first use)")
 @click.option("--preset", default="hopper", show_default=True, help="environment preset")
 @click.option("--model", default="dmm", show_default=True,
               help="policy: dmm | dmamba (DMM without DSM, with Mamba's conv) | dt (Decision Transformer) | bc")
@@ -162,7 +163,8 @@ def evaluate(checkpoint, episodes, targets, seed, device, as_json) -> None:
               help="intra-op threads of the backend; 0 = the library's default")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 @click.option("--histogram", default=None, type=click.Path(), help="write a latency histogram PNG here")
-def run(engine, episodes, seed, target, deadline_ms, mode, provider, threads, as_json, histogram) -> None:
+@click.option("--cuda-graph", is_flag=True, help="replay a .plan's enqueue as a CUDA graph (needs cuda-python)")
+def run(engine, episodes, seed, target, deadline_ms, mode, provider, threads, as_json, histogram, cuda_graph) -> None:
     """Run an engine in the control loop on its env; report return, score and per-step latency."""
     from runtime.loop import RunConfig, run_engine
 
@@ -171,7 +173,7 @@ def run(engine, episodes, seed, target, deadline_ms, mode, provider, threads, as
     config = RunConfig(
         engine=Path(engine), episodes=episodes, seed=seed, target_return=target, deadline_ms=deadline_ms,
         mode=mode, provider=provider, threads=threads or None,
-        histogram=Path(histogram) if histogram else None,
+        histogram=Path(histogram) if histogram else None, cuda_graph=cuda_graph,
     )
     report = run_engine(config)
     for episode, score in zip(report.episodes, report.normalized_scores, strict=True):

@@ -176,7 +176,7 @@ DEFAULT_THREADS = 1
 
 
 def load_backend(path: str | Path, mode: str | None = None, *, provider: str | None = None,
-                 threads: int | None = DEFAULT_THREADS) -> Backend:
+                 threads: int | None = DEFAULT_THREADS, cuda_graph: bool = False) -> Backend:
     """Open the engine at ``path`` with the backend its file type calls for, loaded and checked.
 
     mode: only for a .pt checkpoint ("window" by default); an exported engine has its
@@ -184,6 +184,7 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     provider: ONNX Runtime execution provider for a .onnx ("cpu" by default, "cuda",
     "tensorrt" or "auto"; the one actually in use is asserted).
     threads: intra-op threads of ONNX Runtime / torch (None: the library's default).
+    cuda_graph: replay a .plan's enqueue as a CUDA graph (needs cuda-python).
     """
     path = Path(path)
     if path.is_dir() and (path / "model.pt").is_file():
@@ -199,8 +200,11 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     if provider is not None and suffix != ".onnx" and not (suffix == ".pt" and provider == "cpu"):
         raise DMMError(f"provider {provider!r} for a {suffix} engine; execution providers choose how "
                        "ONNX Runtime runs a .onnx; leave the provider out for this engine")
+    if cuda_graph and suffix != ".plan":
+        raise DMMError(f"--cuda-graph for a {suffix} engine; CUDA-graph replay is a TensorRT option; "
+                       "leave it out, or run the .plan")
     if suffix == ".plan":
-        backend = _trt_backend(path)
+        backend = _trt_backend(path, cuda_graph=cuda_graph)
     elif suffix == ".onnx":
         from runtime.ort_backend import OrtBackend
 
@@ -218,11 +222,11 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     return backend
 
 
-def _trt_backend(path: Path) -> Backend:
+def _trt_backend(path: Path, cuda_graph: bool = False) -> Backend:
     """The TensorRT backend. Its ``load`` checks the plan against its manifest (sha256), then the
     installed TensorRT and the GPU against the ones the plan was built with, before deserialising;
     where tensorrt or pycuda is missing it says what to install (`runtime.trt_backend`).
     """
     from runtime.trt_backend import TrtBackend
 
-    return TrtBackend(path)
+    return TrtBackend(path, cuda_graph=cuda_graph)

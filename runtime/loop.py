@@ -104,6 +104,7 @@ class RunConfig:
     threads: int | None = DEFAULT_THREADS  # intra-op threads; None: the library's default
     warmup: int = DEFAULT_WARMUP
     histogram: Path | None = None
+    cuda_graph: bool = False  # only for a .plan
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -150,7 +151,8 @@ class RunReport:
 def run_engine(config: RunConfig) -> RunReport:
     """Open the engine, drive its manifest's env for ``config.episodes`` episodes (seed + i), report."""
     config.validate()
-    backend = load_backend(config.engine, config.mode, provider=config.provider, threads=config.threads)
+    backend = load_backend(config.engine, config.mode, provider=config.provider, threads=config.threads,
+                           cuda_graph=config.cuda_graph)
     with backend:
         manifest = backend.manifest
         policy = Policy(backend, config.target_return)

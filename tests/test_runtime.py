@@ -498,6 +498,8 @@ def test_run_errors_are_one_line(capsys, checkpoint_path, engines, tmp_path):
     assert_one_line_error(capsys, cli.main(["run", "--engine", str(walker)]), "received 17/6 | expected 11/3")
     code = cli.main(["run", "--engine", str(checkpoint_path), "--provider", "tensorrt"])
     assert_one_line_error(capsys, code, "provider 'tensorrt' for a .pt engine")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", window, "--cuda-graph"]),
+                          "--cuda-graph for a .onnx engine")
 
 
 def test_manifest_of_the_engines_is_readable_without_torch(engines):
