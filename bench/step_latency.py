@@ -8,10 +8,11 @@ Three ways to compute one env step's action from the same checkpoint, side by si
               zero-left-padded and `DecisionMetaMamba.forward` runs over the window with the
               loop selective scan (``set_scan_impl("loop")``, the reference) under torch.no_grad;
               the action is the prediction at the last state token;
-- (b) window: the exported window graph (`export.lowering`) in ONNX Runtime, fed the same window,
-              built in preallocated arrays (slide by one step, write the new one);
-- (c) stream: the exported stream graph in ONNX Runtime: one step's tokens plus the caches the
-              previous call returned.
+- (b) window: the exported window graph (`export.lowering`) through the runtime's ONNX Runtime
+              backend (`OrtBackend.infer`: input checks, IO binding), fed the same window built
+              in preallocated arrays (slide by one step, write the new one);
+- (c) stream: the exported stream graph through the same backend: one step's tokens plus the
+              caches the previous call returned (copied into the bound input arrays).
 
 What is timed, for every path alike: from the raw observation o_t (with r_{t-1} and the executed
 a_{t-1}) to the action a_t as a numpy array: normalisation, the return-to-go update, the feeds
@@ -109,8 +110,8 @@ class EagerWindow:
 class OrtWindow:
     """(b): the window graph's feeds kept in place, slid by one step per call."""
 
-    def __init__(self, session, manifest):
-        self.session = session
+    def __init__(self, backend, manifest):
+        self.backend = backend
         self.feeds = {spec.name: np.zeros(spec.shape, dtype=np.float32) for spec in manifest.inputs}
         self.states = self.feeds["states"][0]  # (K, S) views into the feeds
         self.actions = self.feeds["actions"][0]  # (K, Adim)
@@ -138,16 +139,14 @@ class OrtWindow:
         self.actions[-1] = 0.0  # placeholder for a_t
         self.rtgs[-1] = self.rtg
         self.t += 1
-        return self.session.run(["action"], self.feeds)[0][0]  # (Adim,)
+        return self.backend.infer(self.feeds)["action"][0].copy()  # (Adim,); the backend reuses its buffer
 
 
 class OrtStream:
-    """(c): the stream graph; the caches it returns are the next call's inputs (no copy)."""
+    """(c): the stream graph; the caches it returns are copied into the next call's inputs."""
 
-    OUTPUTS = ["action", "dsm_cache_next", "ssm_state_next"]
-
-    def __init__(self, session, manifest):
-        self.session = session
+    def __init__(self, backend, manifest):
+        self.backend = backend
         self.shapes = {spec.name: spec.shape for spec in manifest.inputs}
         self.mean = np.asarray(manifest.state_mean)  # (S,) float64
         self.std = np.asarray(manifest.state_std)  # (S,)
@@ -168,9 +167,11 @@ class OrtStream:
             feeds["prev_action_valid"][0, 0] = 1.0  # a_{t-1} is a token from the second step on
         feeds["state"][0] = (observation - self.mean) / self.std  # (S,)
         feeds["rtg"][0, 0] = self.rtg
-        action, feeds["dsm_cache"], feeds["ssm_state"] = self.session.run(self.OUTPUTS, feeds)
+        outputs = self.backend.infer(feeds)
+        np.copyto(feeds["dsm_cache"], outputs["dsm_cache_next"])  # (nl, 1, W-1, D)
+        np.copyto(feeds["ssm_state"], outputs["ssm_state_next"])  # (nl, 1, D, N)
         self.t += 1
-        return action[0]  # (Adim,)
+        return outputs["action"][0].copy()  # (Adim,)
 
 
 class PolicyPath:
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                        f"expected >= {ROUNDS}, >= 1 and >= 1")
 
     from dmm_train.checkpoint import load_checkpoint
-    from export.onnx_export import export_checkpoint, ort_session
+    from export.onnx_export import export_checkpoint
     from runtime import Policy, load_backend
     from runtime.latency import LatencyStats
     from runtime.loop import make_plant
@@ -276,9 +277,9 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
         for mode in ("window", "stream"):
             graphs[mode], manifest_path = export_checkpoint(checkpoint.path, mode=mode, out=scratch / mode)
             manifests[mode] = read_manifest(manifest_path)
-        sessions = {mode: ort_session(graphs[mode].read_bytes(), threads=1) for mode in graphs}
-
         backends = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
+        # (b) and (c) get backends of their own: a Policy's feeds must not share their bound inputs.
+        timed = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
         for backend in backends.values():
             backend.load()
         try:
@@ -290,8 +291,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                 plant.close()
             paths = {
                 EAGER: EagerWindow(checkpoint),
-                "(b) ORT window": OrtWindow(sessions["window"], manifests["window"]),
-                "(c) ORT stream": OrtStream(sessions["stream"], manifests["stream"]),
+                "(b) ORT window": OrtWindow(timed["window"], manifests["window"]),
+                "(c) ORT stream": OrtStream(timed["stream"], manifests["stream"]),
                 "    Policy.act on (b)": PolicyPath(Policy(backends["window"])),
                 "    Policy.act on (c)": PolicyPath(Policy(backends["stream"])),
             }
@@ -319,7 +320,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
             returns = {mode: closed_loop(backends[mode], checkpoint.env_id, args.episodes, SEED)
                        for mode in ("window", "stream")}
         finally:
-            for backend in backends.values():
+            for backend in (*backends.values(), *timed.values()):
                 backend.close()
 
     config = checkpoint.model.config
