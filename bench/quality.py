@@ -27,7 +27,8 @@ both stated in the table. Resumable: each run is a resumable run directory of th
 trainer, OUT/<model>-seed<S>/ (OUT defaults to runs/quality/<dataset>), finished once its
 result.json exists. A killed bench,
 started again with the same settings, skips the finished runs and continues the
-unfinished one from its last checkpoint (every ``--checkpoint-every`` steps).
+unfinished one from its last checkpoint (every ``--checkpoint-every`` steps). ``--report-only``
+trains nothing and rewrites the section from the runs already finished, naming the others.
 
     python bench/quality.py [--dataset ID|DIR] [--steps 10000] [--seeds 0 1 2] [--episodes 10]
 """
@@ -205,6 +206,12 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
 
 
+def score_cell(mean_and_std: tuple[float, float], seeds: int) -> str:
+    """"mean ± std" over several seeds; one seed has no spread to show."""
+    mean, std = mean_and_std
+    return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f} (one seed)"
+
+
 def render_section(rows: list[dict], settings: dict, command: str, machine: str, expected_runs: int,
                    markers: tuple[str, str, str] = (BEGIN, END, "quality")) -> str:
     done = sum(row["seeds"] for row in rows)
@@ -244,8 +251,8 @@ def render_section(rows: list[dict], settings: dict, command: str, machine: str,
         lines.append(
             f"| {row['name']} | {row['params']:,} | {row['context_len']} | {row['steps']:,} | "
             f"{duration(row['train_seconds'])} | "
-            f"{row['ms_per_step']:.1f} | {row['last'][0]:.1f} ± {row['last'][1]:.1f} | "
-            f"{row['best'][0]:.1f} ± {row['best'][1]:.1f} | {row['seeds']} |"
+            f"{row['ms_per_step']:.1f} | {score_cell(row['last'], row['seeds'])} | "
+            f"{score_cell(row['best'], row['seeds'])} | {row['seeds']} |"
         )
     lines += ["", quality_line(rows, markers[2]), markers[1]]
     return "\n".join(lines) + "\n"
@@ -316,6 +323,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch (and scan kernel) threads (default 1: the machine is shared)")
     parser.add_argument("--quiet", action="store_true", help="no training progress lines")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rewrite the section from the runs already finished (the rest are "
+                             "named as missing)")
     args = parser.parse_args(argv)
     if args.warmup_steps is None:
         args.warmup_steps = int(args.steps * OFFICIAL_WARMUP_SHARE)
@@ -354,13 +364,21 @@ def main(argv: list[str] | None = None) -> str:
     markers = section_markers(dataset.dataset_id, DEFAULT_DATASET_ID)
     expected_runs = len(args.models) * len(args.seeds)
 
-    results = []
+    results, missing = [], []
     for seed in args.seeds:  # seeds outermost: a partial bench compares every model on the same seeds
         for kind in args.models:
+            if args.report_only and not (args.out / f"{kind}-seed{seed}" / RESULT_FILE).exists():
+                missing.append(f"{kind}-seed{seed}")
+                continue
             results.append(run_one(kind, seed, settings, args.out, progress=not args.quiet))
             rows = summarize(results, args.models)
             section = render_section(rows, settings, command, machine, expected_runs, markers)
             update_benchmarks(args.benchmarks, section, markers)
+    if not results:
+        raise DMMError(f"--report-only: no finished run under {args.out} (missing: {', '.join(missing)}); "
+                       "run the bench without --report-only first")
+    if missing:
+        log(f"not finished, left out of the table: {', '.join(missing)}")
     rows = summarize(results, args.models)
     for row in rows:
         print(f"{row['name']:<7} params {row['params']:>8,}  K {row['context_len']:>2}  {row['steps']:,} steps  "

@@ -70,6 +70,17 @@ def test_quality_bench_writes_its_section_and_continues_where_it_stopped(tmp_pat
     assert bench.main(argv) == line
     assert stamps == {path: path.stat().st_mtime_ns for path in runs.glob("*/model.pt")}
 
+    # --report-only with a seed never trained: nothing is trained, the table keeps the finished
+    # runs and says it is partial.
+    report_argv = [*argv[:argv.index("--seeds") + 1], "0", "1", *argv[argv.index("--seeds") + 2:], "--report-only"]
+    assert bench.main(report_argv) == line
+    assert not any(runs.glob("*-seed1"))
+    assert "partial: 4 of 8 runs finished" in benchmarks.read_text()
+    empty = [*argv[:argv.index("--out") + 1], str(tmp_path / "empty"), *argv[argv.index("--out") + 2:],
+             "--report-only"]
+    with pytest.raises(DMMError, match="no finished run"):
+        bench.main(empty)
+
     changed = [*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]]
     with pytest.raises(DMMError, match="steps=4"):
         bench.main(changed)
