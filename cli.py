@@ -41,7 +41,7 @@ def collect(recipes, steps, seed, out, overwrite, policy, episodes, dataset_id, 
     from dmm_train.collect import collect as collect_dataset
     from dmm_train.config import get_preset
     from dmm_train.data import load_dataset
-    from dmm_train.recipes import RECIPE_SEED, RECIPE_STEPS, RECIPES, collect_recipe
+    from dmm_train.recipes import RECIPE_SEED, RECIPE_STEPS, RECIPES, collect_recipe, recipe_dataset_dir
 
     seed = RECIPE_SEED if seed is None else seed
     custom = policy is not None or episodes is not None or dataset_id is not None
@@ -61,18 +61,15 @@ def collect(recipes, steps, seed, out, overwrite, policy, episodes, dataset_id, 
         paths = [collect_dataset(env_preset.env_id, dataset_id, policy=policy, episodes=episodes, seed=seed,
                                  out=out, overwrite=overwrite)]
     else:
-        from dmm_train.collect import store_root
-
         names = recipes or tuple(name for name, recipe in RECIPES.items()
                                  if recipe.available() and recipe.kind != "random")
-        paths = []
-        for name in names:
-            existing = store_root(out) / RECIPES[name].dataset_id if name in RECIPES else None
-            if not recipes and not overwrite and existing is not None and existing.exists():
+        if not recipes and not overwrite:  # the no-argument form fills in what is missing
+            kept = [name for name in names if recipe_dataset_dir(name, out).exists()]
+            for name in kept:
                 click.echo(f"kept the existing {RECIPES[name].dataset_id} (--overwrite regenerates it)")
-                continue  # the no-argument form fills in what is missing
-            paths.append(collect_recipe(name, steps=RECIPE_STEPS if steps is None else steps, seed=seed, out=out,
-                                        overwrite=overwrite, progress=not quiet))
+            names = tuple(name for name in names if name not in kept)
+        paths = [collect_recipe(name, steps=RECIPE_STEPS if steps is None else steps, seed=seed, out=out,
+                                overwrite=overwrite, progress=not quiet) for name in names]
     for path in paths:
         dataset = load_dataset(path)
         click.echo(f"wrote {dataset.dataset_id}: {len(dataset.episodes)} episodes, {dataset.total_steps} steps, "

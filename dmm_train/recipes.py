@@ -205,6 +205,13 @@ def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool):
         bar.close()
 
 
+def recipe_dataset_dir(name: str, out: str | os.PathLike | None = None) -> Path:
+    """Where recipe ``name`` writes its dataset in the Minari store ``out`` (default: the local one)."""
+    from dmm_train.collect import store_root
+
+    return store_root(out) / get_recipe(name).dataset_id
+
+
 def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_SEED,
                    out: str | os.PathLike | None = None, overwrite: bool = False,
                    progress: bool = True) -> Path:
@@ -213,12 +220,12 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
     ``steps`` is the rollout budget (per policy for a mixture; the replay log has its own
     size); ``out`` is the Minari store (default: the local one).
     """
-    from dmm_train.collect import store_root, write_minari_dataset
+    from dmm_train.collect import write_minari_dataset
 
     recipe = get_recipe(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DMMError(f"--steps {steps!r}; expected a positive integer")
-    final = store_root(out) / recipe.dataset_id
+    final = recipe_dataset_dir(name, out)
     if final.exists() and not overwrite:
         raise DMMError(f"dataset {recipe.dataset_id!r} already exists at {str(final)!r}; pass --overwrite to "
                        "regenerate it")

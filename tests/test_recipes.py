@@ -13,7 +13,7 @@ from dmm_train.behavior import MlpPolicy, evaluate_behavior
 from dmm_train.collect import DEFAULT_DATASET_ID, rollout_episodes
 from dmm_train.data import load_dataset
 from dmm_train.errors import DMMError
-from dmm_train.recipes import POLICY_DIR, RECIPES, collect_recipe, replay_rollouts
+from dmm_train.recipes import POLICY_DIR, RECIPES, collect_recipe, recipe_dataset_dir, replay_rollouts
 
 MEDIUM = POLICY_DIR / "hopper_medium.npz"
 
@@ -133,3 +133,16 @@ def test_cli_collect_refuses_recipe_with_custom_options(capsys, store):
     captured = capsys.readouterr()
     assert code != 0 and captured.err.startswith("error: ") and captured.err.count("\n") == 1
     assert "--recipe hopper-medium" in captured.err
+
+
+def test_cli_collect_without_recipes_fills_in_only_the_missing_ones(capsys, store):
+    assert cli.main(["collect", "--recipe", "hopper-medium", "--steps", "300", "--quiet"]) == 0
+    medium = recipe_dataset_dir("hopper-medium")
+    written = medium.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["collect", "--steps", "300", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "kept the existing dmm-deploy/hopper-medium-v0" in out
+    assert "wrote dmm-deploy/hopper-medium-replay-v0" in out and "wrote dmm-deploy/hopper-medium-v0" not in out
+    assert medium.stat().st_mtime_ns == written
+    assert recipe_dataset_dir("hopper-medium-replay").exists()
