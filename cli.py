@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -275,7 +275,7 @@ def export_graph(checkpoint, mode, out, batch, opset, fp16, int8, calibration, c
     click.echo(export_summary(onnx_path, manifest_path))
     if precision != "fp32":
         from calibration.accuracy import accuracy_summary
-        from runtime.manifest import read_manifest
+        from contract.manifest import read_manifest
 
         click.echo(accuracy_summary(read_manifest(manifest_path).accuracy, precision))
     click.echo(engine_after_export(onnx_path, build=not no_engine))

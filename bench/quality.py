@@ -50,10 +50,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from contract.errors import DMMError  # noqa: E402
+from contract.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from dmm_train.baselines import DISPLAY_NAMES  # noqa: E402
-from dmm_train.checkpoint import MODEL_FILE, RESUME_FILE, atomic_write_bytes, atomic_write_json  # noqa: E402
+from dmm_train.checkpoint import MODEL_FILE, RESUME_FILE  # noqa: E402
 from dmm_train.config import MODEL_KINDS, TrainConfig, get_preset  # noqa: E402
-from dmm_train.errors import DMMError  # noqa: E402
 
 OFFICIAL_STEPS = 100_000
 OFFICIAL_WARMUP_SHARE = 0.1  # 10k warmup steps of the official 100k

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dmm_train.errors import DMMError  # noqa: E402
+from contract.errors import DMMError  # noqa: E402
 
 PRESET = "hopper"
 ROUNDS = 10  # alternating blocks per path
@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
         raise DMMError(f"--steps {args.steps}, --episodes {args.episodes}, --train-steps {args.train_steps}; "
                        f"expected >= {ROUNDS}, >= 1 and >= 1")
 
+    from contract.manifest import read_manifest
     from dmm_train.checkpoint import load_checkpoint
     from export.onnx_export import export_checkpoint
     from runtime import Policy, load_backend
     from runtime.latency import LatencyStats
     from runtime.loop import make_plant
-    from runtime.manifest import read_manifest
     from runtime.parity import record_trajectory
 
     torch.set_num_threads(1)

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from contract.errors import DMMError  # noqa: E402
 from dmm_train import fused_scan  # noqa: E402
 from dmm_train import model as model_module  # noqa: E402
 from dmm_train.config import ACTION_PAD_VALUE, ModelConfig, TrainConfig, get_preset  # noqa: E402
-from dmm_train.errors import DMMError  # noqa: E402
 from dmm_train.model import DecisionMetaMamba  # noqa: E402
 from dmm_train.train import make_optimizer, train_step  # noqa: E402
 

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import Backend, check_engine_io
-from runtime.manifest import Manifest
+from contract.errors import DMMError
+from contract.manifest import Manifest
+from runtime.backend import Backend, check_engine_io
 
 
 def cpu_session(model_bytes: bytes, *, optimize: bool):

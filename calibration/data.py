@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 DEFAULT_HELDOUT_FRACTION = 0.2  # of the episodes; at least one episode either side
 DEFAULT_CALIBRATION_SAMPLES = 512

@@ -47,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128  # TensorRT's entropy calibrator

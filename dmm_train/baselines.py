@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contract.errors import DMMError
 from dmm_train.config import ModelConfig
-from dmm_train.errors import DMMError
 from dmm_train.model import LINEAR_INIT_STD, STATE_TOKENS, DecisionMetaMamba, SelectiveSSM, interleave_tokens
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"  # the shipped actors and replay log
 

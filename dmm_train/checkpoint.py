@@ -14,10 +14,7 @@ and renamed, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmm_train.atomic import atomic_write_bytes
+from contract.errors import DMMError
+from contract.files import atomic_write_bytes, atomic_write_json
+from contract.versions import CHECKPOINT_PACKAGES, library_versions
 from dmm_train.baselines import build_policy
 from dmm_train.config import MODEL_KINDS, ModelConfig
-from dmm_train.errors import DMMError
 from dmm_train.model import count_parameters
 
 FORMAT_VERSION = 1
@@ -42,30 +40,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_json(obj: Any, path: Path) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as metadata
-
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "numpy", "minari", "gymnasium", "mujoco", "onnx", "onnxruntime"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -124,7 +98,7 @@ def checkpoint_metadata(
         "ref_max_score": float(ref_max_score),
         "dataset": {"id": dataset_id, "content_hash": dataset_hash},
         "step": int(step),
-        "versions": library_versions(),
+        "versions": library_versions(CHECKPOINT_PACKAGES, python=True),
     }
 
 

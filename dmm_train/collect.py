@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.errors import DMMError
 from dmm_train.config import PRESETS
 from dmm_train.data import DATA_DIR, DATASET_ID_RE, METADATA_FILE
-from dmm_train.errors import DMMError
 
 DEFAULT_DATASET_ID = "dmm-deploy/hopper-medium-v0"  # recipes.RECIPES["hopper-medium"].dataset_id
 

@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 # Padding conventions of the official sampler (DMM_SPEC.md, "Sampling").
 ACTION_PAD_VALUE = -10.0  # left-padded actions in training windows; out of tanh's range on purpose

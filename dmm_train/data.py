@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.errors import DMMError
 from dmm_train.config import ACTION_PAD_VALUE, RTG_PAD_VALUE, STATE_STD_EPS
-from dmm_train.errors import DMMError
 
 METADATA_FILE = "metadata.json"
 DATA_DIR = "data"

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from contract.errors import DMMError
 from dmm_train.baselines import policy_actions
-from dmm_train.errors import DMMError
 
 
 @dataclass(frozen=True)

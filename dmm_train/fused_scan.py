@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 SOURCE_PATH = Path(__file__).resolve().parent / "csrc" / "selective_scan.c"
 LIBRARY_NAME = "libdmm_selective_scan.so"

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.errors import DMMError
 from dmm_train.config import get_preset
-from dmm_train.errors import DMMError
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 RECIPE_STEPS = 100_000

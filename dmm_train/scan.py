@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 SCAN_IMPLS = ("auto", "fused", "loop")
 

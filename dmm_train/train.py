@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract.errors import DMMError
 from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
 from dmm_train.checkpoint import (
     MODEL_FILE,
@@ -32,7 +33,6 @@ from dmm_train.checkpoint import (
     save_model,
 )
 from dmm_train.config import ModelConfig, TrainConfig, get_preset
-from dmm_train.errors import DMMError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"

@@ -414,7 +414,7 @@ def _stream_selections(W: int) -> tuple[np.ndarray, np.ndarray]:
 
 def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1, opset: int = MIN_OPSET,
                        x_through_x_proj: bool = True) -> onnx.ModelProto:
-    """One env step with explicit caches (runtime/manifest.py, stream mode).
+    """One env step with explicit caches (contract/manifest.py, stream mode).
 
     prev_action (B, Adim), prev_action_valid (B, 1), rtg (B, 1), state (B, S),
     dsm_cache (nl, B, W-1, D), ssm_state (nl, B, D, N) -> action (B, Adim),

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
-
-from dmm_train.checkpoint import Checkpoint, sha256_file
-from runtime.manifest import Manifest, tensor_specs
+from contract.files import sha256_file
+from contract.manifest import Manifest, tensor_specs
+from contract.versions import EXPORTER_PACKAGES, library_versions
+from dmm_train.checkpoint import Checkpoint
 
 # Gymnasium MuJoCo locomotion actions live in [-1, 1]; the tanh head cannot leave it.
 DEFAULT_ACTION_BOUND = 1.0
-
-
-def exporter_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("torch", "onnx", "onnxruntime", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 def build_manifest(
@@ -66,7 +56,7 @@ def build_manifest(
         checkpoint_sha256=sha256_file(checkpoint.path),
         onnx_sha256=onnx_sha256,
         opset=opset,
-        exporter=exporter_versions(),
+        exporter=library_versions(EXPORTER_PACKAGES),
         parity=parity or {},
         accuracy=accuracy or {},
     )

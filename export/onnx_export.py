@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm_train.checkpoint import MODEL_FILE, atomic_write_bytes, load_checkpoint
-from dmm_train.errors import DMMError
-from runtime.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
+from contract.errors import DMMError
+from contract.files import atomic_write_bytes
+from contract.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
+from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
 
 DEFAULT_OPSET = 17
 DEFAULT_RUNS_DIR = Path("runs")
@@ -193,7 +194,7 @@ def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: 
 
 def export_summary(onnx_path: Path, manifest_path: Path) -> str:
     """One line for the CLI: what was written, and how it checked out."""
-    from runtime.manifest import read_manifest
+    from contract.manifest import read_manifest
 
     manifest = read_manifest(manifest_path)
     lowered = manifest.precision != "fp32"

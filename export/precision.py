@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 LOW_PRECISIONS = ("fp16", "int8")
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504

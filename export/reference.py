@@ -81,7 +81,7 @@ def torch_window_action(model: DecisionMetaMamba, feeds: dict[str, np.ndarray]) 
 
 
 def torch_stream_step(model: DecisionMetaMamba, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stream contract on the model's step form (runtime/manifest.py).
+    """Stream contract on the model's step form (contract/manifest.py).
 
     feeds: prev_action (B, Adim), prev_action_valid (B, 1) in {0, 1}, rtg (B, 1), state (B, S),
     dsm_cache (nl, B, W-1, D), ssm_state (nl, B, D, N) -> action (B, Adim), dsm_cache_next,

@@ -39,9 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmm_train.atomic import atomic_write_bytes
-from dmm_train.errors import DMMError
-from runtime.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
+from contract.errors import DMMError
+from contract.files import atomic_write_bytes, sha256_bytes
+from contract.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
 
 TYPINGS = ("auto", "strong", "weak")
 DEFAULT_WORKSPACE_MB = 256
@@ -78,7 +78,7 @@ class BuildConfig:
 
 def tensorrt_status(device: int = 0) -> tuple[bool, str]:
     """(True, what) where TensorRT and a CUDA GPU are usable here, else (False, why not), without building."""
-    from runtime.trt_backend import gpu_identity, import_tensorrt
+    from runtime.tensorrt_support import gpu_identity, import_tensorrt
 
     try:
         trt = import_tensorrt("building an engine")
@@ -94,7 +94,7 @@ def default_timing_cache(plan_path: Path, tensorrt_version: str, compute_capabil
 
 
 def _source_manifest(onnx_path: Path) -> Manifest:
-    from runtime.ort_backend import sha256_of
+    from contract.files import sha256_file
 
     if not onnx_path.is_file():
         raise DMMError(f"build | {str(onnx_path)!r} does not exist | expected a NAME.onnx written by "
@@ -103,7 +103,7 @@ def _source_manifest(onnx_path: Path) -> Manifest:
     if manifest.engine:
         raise DMMError(f"build | {str(manifest_path_for(onnx_path))!r} is a plan's manifest | expected the "
                        "manifest of an exported ONNX graph")
-    digest = sha256_of(onnx_path)
+    digest = sha256_file(onnx_path)
     if manifest.onnx_sha256 and manifest.onnx_sha256 != digest:
         raise DMMError(f"build | {str(onnx_path)!r} sha256 {digest[:12]}... | manifest {manifest.onnx_sha256[:12]}...; "
                        "the graph was changed after export or the manifest belongs to another export; re-export")
@@ -193,7 +193,7 @@ def _configure(trt, builder, config: BuildConfig, manifest: Manifest, *, strong:
 
 def build_engine(config: BuildConfig) -> tuple[Path, Path]:
     """Build ``config.onnx`` into a plan on this machine's GPU; returns (plan_path, manifest_path)."""
-    from runtime.trt_backend import (
+    from runtime.tensorrt_support import (
         PLAN_KIND,
         capturing_logger,
         check_io,
@@ -201,7 +201,6 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
         gpu_identity,
         import_tensorrt,
         logged_errors,
-        sha256_bytes,
         tensorrt_major,
     )
 

@@ -14,10 +14,11 @@ for the PyTorch reference backend (a .pt) and gymnasium only for the simulated p
             observation, reward = plant.step(action)
 """
 
-from runtime.backends import Backend, check_feeds, load_backend
+from contract.manifest import Manifest, manifest_path_for, read_manifest
+from runtime.backend import Backend, check_feeds
+from runtime.backends import load_backend
 from runtime.latency import LatencyStats
 from runtime.loop import RunConfig, RunReport, run_engine, run_episode
-from runtime.manifest import Manifest, manifest_path_for, read_manifest
 from runtime.policy import Policy
 
 __all__ = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 NS_PER_MS = 1e6
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import DEFAULT_THREADS, load_backend, zero_feeds
+from contract.errors import DMMError
+from runtime.backend import DEFAULT_THREADS, zero_feeds
+from runtime.backends import load_backend
 from runtime.latency import LatencyStats, save_histogram
 from runtime.policy import Policy
 

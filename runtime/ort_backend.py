@@ -17,15 +17,15 @@ read while it is written.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import Backend, check_engine_io
-from runtime.manifest import Manifest, manifest_path_for, read_manifest
+from contract.errors import DMMError
+from contract.files import sha256_file
+from contract.manifest import Manifest, manifest_path_for, read_manifest
+from runtime.backend import Backend, check_engine_io
 
 # Requested provider -> ONNX Runtime's provider list, best first; the first one must end up in use.
 PROVIDER_CHAINS = {
@@ -42,14 +42,6 @@ ORT_DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool",
 }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class OrtBackend(Backend):
@@ -122,8 +114,8 @@ class OrtBackend(Backend):
 
         check_engine_io(source, manifest, "input", graph_io(session.get_inputs()))
         check_engine_io(source, manifest, "output", graph_io(session.get_outputs()))
-        if manifest.onnx_sha256 and manifest.onnx_sha256 != sha256_of(self.path):
-            raise DMMError(f"{source}: sha256 | file {sha256_of(self.path)[:12]}... | manifest "
+        if manifest.onnx_sha256 and manifest.onnx_sha256 != sha256_file(self.path):
+            raise DMMError(f"{source}: sha256 | file {sha256_file(self.path)[:12]}... | manifest "
                            f"{manifest.onnx_sha256[:12]}...; the graph was changed after export or the "
                            "manifest belongs to another export; re-export")
         self._session = session

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import DEFAULT_THREADS, Backend, load_backend
+from contract.errors import DMMError
+from runtime.backend import DEFAULT_THREADS, Backend
+from runtime.backends import load_backend
 from runtime.loop import check_plant, make_plant
 from runtime.policy import Policy
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import Backend
-from runtime.manifest import STREAM_CACHE_PAIRS
+from contract.errors import DMMError
+from contract.manifest import STREAM_CACHE_PAIRS
+from runtime.backend import Backend
 
 
 class Policy:

@@ -1,7 +1,7 @@
 """PyTorch backend: the reference every exported engine is compared with.
 
 It runs the plain model of `dmm_train.model` from a model.pt, behind the same graph
-I/O contract as the exported graphs (`runtime.manifest`), with a manifest built from
+I/O contract as the exported graphs (`contract.manifest`), with a manifest built from
 the checkpoint by `export.manifest_builder.build_manifest`:
 
 - window: ``model(states, actions, rtg)[:, -1]``, the official sliding-window form;
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import Backend
-from runtime.manifest import MODES, Manifest
+from contract.errors import DMMError
+from contract.manifest import MODES, Manifest
+from runtime.backend import Backend
 
 
 class TorchBackend(Backend):

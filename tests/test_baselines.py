@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import cli
+from contract.errors import DMMError
 from dmm_train.baselines import (
     BehaviorCloning,
     DecisionMamba,
@@ -22,7 +23,6 @@ from dmm_train.checkpoint import load_checkpoint
 from dmm_train.collect import collect
 from dmm_train.config import MODEL_KINDS, ModelConfig, get_preset
 from dmm_train.data import WindowSampler, load_dataset
-from dmm_train.errors import DMMError
 from dmm_train.model import DecisionMetaMamba, SelectiveSSM, count_parameters
 from tests.conftest import write_checkpoint
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.errors import DMMError
 from dmm_train.collect import collect
-from dmm_train.errors import DMMError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

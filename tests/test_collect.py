@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from contract.errors import DMMError
 from dmm_train.collect import (
     DEFAULT_DATASET_ID,
     collect,
@@ -15,7 +16,6 @@ from dmm_train.collect import (
     write_minari_dataset,
 )
 from dmm_train.data import load_dataset
-from dmm_train.errors import DMMError
 
 
 @pytest.fixture

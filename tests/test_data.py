@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from contract.errors import DMMError
 from dmm_train import data
 from dmm_train.collect import rollout_episodes, write_minari_dataset
 from dmm_train.config import ACTION_PAD_VALUE, STATE_STD_EPS
@@ -18,7 +19,6 @@ from dmm_train.data import (
     load_dataset,
     normalized_score,
 )
-from dmm_train.errors import DMMError
 
 DATASET_ID = "test/hopper-data-v0"
 EPISODES = 6

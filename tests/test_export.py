@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import cli
+from contract.manifest import read_manifest, tensor_specs
 from dmm_train.checkpoint import load_checkpoint
 from export.lowering import MAX_OPSET, MIN_OPSET, build_stream_graph, build_window_graph
 from export.onnx_export import check_graph, optimized_node_count, ort_session
@@ -26,7 +27,6 @@ from export.reference import Trajectory, stream_feeds, torch_stream_step, torch_
 from export.trt_ops import CONTROL_FLOW_OPS, TRT_SUPPORTED_OPS, check_graph_ops
 from runtime import load_backend
 from runtime.loop import make_plant
-from runtime.manifest import read_manifest, tensor_specs
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error
 

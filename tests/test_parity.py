@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import cli
+from contract.manifest import manifest_path_for, read_manifest
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.evaluate import evaluate_policy
 from runtime import Policy, load_backend
 from runtime.loop import make_plant, run_episode
-from runtime.manifest import manifest_path_for, read_manifest
 from runtime.parity import ParityConfig, run_parity
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error, export_engines

@@ -16,14 +16,14 @@ from onnx import TensorProto
 import cli
 from calibration.accuracy import action_errors, cpu_session
 from calibration.data import load_training_dataset, split_episodes
+from contract.errors import DMMError
+from contract.files import sha256_file
+from contract.manifest import manifest_path_for, read_manifest
 from dmm_train.checkpoint import load_checkpoint
-from dmm_train.errors import DMMError
 from export.manifest_builder import build_manifest
 from export.onnx_export import build_graph, check_graph
 from export.precision import ALL_ROLES, fp16_emulation, linear_nodes, tensor_types, to_fp16
 from runtime import Policy, load_backend
-from runtime.manifest import manifest_path_for, read_manifest
-from runtime.ort_backend import sha256_of
 from tests.test_calibration import dataset_checkpoint
 from tests.test_runtime import assert_one_line_error
 
@@ -190,7 +190,7 @@ def test_cli_export_writes_the_precision_graph_with_its_accuracy(capsys, trained
 
     manifest = read_manifest(manifest_path_for(onnx_path))
     assert manifest.precision == precision and manifest.mode == mode
-    assert manifest.onnx_sha256 == sha256_of(onnx_path)
+    assert manifest.onnx_sha256 == sha256_file(onnx_path)
     accuracy = manifest.accuracy
     limit = {"fp16": 1.0, "int8": 3.0}[precision]
     assert accuracy["max_score_drop"] == limit and accuracy["score_drop"] <= limit

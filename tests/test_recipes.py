@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import cli
+from contract.errors import DMMError
 from dmm_train import recipes
 from dmm_train.behavior import MlpPolicy, evaluate_behavior
 from dmm_train.collect import DEFAULT_DATASET_ID, rollout_episodes
 from dmm_train.data import load_dataset
-from dmm_train.errors import DMMError
 from dmm_train.recipes import POLICY_DIR, RECIPES, collect_recipe, recipe_dataset_dir, replay_rollouts
 
 MEDIUM = POLICY_DIR / "hopper_medium.npz"

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 import cli
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
+from contract.manifest import MODES, manifest_path_for, read_manifest
 from runtime import LatencyStats, Policy, load_backend
-from runtime.backends import check_feeds, zero_feeds
+from runtime.backend import check_feeds, zero_feeds
 from runtime.latency import save_histogram
-from runtime.manifest import MODES, manifest_path_for, read_manifest
 from runtime.ort_backend import OrtBackend
 from runtime.torch_backend import TorchBackend
 
@@ -55,9 +55,10 @@ def _throwaway_export(checkpoint_path: Path, mode: str, directory: Path) -> Path
 
     import torch
 
-    from dmm_train.checkpoint import load_checkpoint, sha256_file
+    from contract.files import sha256_file
+    from contract.manifest import write_manifest
+    from dmm_train.checkpoint import load_checkpoint
     from export.manifest_builder import build_manifest
-    from runtime.manifest import write_manifest
 
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.model.eval()

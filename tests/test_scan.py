@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contract.errors import DMMError
 from dmm_train import fused_scan
 from dmm_train.config import ModelConfig, get_preset
-from dmm_train.errors import DMMError
 from dmm_train.model import DecisionMetaMamba
 from dmm_train.scan import selective_scan, selective_scan_loop
 
@@ -279,7 +279,7 @@ def test_missing_compiler_is_reported_and_auto_falls_back(tmp_path):
     code = (
         "import torch\n"
         "from dmm_train import fused_scan\n"
-        "from dmm_train.errors import DMMError\n"
+        "from contract.errors import DMMError\n"
         "from dmm_train.scan import selective_scan\n"
         "assert not fused_scan.is_available()\n"
         "assert 'no-such-compiler' in fused_scan.UNAVAILABLE_REASON, fused_scan.UNAVAILABLE_REASON\n"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import cli
+from contract.errors import DMMError
 from dmm_train.checkpoint import FORMAT_VERSION, load_checkpoint
-from dmm_train.errors import DMMError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

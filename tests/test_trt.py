@@ -22,19 +22,19 @@ import numpy as np
 import pytest
 
 import cli
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
+from contract.files import sha256_bytes
+from contract.manifest import manifest_path_for, read_manifest, write_manifest
 from export.trt_build import BuildConfig, engine_after_export, tensorrt_status
 from runtime import Policy, load_backend
-from runtime.manifest import manifest_path_for, read_manifest, write_manifest
-from runtime.trt_backend import (
+from runtime.tensorrt_support import (
     PLAN_KIND,
     GpuIdentity,
-    TrtBackend,
     check_plan_manifest,
     check_plan_target,
     gpu_identity,
-    sha256_bytes,
 )
+from runtime.trt_backend import TrtBackend
 from tests.test_runtime import assert_one_line_error, copy_engine, export_engines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -35,8 +35,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dmm_train.atomic import atomic_write_bytes
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
+from contract.files import atomic_write_bytes
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_KIND = "dmm-manifest"

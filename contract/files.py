@@ -1,4 +1,4 @@
-"""Atomic file writes, without torch (the runtime and the TensorRT builder use them on the robot too).
+"""Atomic file writes and content hashes, without torch (the runtime and the TensorRT builder use them too).
 
 A write goes to a fsynced temporary file in the target's directory and is renamed over the
 target, so a reader (or a crash) never sees a half-written artifact.
@@ -6,9 +6,14 @@ target, so a reader (or a crash) never sees a half-written artifact.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+HASH_CHUNK_BYTES = 1 << 20
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -25,3 +30,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    """``obj`` as indented, key-sorted JSON, written atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks (plans and datasets can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
