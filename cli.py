@@ -38,10 +38,10 @@ def cli() -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def collect(recipes, steps, seed, out, overwrite, policy, episodes, dataset_id, preset, quiet) -> None:
     """Write Minari datasets: the embedded D4RL-style recipes, or custom rollouts of a policy."""
-    from dmm_train.collect import collect as collect_dataset
     from dmm_train.config import get_preset
-    from dmm_train.data import load_dataset
+    from dmm_train.minari_reader import load_dataset
     from dmm_train.recipes import RECIPE_SEED, RECIPE_STEPS, RECIPES, collect_recipe, recipe_dataset_dir
+    from dmm_train.recipes import collect as collect_dataset
 
     seed = RECIPE_SEED if seed is None else seed
     custom = policy is not None or episodes is not None or dataset_id is not None

@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> str:
     """Run (or continue) the bench; returns the quality line, which is also stdout's last line."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # the fused scan kernel follows torch's thread count
-    from dmm_train.collect import DEFAULT_DATASET_ID, ensure_default_dataset
-    from dmm_train.data import load_dataset
+    from dmm_train.minari_reader import load_dataset
+    from dmm_train.recipes import DEFAULT_DATASET_ID, ensure_default_dataset
 
     dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(progress=True))
     dataset = load_dataset(dataset_spec)

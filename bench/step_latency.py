@@ -192,8 +192,8 @@ class PolicyPath:
 
 def tiny_checkpoint(directory: Path, train_steps: int) -> Path:
     """A real model.pt: official training for ``train_steps`` steps on a small random-policy dataset."""
-    from dmm_train.collect import collect
     from dmm_train.config import TrainConfig, get_preset
+    from dmm_train.recipes import collect
     from dmm_train.train import train
 
     dataset = collect(get_preset(PRESET).env_id, "bench/step-latency-random-v0", policy="random",
@@ -232,7 +232,8 @@ def run_block(path, trajectory, cursor: int, count: int, wall: list[int], cpu: l
 
 def closed_loop(backend, env_id: str, episodes: int, seed: int):
     from runtime import Policy
-    from runtime.loop import make_plant, run_episode
+    from runtime.loop import run_episode
+    from runtime.plant import make_plant
 
     plant = make_plant(env_id)
     try:
@@ -260,8 +261,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     from export.onnx_export import export_checkpoint
     from runtime import Policy, load_backend
     from runtime.latency import LatencyStats
-    from runtime.loop import make_plant
     from runtime.parity import record_trajectory
+    from runtime.plant import make_plant
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="dmm-step-latency-") as scratch:

@@ -137,7 +137,9 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
 def closed_loop(model_bytes: bytes, manifest: Manifest, *, optimize: bool, label: str, episodes: int,
                 seed: int) -> dict:
     """Returns and normalised scores of ``episodes`` episodes (seeds seed + i) of one graph in the real env."""
-    from runtime.loop import check_plant, make_plant, normalized_score, run_episode
+    from contract.scores import normalized_score
+    from runtime.loop import run_episode
+    from runtime.plant import check_plant, make_plant
     from runtime.policy import Policy
 
     backend = GraphBackend(model_bytes, manifest, optimize=optimize, label=label)

@@ -40,7 +40,7 @@ STREAM_OVERSAMPLING = 4
 
 @dataclass(frozen=True)
 class EpisodeSplit:
-    """Episodes of the training dataset (`dmm_train.data.Episode`), split once by a seeded shuffle."""
+    """Episodes of the training dataset (`dmm_train.records.Episode`), split once by a seeded shuffle."""
 
     dataset_id: str
     content_hash: str
@@ -62,7 +62,7 @@ def load_training_dataset(checkpoint, dataset: str | None = None):
     dataset: a Minari dataset directory or id (default: the id the checkpoint records,
     looked up in the local Minari store, never downloaded here).
     """
-    from dmm_train.data import load_dataset
+    from dmm_train.minari_reader import load_dataset
 
     spec = dataset if dataset is not None else checkpoint.dataset_id
     try:

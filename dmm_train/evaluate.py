@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from contract.errors import DMMError
+from contract.scores import normalized_score
 from dmm_train.baselines import policy_actions
+from runtime.plant import make_plant
 
 
 @dataclass(frozen=True)
@@ -34,23 +36,6 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def normalized_score(episode_return, ref_min: float, ref_max: float):
-    """D4RL score: 100 * (return - random) / (expert - random)."""
-    return 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)
-
-
-def make_env(env_id: str):
-    import gymnasium as gym
-
-    try:
-        return gym.make(env_id)
-    except Exception as error:  # gymnasium raises several types for unknown or broken envs
-        raise DMMError(
-            f"cannot create environment {env_id!r} ({type(error).__name__}: {error}); "
-            "expected a registered gymnasium id; install 'gymnasium[mujoco]'"
-        ) from None
 
 
 @torch.no_grad()
@@ -73,7 +58,7 @@ def evaluate_policy(
         raise DMMError(f"--episodes {episodes}; expected at least 1")
     was_training = model.training
     model.eval()
-    envs = [make_env(env_id) for _ in range(episodes)]
+    envs = [make_plant(env_id) for _ in range(episodes)]
     context_len = model.config.context_len
     max_steps = envs[0].spec.max_episode_steps or 1000
     state_dim = int(np.prod(envs[0].observation_space.shape))

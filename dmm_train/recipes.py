@@ -37,13 +37,16 @@ import numpy as np
 
 from contract.errors import DMMError
 from dmm_train.config import get_preset
+from dmm_train.minari_reader import DATA_DIR, METADATA_FILE
+from dmm_train.minari_writer import check_dataset_id, store_root, write_minari_dataset
+from dmm_train.progress import Progress
+from dmm_train.rollouts import Policy, Rollout, preset_for, rollout_episodes
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 RECIPE_STEPS = 100_000
 RECIPE_SEED = 0
 NAMESPACE = "dmm-deploy"
 REPLAY_LOG = "hopper_medium_replay.npz"
-PROGRESS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 DEFAULT_RECIPE = "hopper-medium"
+DEFAULT_DATASET_ID = RECIPES[DEFAULT_RECIPE].dataset_id  # what `train` uses when no --dataset is given
 
 
 def get_recipe(name: str) -> Recipe:
@@ -97,41 +101,6 @@ def get_recipe(name: str) -> Recipe:
                        "which this checkout does not ship; expected one of the available recipes: "
                        f"{', '.join(n for n, r in RECIPES.items() if r.available())}")
     return recipe
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """A one-line progress bar on stderr (a line per 10% when stderr is not a terminal)."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True):
-        self.label, self.total, self.enabled = label, max(int(total), 1), enabled
-        self.started = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.last_decile = -1
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        fraction = min(done / self.total, 1.0)
-        if self.tty:
-            if now - self.last < PROGRESS_INTERVAL_S and done < self.total:
-                return
-            width = 30
-            filled = int(fraction * width)
-            print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%} "
-                  f"{done}/{self.total} steps {now - self.started:5.1f} s", end="", file=sys.stderr, flush=True)
-        elif int(fraction * 10) > self.last_decile:
-            self.last_decile = int(fraction * 10)
-            print(f"{self.label}: {fraction:.0%} ({done}/{self.total} steps, {now - self.started:.1f} s)",
-                  file=sys.stderr, flush=True)
-        self.last = now
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- making the data
@@ -159,8 +128,6 @@ def replay_rollouts(path: Path):
     it (final_observations, one row per episode end, in order). The last, unfinished
     episode is closed as truncated where the log stops.
     """
-    from dmm_train.collect import Rollout
-
     try:
         with np.load(path) as log:
             observations = log["observations"].astype(np.float64)  # (n, S)
@@ -189,8 +156,6 @@ def replay_rollouts(path: Path):
 
 
 def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool):
-    from dmm_train.collect import rollout_episodes
-
     env_id = get_preset(recipe.preset).env_id
     if recipe.kind == "replay":
         return replay_rollouts(POLICY_DIR / recipe.source[0])
@@ -207,8 +172,6 @@ def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool):
 
 def recipe_dataset_dir(name: str, out: str | os.PathLike | None = None) -> Path:
     """Where recipe ``name`` writes its dataset in the Minari store ``out`` (default: the local one)."""
-    from dmm_train.collect import store_root
-
     return store_root(out) / get_recipe(name).dataset_id
 
 
@@ -220,8 +183,6 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
     ``steps`` is the rollout budget (per policy for a mixture; the replay log has its own
     size); ``out`` is the Minari store (default: the local one).
     """
-    from dmm_train.collect import write_minari_dataset
-
     recipe = get_recipe(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DMMError(f"--steps {steps!r}; expected a positive integer")
@@ -254,3 +215,90 @@ def policy_provenance(recipe: Recipe) -> str:
     if not metadata:
         return recipe.source[0]
     return f"{recipe.source[0]} ({metadata.get('steps')} steps, eval return {metadata.get('eval_return', 0):.0f})"
+
+
+# --------------------------------------------------------------------------- custom rollouts and the default
+
+
+def collect(
+    env_or_preset: str,
+    dataset_id: str,
+    *,
+    policy: Policy | str = "random",
+    episodes: int | None = 100,
+    steps: int | None = None,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Roll out ``policy`` and write the Minari dataset ``dataset_id``; return its directory.
+
+    ``env_or_preset`` is a preset name (hopper, ...) or a gymnasium id; a preset's
+    D4RL reference scores go into the metadata. Give ``steps`` (with
+    ``episodes=None``) for a step budget instead of an episode count. ``out`` is the
+    Minari store to write into (default: the local store). The returned directory
+    can be passed to ``load_dataset`` / ``--dataset``.
+    """
+    check_dataset_id(dataset_id)
+    preset = preset_for(env_or_preset)
+    env_id = preset.env_id if preset is not None else env_or_preset
+    final = store_root(out) / dataset_id
+    if final.exists() and not overwrite:
+        # Checked before rolling out, so a clash costs nothing.
+        raise DMMError(
+            f"dataset {dataset_id!r} already exists at {str(final)!r}; pass --overwrite to replace it, "
+            "or choose another --dataset-id"
+        )
+    rollouts = rollout_episodes(env_id, policy, n_episodes=episodes, n_steps=steps, seed=seed)
+    if callable(policy):
+        algorithm = f"callable policy {getattr(policy, '__name__', type(policy).__name__)}"
+    else:
+        algorithm = f"{Path(str(policy)).name} policy"
+    total = sum(len(r) for r in rollouts)
+    return write_minari_dataset(
+        dataset_id,
+        rollouts,
+        env_id,
+        algorithm_name=algorithm,
+        ref_min_score=preset.ref_min_score if preset is not None else None,
+        ref_max_score=preset.ref_max_score if preset is not None else None,
+        description=(
+            f"{len(rollouts)} episodes ({total} steps) of {env_id} under the {algorithm}, seed {seed}, "
+            "written by dmm-deploy"
+        ),
+        data_path=out,
+        overwrite=overwrite,
+    )
+
+
+def ensure_default_dataset(progress: bool = True, steps: int | None = None) -> Path:
+    """Path of the embedded default dataset (hopper-medium), generated in the local Minari store on first use.
+
+    ``steps`` overrides the recipe's rollout budget (tests use small ones).
+    """
+    root = store_root()
+    final = root / DEFAULT_DATASET_ID
+    if final.exists():
+        if not (final / DATA_DIR / METADATA_FILE).is_file():
+            raise DMMError(
+                f"{str(final)!r} exists but is not a Minari dataset (no {DATA_DIR}/{METADATA_FILE}); "
+                "remove that directory so the default dataset can be regenerated"
+            )
+        return final
+    budget = RECIPE_STEPS if steps is None else steps
+    if progress:
+        print(f"generating the default dataset {DEFAULT_DATASET_ID} ({budget} steps of the shipped medium "
+              f"SAC policy, seed {RECIPE_SEED}) in {str(root)!r}; this happens once ...",
+              file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        path = collect_recipe(DEFAULT_RECIPE, steps=budget, seed=RECIPE_SEED, progress=progress)
+    except DMMError:
+        # Another process may have generated it meanwhile; same seed, same data.
+        if (final / DATA_DIR / METADATA_FILE).is_file():
+            return final
+        raise
+    if progress:
+        elapsed = time.perf_counter() - started
+        print(f"wrote {DEFAULT_DATASET_ID} in {elapsed:.1f} s", file=sys.stderr, flush=True)
+    return path

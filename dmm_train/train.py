@@ -15,7 +15,6 @@ import json
 import math
 import random
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,10 +32,10 @@ from dmm_train.checkpoint import (
     save_model,
 )
 from dmm_train.config import ModelConfig, TrainConfig, get_preset
+from dmm_train.progress import Progress
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
-PROGRESS_INTERVAL_S = 5.0
 
 
 def masked_action_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,8 +97,8 @@ def _seed_everything(seed: int) -> None:
 
 def resolve_dataset(spec: str | None, progress: bool = True):
     """Load the dataset named by ``spec``, or the embedded default (generated on first use)."""
-    from dmm_train.collect import ensure_default_dataset
-    from dmm_train.data import load_dataset
+    from dmm_train.minari_reader import load_dataset
+    from dmm_train.recipes import ensure_default_dataset
 
     if spec is None:
         spec = str(ensure_default_dataset(progress=progress))
@@ -112,30 +111,6 @@ def _check_dataset_matches(dataset, preset) -> None:
             f"dataset {dataset.dataset_id!r} has state/action dims {dataset.state_dim}/{dataset.act_dim}; "
             f"preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
             "pass the --preset that matches the dataset's environment"
-        )
-
-
-class _Progress:
-    """A progress line on stderr at most every few seconds (and at the end)."""
-
-    def __init__(self, total: int, start_step: int, enabled: bool):
-        self.total = total
-        self.start_step = start_step
-        self.enabled = enabled
-        self.started = time.perf_counter()
-        self.last_print = 0.0
-
-    def update(self, step: int, loss: float, lr: float, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last_print < PROGRESS_INTERVAL_S):
-            return
-        self.last_print = now
-        rate = (step - self.start_step) / max(now - self.started, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        eta_text = f"{eta / 60:.1f} min" if math.isfinite(eta) else "?"
-        print(
-            f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {rate:.1f} steps/s  eta {eta_text}",
-            file=sys.stderr, flush=True,
         )
 
 
@@ -217,7 +192,7 @@ def train(
             f"{str(out_dir)!r} was trained on {resume_state['dataset_hash'][:12]}; resume with the same dataset"
         )
 
-    from dmm_train.data import WindowSampler
+    from dmm_train.sampler import WindowSampler
 
     _seed_everything(config.seed)
     model_config = ModelConfig.from_preset(preset, model=config.model)
@@ -295,7 +270,7 @@ def train(
             f"{dataset.total_steps} steps), {config.steps} steps, out {out_dir}",
             file=sys.stderr, flush=True,
         )
-    tracker = _Progress(config.steps, step, progress)
+    tracker = Progress("train", config.steps, start=step, enabled=progress)
     model.train()
     loss = float("nan")
     while step < config.steps:
@@ -309,7 +284,7 @@ def train(
         step += 1
         if step % log_every == 0 or step == config.steps:
             records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
-        tracker.update(step, loss, scheduler.get_last_lr()[0])
+        tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
         if config.eval_every and config.eval_episodes and step % config.eval_every == 0 and step < config.steps:
             run_evaluation(step)
         if step % config.checkpoint_every == 0 and step < config.steps:
@@ -319,7 +294,8 @@ def train(
 
     if config.eval_episodes:
         run_evaluation(step)
-    tracker.update(step, loss, scheduler.get_last_lr()[0], force=True)
+    tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
+    tracker.close()
     save_resume_point(step)
     plot_metrics(records, out_dir / PLOT_FILE)
     return out_dir / MODEL_FILE

@@ -2,7 +2,7 @@
 
 ``run_episode`` works with any plant of the gymnasium shape (``reset(seed=) -> (obs,
 info)``, ``step(action) -> (obs, reward, terminated, truncated, info)``); only
-``make_plant`` imports gymnasium, for the CLI's simulated plant. ``run_engine`` is what
+`runtime.plant` imports gymnasium, for the CLI's simulated plant. ``run_engine`` is what
 ``cli.py run`` calls: engine file -> backend -> Policy -> episodes -> `RunReport`.
 """
 
@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError
+from contract.scores import normalized_score
 from runtime.backend import DEFAULT_THREADS, zero_feeds
 from runtime.backends import load_backend
 from runtime.latency import LatencyStats, save_histogram
+from runtime.plant import check_plant, make_plant
 from runtime.policy import Policy
 
 # Calls of the engine before the first timed episode: first runs allocate and pick kernels.
@@ -30,11 +32,6 @@ class EpisodeResult:
     episode_return: float
     length: int
     latency_ns: np.ndarray = field(repr=False)  # (length,) int64, policy.act per step
-
-
-def normalized_score(episode_return: float, ref_min: float, ref_max: float) -> float:
-    """D4RL score: 100 * (return - random) / (expert - random)."""
-    return 100.0 * (episode_return - ref_min) / (ref_max - ref_min)
 
 
 def run_episode(policy: Policy, plant, *, seed: int) -> EpisodeResult:
@@ -65,30 +62,6 @@ def warm_up(policy: Policy, calls: int = DEFAULT_WARMUP) -> None:
     for _ in range(calls):
         policy.backend.infer(feeds)
     policy.reset()
-
-
-def make_plant(env_id: str, **kwargs):
-    """A gymnasium env as the simulated plant (gymnasium is imported only here)."""
-    try:
-        import gymnasium as gym
-    except ImportError:
-        raise DMMError(f"the simulated plant {env_id!r} needs gymnasium; pip install 'gymnasium[mujoco]' "
-                       "(not needed when you drive a Policy from your own loop)") from None
-    try:
-        return gym.make(env_id, **kwargs)
-    except Exception as error:  # gymnasium raises several types for unknown or broken envs
-        raise DMMError(f"cannot create environment {env_id!r} ({type(error).__name__}: {error}); expected a "
-                       "registered gymnasium id; install 'gymnasium[mujoco]'") from None
-
-
-def check_plant(plant, manifest, env_id: str) -> None:
-    """The plant's observation/action sizes must be the engine's."""
-    state_dim = int(np.prod(plant.observation_space.shape))
-    act_dim = int(np.prod(plant.action_space.shape))
-    if (state_dim, act_dim) != (manifest.state_dim, manifest.act_dim):
-        raise DMMError(f"plant {env_id} obs/act dims | received {state_dim}/{act_dim} | expected "
-                       f"{manifest.state_dim}/{manifest.act_dim} (the engine's manifest); run the engine "
-                       "on the env it was trained for")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 from contract.errors import DMMError
 from runtime.backend import DEFAULT_THREADS, Backend
 from runtime.backends import load_backend
-from runtime.loop import check_plant, make_plant
+from runtime.plant import check_plant, make_plant
 from runtime.policy import Policy
 
 # Upper edges (inclusive) of the step-index bins of the drift table; the last bin is open.

@@ -20,10 +20,11 @@ from dmm_train.baselines import (
     policy_actions,
 )
 from dmm_train.checkpoint import load_checkpoint
-from dmm_train.collect import collect
 from dmm_train.config import MODEL_KINDS, ModelConfig, get_preset
-from dmm_train.data import WindowSampler, load_dataset
+from dmm_train.minari_reader import load_dataset
 from dmm_train.model import DecisionMetaMamba, SelectiveSSM, count_parameters
+from dmm_train.recipes import collect
+from dmm_train.sampler import WindowSampler
 from tests.conftest import write_checkpoint
 
 EXACT = 1e-6  # float32 reordering only; a leak from another token is orders of magnitude larger

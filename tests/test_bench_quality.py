@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contract.errors import DMMError
-from dmm_train.collect import collect
+from dmm_train.recipes import collect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,10 +37,10 @@ def dataset_checkpoint(tmp_path_factory):
     if "pair" not in _CACHE:
         import torch
 
-        from dmm_train.collect import collect
         from dmm_train.config import ModelConfig, TrainConfig, get_preset
-        from dmm_train.data import load_dataset
+        from dmm_train.minari_reader import load_dataset
         from dmm_train.model import DecisionMetaMamba
+        from dmm_train.recipes import collect
 
         root = tmp_path_factory.mktemp("precision")
         dataset_dir = collect("Hopper-v5", "test/precision-hopper-v0", policy="random", episodes=40, seed=3,

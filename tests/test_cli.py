@@ -7,7 +7,7 @@ import json
 import pytest
 
 import cli
-from dmm_train.collect import collect
+from dmm_train.recipes import collect
 
 
 @pytest.fixture(scope="module")

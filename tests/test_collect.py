@@ -1,4 +1,4 @@
-"""dmm_train.collect: real Hopper-v5 rollouts written as Minari datasets, atomically."""
+"""Rollouts and the Minari writer: real Hopper-v5 rollouts written as Minari datasets, atomically."""
 
 from __future__ import annotations
 
@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 
 from contract.errors import DMMError
-from dmm_train.collect import (
-    DEFAULT_DATASET_ID,
-    collect,
-    ensure_default_dataset,
-    rollout_episodes,
-    write_minari_dataset,
-)
-from dmm_train.data import load_dataset
+from dmm_train.minari_reader import load_dataset
+from dmm_train.minari_writer import write_minari_dataset
+from dmm_train.recipes import DEFAULT_DATASET_ID, collect, ensure_default_dataset
+from dmm_train.rollouts import rollout_episodes
 
 
 @pytest.fixture
@@ -90,7 +86,7 @@ def test_rollout_policy_and_env_errors():
         rollout_episodes("Hopper-v5", lambda obs: np.zeros(2), n_episodes=1)
     with pytest.raises(DMMError, match="policy 'greedy'"):
         rollout_episodes("Hopper-v5", "greedy", n_episodes=1)
-    with pytest.raises(DMMError, match="unknown environment 'NoSuchEnv-v0'"):
+    with pytest.raises(DMMError, match="cannot create environment 'NoSuchEnv-v0'"):
         rollout_episodes("NoSuchEnv-v0", "random", n_episodes=1)
 
 

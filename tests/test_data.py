@@ -1,4 +1,4 @@
-"""dmm_train.data: loading real Minari datasets, the window sampler, the normalised score."""
+"""Records, the Minari reader and the sampler: real Minari datasets, training windows, the score."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 
 from contract.errors import DMMError
-from dmm_train import data
-from dmm_train.collect import rollout_episodes, write_minari_dataset
+from contract.scores import normalized_score
+from dmm_train import minari_reader
 from dmm_train.config import ACTION_PAD_VALUE, STATE_STD_EPS
-from dmm_train.data import (
-    Episode,
-    OfflineDataset,
-    WindowSampler,
-    load_dataset,
-    normalized_score,
-)
+from dmm_train.minari_reader import load_dataset
+from dmm_train.minari_writer import write_minari_dataset
+from dmm_train.records import Episode, OfflineDataset
+from dmm_train.rollouts import rollout_episodes
+from dmm_train.sampler import WindowSampler
 
 DATASET_ID = "test/hopper-data-v0"
 EPISODES = 6
@@ -102,15 +100,15 @@ def test_remote_id_without_network_fails_fast_with_a_way_out(store_env):
 
 
 def test_remote_with_hub_client_but_offline_flag(store_env, monkeypatch):
-    monkeypatch.setattr(data, "_hub_client_installed", lambda: True)
+    monkeypatch.setattr(minari_reader, "_hub_client_installed", lambda: True)
     with pytest.raises(DMMError, match="HF_HUB_OFFLINE is set"):
         load_dataset("nobody/nothing-v0")
 
 
 def test_remote_with_hub_client_and_no_network(store_env, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(data, "_hub_client_installed", lambda: True)
-    monkeypatch.setattr(data, "_endpoint_reachable", lambda url, timeout_s: False)
+    monkeypatch.setattr(minari_reader, "_hub_client_installed", lambda: True)
+    monkeypatch.setattr(minari_reader, "_endpoint_reachable", lambda url, timeout_s: False)
     with pytest.raises(DMMError, match="there is no network"):
         load_dataset("nobody/nothing-v0")
 
@@ -119,7 +117,7 @@ def test_network_probe_never_hangs():
     started = time.perf_counter()
     # A non-routable address: the request fails at once, times out, or (behind a TCP-intercepting
     # sandbox) fails in the TLS handshake.
-    assert data._endpoint_reachable("https://10.255.255.1", 0.5) is False
+    assert minari_reader._endpoint_reachable("https://10.255.255.1", 0.5) is False
     assert time.perf_counter() - started < 2.0
 
 
@@ -322,8 +320,8 @@ def test_download_failures_become_one_dmm_error(store_env, monkeypatch):
         raise ValueError(f"Couldn't find any version for dataset {dataset_id} in the remote server.\nmore")
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(data, "_hub_client_installed", lambda: True)
-    monkeypatch.setattr(data, "_endpoint_reachable", lambda url, timeout_s: True)
+    monkeypatch.setattr(minari_reader, "_hub_client_installed", lambda: True)
+    monkeypatch.setattr(minari_reader, "_endpoint_reachable", lambda url, timeout_s: True)
     monkeypatch.setattr(minari, "download_dataset", unknown)
     with pytest.raises(DMMError, match="ValueError: Couldn't find any version") as info:
         load_dataset("nobody/nothing-v0")
@@ -341,8 +339,8 @@ def test_successful_download_is_loaded_from_the_store(store_env, monkeypatch):
         shutil.copytree(path, store / dataset_id)
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(data, "_hub_client_installed", lambda: True)
-    monkeypatch.setattr(data, "_endpoint_reachable", lambda url, timeout_s: True)
+    monkeypatch.setattr(minari_reader, "_hub_client_installed", lambda: True)
+    monkeypatch.setattr(minari_reader, "_endpoint_reachable", lambda url, timeout_s: True)
     monkeypatch.setattr(minari, "download_dataset", fake_download)
     downloaded = load_dataset("remote/hopper-v3")
     assert downloaded.content_hash == load_dataset(path).content_hash

@@ -26,7 +26,7 @@ from export.onnx_export import check_graph, optimized_node_count, ort_session
 from export.reference import Trajectory, stream_feeds, torch_stream_step, torch_window_action, window_at
 from export.trt_ops import CONTROL_FLOW_OPS, TRT_SUPPORTED_OPS, check_graph_ops
 from runtime import load_backend
-from runtime.loop import make_plant
+from runtime.plant import make_plant
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error
 

@@ -11,9 +11,16 @@ import cli
 from contract.errors import DMMError
 from dmm_train import recipes
 from dmm_train.behavior import MlpPolicy, evaluate_behavior
-from dmm_train.collect import DEFAULT_DATASET_ID, rollout_episodes
-from dmm_train.data import load_dataset
-from dmm_train.recipes import POLICY_DIR, RECIPES, collect_recipe, recipe_dataset_dir, replay_rollouts
+from dmm_train.minari_reader import load_dataset
+from dmm_train.recipes import (
+    DEFAULT_DATASET_ID,
+    POLICY_DIR,
+    RECIPES,
+    collect_recipe,
+    recipe_dataset_dir,
+    replay_rollouts,
+)
+from dmm_train.rollouts import rollout_episodes
 
 MEDIUM = POLICY_DIR / "hopper_medium.npz"
 

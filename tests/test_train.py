@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def minari_store(tmp_path_factory):
     """A private Minari store holding a small real Hopper-v5 dataset written from rollouts."""
-    from dmm_train.collect import collect
+    from dmm_train.recipes import collect
 
     store = tmp_path_factory.mktemp("minari")
     previous = os.environ.get("MINARI_DATASETS_PATH")
@@ -66,7 +66,7 @@ def test_train_on_embedded_default_writes_checkpoint_and_records(tmp_path):
     assert metrics[-1]["step"] == 20 and "normalized_mean" in metrics[-1]
     loaded = load_checkpoint(out)
     assert loaded.step == 20 and loaded.env_id == "Hopper-v5"
-    assert "step 20/20" in result.stderr  # progress was shown
+    assert "train: 20/20 steps" in result.stderr  # progress was shown
 
 
 @pytest.mark.slow

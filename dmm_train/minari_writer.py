@@ -1,0 +1,190 @@
+"""Writing Minari datasets: episode buffers into a Minari store, atomically.
+
+Datasets are written with ``minari.create_dataset_from_buffers`` (no jax needed,
+unlike ``minari.DataCollector``). A write goes to a hidden staging store beside the
+final location and is renamed into place at the end, so an interrupted write never
+leaves a half dataset under the final id; Minari skips hidden directories when it
+lists a store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from contract.errors import DMMError
+from dmm_train.minari_reader import DATASET_ID_RE
+from dmm_train.rollouts import Rollout
+
+MINARI_STORE_ENV = "MINARI_DATASETS_PATH"
+
+
+_STAGING_PREFIX = ".dmm-staging-"
+
+
+_TRASH_PREFIX = ".dmm-trash-"
+
+
+_NAMESPACE_METADATA_FILE = "namespace_metadata.json"
+
+
+_AUTHOR = "dmm-deploy"
+
+
+def check_dataset_id(dataset_id: str) -> None:
+    if not isinstance(dataset_id, str) or not DATASET_ID_RE.fullmatch(dataset_id):
+        raise DMMError(
+            f"dataset id {dataset_id!r}; expected the Minari form namespace/name-vN "
+            "(e.g. dmm-deploy/hopper-random-v0)"
+        )
+
+
+def store_root(data_path: str | os.PathLike | None = None) -> Path:
+    """The Minari store to write into: ``data_path``, else $MINARI_DATASETS_PATH, else ~/.minari/datasets."""
+    if data_path is not None:
+        return Path(data_path).expanduser()
+    from minari.storage import get_dataset_path
+
+    return Path(get_dataset_path())
+
+
+@contextlib.contextmanager
+def _minari_store(path: Path) -> Iterator[None]:
+    """Point Minari at ``path`` for the duration (Minari reads the store from the environment).
+
+    Process-wide: not safe while another thread uses Minari.
+    """
+    previous = os.environ.get(MINARI_STORE_ENV)
+    os.environ[MINARI_STORE_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MINARI_STORE_ENV, None)
+        else:
+            os.environ[MINARI_STORE_ENV] = previous
+
+
+def write_minari_dataset(
+    dataset_id: str,
+    rollouts: Sequence[Rollout],
+    env_id: str,
+    *,
+    algorithm_name: str,
+    ref_min_score: float | None = None,
+    ref_max_score: float | None = None,
+    description: str,
+    data_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``rollouts`` as Minari dataset ``dataset_id``; return its directory.
+
+    ``data_path`` is the root of the Minari store to write into (the dataset lands in
+    ``<data_path>/<dataset_id>/data``); None means the default store. The reference
+    scores are stored only as a pair (Minari would otherwise estimate the missing
+    one with 100 random episodes). The write is atomic: staged in a hidden
+    directory of the same store, then renamed. An existing dataset of the same id is
+    an error unless ``overwrite``.
+    """
+    check_dataset_id(dataset_id)
+    if not rollouts:
+        raise DMMError(f"no episodes to write for {dataset_id!r}; expected at least one")
+    if (ref_min_score is None) != (ref_max_score is None):
+        raise DMMError(
+            f"ref_min_score={ref_min_score!r}, ref_max_score={ref_max_score!r}; expected both or neither"
+        )
+    root = store_root(data_path)
+    final = root / dataset_id
+    if final.exists() and not overwrite:
+        raise DMMError(
+            f"dataset {dataset_id!r} already exists at {str(final)!r}; pass overwrite=True (--overwrite) to "
+            "replace it, or choose another id"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
+    try:
+        _write_into_store(staging, dataset_id, rollouts, env_id, algorithm_name=algorithm_name,
+                          ref_min_score=ref_min_score, ref_max_score=ref_max_score, description=description)
+        _copy_namespace_metadata(staging, root, dataset_id)
+        _move_into_place(staging / dataset_id, final, overwrite=overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _write_into_store(store: Path, dataset_id: str, rollouts: Sequence[Rollout], env_id: str, *,
+                      algorithm_name: str, ref_min_score: float | None, ref_max_score: float | None,
+                      description: str) -> None:
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = [
+        EpisodeBuffer(
+            id=index,  # Minari requires sequential ids from 0
+            seed=rollout.seed,
+            observations=rollout.observations,
+            actions=rollout.actions,
+            rewards=rollout.rewards,
+            terminations=rollout.terminations,
+            truncations=rollout.truncations,
+            infos={},
+        )
+        for index, rollout in enumerate(rollouts)
+    ]
+    with _minari_store(store), warnings.catch_warnings():
+        # Minari nags about optional provenance fields we have no value for.
+        warnings.filterwarnings("ignore", message=r"`(author_email|code_permalink)` is set to None",
+                                category=UserWarning)
+        minari.create_dataset_from_buffers(
+            dataset_id,
+            buffers,
+            env=env_id,
+            eval_env=env_id,
+            algorithm_name=algorithm_name,
+            author=_AUTHOR,
+            ref_min_score=ref_min_score,
+            ref_max_score=ref_max_score,
+            description=description,
+            data_format="hdf5",
+        )
+
+
+def _copy_namespace_metadata(staging: Path, root: Path, dataset_id: str) -> None:
+    """Give the final store the namespace markers Minari wrote in staging, where missing."""
+    parts = dataset_id.split("/")[:-1]
+    for depth in range(1, len(parts) + 1):
+        relative = Path(*parts[:depth])
+        source = staging / relative / _NAMESPACE_METADATA_FILE
+        target = root / relative / _NAMESPACE_METADATA_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_file() and not target.exists():
+            shutil.copyfile(source, target)
+
+
+def _move_into_place(source: Path, final: Path, *, overwrite: bool) -> None:
+    """Rename ``source`` to ``final``; an existing ``final`` is swapped out first if ``overwrite``."""
+    trash = None
+    if final.exists():
+        if not overwrite:
+            raise DMMError(
+                f"dataset directory {str(final)!r} appeared while writing; pass overwrite=True to replace it"
+            )
+        trash = final.parent / f"{_TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, trash)
+    try:
+        os.rename(source, final)
+    except OSError as exc:
+        if trash is not None:
+            os.rename(trash, final)
+        raise DMMError(
+            f"could not move the new dataset into {str(final)!r} ({exc}); another process may have "
+            "written it; retry, or pass overwrite=True"
+        ) from exc
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
