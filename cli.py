@@ -198,7 +198,7 @@ def run(engine, episodes, seed, target, deadline_ms, mode, provider, threads, as
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def parity(checkpoint, onnx_paths, steps, seed, target, atol, as_json) -> None:
     """Compare the actions of PyTorch and ONNX Runtime, teacher-forced on a real trajectory, per step bin."""
-    from runtime.parity import ParityConfig, run_parity
+    from export.parity import ParityConfig, run_parity
 
     config = ParityConfig(checkpoint=Path(checkpoint), onnx=tuple(Path(p) for p in onnx_paths), steps=steps,
                           seed=seed, target_return=target)

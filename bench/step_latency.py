@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     from export.onnx_export import export_checkpoint
     from runtime import Policy, load_backend
     from runtime.latency import LatencyStats
-    from runtime.parity import record_trajectory
     from runtime.plant import make_plant
+    from runtime.recording import record_trajectory
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="dmm-step-latency-") as scratch:

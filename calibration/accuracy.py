@@ -86,7 +86,7 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
     reference, candidate: ONNX Runtime sessions of the same I/O contract; heldout: episodes.
     """
     from calibration.data import episode_trajectory, window_samples
-    from export.reference import stream_feeds
+    from runtime.feeds import stream_feeds
 
     common = dict(state_mean=manifest.state_mean, state_std=manifest.state_std, rtg_scale=manifest.rtg_scale,
                   target_return=manifest.target_return)

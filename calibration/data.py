@@ -97,19 +97,19 @@ def split_episodes(dataset, *, heldout_fraction: float = DEFAULT_HELDOUT_FRACTIO
 
 
 def episode_trajectory(episode, *, state_mean, state_std, rtg_scale: float, target_return: float):
-    """One dataset episode as the runtime would have seen it (`export.reference.Trajectory`, B = 1).
+    """One dataset episode as the runtime would have seen it (`runtime.feeds.InputTrajectory`, B = 1).
 
     states (1, T, S) normalised in float64 and stored float32 (as `runtime.Policy`),
     actions (1, T, Adim) the executed actions, rtg (1, T, 1) = (target - rewards so far) / scale.
     """
-    from export.reference import Trajectory
+    from runtime.feeds import InputTrajectory
 
     mean = np.asarray(state_mean, dtype=np.float64)  # (S,)
     std = np.asarray(state_std, dtype=np.float64)  # (S,)
     states = (episode.observations.astype(np.float64) - mean) / std  # (T, S)
     received = np.concatenate([[0.0], np.cumsum(episode.rewards.astype(np.float64))[:-1]])  # (T,) before step t
     rtg = (float(target_return) - received) / float(rtg_scale)  # (T,)
-    return Trajectory(states[None].astype(np.float32), np.asarray(episode.actions, dtype=np.float32)[None],
+    return InputTrajectory(states[None].astype(np.float32), np.asarray(episode.actions, dtype=np.float32)[None],
                       rtg[None, :, None].astype(np.float32))
 
 
@@ -120,7 +120,7 @@ def window_samples(episodes, count: int, *, context_len: int, state_mean, state_
     Each feed: states (1, K, S), actions (1, K, Adim), rtg (1, K, 1), as the evaluation builds
     them (`export.reference.window_at`). Fewer when the episodes have fewer steps.
     """
-    from export.reference import window_at
+    from runtime.feeds import window_at
 
     _check_count(count)
     lengths = np.array([len(e) for e in episodes], dtype=np.int64)  # (E,)
@@ -147,7 +147,7 @@ def stream_rollout(session, trajectory, *, n_layer: int, dsm_window: int, d_mode
     dsm_cache (nl, 1, W-1, D), ssm_state (nl, 1, D, N). Actions are the episode's own
     (teacher-forced); the caches are the graph's.
     """
-    from export.reference import stream_feeds
+    from runtime.feeds import stream_feeds
 
     dsm = np.zeros((n_layer, 1, dsm_window - 1, d_model), dtype=np.float32)  # (nl, 1, W-1, D)
     ssm = np.zeros((n_layer, 1, d_model, d_state), dtype=np.float32)  # (nl, 1, D, N)

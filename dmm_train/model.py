@@ -297,6 +297,28 @@ class DecisionMetaMamba(nn.Module):
             new_ssm.append(state_next)
         return self.ln_f(hidden), torch.stack(new_dsm), torch.stack(new_ssm)
 
+    def env_step(
+        self, prev_action: torch.Tensor, prev_action_valid: torch.Tensor, rtg: torch.Tensor, state: torch.Tensor,
+        dsm_cache: torch.Tensor, ssm_state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One env step of the stream contract (docs/design.md#stream-mode): tokens a_{t-1}, R_t, s_t.
+
+        prev_action (B, Adim); prev_action_valid (B, 1), 0 where there is no a_{t-1} (the
+        episode's first step: that row skips the token); rtg (B, 1) already scaled; state
+        (B, S) normalised; dsm_cache (n_layer, B, W-1, D); ssm_state (n_layer, B, D, N).
+        Returns action (B, Adim) predicted at s_t and the new caches. The PyTorch backend,
+        the export parity gate and the tests all call this one method.
+        """
+        valid = prev_action_valid > 0.5  # (B, 1); the contract's input is 0 or 1
+        if bool(valid.any()):
+            _, dsm_next, ssm_next = self.step(self.embed_act(prev_action), dsm_cache, ssm_state)
+            keep = valid[None, :, :, None]  # (1, B, 1, 1): rows where a_{t-1} is a real token
+            dsm_cache = torch.where(keep, dsm_next, dsm_cache)  # (n_layer, B, W-1, D)
+            ssm_state = torch.where(keep, ssm_next, ssm_state)  # (n_layer, B, D, N)
+        _, dsm_cache, ssm_state = self.step(self.embed_rtg(rtg), dsm_cache, ssm_state)
+        hidden, dsm_cache, ssm_state = self.step(self.embed_observation(state), dsm_cache, ssm_state)
+        return self.predict_action(hidden), dsm_cache, ssm_state  # (B, Adim), caches
+
 
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (shared modules counted once)."""

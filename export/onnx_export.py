@@ -119,8 +119,8 @@ def export_checkpoint(
     ``precision_options`` (`export.precision.PrecisionOptions`), and its accuracy report
     goes into the manifest; a score drop beyond the limit writes nothing.
     """
+    from dmm_train.manifest_builder import build_manifest
     from export.lowering import MAX_OPSET, MIN_OPSET
-    from export.manifest_builder import build_manifest
 
     if precision not in PRECISIONS:
         raise DMMError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")

@@ -2,7 +2,7 @@
 
 It runs the plain model of `dmm_train.model` from a model.pt, behind the same graph
 I/O contract as the exported graphs (`contract.manifest`), with a manifest built from
-the checkpoint by `export.manifest_builder.build_manifest`:
+the checkpoint by `dmm_train.manifest_builder.build_manifest`:
 
 - window: ``model(states, actions, rtg)[:, -1]``, the official sliding-window form;
 - stream: ``model.step`` once per token over a_{t-1} (skipped where
@@ -54,7 +54,7 @@ class TorchBackend(Backend):
             raise DMMError(f"engine {str(self.path)!r} is a PyTorch checkpoint and torch is not installed; "
                            "install torch, or run an exported .onnx / .plan") from None
         from dmm_train.checkpoint import load_checkpoint
-        from export.manifest_builder import build_manifest
+        from dmm_train.manifest_builder import build_manifest
 
         checkpoint = load_checkpoint(self.path)
         if checkpoint.model_config.model != "dmm":  # the runtime's window/stream contract is DMM's
@@ -80,26 +80,11 @@ class TorchBackend(Backend):
                     states, actions, rtg = inputs["states"], inputs["actions"], inputs["rtg"]
                     predicted = self._model(states, actions, rtg)  # (B, K, Adim)
                     return {"action": predicted[:, -1].numpy()}  # (B, Adim), at the last state token
-                return self._stream_step(**inputs)
+                action, dsm_cache, ssm_state = self._model.env_step(**inputs)
+                return {"action": action.numpy(), "dsm_cache_next": dsm_cache.numpy(),  # (B, Adim), caches
+                        "ssm_state_next": ssm_state.numpy()}
         finally:
             torch.set_num_threads(previous_threads)
-
-    def _stream_step(self, prev_action, prev_action_valid, rtg, state, dsm_cache, ssm_state):
-        """Shapes as in the stream contract: (B, Adim), (B, 1), (B, 1), (B, S), caches (n_layer, B, ...)."""
-        model, torch = self._model, self._torch
-        valid = prev_action_valid > 0.5  # (B, 1); the graph's input is 0 or 1
-        if bool(valid.any()):
-            _, dsm_next, ssm_next = model.step(model.embed_act(prev_action), dsm_cache, ssm_state)
-            keep = valid[None, :, :, None]  # (1, B, 1, 1): rows where a_{t-1} is a real token
-            dsm_cache = torch.where(keep, dsm_next, dsm_cache)  # (n_layer, B, W-1, D)
-            ssm_state = torch.where(keep, ssm_next, ssm_state)  # (n_layer, B, D, N)
-        _, dsm_cache, ssm_state = model.step(model.embed_rtg(rtg), dsm_cache, ssm_state)
-        hidden, dsm_cache, ssm_state = model.step(model.embed_observation(state), dsm_cache, ssm_state)
-        return {
-            "action": model.predict_action(hidden).numpy(),  # (B, Adim)
-            "dsm_cache_next": dsm_cache.numpy(),  # (n_layer, B, W-1, D)
-            "ssm_state_next": ssm_state.numpy(),  # (n_layer, B, D, N)
-        }
 
     def _close(self) -> None:
         self._model = None

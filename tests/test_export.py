@@ -23,9 +23,10 @@ from contract.manifest import read_manifest, tensor_specs
 from dmm_train.checkpoint import load_checkpoint
 from export.lowering import MAX_OPSET, MIN_OPSET, build_stream_graph, build_window_graph
 from export.onnx_export import check_graph, optimized_node_count, ort_session
-from export.reference import Trajectory, stream_feeds, torch_stream_step, torch_window_action, window_at
+from export.reference import torch_stream_step, torch_window_action
 from export.trt_ops import CONTROL_FLOW_OPS, TRT_SUPPORTED_OPS, check_graph_ops
 from runtime import load_backend
+from runtime.feeds import InputTrajectory, stream_feeds, window_at
 from runtime.plant import make_plant
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error
@@ -92,11 +93,11 @@ def hopper(checkpoint_path):
     assert len(rows) == 3
     states, actions, rtg = (np.stack(parts) for parts in zip(*rows, strict=True))  # (3, T, *)
     assert np.abs(np.diff(states, axis=1)).max() > 0.1  # a moving plant, not a constant
-    return Trajectory(states, actions, rtg)
+    return InputTrajectory(states, actions, rtg)
 
 
-def rows(trajectory: Trajectory, batch: int) -> Trajectory:
-    return Trajectory(trajectory.states[:batch], trajectory.actions[:batch], trajectory.rtg[:batch])
+def rows(trajectory: InputTrajectory, batch: int) -> InputTrajectory:
+    return InputTrajectory(trajectory.states[:batch], trajectory.actions[:batch], trajectory.rtg[:batch])
 
 
 def static_shape(value_info) -> tuple[int, ...] | None:

@@ -15,9 +15,9 @@ import cli
 from contract.manifest import manifest_path_for, read_manifest
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.evaluate import evaluate_policy
+from export.parity import ParityConfig, run_parity
 from runtime import Policy, load_backend
 from runtime.loop import run_episode
-from runtime.parity import ParityConfig, run_parity
 from runtime.plant import make_plant
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error, export_engines

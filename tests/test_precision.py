@@ -20,7 +20,7 @@ from contract.errors import DMMError
 from contract.files import sha256_file
 from contract.manifest import manifest_path_for, read_manifest
 from dmm_train.checkpoint import load_checkpoint
-from export.manifest_builder import build_manifest
+from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph, check_graph
 from export.precision import ALL_ROLES, fp16_emulation, linear_nodes, tensor_types, to_fp16
 from runtime import Policy, load_backend

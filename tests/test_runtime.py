@@ -58,7 +58,7 @@ def _throwaway_export(checkpoint_path: Path, mode: str, directory: Path) -> Path
     from contract.files import sha256_file
     from contract.manifest import write_manifest
     from dmm_train.checkpoint import load_checkpoint
-    from export.manifest_builder import build_manifest
+    from dmm_train.manifest_builder import build_manifest
 
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.model.eval()

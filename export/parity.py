@@ -1,16 +1,15 @@
 """Backend parity on a real trajectory, teacher-forced, with the drift over the episode.
 
 Polygraphy's Comparator feeds identical inputs to stateless runners; a recurrent policy
-needs more (deploy_notes.md section 5.1). Here every backend gets a `Policy` of its own
-and, step by step, the same observation and reward of one recorded trajectory; after
-each step its history is overwritten with the trajectory's executed action
-(`Policy.override_action`), so all backends condition on the same tokens while each
+needs more (docs/deployment.md#parity-of-a-recurrent-policy). Here every backend gets a
+`Policy` of its own and, step by step, the same observation and reward of one recorded
+trajectory (`runtime.recording`); all backends condition on the same tokens while each
 carries its own caches (stream mode). The per-step action difference against the
 reference, binned by step index (1, 2-10, 11-100, 101-1000, ...), shows whether an
 error grows over the episode rather than hiding it in one per-step tolerance.
 
 ``run_parity`` (``cli.py parity``) compares the PyTorch reference with ONNX Runtime per
-mode; it needs torch (the reference), unlike the rest of the runtime.
+mode, exporting the graphs it needs; it lives above the runtime because it exports.
 """
 
 from __future__ import annotations
@@ -26,66 +25,10 @@ from runtime.backend import DEFAULT_THREADS, Backend
 from runtime.backends import load_backend
 from runtime.plant import check_plant, make_plant
 from runtime.policy import Policy
+from runtime.recording import Trajectory, record_trajectory, teacher_forced_actions
 
 # Upper edges (inclusive) of the step-index bins of the drift table; the last bin is open.
 DRIFT_EDGES = (1, 10, 100, 1000)
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    """T recorded steps of a plant, episodes concatenated (``starts`` marks each reset)."""
-
-    observations: np.ndarray  # (T, S) float64, raw o_t
-    actions: np.ndarray  # (T, Adim) float32, the executed a_t
-    rewards: np.ndarray  # (T,) float64, r_t received for a_t
-    starts: np.ndarray  # (T,) bool, True where an episode begins
-
-    @property
-    def steps(self) -> int:
-        return int(self.observations.shape[0])
-
-    @property
-    def episodes(self) -> int:
-        return int(self.starts.sum())
-
-    def step_in_episode(self) -> np.ndarray:
-        """(T,) int64, 1-based index of each step within its episode."""
-        index = np.arange(self.steps)
-        last_start = np.maximum.accumulate(np.where(self.starts, index, 0))  # (T,)
-        return index - last_start + 1
-
-
-def record_trajectory(policy: Policy, plant, *, steps: int, seed: int) -> Trajectory:
-    """Roll ``policy`` in ``plant`` closed loop for ``steps`` steps; episode i is seeded seed + i."""
-    manifest = policy.manifest
-    observations = np.empty((steps, manifest.state_dim), dtype=np.float64)  # (T, S)
-    actions = np.empty((steps, manifest.act_dim), dtype=np.float32)  # (T, Adim)
-    rewards = np.empty(steps, dtype=np.float64)  # (T,)
-    starts = np.zeros(steps, dtype=bool)  # (T,)
-    done, episode, reward = True, 0, 0.0
-    for t in range(steps):
-        if done:
-            observation, _ = plant.reset(seed=seed + episode)
-            policy.reset()
-            starts[t], episode, reward = True, episode + 1, 0.0
-        observations[t] = observation
-        actions[t] = policy.act(observation, reward)
-        observation, reward, terminated, truncated, _ = plant.step(actions[t])
-        rewards[t] = reward
-        done = terminated or truncated
-    return Trajectory(observations, actions, rewards, starts)
-
-
-def teacher_forced_actions(policy: Policy, trajectory: Trajectory) -> np.ndarray:
-    """The actions (T, Adim) ``policy`` predicts along ``trajectory``, conditioned on its executed actions."""
-    predicted = np.empty_like(trajectory.actions)  # (T, Adim)
-    for t in range(trajectory.steps):
-        if trajectory.starts[t]:
-            policy.reset()
-        reward = 0.0 if trajectory.starts[t] else trajectory.rewards[t - 1]
-        predicted[t] = policy.act(trajectory.observations[t], reward)
-        policy.override_action(trajectory.actions[t])
-    return predicted
 
 
 @dataclass(frozen=True)
