@@ -19,65 +19,12 @@ fp16 is evaluated on `export.precision.fp16_emulation`, the same arithmetic in f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import numpy as np
 
 from contract.errors import DMMError
 from contract.manifest import Manifest
-from runtime.backend import Backend, check_engine_io
-
-
-def cpu_session(model_bytes: bytes, *, optimize: bool):
-    """A one-thread CPU session; ``optimize`` False is ORT_DISABLE_ALL (fake-quant Q/DQ, casts as written)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-
-
-class GraphBackend(Backend):
-    """An in-memory graph on ONNX Runtime CPU, checked against ``manifest`` like `runtime.ort_backend`.
-
-    The backend the accuracy report drives `runtime.Policy` with, before anything is written.
-    """
-
-    name = "ort"
-
-    def __init__(self, model_bytes: bytes, manifest: Manifest, *, optimize: bool, label: str):
-        super().__init__(label)
-        self._bytes = model_bytes
-        self._graph_manifest = manifest
-        self._optimize = optimize
-        self._session = None
-        self._output_names = [spec.name for spec in manifest.outputs]
-
-    def _load(self) -> Manifest:
-        from runtime.ort_backend import ORT_DTYPES
-
-        session = cpu_session(self._bytes, optimize=self._optimize)
-
-        def graph_io(args):
-            return [(a.name, tuple(a.shape), ORT_DTYPES.get(a.type, a.type)) for a in args]
-
-        source = f"graph {self.path}"
-        check_engine_io(source, self._graph_manifest, "input", graph_io(session.get_inputs()))
-        check_engine_io(source, self._graph_manifest, "output", graph_io(session.get_outputs()))
-        self.provider = session.get_providers()[0]
-        self._session = session
-        return self._graph_manifest
-
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._session.run(self._output_names, dict(feeds))
-        return dict(zip(self._output_names, outputs, strict=True))
-
-    def _close(self) -> None:
-        self._session = None
+from runtime.ort_backend import OrtBackend, cpu_session
 
 
 def action_errors(reference, candidate, manifest: Manifest, heldout, count: int, *, seed: int = 0) -> dict:
@@ -142,7 +89,7 @@ def closed_loop(model_bytes: bytes, manifest: Manifest, *, optimize: bool, label
     from runtime.plant import check_plant, make_plant
     from runtime.policy import Policy
 
-    backend = GraphBackend(model_bytes, manifest, optimize=optimize, label=label)
+    backend = OrtBackend(model_bytes, manifest=manifest, optimize=optimize, threads=1, label=label)
     with backend:
         policy = Policy(backend)
         plant = make_plant(manifest.env_id)

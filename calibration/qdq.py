@@ -48,6 +48,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from contract.errors import DMMError
+from runtime.ort_backend import cpu_session
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128  # TensorRT's entropy calibrator
@@ -97,20 +98,9 @@ def calibration_feeds(proto: onnx.ModelProto, manifest, episodes, count: int, *,
                   target_return=manifest.target_return, seed=seed)
     if manifest.mode == "window":
         return window_samples(episodes, count, context_len=manifest.context_len, **common)
-    session = fp32_session(proto.SerializeToString())
+    session = cpu_session(proto.SerializeToString())  # the fp32 graph at full optimisation
     return stream_samples(session, episodes, count, n_layer=manifest.n_layer, dsm_window=manifest.dsm_window,
                           d_model=manifest.d_model, d_state=manifest.d_state, **common)
-
-
-def fp32_session(model_bytes: bytes):
-    """A one-thread CPU session at the default optimisation level (how the fp32 graph is run)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from contract.errors import DMMError
 from contract.files import atomic_write_bytes
 from contract.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
 from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
+from runtime.ort_backend import cpu_session
 
 DEFAULT_OPSET = 17
 DEFAULT_RUNS_DIR = Path("runs")
@@ -53,28 +54,13 @@ def build_graph(model, *, mode: str, batch: int = 1, opset: int = DEFAULT_OPSET,
     return build_window_graph(model, batch=batch, opset=opset)
 
 
-def ort_session(model_bytes: bytes, *, threads: int | None = 1,
-                optimized_model_path: str | Path | None = None):
-    """A CPU ONNX Runtime session at the default (full) graph optimisation level."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = threads
-    if optimized_model_path is not None:
-        options.optimized_model_filepath = str(optimized_model_path)
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def optimized_node_count(model_bytes: bytes) -> int:
     """Nodes of the graph after ONNX Runtime's CPU optimisations (what a session actually runs)."""
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="dmm-ort-opt-") as scratch:
         path = Path(scratch) / "optimized.onnx"
-        ort_session(model_bytes, optimized_model_path=path)
+        cpu_session(model_bytes, optimized_model_path=path)
         return len(onnx.load(str(path)).graph.node)
 
 
@@ -182,7 +168,7 @@ def export_checkpoint(
 def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: int) -> dict:
     from export.reference import PARITY_REFUSE_ABOVE, measure_parity
 
-    session = ort_session(model_bytes)
+    session = cpu_session(model_bytes)
     parity = measure_parity(model, session, mode=mode, batch=batch,
                             rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
     if not np.isfinite(parity["max_abs"]) or parity["max_abs"] > PARITY_REFUSE_ABOVE:
@@ -205,4 +191,4 @@ def export_summary(onnx_path: Path, manifest_path: Path) -> str:
 
 
 __all__ = ["DEFAULT_OPSET", "build_graph", "check_graph", "export_checkpoint", "export_summary",
-           "find_latest_checkpoint", "onnx_path_for", "optimized_node_count", "ort_session"]
+           "find_latest_checkpoint", "onnx_path_for", "optimized_node_count"]

@@ -44,24 +44,65 @@ ORT_DTYPES = {
 }
 
 
-class OrtBackend(Backend):
-    """A .onnx graph of the I/O contract, run by an ``onnxruntime.InferenceSession``.
+def session_options(*, threads: int | None = 1, optimize: bool = True, optimized_model_path=None):
+    """ONNX Runtime session options of the project: errors-only logging, ``threads`` intra- and
+    inter-op threads (None: ORT's default), and ``optimize`` False for ORT_DISABLE_ALL (Q/DQ as
+    fake-quant, casts as written)."""
+    import onnxruntime as ort
 
-    provider: "cpu" (default), "cuda", "tensorrt" (asserted in use) or "auto" (the best
-    one that starts, reported in ``provider``). threads: intra-op threads (None: ORT's
-    default). manifest_path: defaults to the .json beside the graph.
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: a failed GPU provider is reported as a DMMError
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = int(threads)
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return options
+
+
+def cpu_session(model: bytes | str | Path, *, threads: int | None = 1, optimize: bool = True,
+                optimized_model_path=None):
+    """A CPU ``onnxruntime.InferenceSession`` of serialized bytes or a path (see `session_options`)."""
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"], sess_options=session_options(
+        threads=threads, optimize=optimize, optimized_model_path=optimized_model_path))
+
+
+class OrtBackend(Backend):
+    """A graph of the I/O contract, run by an ``onnxruntime.InferenceSession``.
+
+    source: a .onnx path (its manifest: the .json beside it, or ``manifest_path``), or the
+    serialized graph as bytes with its ``manifest`` (an export's candidate graph, before
+    anything is written; ``label`` names it in messages). provider: "cpu" (default),
+    "cuda", "tensorrt" (asserted in use) or "auto" (the best one that starts, reported in
+    ``provider``). threads: intra-op threads (None: ORT's default). optimize: None picks
+    by precision (int8 runs without graph optimisations on the CPU, see below), True/False
+    forces it.
     """
 
     name = "ort"
 
-    def __init__(self, path: str | Path, *, provider: str = "cpu", threads: int | None = None,
-                 manifest_path: str | Path | None = None):
-        super().__init__(path)
+    def __init__(self, source: str | Path | bytes, *, provider: str = "cpu", threads: int | None = None,
+                 manifest_path: str | Path | None = None, manifest: Manifest | None = None,
+                 optimize: bool | None = None, label: str = "in-memory graph"):
+        self._bytes = bytes(source) if isinstance(source, (bytes, bytearray)) else None
+        if self._bytes is not None and manifest is None:
+            raise DMMError("OrtBackend | received serialized graph bytes without a manifest | expected "
+                           "manifest=...; pass the manifest the graph was built for")
+        super().__init__(label if self._bytes is not None else source)
         if provider not in PROVIDERS:
             raise DMMError(f"provider | received {provider!r} | expected one of {', '.join(PROVIDERS)}")
         self.requested_provider = provider
         self.threads = threads
-        self.manifest_path = Path(manifest_path) if manifest_path else manifest_path_for(self.path)
+        self.optimize = optimize
+        self._given_manifest = manifest
+        self.manifest_path = None
+        if self._bytes is None and manifest is None:
+            self.manifest_path = Path(manifest_path) if manifest_path else manifest_path_for(self.path)
         self._session = None
         self._output_names: list[str] = []
         self._binding = None  # IO binding on the CPU provider (None: session.run)
@@ -71,11 +112,12 @@ class OrtBackend(Backend):
     def _load(self) -> Manifest:
         import onnxruntime as ort
 
-        source = f"engine {str(self.path)!r}"
-        if not self.path.is_file():
+        in_memory = self._bytes is not None
+        source = f"graph {self.path}" if in_memory else f"engine {str(self.path)!r}"
+        if not in_memory and not self.path.is_file():
             raise DMMError(f"{source} does not exist; expected a .onnx written by 'cli.py export'; "
                            "export the checkpoint or fix the path")
-        manifest = read_manifest(self.manifest_path)
+        manifest = self._given_manifest or read_manifest(self.manifest_path)
 
         available = ort.get_available_providers()
         if self.requested_provider == "auto":
@@ -86,17 +128,16 @@ class OrtBackend(Backend):
             if chain[0] not in available:
                 raise DMMError(f"provider | received {self.requested_provider!r} | this onnxruntime offers "
                                f"{', '.join(available)}; {GPU_PACKAGE_HINT}")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: a failed GPU provider is reported below, as a DMMError
-        if manifest.precision == "int8" and chain[0] == "CPUExecutionProvider":
+        optimize = self.optimize
+        if optimize is None:
             # ORT's CPU optimiser fuses DQ -> MatMul -> Q into integer kernels whose u8s8 path
             # saturates on CPUs without VNNI; without fusion Q/DQ run as fake-quant in float, which
             # is what the export's accuracy report measured and what TensorRT's int8 approximates.
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if self.threads is not None:
-            options.intra_op_num_threads = int(self.threads)
+            optimize = not (manifest.precision == "int8" and chain[0] == "CPUExecutionProvider")
+        options = session_options(threads=self.threads, optimize=optimize)
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(chain))
+            session = ort.InferenceSession(self._bytes if in_memory else str(self.path), sess_options=options,
+                                           providers=list(chain))
         except Exception as error:  # ORT raises several pybind types (InvalidProtobuf, Fail, ...)
             first_line = str(error).splitlines()[0] if str(error) else ""
             raise DMMError(f"{source} could not be loaded by ONNX Runtime ({type(error).__name__}: "
@@ -114,7 +155,7 @@ class OrtBackend(Backend):
 
         check_engine_io(source, manifest, "input", graph_io(session.get_inputs()))
         check_engine_io(source, manifest, "output", graph_io(session.get_outputs()))
-        if manifest.onnx_sha256 and manifest.onnx_sha256 != sha256_file(self.path):
+        if not in_memory and manifest.onnx_sha256 and manifest.onnx_sha256 != sha256_file(self.path):
             raise DMMError(f"{source}: sha256 | file {sha256_file(self.path)[:12]}... | manifest "
                            f"{manifest.onnx_sha256[:12]}...; the graph was changed after export or the "
                            "manifest belongs to another export; re-export")

@@ -77,7 +77,7 @@ def setup(trained_on):
 
 
 def _session(proto):
-    from calibration.accuracy import cpu_session
+    from runtime.ort_backend import cpu_session
 
     return cpu_session(proto.SerializeToString(), optimize=True)
 
@@ -112,7 +112,7 @@ def test_calibration_and_heldout_episodes_are_disjoint_and_seeded(setup):
 
 def test_window_samples_are_the_windows_the_runtime_policy_builds(setup, tmp_path):
     """Teacher-forced through a real episode, runtime.Policy's window at step t is window_samples' window."""
-    from calibration.accuracy import GraphBackend
+    from runtime.ort_backend import OrtBackend
     from runtime.policy import Policy
 
     checkpoint, _, split, graphs, manifests = setup
@@ -124,7 +124,7 @@ def test_window_samples_are_the_windows_the_runtime_policy_builds(setup, tmp_pat
                              state_mean=manifest.state_mean, state_std=manifest.state_std,
                              rtg_scale=manifest.rtg_scale, target_return=manifest.target_return)
     assert len(samples) == len(episode)  # every step once, in order (one episode)
-    with GraphBackend(graphs["window"].SerializeToString(), manifest, optimize=True, label="fp32") as backend:
+    with OrtBackend(graphs["window"].SerializeToString(), manifest=manifest, label="fp32") as backend:
         policy = Policy(backend)
         for t, sample in enumerate(samples):
             policy.act(episode.observations[t], float(episode.rewards[t - 1]) if t else 0.0)
@@ -140,7 +140,7 @@ def test_window_samples_are_the_windows_the_runtime_policy_builds(setup, tmp_pat
 
 
 def test_stream_samples_carry_the_caches_of_the_fp32_graph(setup):
-    from calibration.accuracy import GraphBackend
+    from runtime.ort_backend import OrtBackend
     from runtime.policy import Policy
 
     _, _, split, graphs, manifests = setup
@@ -153,7 +153,7 @@ def test_stream_samples_carry_the_caches_of_the_fp32_graph(setup):
     assert len(feeds) == len(episode)
     assert not feeds[0]["dsm_cache"].any() and feeds[0]["prev_action_valid"][0, 0] == 0.0
     assert feeds[3]["ssm_state"].any() and feeds[3]["prev_action_valid"][0, 0] == 1.0
-    with GraphBackend(graphs["stream"].SerializeToString(), manifest, optimize=True, label="fp32") as backend:
+    with OrtBackend(graphs["stream"].SerializeToString(), manifest=manifest, label="fp32") as backend:
         policy = Policy(backend)
         for t, feed in enumerate(feeds):
             # Before the step: the caches (and a_{t-1}) the runtime is about to feed are the sample's.
@@ -273,7 +273,8 @@ def test_calibration_methods_give_different_real_ranges(setup, int8_graphs, tmp_
 
 @pytest.mark.parametrize("mode", ["window", "stream"])
 def test_int8_fake_quant_accuracy_on_heldout_episodes(setup, int8_graphs, mode):
-    from calibration.accuracy import action_errors, cpu_session
+    from calibration.accuracy import action_errors
+    from runtime.ort_backend import cpu_session
 
     _, _, split, graphs, manifests = setup
     _, quantized, _ = int8_graphs[mode]

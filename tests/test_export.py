@@ -22,11 +22,12 @@ import cli
 from contract.manifest import read_manifest, tensor_specs
 from dmm_train.checkpoint import load_checkpoint
 from export.lowering import MAX_OPSET, MIN_OPSET, build_stream_graph, build_window_graph
-from export.onnx_export import check_graph, optimized_node_count, ort_session
+from export.onnx_export import check_graph, optimized_node_count
 from export.reference import torch_stream_step, torch_window_action
 from export.trt_ops import CONTROL_FLOW_OPS, TRT_SUPPORTED_OPS, check_graph_ops
 from runtime import load_backend
 from runtime.feeds import InputTrajectory, stream_feeds, window_at
+from runtime.ort_backend import cpu_session
 from runtime.plant import make_plant
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error
@@ -159,7 +160,7 @@ def test_node_counts_stay_lean(model, mode):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_window_graph_equals_forward_at_the_last_state_token(model, hopper, batch):
     trajectory = rows(hopper, batch)
-    session = ort_session(build_window_graph(model, batch=batch).SerializeToString())
+    session = cpu_session(build_window_graph(model, batch=batch).SerializeToString())
     worst = 0.0
     for t in range(EPISODE_STEPS):  # t < K - 1: zero-left-padded windows of an episode start
         feeds = window_at(trajectory, t, model.config.context_len)
@@ -175,7 +176,7 @@ def test_window_graph_equals_forward_at_the_last_state_token(model, hopper, batc
 @pytest.mark.parametrize("batch", [1, 2])
 def test_stream_graph_equals_model_step_caches_included(model, hopper, batch):
     trajectory = rows(hopper, batch)
-    session = ort_session(build_stream_graph(model, batch=batch).SerializeToString())
+    session = cpu_session(build_stream_graph(model, batch=batch).SerializeToString())
     names = ["action", "dsm_cache_next", "ssm_state_next"]
     dsm_ort, ssm_ort = (c.numpy() for c in model.init_cache(batch))  # (nl, B, W-1, D), (nl, B, D, N)
     dsm_ref, ssm_ref = dsm_ort, ssm_ort
@@ -203,7 +204,7 @@ def test_stream_graph_equals_model_step_caches_included(model, hopper, batch):
 @torch.no_grad()
 def test_stream_skips_the_action_token_exactly_where_not_valid(model, hopper):
     """prev_action_valid = 0 drops a_{t-1} whatever the caches hold; rows of a batch choose independently."""
-    session = ort_session(build_stream_graph(model, batch=2).SerializeToString())
+    session = cpu_session(build_stream_graph(model, batch=2).SerializeToString())
     rng = np.random.default_rng(4)
     dsm_cache, ssm_state = (rng.normal(size=c.shape).astype(np.float32) for c in model.init_cache(2))
     feeds = stream_feeds(rows(hopper, 2), 10, dsm_cache, ssm_state)

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto
 
 import cli
-from calibration.accuracy import action_errors, cpu_session
+from calibration.accuracy import action_errors
 from calibration.data import load_training_dataset, split_episodes
 from contract.errors import DMMError
 from contract.files import sha256_file
@@ -24,6 +24,7 @@ from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph, check_graph
 from export.precision import ALL_ROLES, fp16_emulation, linear_nodes, tensor_types, to_fp16
 from runtime import Policy, load_backend
+from runtime.ort_backend import cpu_session
 from tests.test_calibration import dataset_checkpoint
 from tests.test_runtime import assert_one_line_error
 

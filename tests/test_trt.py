@@ -307,12 +307,12 @@ def test_cli_run_drives_a_plan_through_the_same_loop(capsys, plans):
 def test_fp16_and_int8_plans_within_their_tolerances(tmp_path_factory, tmp_path):
     import onnx
 
-    from calibration.accuracy import cpu_session
     from calibration.data import load_training_dataset, split_episodes, window_samples
     from dmm_train.checkpoint import load_checkpoint
     from export.onnx_export import export_checkpoint
     from export.precision import PrecisionOptions, fp16_emulation
     from export.trt_build import build_engine
+    from runtime.ort_backend import cpu_session
     from tests.test_calibration import dataset_checkpoint
 
     checkpoint_path, dataset_dir = dataset_checkpoint(tmp_path_factory)
