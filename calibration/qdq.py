@@ -5,7 +5,7 @@ What TensorRT accepts (deploy_notes.md section 2.2) and what this pass writes:
 - per-channel scales only for weights (a DequantizeLinear rooted at an int8 initializer,
   one scale per output channel: axis 1 of a MatMul weight (K, N)), per-tensor scales for
   activations;
-- Q/DQ on the inputs of the Linear layers of `export.precision.INT8_ROLES` only (the
+- Q/DQ on the inputs of the Linear layers of `contract.graph_roles.INT8_ROLES` only (the
   projections inside the layers), never on their outputs, never on the recurrence, exp,
   softplus, the selection MatMuls or the caches. ONNX Runtime's QDQ quantizer hands the
   dequantized tensor to *every* consumer of a quantized activation (in window mode x
@@ -48,6 +48,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from contract.errors import DMMError
+from contract.graph_roles import INT8_ROLES, linear_nodes, set_precision_metadata
 from runtime.ort_backend import cpu_session
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -150,11 +151,9 @@ def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", r
                  ) -> tuple[onnx.ModelProto, dict]:
     """The Q/DQ graph of the fp32 graph ``proto``, calibrated on ``feeds``; returns (graph, details).
 
-    roles: the Linear roles to quantize (default `export.precision.INT8_ROLES`).
+    roles: the Linear roles to quantize (default `contract.graph_roles.INT8_ROLES`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from export.precision import INT8_ROLES, _set_precision_metadata, linear_nodes
 
     roles = INT8_ROLES if roles is None else tuple(roles)
     linears = {name: role for name, role in linear_nodes(proto).items() if role in roles}
@@ -192,7 +191,7 @@ def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", r
     quantized.doc_string = proto.doc_string
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(proto.metadata_props)
-    _set_precision_metadata(quantized, "int8")
+    set_precision_metadata(quantized, "int8")
     problems = check_qdq(quantized, set(linears))
     if problems:
         raise DMMError(f"the int8 graph breaks the Q/DQ rules ({'; '.join(problems[:3])}); this is a bug in "

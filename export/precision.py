@@ -6,22 +6,9 @@ TensorRT 11 removed the FP16/INT8 builder flags and the INT8 calibrators, and Je
 TensorRT 10.3, so the precision is written into the ONNX graph itself: a strongly typed
 TensorRT network (or ONNX Runtime) runs each tensor in the type the graph gives it.
 
-Linear layers. The lowering (`export.lowering`) writes every projection of the model as
-one MatMul (the head as a Gemm) whose second input is an initializer named after the model
-parameter it comes from (``ssm.0.in_proj.weight.T``, ``dsm.1.lin.weight.T``, ...). Those
-are the Linear layers, and `linear_nodes` names their role from the node name:
-
-    role      node                 weight (K x N)             notes
-    embed     embed/linear         block-diagonal embeddings  bias folded in as the last row (input 1)
-    dsm       layer{i}/dsm/dense   DSM lin, (W*D, D)
-    in_proj   layer{i}/ssm/in_proj (D, 2D)
-    x_proj    layer{i}/ssm/x_proj  x_proj with dt_proj folded in; in stream mode augmented with
-                                   an identity and a diag(Dskip) block (x and Dskip * x pass through)
-    out_proj  layer{i}/ssm/out_proj (D, D)
-    head      head (Gemm)          (Adim, D), transB
-
-Every other MatMul is not a Linear layer and stays float32 in every precision: the 0/1
-selection matrices (stream DSM windows and caches, ``dsm/select``; window mode's sums of
+Linear layers: the role table `contract.graph_roles` (shared with the Q/DQ pass) names
+each projection of the lowered graph by its node name. Every other MatMul is not a Linear
+layer and stays float32 in every precision: the 0/1 selection matrices (stream DSM windows and caches, ``dsm/select``; window mode's sums of
 later deltas, ``later_delta``) are exact data movement in float32, and ``y_C`` /
 ``decay_B_C`` are the SSM recurrence's output <h, Cm>.
 
@@ -49,62 +36,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from contract.errors import DMMError
+from contract.graph_roles import ALL_ROLES, FP16_ROLES, linear_nodes, set_precision_metadata
 
 LOW_PRECISIONS = ("fp16", "int8")
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
-# Node-name suffix -> role of a Linear layer (see the module docstring).
-LINEAR_ROLES = {
-    "embed/linear": "embed",
-    "/dsm/dense": "dsm",
-    "/ssm/in_proj": "in_proj",
-    "/ssm/x_proj": "x_proj",
-    "/ssm/out_proj": "out_proj",
-    "head": "head",
-}
-ALL_ROLES = tuple(dict.fromkeys(LINEAR_ROLES.values()))
-FP16_ROLES = ALL_ROLES
-# int8 on the per-layer projections only (deploy_notes.md section 2.2: "in_proj, out_proj,
-# DSM lin, x_proj"). The embedding carries its bias as a constant-1 column of its input, which
-# a per-tensor activation scale would round (1 becomes k * scale, up to half a step off), and
-# its K = S + Adim + 2 and the head's N = Adim are too small for int8 tensor cores anyway
-# (ModelOpt leaves GEMMs with K or N < 16 unquantized for that reason); they stay float32.
-INT8_ROLES = ("dsm", "in_proj", "x_proj", "out_proj")
-
 # What a precision may lose in closed-loop normalised score, in points (cli.py --max-score-drop).
 DEFAULT_MAX_SCORE_DROP = {"fp16": 1.0, "int8": 3.0}
-
-
-def _role(node_name: str) -> str | None:
-    for suffix, role in LINEAR_ROLES.items():
-        if node_name == suffix or node_name.endswith(suffix):
-            return role
-    return None
-
-
-def linear_nodes(proto: onnx.ModelProto) -> dict[str, str]:
-    """Node name -> role for every Linear layer of a lowered graph (see the module docstring).
-
-    A Linear layer is a MatMul / Gemm whose second input is a float initializer derived from
-    a model weight (its name holds ".weight"). Such a node with no known role means the
-    lowering changed without this table: a bug, raised rather than guessed about.
-    """
-    initializers = {init.name: init for init in proto.graph.initializer}
-    found = {}
-    for node in proto.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        weight = initializers.get(node.input[1])
-        if weight is None or weight.data_type != TensorProto.FLOAT or ".weight" not in weight.name:
-            continue
-        role = _role(node.name)
-        if role is None:
-            raise ValueError(f"MatMul {node.name!r} reads the weight {weight.name!r} but has no role in "
-                             "export.precision.LINEAR_ROLES; add it there (and decide its precision)")
-        found[node.name] = role
-    if not found:
-        raise ValueError("no Linear layers found; expected a graph built by export.lowering")
-    return found
 
 
 def _fp16_initializer(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
@@ -159,7 +97,7 @@ def to_fp16(proto: onnx.ModelProto, roles: tuple[str, ...] = FP16_ROLES) -> onnx
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    _set_precision_metadata(out, "fp16")
+    set_precision_metadata(out, "fp16")
     return out
 
 
@@ -200,13 +138,6 @@ def fp16_emulation(fp16_proto: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     return out
-
-
-def _set_precision_metadata(proto: onnx.ModelProto, precision: str) -> None:
-    props = {p.key: p.value for p in proto.metadata_props}
-    props["precision"] = precision
-    del proto.metadata_props[:]
-    helper.set_model_props(proto, props)
 
 
 def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:

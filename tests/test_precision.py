@@ -18,11 +18,12 @@ from calibration.accuracy import action_errors
 from calibration.data import load_training_dataset, split_episodes
 from contract.errors import DMMError
 from contract.files import sha256_file
+from contract.graph_roles import ALL_ROLES, linear_nodes
 from contract.manifest import manifest_path_for, read_manifest
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph, check_graph
-from export.precision import ALL_ROLES, fp16_emulation, linear_nodes, tensor_types, to_fp16
+from export.precision import fp16_emulation, tensor_types, to_fp16
 from runtime import Policy, load_backend
 from runtime.ort_backend import cpu_session
 from tests.test_calibration import dataset_checkpoint
@@ -63,7 +64,7 @@ def test_an_unknown_weight_matmul_is_an_error_not_a_guess(graphs):
     changed = onnx.ModelProto()
     changed.CopyFrom(graphs["window"])
     next(n for n in changed.graph.node if n.name == "layer1/ssm/in_proj").name = "layer1/ssm/new_proj"
-    with pytest.raises(ValueError, match="'layer1/ssm/new_proj' reads the weight .* export.precision.LINEAR_ROLES"):
+    with pytest.raises(ValueError, match="'layer1/ssm/new_proj' reads the weight .* contract.graph_roles.LINEAR_ROLES"):
         linear_nodes(changed)
 
 
