@@ -8,7 +8,8 @@ TensorRT network (or ONNX Runtime) runs each tensor in the type the graph gives 
 
 Linear layers: the role table `contract.graph_roles` (shared with the Q/DQ pass) names
 each projection of the lowered graph by its node name. Every other MatMul is not a Linear
-layer and stays float32 in every precision: the 0/1 selection matrices (stream DSM windows and caches, ``dsm/select``; window mode's sums of
+layer and stays float32 in every precision: the 0/1 selection matrices (stream DSM windows
+and caches, ``dsm/select``; window mode's sums of
 later deltas, ``later_delta``) are exact data movement in float32, and ``y_C`` /
 ``decay_B_C`` are the SSM recurrence's output <h, Cm>.
 

@@ -22,10 +22,10 @@ from calibration.data import (
 )
 from calibration.qdq import CALIBRATION_METHODS, calibrate_ranges, calibration_feeds, check_qdq, quantize_qdq
 from contract.errors import DMMError
+from contract.graph_roles import INT8_ROLES, linear_nodes
 from dmm_train.checkpoint import checkpoint_metadata, load_checkpoint, save_model
 from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph
-from export.precision import INT8_ROLES, linear_nodes
 
 _CACHE: dict[str, tuple] = {}
 
