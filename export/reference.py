@@ -13,13 +13,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from contract.tolerances import max_abs
 from dmm_train.model import DecisionMetaMamba
 from runtime.feeds import real_looking_trajectory, stream_feeds, window_at
 
 # Where the ONNX Runtime graph and PyTorch disagree by more than this the graph is wrong,
-# not rounded differently (fp32 parity is about 1e-7 here; DESIGN.md asks for 1e-5): the
-# export refuses to write it.
-PARITY_REFUSE_ABOVE = 1e-4
+# not rounded differently (docs/design.md#tolerances): the export refuses to write it.
+PARITY_REFUSE_ABOVE = max_abs("export-gate")
 
 
 WINDOW_PARITY_STEPS = 24  # windows at t = 0..23: the first K-1 are zero-padded starts

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contract.tolerances import max_abs
 from dmm_train.config import ModelConfig, get_preset
 from dmm_train.model import DecisionMetaMamba, count_parameters
 
-STEP_TOLERANCE = 1e-5
+STEP_TOLERANCE = max_abs("step-vs-sequence")  # docs/design.md#tolerances
 
 
 def build(preset: str, **overrides) -> DecisionMetaMamba:

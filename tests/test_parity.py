@@ -13,6 +13,7 @@ import torch
 
 import cli
 from contract.manifest import manifest_path_for, read_manifest
+from contract.tolerances import max_abs
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.evaluate import evaluate_policy
 from export.parity import ParityConfig, run_parity
@@ -22,7 +23,7 @@ from runtime.plant import make_plant
 from tests.conftest import write_checkpoint
 from tests.test_runtime import assert_one_line_error, export_engines
 
-FP32_TOLERANCE = 1e-5  # DESIGN.md section 2: ORT == PyTorch and step == sequence, fp32
+FP32_TOLERANCE = max_abs("ort-vs-torch")  # docs/design.md#tolerances
 EPISODE_STEPS = 1000
 
 
