@@ -36,7 +36,7 @@ from runtime.tensorrt_support import (
     gpu_identity,
 )
 from runtime.trt_backend import TrtBackend
-from tests.test_runtime import assert_one_line_error, copy_engine, export_engines
+from tests.helpers import assert_one_line_error, copy_engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
@@ -46,11 +46,6 @@ without_tensorrt = pytest.mark.skipif(TRT_INSTALLED, reason="tensorrt is install
                                                             "cannot be observed")
 # docs/design.md#tolerances: TensorRT == ONNX Runtime in fp32 with TF32 off; fp16 by mean abs.
 FP32_ATOL, FP16_MEAN_ABS = max_abs("trt-vs-ort"), tolerance("trt-vs-ort", "fp16").mean_abs
-
-
-@pytest.fixture(scope="module")
-def engines(checkpoint_path, tmp_path_factory):
-    return export_engines(checkpoint_path, tmp_path_factory.mktemp("engines"))
 
 
 def write_plan(onnx_path: Path, plan_path: Path, data: bytes, **engine_changes) -> Path:
@@ -314,7 +309,7 @@ def test_fp16_and_int8_plans_within_their_tolerances(tmp_path_factory, tmp_path)
     from export.precision import PrecisionOptions, fp16_emulation
     from export.trt_build import build_engine
     from runtime.ort_backend import cpu_session
-    from tests.test_calibration import dataset_checkpoint
+    from tests.helpers import dataset_checkpoint
 
     checkpoint_path, dataset_dir = dataset_checkpoint(tmp_path_factory)
     checkpoint = load_checkpoint(checkpoint_path)

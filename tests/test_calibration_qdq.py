@@ -23,41 +23,10 @@ from calibration.data import (
 from calibration.qdq import CALIBRATION_METHODS, calibrate_ranges, calibration_feeds, check_qdq, quantize_qdq
 from contract.errors import DMMError
 from contract.graph_roles import INT8_ROLES, linear_nodes
-from dmm_train.checkpoint import checkpoint_metadata, load_checkpoint, save_model
+from dmm_train.checkpoint import load_checkpoint
 from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph
-
-_CACHE: dict[str, tuple] = {}
-
-
-def dataset_checkpoint(tmp_path_factory):
-    """(checkpoint path, dataset directory): a real random-policy Hopper-v5 Minari dataset and a seeded,
-    untrained hopper checkpoint whose metadata names that dataset (id, content hash, normalisation).
-    """
-    if "pair" not in _CACHE:
-        import torch
-
-        from dmm_train.config import ModelConfig, TrainConfig, get_preset
-        from dmm_train.minari_reader import load_dataset
-        from dmm_train.model import DecisionMetaMamba
-        from dmm_train.recipes import collect
-
-        root = tmp_path_factory.mktemp("precision")
-        dataset_dir = collect("Hopper-v5", "test/precision-hopper-v0", policy="random", episodes=40, seed=3,
-                              out=root / "store")
-        dataset = load_dataset(dataset_dir)
-        preset = get_preset("hopper")
-        torch.manual_seed(0)
-        model = DecisionMetaMamba(ModelConfig.from_preset(preset)).eval()
-        metadata = checkpoint_metadata(
-            model=model, train_config=dataclasses.asdict(TrainConfig(preset="hopper")), preset="hopper",
-            env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
-            rtg_scale=preset.rtg_scale, target_returns=preset.target_returns,
-            ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score,
-            dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=0,
-        )
-        _CACHE["pair"] = (save_model(root / "run", model, metadata), dataset_dir)
-    return _CACHE["pair"]
+from tests.helpers import dataset_checkpoint
 
 
 @pytest.fixture(scope="module")

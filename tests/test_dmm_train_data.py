@@ -267,15 +267,25 @@ def test_episode_choice_is_length_proportional_and_starts_uniform(tiny):
         assert counts.min() > 0.7 * counts.mean(), counts
 
 
+def assert_rows_are_official_windows(dataset, batch, context_len: int, scale: float) -> None:
+    """Every row of ``batch`` is the official window of some (episode, start) of ``dataset``."""
+    pairs = [(e, t) for e, episode in enumerate(dataset.episodes) for t in range(len(episode.rewards))]
+    for i in range(batch.states.shape[0]):
+        found = False
+        for e, t in pairs:
+            states, actions, rtg, mask = official_window(dataset, e, t, context_len, scale)
+            if (np.array_equal(batch.mask[i], mask) and np.array_equal(batch.actions[i], actions.astype(np.float32))
+                    and np.allclose(batch.states[i], states, rtol=1e-6, atol=1e-6)
+                    and np.allclose(batch.rtg[i], rtg, rtol=1e-6, atol=1e-7)):
+                found = True
+                break
+        assert found, f"row {i} of the sampled batch is no official window of the dataset"
+
+
 def test_sampled_batches_are_official_windows(tiny):
-    sampler = WindowSampler(tiny, K, RTG_SCALE, seed=2)
-    state = sampler.get_state()
-    episode, start = sampler.draw(16)
-    sampler.set_state(state)
-    batch = sampler.sample(16)
-    expected = sampler.windows(episode, start)
-    for name in ("states", "actions", "rtg", "mask"):
-        np.testing.assert_array_equal(getattr(batch, name), getattr(expected, name))
+    # sample() checked against the slow step-by-step get_batch, not against the sampler's own windows().
+    batch = WindowSampler(tiny, K, RTG_SCALE, seed=2).sample(32)
+    assert_rows_are_official_windows(tiny, batch, K, RTG_SCALE)
 
 
 def test_sampler_state_round_trips_through_json(tiny):
@@ -301,16 +311,11 @@ def test_sampler_rejects_bad_arguments(tiny):
         WindowSampler(tiny, K, RTG_SCALE).sample(0)
 
 
-def test_sampler_is_fast_on_real_data(hopper):
-    sampler = WindowSampler(load_dataset(hopper[1]), 8, 1000.0, seed=0)
-    sampler.sample(64)
-    repeats = 200
-    started = time.perf_counter()
-    for _ in range(repeats):
-        batch = sampler.sample(64)
-    per_batch = (time.perf_counter() - started) / repeats
-    assert batch.states.shape == (64, 8, 11)
-    assert per_batch < 1e-3, f"{per_batch * 1e3:.3f} ms per batch"
+def test_sampler_on_real_data_gives_official_windows(hopper):
+    dataset = load_dataset(hopper[1])
+    batch = WindowSampler(dataset, 8, 1000.0, seed=0).sample(16)
+    assert batch.states.shape == (16, 8, 11)
+    assert_rows_are_official_windows(dataset, batch, 8, 1000.0)
 
 
 def test_download_failures_become_one_dmm_error(store_env, monkeypatch):

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,110 +24,7 @@ from runtime.backend import check_feeds, zero_feeds
 from runtime.latency import save_histogram
 from runtime.ort_backend import OrtBackend
 from runtime.torch_backend import TorchBackend
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-_ENGINES: dict[str, dict[str, Path]] = {}
-
-
-def export_engines(checkpoint_path: Path, directory: Path) -> dict[str, Path]:
-    """mode -> .onnx (manifest beside it) of ``checkpoint_path``, exported once per test session."""
-    key = str(checkpoint_path)
-    if key not in _ENGINES:
-        _ENGINES[key] = {mode: _export(checkpoint_path, mode, directory) for mode in MODES}
-    return _ENGINES[key]
-
-
-def _export(checkpoint_path: Path, mode: str, directory: Path) -> Path:
-    try:
-        from export.onnx_export import export_checkpoint
-    except ModuleNotFoundError as error:
-        if error.name != "export.onnx_export":
-            raise
-        return _throwaway_export(checkpoint_path, mode, directory)
-    return export_checkpoint(checkpoint_path, mode=mode, out=directory / f"hopper-{mode}")[0]
-
-
-def _throwaway_export(checkpoint_path: Path, mode: str, directory: Path) -> Path:
-    """Stand-in until export.onnx_export lands (delete it then): the model's own step form, unrolled."""
-    import dataclasses
-
-    import torch
-
-    from contract.files import sha256_file
-    from contract.manifest import write_manifest
-    from dmm_train.checkpoint import load_checkpoint
-    from dmm_train.manifest_builder import build_manifest
-
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = checkpoint.model.eval()
-    manifest = build_manifest(checkpoint, mode=mode)
-
-    class Window(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, states, actions, rtg):
-            dsm_cache, ssm_state = model.init_cache(states.shape[0])
-            tokens = model.embed_tokens(states, actions, rtg)  # (B, 3K, D)
-            for index in range(tokens.shape[1] - 1):  # up to the last state token
-                hidden, dsm_cache, ssm_state = model.step(tokens[:, index], dsm_cache, ssm_state)
-            return model.predict_action(hidden)
-
-    class Stream(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, prev_action, prev_action_valid, rtg, state, dsm_cache, ssm_state):
-            _, dsm_a, ssm_a = model.step(model.embed_act(prev_action), dsm_cache, ssm_state)
-            valid = prev_action_valid[None, :, :, None]  # (1, B, 1, 1)
-            dsm_cache = valid * dsm_a + (1 - valid) * dsm_cache
-            ssm_state = valid * ssm_a + (1 - valid) * ssm_state
-            _, dsm_cache, ssm_state = model.step(model.embed_rtg(rtg), dsm_cache, ssm_state)
-            hidden, dsm_cache, ssm_state = model.step(model.embed_observation(state), dsm_cache, ssm_state)
-            return model.predict_action(hidden), dsm_cache, ssm_state
-
-    path = directory / f"hopper-{mode}.onnx"
-    example = tuple(torch.zeros(spec.shape) for spec in manifest.inputs)
-    torch.onnx.export(Window() if mode == "window" else Stream(), example, str(path), dynamo=False,
-                      input_names=[s.name for s in manifest.inputs],
-                      output_names=[s.name for s in manifest.outputs], opset_version=17)
-    manifest = dataclasses.replace(manifest, onnx_sha256=sha256_file(path), opset=17)
-    write_manifest(manifest, manifest_path_for(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def engines(checkpoint_path, tmp_path_factory):
-    return export_engines(checkpoint_path, tmp_path_factory.mktemp("engines"))
-
-
-def copy_engine(engine: Path, directory: Path) -> Path:
-    """A private copy of an engine and its manifest, free to damage."""
-    target = directory / engine.name
-    shutil.copy(engine, target)
-    shutil.copy(manifest_path_for(engine), manifest_path_for(target))
-    return target
-
-
-def edit_manifest(engine: Path, **changes) -> None:
-    path = manifest_path_for(engine)
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
-
-
-def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
-    captured = capsys.readouterr()
-    assert code != 0
-    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
-    assert "Traceback" not in captured.err
-    for fragment in fragments:
-        assert fragment in captured.err, (fragment, captured.err)
-    return captured.err
-
+from tests.helpers import REPO_ROOT, assert_one_line_error, copy_engine, edit_manifest
 
 # -- torch-free -------------------------------------------------------------------------
 
@@ -537,7 +433,7 @@ def test_manifest_of_the_engines_is_readable_without_torch(engines):
 
 
 def test_run_refuses_a_baseline_checkpoint(capsys, tmp_path):
-    from tests.conftest import write_checkpoint
+    from tests.helpers import write_checkpoint
 
     baseline = write_checkpoint(tmp_path / "bc", model_kind="bc")
     assert_one_line_error(capsys, cli.main(["run", "--engine", str(baseline), "--episodes", "1"]),

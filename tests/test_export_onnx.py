@@ -30,8 +30,7 @@ from runtime import load_backend
 from runtime.feeds import InputTrajectory, stream_feeds, window_at
 from runtime.ort_backend import cpu_session
 from runtime.plant import make_plant
-from tests.conftest import write_checkpoint
-from tests.test_runtime import assert_one_line_error
+from tests.helpers import assert_one_line_error, write_checkpoint
 
 FP32_TOLERANCE = max_abs("ort-vs-torch")  # docs/design.md#tolerances
 # Measured: window 203 nodes, stream 148 (ONNX Runtime's optimiser leaves about as many).

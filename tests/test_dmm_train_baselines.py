@@ -25,7 +25,7 @@ from dmm_train.minari_reader import load_dataset
 from dmm_train.model import DecisionMetaMamba, SelectiveSSM, count_parameters
 from dmm_train.recipes import collect
 from dmm_train.sampler import WindowSampler
-from tests.conftest import write_checkpoint
+from tests.helpers import write_checkpoint
 
 EXACT = 1e-6  # float32 reordering only; a leak from another token is orders of magnitude larger
 

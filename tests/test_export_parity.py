@@ -20,8 +20,7 @@ from export.parity import ParityConfig, run_parity
 from runtime import Policy, load_backend
 from runtime.loop import run_episode
 from runtime.plant import make_plant
-from tests.conftest import write_checkpoint
-from tests.test_runtime import assert_one_line_error, export_engines
+from tests.helpers import assert_one_line_error, write_checkpoint
 
 FP32_TOLERANCE = max_abs("ort-vs-torch")  # docs/design.md#tolerances
 EPISODE_STEPS = 1000
@@ -34,11 +33,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def engines(checkpoint_path, tmp_path_factory):
-    return export_engines(checkpoint_path, tmp_path_factory.mktemp("engines"))
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,7 @@ from export.onnx_export import build_graph, check_graph
 from export.precision import fp16_emulation, tensor_types, to_fp16
 from runtime import Policy, load_backend
 from runtime.ort_backend import cpu_session
-from tests.test_calibration import dataset_checkpoint
-from tests.test_runtime import assert_one_line_error
+from tests.helpers import assert_one_line_error, dataset_checkpoint
 
 MODES = ("window", "stream")
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16

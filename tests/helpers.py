@@ -1,0 +1,113 @@
+"""Shared test helpers: real checkpoints, datasets and exported engines on disk, and the one-line error check.
+
+Fixtures built from these live in conftest.py; test modules import helpers from here, never from
+each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from contract.manifest import MODES, manifest_path_for
+from dmm_train.baselines import build_policy
+from dmm_train.checkpoint import checkpoint_metadata, save_model
+from dmm_train.config import ModelConfig, TrainConfig, get_preset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_checkpoint(directory, *, seed: int = 0, preset: str = "hopper", model_kind: str = "dmm"):
+    """A model.pt of a freshly initialised model (DMM, or the baseline ``model_kind``) with plausible
+    Hopper normalisation stats."""
+    torch.manual_seed(seed)
+    env_preset = get_preset(preset)
+    model = build_policy(ModelConfig.from_preset(env_preset, model=model_kind)).eval()
+    rng = np.random.default_rng(seed)
+    state_mean = rng.normal(0.0, 0.5, env_preset.state_dim).astype(np.float32)
+    state_std = rng.uniform(0.2, 2.0, env_preset.state_dim).astype(np.float32)
+    metadata = checkpoint_metadata(
+        model=model, train_config=dataclasses.asdict(TrainConfig(preset=preset, model=model_kind)), preset=preset,
+        env_id=env_preset.env_id, state_mean=state_mean, state_std=state_std,
+        rtg_scale=env_preset.rtg_scale, target_returns=env_preset.target_returns,
+        ref_min_score=env_preset.ref_min_score, ref_max_score=env_preset.ref_max_score,
+        dataset_id="fixture/untrained", dataset_hash="0" * 64, step=0,
+    )
+    return save_model(directory, model, metadata)
+
+
+_ENGINES: dict[str, dict[str, Path]] = {}
+
+
+def export_engines(checkpoint_path: Path, directory: Path) -> dict[str, Path]:
+    """mode -> .onnx (manifest beside it) of ``checkpoint_path``, exported once per test session."""
+    from export.onnx_export import export_checkpoint
+
+    key = str(checkpoint_path)
+    if key not in _ENGINES:
+        _ENGINES[key] = {mode: export_checkpoint(checkpoint_path, mode=mode, out=directory / f"hopper-{mode}")[0]
+                         for mode in MODES}
+    return _ENGINES[key]
+
+
+def copy_engine(engine: Path, directory: Path) -> Path:
+    """A private copy of an engine and its manifest, free to damage."""
+    target = directory / engine.name
+    shutil.copy(engine, target)
+    shutil.copy(manifest_path_for(engine), manifest_path_for(target))
+    return target
+
+
+def edit_manifest(engine: Path, **changes) -> None:
+    path = manifest_path_for(engine)
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
+    captured = capsys.readouterr()
+    assert code != 0
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    for fragment in fragments:
+        assert fragment in captured.err, (fragment, captured.err)
+    return captured.err
+
+
+_CACHE: dict[str, tuple] = {}
+
+
+def dataset_checkpoint(tmp_path_factory):
+    """(checkpoint path, dataset directory): a real random-policy Hopper-v5 Minari dataset and a seeded,
+    untrained hopper checkpoint whose metadata names that dataset (id, content hash, normalisation).
+    """
+    if "pair" not in _CACHE:
+        import torch
+
+        from dmm_train.config import ModelConfig, TrainConfig, get_preset
+        from dmm_train.minari_reader import load_dataset
+        from dmm_train.model import DecisionMetaMamba
+        from dmm_train.recipes import collect
+
+        root = tmp_path_factory.mktemp("precision")
+        dataset_dir = collect("Hopper-v5", "test/precision-hopper-v0", policy="random", episodes=40, seed=3,
+                              out=root / "store")
+        dataset = load_dataset(dataset_dir)
+        preset = get_preset("hopper")
+        torch.manual_seed(0)
+        model = DecisionMetaMamba(ModelConfig.from_preset(preset)).eval()
+        metadata = checkpoint_metadata(
+            model=model, train_config=dataclasses.asdict(TrainConfig(preset="hopper")), preset="hopper",
+            env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
+            rtg_scale=preset.rtg_scale, target_returns=preset.target_returns,
+            ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score,
+            dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=0,
+        )
+        _CACHE["pair"] = (save_model(root / "run", model, metadata), dataset_dir)
+    return _CACHE["pair"]
