@@ -1,6 +1,6 @@
-"""Configuration: environment presets, model config, train config.
+"""Configuration: environment presets, model config, train config, collect config.
 
-One table of presets per environment (DMM_SPEC.md, "Training" and "Evaluation"),
+One table of presets per environment (docs/model.md#training and #evaluation-protocol),
 one frozen dataclass per stage. The CLI parses options into these and calls one
 function; the checkpoint stores them, so later stages never re-read CLI flags.
 Importable without torch.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from contract.errors import DMMError
 
@@ -18,6 +19,7 @@ from contract.errors import DMMError
 ACTION_PAD_VALUE = -10.0  # left-padded actions in training windows; out of tanh's range on purpose
 RTG_PAD_VALUE = 0.0
 STATE_STD_EPS = 1e-6  # added to the dataset std before normalising
+RUNS_DIR = Path("runs")  # training runs go to RUNS_DIR/<name> unless --out says otherwise
 
 
 @dataclass(frozen=True)
@@ -216,3 +218,61 @@ class TrainConfig:
             )
         if self.scan not in ("auto", "fused", "loop"):
             raise DMMError(f"scan={self.scan!r}; expected auto, fused or loop")
+
+    def run_dir(self) -> Path:
+        """The default run directory: runs/<preset>-seed<S> (runs/<preset>-<model>-seed<S> for a baseline)."""
+        kind = "" if self.model == "dmm" else f"-{self.model}"
+        name = f"{self.preset}{kind}-seed{self.seed}"
+        return RUNS_DIR / name
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    """What ``cli.py collect`` asks for: embedded recipes, or custom rollouts of a policy."""
+
+    recipes: tuple[str, ...] = field(default=(), metadata={
+        "help": "embedded dataset to regenerate (repeatable; default: every one this checkout ships)"})
+    steps: int | None = field(default=None, metadata={"help": "rollout budget per policy (default: the recipe's)"})
+    seed: int = field(default=0, metadata={"help": "seed of the env resets and the action noise"})
+    out: Path | None = field(default=None, metadata={"help": "Minari store to write into (default: the local one)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing dataset of the same id"})
+    policy: str | None = field(default=None, metadata={"help": "custom rollouts: 'random' or a behaviour-policy .npz"})
+    episodes: int | None = field(default=None, metadata={"help": "custom rollouts: episodes to roll out (default 100)"})
+    dataset_id: str | None = field(default=None, metadata={
+        "help": "custom rollouts: Minari id to write (namespace/name-vN)"})
+    preset: str = field(default="hopper", metadata={"help": "custom rollouts: environment preset"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+
+    DEFAULT_EPISODES = 100
+
+    @property
+    def custom(self) -> bool:
+        return self.policy is not None or self.episodes is not None or self.dataset_id is not None
+
+    def validate(self) -> None:
+        if self.custom and self.recipes:
+            raise DMMError(f"--recipe {' '.join(self.recipes)} with --policy/--episodes/--dataset-id; expected "
+                           "either a recipe or custom rollouts, not both")
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
+            raise DMMError(f"--steps {self.steps!r}; expected a positive integer")
+        if self.custom:
+            get_preset(self.preset)
+            if self.episodes is not None and self.episodes < 1:
+                raise DMMError(f"--episodes {self.episodes}; expected at least 1")
+            if self.policy not in (None, "random") and not str(self.policy).endswith(".npz"):
+                raise DMMError(f"--policy {self.policy!r}; expected 'random' or a behaviour-policy .npz file")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``cli.py eval`` asks for (the official sliding-window protocol, docs/model.md#evaluation-protocol)."""
+
+    checkpoint: Path = field(metadata={"help": "model.pt or its run directory"})
+    episodes: int = field(default=10, metadata={"help": "episodes per target"})
+    targets: tuple[float, ...] = field(default=(), metadata={"help": "target return (repeatable; default: all)"})
+    seed: int = field(default=0, metadata={"help": "reset seed of the first episode"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+
+    def validate(self) -> None:
+        if self.episodes < 1:
+            raise DMMError(f"--episodes {self.episodes}; expected at least 1")

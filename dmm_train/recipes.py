@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError
-from dmm_train.config import get_preset
+from dmm_train.config import CollectConfig, get_preset
 from dmm_train.minari_reader import DATA_DIR, METADATA_FILE
 from dmm_train.minari_writer import check_dataset_id, store_root, write_minari_dataset
 from dmm_train.progress import Progress
@@ -302,3 +302,29 @@ def ensure_default_dataset(progress: bool = True, steps: int | None = None) -> P
         elapsed = time.perf_counter() - started
         print(f"wrote {DEFAULT_DATASET_ID} in {elapsed:.1f} s", file=sys.stderr, flush=True)
     return path
+
+
+def run_collect(config: CollectConfig, report: Callable[[str], None] = print) -> list[Path]:
+    """``cli.py collect``: write the datasets ``config`` asks for; return their directories.
+
+    Custom rollouts when a policy, episode count or dataset id is given; else the recipes named,
+    or every shipped one (the no-argument form fills in what is missing and ``report``s what it kept).
+    """
+    config.validate()
+    if config.custom:
+        env_preset = get_preset(config.preset)
+        policy = config.policy or "random"
+        name = "random" if policy == "random" else Path(policy).stem.replace("_", "-")
+        dataset_id = config.dataset_id or f"dmm-deploy/{env_preset.name}-{name}-custom-v0"
+        episodes = config.DEFAULT_EPISODES if config.episodes is None else config.episodes
+        return [collect(env_preset.env_id, dataset_id, policy=policy, episodes=episodes, seed=config.seed,
+                        out=config.out, overwrite=config.overwrite)]
+    names = config.recipes or tuple(name for name, recipe in RECIPES.items()
+                                    if recipe.available() and recipe.kind != "random")
+    if not config.recipes and not config.overwrite:  # the no-argument form fills in what is missing
+        kept = [name for name in names if recipe_dataset_dir(name, config.out).exists()]
+        for name in kept:
+            report(f"kept the existing {RECIPES[name].dataset_id} (--overwrite regenerates it)")
+        names = tuple(name for name in names if name not in kept)
+    return [collect_recipe(name, steps=RECIPE_STEPS if config.steps is None else config.steps, seed=config.seed,
+                           out=config.out, overwrite=config.overwrite, progress=not config.quiet) for name in names]

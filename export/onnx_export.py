@@ -22,10 +22,8 @@ from contract.errors import DMMError
 from contract.files import atomic_write_bytes
 from contract.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
 from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
+from export.config import DEFAULT_OPSET, DEFAULT_RUNS_DIR
 from runtime.ort_backend import cpu_session
-
-DEFAULT_OPSET = 17
-DEFAULT_RUNS_DIR = Path("runs")
 
 
 def find_latest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:

@@ -88,12 +88,16 @@ def compare_actions(reference: np.ndarray, candidate: np.ndarray, step_index: np
 class ParityConfig:
     """What ``cli.py parity`` asks for."""
 
-    checkpoint: Path
-    onnx: tuple[Path, ...] = ()  # empty: export both modes of the checkpoint to a temporary directory
-    steps: int = 1000
-    seed: int = 0
-    target_return: float | None = None
-    threads: int | None = DEFAULT_THREADS  # intra-op threads; None: the library's default
+    checkpoint: Path = field(metadata={"help": "model.pt (the PyTorch reference)"})
+    onnx: tuple[Path, ...] = field(default=(), metadata={
+        "help": "graph exported from it (repeatable; default: export both modes to a temporary directory)"})
+    steps: int = field(default=1000, metadata={"help": "steps of the recorded trajectory"})
+    seed: int = field(default=0, metadata={"help": "reset seed of the recorded trajectory"})
+    target_return: float | None = field(default=None, metadata={"help": "target return (default: the manifest's)"})
+    threads: int | None = field(default=DEFAULT_THREADS, metadata={
+        "help": "intra-op threads; None: the library's default"})
+    atol: float | None = field(default=None, metadata={
+        "help": "fail when a pair's max abs difference exceeds this"})
 
     def validate(self) -> None:
         if self.steps < 1:

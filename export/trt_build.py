@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import DMMError
@@ -51,13 +51,16 @@ DEFAULT_WORKSPACE_MB = 256
 class BuildConfig:
     """What ``cli.py build`` asks for."""
 
-    onnx: Path  # NAME.onnx with its manifest NAME.json beside it
-    out: Path | None = None  # NAME.plan (default: beside the ONNX)
-    workspace_mb: int = DEFAULT_WORKSPACE_MB
-    timing_cache: Path | None = None  # default: beside the plan, one per TensorRT version and GPU
-    typing: str = "auto"  # auto | strong | weak (weak: TensorRT 10.x only)
-    tf32: bool = False
-    device: int = 0
+    onnx: Path = field(metadata={"help": "NAME.onnx with its manifest NAME.json beside it"})
+    out: Path | None = field(default=None, metadata={"help": "NAME.plan to write (default: beside the ONNX)"})
+    workspace_mb: int = field(default=DEFAULT_WORKSPACE_MB, metadata={"help": "builder workspace limit in MiB"})
+    timing_cache: Path | None = field(default=None, metadata={
+        "help": "timing cache to reuse and update (default: beside the plan, one per TensorRT version and GPU)"})
+    typing: str = field(default="auto", metadata={
+        "help": "strong: precision from the graph; weak: the FP16/INT8 builder flags (TensorRT 10.x only); "
+                "auto: strong, weak only where 10.x needs it"})
+    tf32: bool = field(default=False, metadata={"help": "allow TF32 in the fp32 layers (off: true fp32, for parity)"})
+    device: int = field(default=0, metadata={"help": "CUDA device to build on"})
 
     def validate(self) -> None:
         if Path(self.onnx).suffix != ".onnx":

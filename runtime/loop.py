@@ -68,17 +68,22 @@ def warm_up(policy: Policy, calls: int = DEFAULT_WARMUP) -> None:
 class RunConfig:
     """What ``cli.py run`` asks for."""
 
-    engine: Path
-    episodes: int = 5
-    seed: int = 0
-    target_return: float | None = None
-    deadline_ms: float | None = None  # None: the plant's control period
-    mode: str | None = None  # only for a .pt checkpoint
-    provider: str | None = None  # only for a .onnx
-    threads: int | None = DEFAULT_THREADS  # intra-op threads; None: the library's default
-    warmup: int = DEFAULT_WARMUP
-    histogram: Path | None = None
-    cuda_graph: bool = False  # only for a .plan
+    engine: Path = field(metadata={"help": "hopper.plan, hopper.onnx or a model.pt"})
+    episodes: int = field(default=5, metadata={"help": "episodes to run; episode i is seeded seed + i"})
+    seed: int = field(default=0, metadata={"help": "reset seed of the first episode"})
+    target_return: float | None = field(default=None, metadata={"help": "target return (default: the manifest's)"})
+    deadline_ms: float | None = field(default=None, metadata={
+        "help": "per-step deadline (default: the plant's control period, 8 ms for Hopper-v5)"})
+    mode: str | None = field(default=None, metadata={
+        "help": "inference mode of a model.pt (default window); an exported engine has its own"})
+    provider: str | None = field(default=None, metadata={
+        "help": "ONNX Runtime execution provider for a .onnx (default cpu); the one in use is asserted"})
+    threads: int | None = field(default=DEFAULT_THREADS, metadata={
+        "help": "intra-op threads of the backend; 0 = the library's default"})
+    warmup: int = field(default=DEFAULT_WARMUP, metadata={"help": "engine calls before the first timed episode"})
+    histogram: Path | None = field(default=None, metadata={"help": "write a latency histogram PNG here"})
+    cuda_graph: bool = field(default=False, metadata={
+        "help": "replay a .plan's enqueue as a CUDA graph (needs cuda-python)"})
 
     def validate(self) -> None:
         if self.episodes < 1:
