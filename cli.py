@@ -209,7 +209,7 @@ def parity(as_json, **options) -> None:
 
 @cli.command(name="export")
 @config_option(ExportConfig, "checkpoint", type=click.Path())
-@config_option(ExportConfig, "mode", type=click.Choice(MODES))
+@config_option(ExportConfig, "mode")
 @config_option(ExportConfig, "out", type=click.Path())
 @config_option(ExportConfig, "batch")
 @config_option(ExportConfig, "opset")

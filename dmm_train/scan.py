@@ -52,6 +52,11 @@ def selective_scan_loop(
     return torch.stack(outputs, dim=1), h  # (B, L, D), (B, D, N)
 
 
+def _tracing() -> bool:
+    """True inside torch.jit.trace / torch.jit.script or torch.onnx.export."""
+    return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+
+
 def fused_scan_available() -> bool:
     """True when the fused CPU kernel can be built or is already loaded."""
     from dmm_train import fused_scan
@@ -84,6 +89,14 @@ def selective_scan(
     """
     if impl not in SCAN_IMPLS:
         raise DMMError(f"scan impl {impl!r}; expected one of {', '.join(SCAN_IMPLS)}")
+    if _tracing():
+        # A tracer records tensor ops; the fused kernel is a ctypes call whose output it would bake
+        # into the graph as a constant (a silently wrong graph). "auto" traces the loop instead.
+        if impl == "fused":
+            raise DMMError("scan impl 'fused' while tracing or exporting with torch (torch.jit.trace / "
+                           "torch.onnx.export); expected 'auto' or 'loop', which trace the loop scan; call "
+                           "model.set_scan_impl('loop') before tracing, or use 'cli.py export'")
+        impl = "loop"
     use_loop = impl == "loop" or (
         impl == "auto" and (x.device.type != "cpu" or x.dtype != torch.float32 or not fused_scan_available())
     )

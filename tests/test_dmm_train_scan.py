@@ -295,3 +295,48 @@ def test_missing_compiler_is_reported_and_auto_falls_back(tmp_path):
     )
     result = _run_python(code, DMM_CACHE_DIR=str(tmp_path), CC="/no-such-compiler")
     assert result.returncode == 0, result.stderr
+
+
+class _WindowForward(torch.nn.Module):
+    """The window contract as a plain module: (states, actions, rtg) -> action at the last state token."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, states, actions, rtg):
+        return self.model(states, actions, rtg)[:, -1]  # (B, Adim)
+
+
+@pytest.mark.skipif(not fused_scan.is_available(), reason=f"fused kernel unavailable: {fused_scan.UNAVAILABLE_REASON}")
+def test_torch_onnx_export_of_the_default_scan_gives_the_right_graph(tmp_path):
+    import numpy as np
+
+    from runtime.ort_backend import cpu_session
+
+    torch.manual_seed(0)
+    model = DecisionMetaMamba(ModelConfig.from_preset(get_preset("hopper"))).eval()  # scan "auto": fused on CPU
+    generator = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(2, 8, 11, generator=generator), torch.tanh(torch.randn(2, 8, 3, generator=generator)),
+              torch.rand(2, 8, 1, generator=generator) * 3.6)
+    path = tmp_path / "traced.onnx"
+    wrapper = _WindowForward(model).eval()  # export restores the wrapper's mode, recursively: keep it eval
+    torch.onnx.export(wrapper, inputs, str(path), dynamo=False, opset_version=17,
+                      input_names=["states", "actions", "rtg"], output_names=["action"])
+    other = tuple(torch.randn_like(t, generator=generator) for t in inputs)  # inputs the trace never saw
+    feeds = dict(zip(["states", "actions", "rtg"], (t.numpy() for t in other), strict=True))
+    (onnx_action,) = cpu_session(path.read_bytes()).run(["action"], feeds)
+    assert not model.training
+    with torch.no_grad():
+        expected = wrapper(*other).numpy()
+    difference = float(np.abs(onnx_action - expected).max())
+    assert difference < 1e-5, f"traced graph vs PyTorch max abs {difference:.2e}"
+
+
+def test_fused_scan_refuses_to_be_traced():
+    torch.manual_seed(0)
+    model = DecisionMetaMamba(ModelConfig.from_preset(get_preset("hopper"))).eval()
+    model.set_scan_impl("fused")
+    inputs = (torch.zeros(1, 8, 11), torch.zeros(1, 8, 3), torch.zeros(1, 8, 1))
+    with pytest.raises(DMMError, match="scan impl 'fused' while tracing"):
+        torch.jit.trace(_WindowForward(model), inputs, check_trace=False)
