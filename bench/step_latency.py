@@ -2,7 +2,7 @@
 
 Three ways to compute one env step's action from the same checkpoint, side by side:
 
-- (a) eager:  the official-style evaluation step in eager PyTorch (DMM_SPEC.md "Evaluation"):
+- (a) eager:  the official-style evaluation step in eager PyTorch (docs/model.md#evaluation-protocol):
               the new observation and a zero placeholder action are appended to the episode's
               history (torch.cat), the whole history is normalised, the last K steps are
               zero-left-padded and `DecisionMetaMamba.forward` runs over the window with the
@@ -23,8 +23,8 @@ steps so that a change in the machine's load hits every path alike. Two informat
 with one thread and each ONNX Runtime session with one intra-op thread.
 
 It then runs the window and the stream Policy closed loop on Hopper-v5 for a few episodes:
-stream mode is a different policy by design (its state sees the whole episode, DESIGN.md
-section 2), so its return is reported beside window mode's.
+stream mode is a different policy by design (its state sees the whole episode,
+docs/design.md#stream-mode), so its return is reported beside window mode's.
 
 Without --checkpoint it trains a tiny real checkpoint first (a small random-policy Hopper-v5
 dataset written by Minari's DataCollector, a few hundred official training steps, in a

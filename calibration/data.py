@@ -4,7 +4,7 @@ Glossary: B batch (1 here: precision graphs are for the control loop), K window 
 S state dim, Adim action dim, nl n_layer, W DSM window, D d_model, N d_state, T steps
 of one episode.
 
-Where the inputs come from (DESIGN.md section 3):
+Where the inputs come from (docs/design.md#calibration):
 - the dataset the checkpoint was trained on, found by the id the checkpoint records (or
   a directory / id given explicitly) and identified by its content hash, which must equal
   the checkpoint's: calibrating on other data would silently tune the scales to inputs

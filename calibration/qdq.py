@@ -1,6 +1,6 @@
 """INT8 as explicit Q/DQ, inserted by ONNX Runtime's quantization tools, on Linear inputs only.
 
-What TensorRT accepts (deploy_notes.md section 2.2) and what this pass writes:
+What TensorRT accepts (docs/deployment.md#qdq-placement) and what this pass writes:
 - QuantizeLinear / DequantizeLinear with int8 data and zero point 0 (symmetric ranges);
 - per-channel scales only for weights (a DequantizeLinear rooted at an int8 initializer,
   one scale per output channel: axis 1 of a MatMul weight (K, N)), per-tensor scales for
@@ -31,7 +31,7 @@ from their own values.
 The result is evaluated on the CPU with graph optimisations off (ORT_DISABLE_ALL), where
 ONNX Runtime runs Q/DQ as fake-quant in float, what TensorRT's int8 x int8 -> int32
 arithmetic approximates; with optimisations on it fuses the pattern into integer kernels
-whose u8s8 path can saturate on CPUs without VNNI (deploy_notes.md section 2.5).
+whose u8s8 path can saturate on CPUs without VNNI (docs/deployment.md#estimating-int8-on-the-cpu).
 """
 
 from __future__ import annotations

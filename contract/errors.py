@@ -11,6 +11,12 @@ class DMMError(Exception):
     """A user-facing error: bad input, missing artifact, unmet requirement."""
 
 
+def describe_error(error: BaseException) -> str:
+    """``Type: first line of the message``: a library's error, folded into one line of a DMMError."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 def require(condition: bool, message: str) -> None:
     """Raise :class:`DMMError` with ``message`` unless ``condition`` holds."""
     if not condition:

@@ -35,7 +35,7 @@ LINEAR_ROLES = {
 }
 ALL_ROLES = tuple(dict.fromkeys(LINEAR_ROLES.values()))
 FP16_ROLES = ALL_ROLES
-# int8 on the per-layer projections only (docs/deployment.md#q-dq-placement). The embedding
+# int8 on the per-layer projections only (docs/deployment.md#qdq-placement). The embedding
 # carries its bias as a constant-1 column of its input, which a per-tensor activation scale
 # would round (1 becomes k * scale, up to half a step off), and its K = S + Adim + 2 and the
 # head's N = Adim are too small for int8 tensor cores anyway (ModelOpt leaves GEMMs with K or

@@ -1,4 +1,4 @@
-"""The manifest: the JSON record beside every .onnx and .plan (DESIGN.md section 1).
+"""The manifest: the JSON record beside every .onnx and .plan (docs/design.md#manifest).
 
 It carries everything the runtime needs (mode, I/O tensors, normalisation, rtg scale,
 default target, action bounds) so that no stage re-reads an earlier stage's flags,

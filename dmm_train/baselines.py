@@ -1,6 +1,6 @@
 """Baselines in the DMM harness: Decision Mamba, Decision Transformer, behaviour cloning.
 
-Glossary (DMM_SPEC.md): B batch, T timesteps in the window (K), L = 3T tokens, D width,
+Glossary (docs/model.md#symbols): B batch, T timesteps in the window (K), L = 3T tokens, D width,
 N d_state, R dt_rank, C conv kernel, H attention heads, S state dim, Adim action dim.
 
 Every policy maps a window of (rtg, state, action) to the actions predicted at the state

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"  # the shipped actors and replay log
 
@@ -64,9 +65,9 @@ class MlpPolicy:
                 log_std = (data["log_std_w"], data["log_std_b"]) if "log_std_w" in data else (None, None)
                 return cls([data[f"w{i}"] for i in range(count)], [data[f"b{i}"] for i in range(count)],
                            *log_std, metadata=metadata)
-        except (OSError, KeyError, ValueError) as error:
-            raise DMMError(f"behaviour policy {str(path)!r} is unreadable ({error}); expected an .npz with "
-                           "n_layers, w0.., b0..; regenerate it with 'python -m dmm_train.behavior'") from None
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise DMMError(f"behaviour policy {str(path)!r} is unreadable ({describe_error(error)}); expected an "
+                           ".npz with n_layers, w0.., b0..; rebuild it with 'python -m dmm_train.behavior'") from None
 
     def save(self, path: str | Path, **metadata) -> None:
         arrays = {f"w{i}": w.astype(np.float32) for i, w in enumerate(self.weights)}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.files import atomic_write_bytes, atomic_write_json
 from contract.versions import CHECKPOINT_PACKAGES, library_versions
 from dmm_train.baselines import build_policy
@@ -125,7 +125,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch raises many types for a damaged file
         raise DMMError(
-            f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: {error}); "
+            f"checkpoint {str(path)!r} could not be read ({describe_error(error)}); "
             "expected a model.pt written by 'python cli.py train'; retrain or pick another file"
         ) from None
     if not isinstance(payload, dict) or payload.get("kind") != "dmm-checkpoint":

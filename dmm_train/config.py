@@ -1,6 +1,6 @@
 """Configuration: environment presets, model config, train config, collect config.
 
-One table of presets per environment (docs/model.md#training and #evaluation-protocol),
+One table of presets per environment (docs/model.md#training and docs/model.md#evaluation-protocol),
 one frozen dataclass per stage. The CLI parses options into these and calls one
 function; the checkpoint stores them, so later stages never re-read CLI flags.
 Importable without torch.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from contract.errors import DMMError
 
-# Padding conventions of the official sampler (DMM_SPEC.md, "Sampling").
+# Padding conventions of the official sampler (docs/model.md#sampler-and-padding).
 ACTION_PAD_VALUE = -10.0  # left-padded actions in training windows; out of tanh's range on purpose
 RTG_PAD_VALUE = 0.0
 STATE_STD_EPS = 1e-6  # added to the dataset std before normalising
@@ -104,7 +104,7 @@ def check_model_kind(model: str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one policy (DMM_SPEC.md symbols in brackets); DMM unless ``model`` says otherwise.
+    """Architecture of one policy (docs/model.md#symbols in brackets); DMM unless ``model`` says otherwise.
 
     d_model and n_layer mean the width and depth of whichever kind ``model`` names
     (for bc: the hidden width and the number of hidden layers).
@@ -178,7 +178,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Official DMM training hyperparameters (DMM_SPEC.md, "Training"), the same for every model kind."""
+    """Official DMM training hyperparameters (docs/model.md#training), the same for every model kind."""
 
     preset: str = field(default="hopper", metadata={"help": "environment preset"})
     model: str = field(default="dmm", metadata={"help": "policy kind: dmm | dmamba | dt | bc (MODEL_KINDS)"})

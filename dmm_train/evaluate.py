@@ -1,6 +1,6 @@
 """The official DMM evaluation protocol in gymnasium MuJoCo, batched over episodes.
 
-Each env step (DMM_SPEC.md, "Evaluation"): append a zero placeholder action, take
+Each env step (docs/model.md#evaluation-protocol): append a zero placeholder action, take
 the last K normalised states, actions and rtg, left-pad with zeros, run the whole
 window and act with the prediction at the last state token; then
 rtg_{t+1} = rtg_t - r_t / scale, starting from target / scale.

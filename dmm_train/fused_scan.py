@@ -1,7 +1,7 @@
 """Fused CPU selective scan: a small C kernel (dmm_train/csrc/selective_scan.c) built
 with the system C compiler on first use and called through ctypes on tensor pointers.
 
-Symbols (DMM_SPEC.md): B batch, L tokens, D channels, N state size.
+Symbols (docs/model.md#symbols): B batch, L tokens, D channels, N state size.
 
 Why a C kernel: the scan is B * L * D * N = 1.6M exp/multiply-adds per layer at the
 hopper preset, far too little work for PyTorch to amortise its per-op cost over L = 24

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from dmm_train.records import Episode, OfflineDataset
 
 METADATA_FILE = "metadata.json"
@@ -199,10 +199,10 @@ def _read_minari(data_path: Path, spec: str) -> OfflineDataset:
 
     try:
         metadata = json.loads((data_path / METADATA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DMMError(
-            f"cannot read {str(data_path / METADATA_FILE)!r} ({exc}); expected Minari metadata JSON"
-        ) from exc
+            f"cannot read {str(data_path / METADATA_FILE)!r} ({describe_error(exc)}); expected Minari metadata JSON"
+        ) from None
     version = metadata.get("minari_version")
     if version not in supported_dataset_versions:
         raise DMMError(
@@ -213,7 +213,8 @@ def _read_minari(data_path: Path, spec: str) -> OfflineDataset:
         minari_dataset = MinariDataset(data_path)
         minari_episodes = list(minari_dataset.iterate_episodes())
     except (OSError, ValueError, KeyError) as exc:
-        raise DMMError(f"cannot read Minari dataset {spec!r} at {str(data_path)!r}: {exc}") from exc
+        raise DMMError(f"cannot read Minari dataset {spec!r} at {str(data_path)!r}: {describe_error(exc)}; "
+                       "regenerate it (python cli.py collect) or pick another") from None
 
     episodes = tuple(_episode_from_minari(e, spec) for e in minari_episodes)
     env_id = _env_id(metadata)

@@ -1,7 +1,7 @@
 """Decision MetaMamba in pure PyTorch: the one model module (the baselines in
 `dmm_train.baselines` reuse its SelectiveSSM, scan and token interleaving).
 
-Glossary (DMM_SPEC.md): B batch, T timesteps in the window (K), L = 3T tokens,
+Glossary (docs/model.md#symbols): B batch, T timesteps in the window (K), L = 3T tokens,
 D d_model, N d_state, W DSM window, R dt_rank, S state dim, Adim action dim.
 
 Two forms on the same weights:

@@ -29,13 +29,14 @@ import json
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from dmm_train.config import CollectConfig, get_preset
 from dmm_train.minari_reader import DATA_DIR, METADATA_FILE
 from dmm_train.minari_writer import check_dataset_id, store_root, write_minari_dataset
@@ -136,8 +137,8 @@ def replay_rollouts(path: Path):
             terminations = log["terminations"].astype(bool)  # (n,)
             truncations = log["truncations"].astype(bool)  # (n,)
             final_observations = log["final_observations"].astype(np.float64)  # (episodes, S)
-    except (OSError, KeyError, ValueError) as error:
-        raise DMMError(f"replay log {str(path)!r} is unreadable ({error}); expected the npz written by "
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DMMError(f"replay log {str(path)!r} is unreadable ({describe_error(error)}); expected the npz written by "
                        "'python -m dmm_train.behavior export'") from None
     ends = np.flatnonzero(terminations | truncations)  # (episodes,)
     if len(ends) != len(final_observations):

@@ -1,7 +1,7 @@
 """Training windows: the official DT/DMM ``get_batch``, vectorised over the batch.
 
 Symbols (docs/model.md#symbols): B batch, K context length in timesteps, S state dim,
-Adim action dim. The sampling and padding conventions are those of docs/model.md#training.
+Adim action dim. The sampling and padding conventions are those of docs/model.md#sampler-and-padding.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The selective scan of Mamba-1, in float32.
 
-Symbols (DMM_SPEC.md): B batch, L tokens, D channels (d_inner = d_model, expand 1),
+Symbols (docs/model.md#symbols): B batch, L tokens, D channels (d_inner = d_model, expand 1),
 N state size.
 
     h_t = exp(delta_t * A) * h_{t-1} + delta_t * Bm_t * x_t       h: (B, D, N), h_0 given or 0

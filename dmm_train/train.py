@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
 from dmm_train.checkpoint import (
     MODEL_FILE,
@@ -114,15 +114,47 @@ def _check_dataset_matches(dataset, preset) -> None:
         )
 
 
+RESUME_KEYS = ("train_config", "dataset_hash", "model_state", "optimizer_state", "scheduler_state",
+               "sampler_state", "rng_state", "step")
+
+
+def load_resume_point(path: Path) -> dict:
+    """resume.pt, checked to be a resume point of this trainer; a damaged one is one DMMError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise DMMError(f"resume point {str(path)!r} could not be read ({describe_error(error)}); expected the "
+                       "resume.pt 'cli.py train' writes; start a new run (the run's model.pt is kept)") from None
+    missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DMMError(f"resume point {str(path)!r} lacks {', '.join(missing)}; expected the resume.pt "
+                       "'cli.py train' writes; start a new run in another --out")
+    return state
+
+
 def _read_metrics(path: Path) -> list[dict]:
+    """The run's metrics log; a last line cut by a kill is dropped, anything else damaged is refused."""
     if not path.exists():
         return []
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        lines = None
     records = []
-    for line in path.read_text().splitlines():
+    for index, line in enumerate(lines or ()):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut by a kill; everything after it is untrusted
+            if index == len(lines) - 1:
+                break  # a line cut by a kill
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            lines = None
+            break
+        records.append(record)
+    if lines is None:
+        raise DMMError(f"training log {str(path)!r} is not a metrics.jsonl of 'cli.py train' (damaged or another "
+                       "file); move it away to resume (the log restarts), or start a new run")
     return records
 
 
@@ -179,7 +211,7 @@ def train(
             f"{str(out_dir)!r} already holds a model.pt; pass --resume to continue it or choose another --out"
         )
 
-    resume_state = torch.load(resume_path, weights_only=False) if resume else None
+    resume_state = load_resume_point(resume_path) if resume else None
     if resume_state is not None:
         # The run's own config wins: resuming with other hyperparameters would not be "exact".
         saved = TrainConfig(**resume_state["train_config"])

@@ -1,6 +1,6 @@
 """Lower a `DecisionMetaMamba` to lean ONNX graphs, node by node, from the model's own weights.
 
-Glossary (DMM_SPEC.md): B batch, K timesteps in the window, L tokens processed, D d_model,
+Glossary (docs/model.md#symbols): B batch, K timesteps in the window, L tokens processed, D d_model,
 N d_state, W DSM window, R dt_rank, S state dim, Adim action dim, nl n_layer, F the width
 of the x_proj output (D + 2N, or 3D + 2N augmented).
 

@@ -9,7 +9,7 @@ one to the lowering means checking the table first and adding it here.
 `check_graph_ops` is what tests/test_export.py holds every exported graph to. The
 export also never emits control flow (Loop, Scan, If): TensorRT accepts those, but
 they serialise the graph into per-iteration kernels and defeat the static, unrolled
-shape this project relies on (DESIGN.md section 2).
+shape this project relies on (docs/design.md#graph-lowering).
 """
 
 from __future__ import annotations

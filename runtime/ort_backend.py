@@ -1,7 +1,7 @@
 """ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers on request.
 
 ONNX Runtime does not fail when a requested GPU provider cannot start (a missing
-libcublas, no GPU): it logs and runs on the CPU (deploy_notes.md section 6). So the
+libcublas, no GPU): it logs and runs on the CPU (docs/deployment.md#onnx-runtime-providers). So the
 provider actually in use, ``session.get_providers()``, is asserted after the session is
 built, and a request that fell back is a DMMError, never a silently slower policy.
 

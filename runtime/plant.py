@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 
 INSTALL_HINT = "pip install 'gymnasium[mujoco]'"
 
@@ -24,9 +24,10 @@ def make_plant(env_id: str, **kwargs):
     try:
         return gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as error:
-        raise DMMError(f"environment {env_id!r} needs a missing package ({error}); {INSTALL_HINT}") from None
+        raise DMMError(f"environment {env_id!r} needs a missing package ({describe_error(error)}); "
+                       f"{INSTALL_HINT}") from None
     except Exception as error:  # gymnasium raises several types for unknown or broken envs
-        raise DMMError(f"cannot create environment {env_id!r} ({type(error).__name__}: {error}); expected a "
+        raise DMMError(f"cannot create environment {env_id!r} ({describe_error(error)}); expected a "
                        f"registered gymnasium id such as Hopper-v5, Walker2d-v5 or HalfCheetah-v5; "
                        f"{INSTALL_HINT}") from None
 

@@ -3,7 +3,7 @@
 It does what the exported graph leaves to the runtime, from the manifest alone:
 state normalisation, return-to-go bookkeeping, the K-step window (window mode) or
 the caches (stream mode), and action clipping. The window is built exactly as the
-official evaluation does (`dmm_train.evaluate`, DMM_SPEC.md "Evaluation"):
+official evaluation does (`dmm_train.evaluate`, docs/model.md#evaluation-protocol):
 
     s_t  = (o_t - mean) / std                 float64 arithmetic, stored float32
     R_0  = target / scale;  R_t = R_{t-1} - r_{t-1} / scale   (float64 arithmetic, stored float32)

@@ -8,9 +8,9 @@ the checkpoint by `dmm_train.manifest_builder.build_manifest`:
 - stream: ``model.step`` once per token over a_{t-1} (skipped where
   prev_action_valid == 0), R_t, s_t, and the action read at s_t.
 
-It uses the loop selective scan (the slow, obviously-correct reference; STYLE.md
-practice 3), so it needs no C compiler and checks the fast paths rather than sharing
-them. torch is imported in ``load``: importing this module costs nothing.
+It uses the loop selective scan (the slow, obviously-correct reference;
+docs/design.md#reference-implementations), so it needs no C compiler and checks the fast
+paths rather than sharing them. torch is imported in ``load``: importing this module costs nothing.
 """
 
 from __future__ import annotations

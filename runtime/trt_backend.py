@@ -15,7 +15,7 @@ DMMError saying what was received, what was expected and what to do):
    the plan was built on ("plan file is generated on an incompatible device");
 5. the deserialised engine's I/O (names, shapes, dtypes) is the manifest's.
 
-Execution (deploy_notes.md section 3): TensorRT 10's name-based API (set_tensor_address
+Execution (docs/deployment.md#running-an-engine): TensorRT 10's name-based API (set_tensor_address
 + execute_async_v3) on one non-default pycuda stream in the device's *primary* context
 (pycuda.autoprimaryctx, which coexists with other CUDA users in the process; autoinit
 would create a second context); pinned host buffers for every I/O tensor.

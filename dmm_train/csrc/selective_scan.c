@@ -1,7 +1,7 @@
 /*
  * Fused selective scan of Mamba-1 on the CPU, float32, h_0 = 0.
  *
- * Symbols (DMM_SPEC.md): B batch, L tokens, D channels, N state size.
+ * Symbols (docs/model.md#symbols): B batch, L tokens, D channels, N state size.
  *
  *     delta = softplus(delta_in + delta_bias)     (bias and softplus optional, as in Mamba)
  *     a_t   = exp(delta_t * A)                    (D, N) per (b, t)
