@@ -17,17 +17,16 @@ version and every flag. The library is written under a temporary name and rename
 into place, so concurrent processes never load a half-written file.
 
 Instruction set: never ``-march=native``. On x86-64 the highest of the portable levels
-x86-64-v2/v3/v4 that /proc/cpuinfo shows is chosen (v3 = AVX2 + FMA, v4 = AVX-512;
-2-2.5x faster than the SSE2 baseline); the level is part of the flags and so of the
+x86-64-v2/v3/v4 that /proc/cpuinfo shows is chosen (v3 = AVX2 + FMA, v4 = AVX-512,
+much faster than the SSE2 baseline: BENCHMARKS.md#design-measurements); the level is part of the flags and so of the
 cache key, and ``DMM_SCAN_ISA=baseline`` (or a level name) overrides the choice. The
 results do not depend on the level beyond float rounding.
 
 Threads: the kernel shares fixed work items of the batch out over its own small pthread
 pool (not torch's OpenMP one), by default as many threads as torch uses
 (`torch.set_num_threads` sets both), else ``$DMM_SCAN_THREADS`` or `set_num_threads`.
-Results are bitwise the same for any thread count. On a 2-core machine with a free
-second core, torch at 1 thread and the kernel at 2 run the scan 1.6x faster; when another
-job holds that core, 2 kernel threads gained nothing (measured in bench/train_speed.py).
+Results are bitwise the same for any thread count. A second kernel thread helps only
+when a core is free (bench/train_speed.py --scan-threads measures it).
 
 `is_available()` never raises: when no compiler is present or the build fails it
 returns False and keeps the reason in `UNAVAILABLE_REASON`; `selective_scan(impl="auto")`

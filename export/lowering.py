@@ -5,7 +5,7 @@ N d_state, W DSM window, R dt_rank, S state dim, Adim action dim, nl n_layer, F 
 of the x_proj output (D + 2N, or 3D + 2N augmented).
 
 Why a second lowering instead of tracing `model.forward` / `model.step`: on a batch-1
-CPU step ONNX Runtime's cost is mostly per node (0.3-1 us each here) and per broadcast
+CPU step ONNX Runtime's cost is mostly per node and per broadcast
 span, so the node count and the tensor layout *are* the latency. A traced window forward
 has about 1200 nodes (a 3K-token Python scan with per-token slicing); this builder writes
 about 200 (window) and 150 (stream). The maths is the same as `dmm_train.model` and every
@@ -184,8 +184,8 @@ def _folded_x_proj(ssm, augmented: bool) -> tuple[np.ndarray, np.ndarray]:
 def _softplus(g: GraphBuilder, x: str, name: str) -> str:
     """log(1 + exp(x)) as Exp, Add, Log: element-wise as the input.
 
-    ONNX Runtime's CPU Softplus kernel is scalar (about 16 us for 23 x 64 values, several
-    times the three vectorised ops). Against torch's softplus (threshold 20) the difference
+    ONNX Runtime's CPU Softplus kernel is scalar (several times slower than the three
+    vectorised ops, BENCHMARKS.md#design-measurements). Against torch's softplus (threshold 20) the difference
     is at most about 1e-7 absolute; exp overflows for x > 88 (delta = inf, non-finite actions
     that the export parity check and the runtime's finiteness check both catch), far beyond
     any trained dt_proj pre-activation.
@@ -202,9 +202,8 @@ def _A(w, ssm) -> str:
 # Layout of the SSM tensors in the graph: (B, T, N, D), the channel axis D innermost, and every
 # per-token row (delta, x, ...) kept as (B, T, D) until it meets the (N, D) axes. ONNX Runtime's
 # CPU broadcasting then runs over contiguous spans of D = 64 floats; in the model's (B, T, D, N)
-# layout with (..., 1) columns it walks spans of 16 or of 1 element: a scalar added to a
-# (1, 23, 64, 1) column took 27 us against 1 us for the (1, 23, 64) rows, and the window graph
-# took 390 us per call against 290 us in this layout.
+# layout with (..., 1) columns it walks spans of 16 or of 1 element, an order of magnitude
+# slower per op (BENCHMARKS.md#design-measurements).
 
 
 def _ssm_front(g, w, p, ssm, u2, B, T, D, N, token_mask: str | None = None, augmented: bool = False):
@@ -457,8 +456,8 @@ def build_stream_graph(model: DecisionMetaMamba, *, batch: int = 1, opset: int =
         if nl > 1 else dsm_in  # nl x (B, W-1, D)
     dsm_in = dsm_in if nl > 1 else [dsm_in]
     # The SSM state to the graph's (N, D) layout (see `_ssm_front`) by swapping the last two axes
-    # only: ONNX Runtime's CPU Transpose has a fast path for that and took about 10 us for a
-    # perm that also moves the layer axis; the layer axis is split off by a Reshape instead.
+    # only: ONNX Runtime's CPU Transpose has a fast path for that and is slow for a perm that
+    # also moves the layer axis; the layer axis is split off by a Reshape instead.
     ssm_in = g.op("Reshape", ["ssm_state", g.ints([nl * B, 1, D, N])], "cache/ssm_rows")  # (nl*B, 1, D, N)
     ssm_in = g.op("Transpose", [ssm_in], "cache/ssm_nd", perm=[0, 1, 3, 2])  # (nl*B, 1, N, D)
     ssm_in = g.op("Split", [ssm_in, g.ints([B] * nl)], "cache/ssm_layers", outputs=nl, axis=0) \

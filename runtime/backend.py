@@ -163,6 +163,6 @@ def check_engine_io(source: str, manifest: Manifest, kind: str, graph: list[tupl
 
 
 # Intra-op threads of ONNX Runtime and torch by default: a batch-1 policy is a chain of small
-# matmuls, where a thread pool only adds synchronisation (and, on a loaded 2-core machine,
-# 3x (ORT) to 100x (torch) slower steps, measured) and latency jitter in the control loop.
+# matmuls, where a thread pool only adds synchronisation (on a loaded machine, several to a
+# hundred times slower steps: BENCHMARKS.md#design-measurements) and latency jitter.
 DEFAULT_THREADS = 1

@@ -9,8 +9,8 @@ On the CPU provider a call goes through IO binding: the outputs are written into
 the backend owns (reused by the next call, as the `Backend` contract allows; `Policy`
 copies what it keeps), and the inputs are bound by address, rebound only when the caller
 passes other arrays. Against ``session.run``, which allocates every output and converts
-every input each call, this took the stream step from about 430 to 350 us on a loaded
-machine (bench/step_latency.py measures it quiet). An input that is one of the backend's
+every input each call, this saves the per-call allocations and conversions
+(bench/step_latency.py measures the step). An input that is one of the backend's
 own output buffers is copied first: a buffer bound as input and output of one run would be
 read while it is written.
 """

@@ -29,10 +29,10 @@ class TorchBackend(Backend):
     """A model.pt run by PyTorch on the CPU. mode: "window" or "stream".
 
     threads: torch's intra-op threads while this backend runs (set and restored around
-    each call, about 1 us, so the process's own setting is untouched; None: torch's
+    each call, which is cheap, so the process's own setting is untouched; None: torch's
     setting). `load_backend` passes 1: batch-1 tensors of width 64 gain nothing from
-    threads, and OpenMP barriers on a busy 2-core machine measured 200 ms per window
-    step instead of 2.3 ms.
+    threads, and OpenMP barriers on a busy machine make steps far slower
+    (BENCHMARKS.md#design-measurements).
     """
 
     name = "torch"
