@@ -6,6 +6,7 @@ each other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -111,3 +112,14 @@ def dataset_checkpoint(tmp_path_factory):
         )
         _CACHE["pair"] = (save_model(root / "run", model, metadata), dataset_dir)
     return _CACHE["pair"]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Batch-1 forwards: threads only add OpenMP waits on a busy 2-core CI box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -8,22 +8,13 @@ import pytest
 
 import cli
 from dmm_train.recipes import collect
+from tests.helpers import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
 def hopper_dataset(tmp_path_factory):
     return collect("Hopper-v5", "test/cli-hopper-v0", policy="random", episodes=5, seed=1,
                    out=tmp_path_factory.mktemp("datasets"))
-
-
-def assert_one_line_error(capsys, code: int, *fragments: str) -> str:
-    captured = capsys.readouterr()
-    assert code != 0
-    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
-    assert "Traceback" not in captured.err
-    for fragment in fragments:
-        assert fragment in captured.err, (fragment, captured.err)
-    return captured.err
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from runtime import load_backend
 from runtime.feeds import InputTrajectory, stream_feeds, window_at
 from runtime.ort_backend import cpu_session
 from runtime.plant import make_plant
-from tests.helpers import assert_one_line_error, write_checkpoint
+from tests.helpers import assert_one_line_error, one_torch_thread, write_checkpoint
 
 FP32_TOLERANCE = max_abs("ort-vs-torch")  # docs/design.md#tolerances
 # Measured: window 203 nodes, stream 148 (ONNX Runtime's optimiser leaves about as many).
@@ -42,11 +42,8 @@ EPISODE_STEPS = 48
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Batch-1 forwards: threads only add OpenMP waits on a busy 2-core CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

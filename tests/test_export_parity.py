@@ -20,7 +20,7 @@ from export.parity import ParityConfig, run_parity
 from runtime import Policy, load_backend
 from runtime.loop import run_episode
 from runtime.plant import make_plant
-from tests.helpers import assert_one_line_error, write_checkpoint
+from tests.helpers import assert_one_line_error, one_torch_thread, write_checkpoint
 
 FP32_TOLERANCE = max_abs("ort-vs-torch")  # docs/design.md#tolerances
 EPISODE_STEPS = 1000
@@ -28,11 +28,8 @@ EPISODE_STEPS = 1000
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    """Batch-1 forwards outside the backends: threads only add OpenMP waits on a busy 2-core CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
