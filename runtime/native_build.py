@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
 
 CACHE_ENV = "DMM_CACHE_DIR"
 COMPILE_TIMEOUT_S = 300
@@ -153,7 +153,7 @@ def build_shared_library(sources: Sequence[str | Path], *, library_name: str, su
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             first = errors[0].strip() if errors else f"exit status {result.returncode}"
-            raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}); expected C99 that "
+            raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}); expected C that "
                            f"{Path(compiler).name} accepts; command: {' '.join(command)}")
         os.replace(staged, library)  # atomic: a reader sees no file or the whole file
     return library
