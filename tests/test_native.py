@@ -204,6 +204,23 @@ def test_env_step_api_matches_the_python_policy(library, c_export):
     np.testing.assert_array_equal(actions, expected)
 
 
+def test_portable_baseline_build_agrees_with_this_machines_level(library, c_export, monkeypatch):
+    """The build for the x86-64 baseline (SSE2: 4-wide vectors, no FMA), as on a CPU without AVX, gives the
+    same actions within float rounding: the sums are taken in the same order, only contraction differs."""
+    monkeypatch.setenv("DMM_NATIVE_ISA", "baseline")
+    assert not any(flag.startswith("-march") for flag in compile_flags())
+    baseline = NativeLibrary(build_policy_library(c_export, c_export.with_suffix(".h")), "hopper")
+    assert baseline.path != library.path
+    observations = np.random.default_rng(8).normal(size=(200, 11))
+    actions = {}
+    for name, built in (("native", library), ("baseline", baseline)):
+        built.reset(3600.0)
+        actions[name] = np.asarray([built.step(o, 1.0).copy() for o in observations])
+    difference = float(np.abs(actions["native"] - actions["baseline"]).max())
+    print(f"baseline vs {library.path.parent.name} build over 200 steps: max |diff| {difference:.2e}")
+    assert difference < 1e-6
+
+
 def test_non_finite_inputs_are_refused_and_leave_the_state_as_it_was(library):
     observations = np.random.default_rng(6).normal(size=(6, 11))
 
@@ -286,15 +303,10 @@ def test_elementary_functions_are_accurate_and_keep_nan_and_inf(c_export, tmp_pa
 # -- the example C program ----------------------------------------------------------------
 
 
-def test_example_c_program_matches_the_python_runtime(c_export, tmp_path):
-    """examples/c_loop/hopper_loop.c, linked with hopper.c, reads recorded observations and rewards (two real
-    Hopper-v5 episodes) and writes the actions the Python runtime's Policy returned for them."""
-    binary = tmp_path / "hopper_loop"
-    flags = [flag for flag in compile_flags() if flag != "-fPIC"]
-    result = subprocess.run([compiler(), *flags, "-Wall", "-Wextra", f"-I{c_export.parent}", str(EXAMPLE),
-                             str(c_export), "-o", str(binary), "-lm"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-
+@pytest.fixture(scope="module")
+def recorded_steps(c_export, tmp_path_factory):
+    """Two-plus real Hopper-v5 episodes of the Python runtime's Policy on the C backend, as the example
+    program's input file (start, reward, observation per line), with the actions the Policy returned."""
     plant = make_plant("Hopper-v5")
     try:
         with load_backend(c_export) as backend:
@@ -305,18 +317,47 @@ def test_example_c_program_matches_the_python_runtime(c_export, tmp_path):
     lines = []
     for t in range(trajectory.steps):
         reward = 0.0 if trajectory.starts[t] else trajectory.rewards[t - 1]
-        values = [int(trajectory.starts[t]), repr(float(reward)), *(repr(float(o)) for o in trajectory.observations[t])]
-        lines.append(" ".join(map(str, values)))
-    steps_file, actions_file = tmp_path / "steps.txt", tmp_path / "actions.txt"
+        observation = (repr(float(o)) for o in trajectory.observations[t])
+        lines.append(" ".join([str(int(trajectory.starts[t])), repr(float(reward)), *observation]))
+    steps_file = tmp_path_factory.mktemp("example") / "steps.txt"
     steps_file.write_text("\n".join(lines) + "\n")
-    run = subprocess.run([str(binary), str(steps_file), str(actions_file)], capture_output=True, text=True,
-                         timeout=60)
+    return steps_file, trajectory.actions
+
+
+def run_example(command: list[str], steps_file: Path, expected: np.ndarray, label: str) -> None:
+    actions_file = steps_file.with_name(f"actions-{label}.txt")
+    run = subprocess.run([*command, str(steps_file), str(actions_file)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     actions = np.loadtxt(actions_file, dtype=np.float64).astype(np.float32)
-    assert actions.shape == trajectory.actions.shape
-    difference = float(np.abs(actions - trajectory.actions).max())
-    print(f"C example vs Python Policy over {trajectory.steps} steps: max |diff| {difference:.2e}")
+    assert actions.shape == expected.shape
+    difference = float(np.abs(actions - expected).max())
+    print(f"C example ({label}) vs Python Policy over {len(expected)} steps: max |diff| {difference:.2e}")
     assert difference <= 1e-6
+
+
+def test_example_c_program_matches_the_python_runtime(c_export, recorded_steps, tmp_path):
+    """examples/c_loop/hopper_loop.c, linked with hopper.c, reads the recorded observations and rewards and
+    writes the actions the Python runtime's Policy returned for them."""
+    binary = tmp_path / "hopper_loop"
+    flags = [flag for flag in compile_flags() if flag != "-fPIC"]
+    result = subprocess.run([compiler(), *flags, "-Wall", "-Wextra", f"-I{c_export.parent}", str(EXAMPLE),
+                             str(c_export), "-o", str(binary), "-lm"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_example([str(binary)], *recorded_steps, label="native")
+
+
+def test_example_builds_for_aarch64_and_matches_under_emulation(c_export, recorded_steps, tmp_path):
+    """Cross-compiled for aarch64 (NEON vectors) and run by qemu-user: the same actions within float rounding."""
+    cross, emulator = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cross and emulator):
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    binary = tmp_path / "hopper_loop.aarch64"
+    flags = [flag for flag in BASE_FLAGS if flag != "-fPIC"]
+    result = subprocess.run([cross, *flags, "-Wall", "-Wextra", "-pedantic", "-static",
+                             f"-I{c_export.parent}", str(EXAMPLE), str(c_export), "-o", str(binary), "-lm"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run_example([emulator, str(binary)], *recorded_steps, label="aarch64")
 
 
 def test_example_reports_a_bad_line(c_export, tmp_path):
