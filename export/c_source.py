@@ -22,7 +22,6 @@ Glossary: S state dim, Adim action dim, D d_model, N d_state, R dt_rank, W DSM w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import keyword
 import re
 import tempfile
@@ -32,10 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmm_train.checkpoint import atomic_write_bytes, load_checkpoint
-from dmm_train.errors import DMMError
+from contract.errors import DMMError
+from contract.files import atomic_write_bytes, sha256_bytes
+from contract.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
+from dmm_train.checkpoint import load_checkpoint
 from dmm_train.model import DecisionMetaMamba
-from runtime.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
+from export.config import DEFAULT_RUNS_DIR
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "c_template"
 GENERATOR = "export.c_source"
@@ -234,7 +235,7 @@ def _refuse_foreign_manifest(manifest_path: Path) -> None:
 
 
 def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str | Path | None = None,
-                        runs_dir: str | Path = "runs") -> tuple[Path, Path, Path]:
+                        runs_dir: str | Path = DEFAULT_RUNS_DIR) -> tuple[Path, Path, Path]:
     """Export a checkpoint to NAME.c, NAME.h and the manifest NAME.json; returns their paths.
 
     checkpoint_path: a model.pt or its run directory (None: the newest model.pt under
@@ -242,7 +243,7 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     Stream mode, fp32, batch 1. Needs a C compiler: the file is compiled and checked
     against PyTorch before it is written.
     """
-    from export.manifest_builder import build_manifest
+    from dmm_train.manifest_builder import build_manifest
     from export.onnx_export import find_latest_checkpoint
     from export.reference import PARITY_REFUSE_ABOVE, measure_parity
     from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
@@ -281,8 +282,8 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
         engine={
             "target": "c", "language": "C99", "source": c_path.name, "header": h_path.name,
             "symbol_prefix": generated.prefix,
-            "source_sha256": hashlib.sha256(source_bytes).hexdigest(),
-            "header_sha256": hashlib.sha256(header_bytes).hexdigest(),
+            "source_sha256": sha256_bytes(source_bytes),
+            "header_sha256": sha256_bytes(header_bytes),
         },
     )
     try:

@@ -30,15 +30,15 @@ compilers) differ only by FMA contraction, within float rounding.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from dmm_train.errors import DMMError
-from runtime.backends import Backend, check_engine_io
-from runtime.manifest import Manifest, manifest_path_for, read_manifest, tensor_specs
+from contract.errors import DMMError
+from contract.files import sha256_file
+from contract.manifest import Manifest, manifest_path_for, read_manifest, tensor_specs
+from runtime.backend import Backend, check_engine_io
 from runtime.native_build import build_shared_library, find_compiler, isa_flags, isa_level
 
 ISA_ENV = "DMM_NATIVE_ISA"
@@ -53,10 +53,6 @@ OK, E_NONFINITE_INPUT, E_NONFINITE_OUTPUT, E_NOT_RESET, E_NO_STEP, E_NULL = rang
 def compile_flags() -> tuple[str, ...]:
     """The flags the policy library is built with on this machine (see the module docstring)."""
     return (*BASE_FLAGS, *isa_flags(isa_level(ISA_ENV)))
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build_policy_library(c_path: Path, h_path: Path) -> Path:
@@ -212,7 +208,7 @@ class NativeBackend(Backend):
             raise DMMError(f"{source}: manifest | {manifest.mode}, {manifest.precision}, batch {manifest.batch} | "
                            "expected stream, fp32, batch 1 (the C target's only form); re-export")
         for path, key in ((self.path, "source_sha256"), (self.header_path, "header_sha256")):
-            actual = sha256_of(path)
+            actual = sha256_file(path)
             if actual != engine.get(key):
                 raise DMMError(f"{source}: sha256 of {path.name} | file {actual[:12]}... | manifest "
                                f"{str(engine.get(key))[:12]}...; the file was changed after export or the manifest "

@@ -1,19 +1,16 @@
-"""The C target: 'cli.py export --target c' (NAME.c + NAME.h + NAME.json), the native backend that compiles
-and runs it, and the example C program, all on the real compiler, real MuJoCo and real ONNX Runtime.
+"""The C target: 'cli.py export --target c' (NAME.c + NAME.h + NAME.json), its numerics, and the example C
+program (examples/c_loop), all on the real compiler, real MuJoCo and real ONNX Runtime.
 
 Parity is held to the PyTorch reference within 1e-5 over a whole teacher-forced 1000-step Hopper-v5
-episode, and the closed-loop return to the ONNX stream graph's for the same seeds.
+episode, and the closed-loop return to the ONNX stream graph's for the same seeds. The native backend
+that loads the C file is tests/test_runtime_native.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +18,21 @@ import pytest
 import torch
 
 import cli
+from contract.manifest import manifest_path_for, read_manifest
+from contract.tolerances import max_abs
 from dmm_train.checkpoint import load_checkpoint, save_model
-from dmm_train.errors import DMMError
 from export.c_source import c_identifier
+from export.parity import ParityConfig, run_parity
 from runtime import Policy, load_backend
-from runtime.loop import make_plant, run_episode
-from runtime.manifest import manifest_path_for, read_manifest
-from runtime.native_backend import BASE_FLAGS, NativeLibrary, build_policy_library, compile_flags
-from runtime.native_build import build_shared_library
-from runtime.parity import ParityConfig, record_trajectory, run_parity
-from tests.conftest import write_checkpoint
-from tests.test_runtime import assert_one_line_error, export_engines
+from runtime.loop import run_episode
+from runtime.native_backend import BASE_FLAGS, compile_flags
+from runtime.plant import make_plant
+from runtime.recording import record_trajectory
+from tests.helpers import REPO_ROOT, assert_one_line_error, c_compiler, write_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "c_loop" / "hopper_loop.c"
-FP32_TOLERANCE = 1e-5  # the C step against PyTorch, fp32 (as ONNX Runtime is held)
+FP32_TOLERANCE = max_abs("c-vs-torch")  # docs/design.md#tolerances
 EPISODE_STEPS = 1000
-
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -47,35 +42,7 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def compiler() -> str:
-    found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
-    if not found:
-        pytest.skip("no C compiler on this machine (the C target compiles on first use)")
-    return found
-
-
-@pytest.fixture(scope="module")
-def c_export(checkpoint_path, tmp_path_factory):
-    """hopper.c, hopper.h, hopper.json of the fixture checkpoint, written by the CLI."""
-    compiler()
-    out = tmp_path_factory.mktemp("c-export") / "hopper"
-    assert cli.main(["export", "--checkpoint", str(checkpoint_path), "--target", "c", "--out", str(out)]) == 0
-    return out.with_suffix(".c")
-
-
-@pytest.fixture(scope="module")
-def onnx_engines(checkpoint_path, tmp_path_factory):
-    return export_engines(checkpoint_path, tmp_path_factory.mktemp("engines"))
-
-
-def copy_export(c_path: Path, directory: Path) -> Path:
-    for suffix in (".c", ".h", ".json"):
-        shutil.copy(c_path.with_suffix(suffix), directory / c_path.with_suffix(suffix).name)
-    return directory / c_path.name
-
-
 # -- the export -------------------------------------------------------------------------
-
 
 def test_export_writes_c99_source_header_and_manifest(c_export, checkpoint_path, tmp_path):
     manifest = read_manifest(manifest_path_for(c_export))
@@ -91,7 +58,7 @@ def test_export_writes_c99_source_header_and_manifest(c_export, checkpoint_path,
     assert "immintrin" not in source and "__m256" not in source  # no x86 intrinsics
     # Plain C99 with libm: strict ISO mode, every warning an error.
     obj = tmp_path / "hopper.o"
-    result = subprocess.run([compiler(), "-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2", "-c",
+    result = subprocess.run([c_compiler(), "-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2", "-c",
                              str(c_export), "-o", str(obj)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     if shutil.which("nm") and shutil.which("size"):
@@ -103,7 +70,6 @@ def test_export_writes_c99_source_header_and_manifest(c_export, checkpoint_path,
             if len(line.split()) >= 2 and line.split()[1].isdigit())
         assert int(sections.get(".data", 0)) == 0 and int(sections.get(".bss", 0)) == 0, sections
 
-
 def test_weights_in_the_source_are_the_checkpoints_bits(c_export, checkpoint_path):
     """The hexadecimal float literals read back to exactly the parameters (here: the DSM of layer 0)."""
     model = load_checkpoint(checkpoint_path).model
@@ -112,20 +78,26 @@ def test_weights_in_the_source_are_the_checkpoints_bits(c_export, checkpoint_pat
     values = np.asarray([float.fromhex(v.strip().rstrip("f")) for v in body.split(",")], dtype=np.float32)
     np.testing.assert_array_equal(values, model.dsm[0].lin.weight.detach().numpy().T.ravel())
 
-
 def test_api_prefix_is_a_c_identifier():
     assert c_identifier("hopper") == "hopper"
     assert c_identifier("hopper-stream.v2") == "hopper_stream_v2"
     assert c_identifier("2hop") == "policy_2hop"
 
 
-# -- parity -------------------------------------------------------------------------------
+def test_cli_export_is_deterministic(c_export, checkpoint_path, tmp_path, capsys):
+    """'cli.py export --target c' writes the same bytes as the fixture's export of the same checkpoint."""
+    out = tmp_path / "hopper"
+    assert cli.main(["export", "--checkpoint", str(checkpoint_path), "--target", "c", "--out", str(out)]) == 0
+    assert "API prefix hopper_" in capsys.readouterr().out
+    for suffix in (".c", ".h"):
+        assert out.with_suffix(suffix).read_bytes() == c_export.with_suffix(suffix).read_bytes()
 
+
+# -- parity -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def parity_report(checkpoint_path, c_export, onnx_engines):
-    return run_parity(ParityConfig(checkpoint_path, (onnx_engines["stream"], c_export), steps=EPISODE_STEPS))
-
+def parity_report(checkpoint_path, c_export, engines):
+    return run_parity(ParityConfig(checkpoint_path, (engines["stream"], c_export), steps=EPISODE_STEPS))
 
 def test_native_equals_torch_teacher_forced_over_a_whole_episode(parity_report):
     trajectory = parity_report.trajectory
@@ -140,12 +112,11 @@ def test_native_equals_torch_teacher_forced_over_a_whole_episode(parity_report):
     both = np.abs(parity_report.actions["native/stream#1"] - parity_report.actions["ort/stream#0"]).max()
     assert both < 2 * FP32_TOLERANCE
 
-
-def test_closed_loop_return_equals_the_onnx_stream_graph(c_export, onnx_engines):
+def test_closed_loop_return_equals_the_onnx_stream_graph(c_export, engines):
     plant = make_plant("Hopper-v5")
     results = {}
     try:
-        with load_backend(onnx_engines["stream"]) as ort, load_backend(c_export) as native:
+        with load_backend(engines["stream"]) as ort, load_backend(c_export) as native:
             for backend in (ort, native):
                 policy = Policy(backend)
                 results[backend.name] = [run_episode(policy, plant, seed=seed) for seed in (0, 1, 2)]
@@ -154,7 +125,6 @@ def test_closed_loop_return_equals_the_onnx_stream_graph(c_export, onnx_engines)
     for ort_episode, native_episode in zip(results["ort"], results["native"], strict=True):
         assert native_episode.length == ort_episode.length
         assert native_episode.episode_return == pytest.approx(ort_episode.episode_return, rel=1e-6)
-
 
 def spread_checkpoint(directory: Path) -> Path:
     """The fixture checkpoint with trained-looking spreads: stack weights x5, dt biases in [-4, 2], A_log
@@ -173,9 +143,8 @@ def spread_checkpoint(directory: Path) -> Path:
             mixer.lin.weight.mul_(5.0)
     return save_model(directory, model, loaded.metadata)
 
-
 def test_export_parity_with_wide_activations(tmp_path):
-    compiler()
+    c_compiler()
     checkpoint = spread_checkpoint(tmp_path / "run")
     assert cli.main(["export", "--checkpoint", str(checkpoint), "--target", "c", "--out", str(tmp_path / "wide")]) == 0
     parity = read_manifest(tmp_path / "wide.json").parity
@@ -183,67 +152,7 @@ def test_export_parity_with_wide_activations(tmp_path):
     assert parity["max_abs"] < FP32_TOLERANCE
 
 
-# -- the C API ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def library(c_export):
-    return NativeLibrary(build_policy_library(c_export, c_export.with_suffix(".h")), "hopper")
-
-
-def test_env_step_api_matches_the_python_policy(library, c_export):
-    """hopper_step (normalisation, rtg, clipping in C) == runtime.Policy on the graph-level API, bitwise."""
-    rng = np.random.default_rng(5)
-    observations = rng.normal(size=(40, 11)) * 2
-    rewards = rng.uniform(0, 4, size=40)
-    with load_backend(c_export) as backend:
-        policy = Policy(backend, target_return=1800.0)
-        expected = np.asarray([policy.act(o, r) for o, r in zip(observations, rewards, strict=True)])
-    library.reset(1800.0)
-    actions = np.asarray([library.step(o, r).copy() for o, r in zip(observations, rewards, strict=True)])
-    np.testing.assert_array_equal(actions, expected)
-
-
-def test_portable_baseline_build_agrees_with_this_machines_level(library, c_export, monkeypatch):
-    """The build for the x86-64 baseline (SSE2: 4-wide vectors, no FMA), as on a CPU without AVX, gives the
-    same actions within float rounding: the sums are taken in the same order, only contraction differs."""
-    monkeypatch.setenv("DMM_NATIVE_ISA", "baseline")
-    assert not any(flag.startswith("-march") for flag in compile_flags())
-    baseline = NativeLibrary(build_policy_library(c_export, c_export.with_suffix(".h")), "hopper")
-    assert baseline.path != library.path
-    observations = np.random.default_rng(8).normal(size=(200, 11))
-    actions = {}
-    for name, built in (("native", library), ("baseline", baseline)):
-        built.reset(3600.0)
-        actions[name] = np.asarray([built.step(o, 1.0).copy() for o in observations])
-    difference = float(np.abs(actions["native"] - actions["baseline"]).max())
-    print(f"baseline vs {library.path.parent.name} build over 200 steps: max |diff| {difference:.2e}")
-    assert difference < 1e-6
-
-
-def test_non_finite_inputs_are_refused_and_leave_the_state_as_it_was(library):
-    observations = np.random.default_rng(6).normal(size=(6, 11))
-
-    def run(bad_step: np.ndarray | None) -> np.ndarray:
-        library.reset(3600.0)
-        actions = []
-        for index, observation in enumerate(observations):
-            if index == 3 and bad_step is not None:
-                with pytest.raises(DMMError, match="non-finite"):
-                    library.step(bad_step, 1.0)
-            actions.append(library.step(observation, 1.0).copy())
-        return np.asarray(actions)
-
-    clean = run(None)
-    for bad in (np.full(11, np.nan), np.r_[np.inf, np.zeros(10)], np.full(11, 1e300)):  # 1e300 overflows float
-        np.testing.assert_array_equal(run(bad), clean)
-    library.reset(3600.0)
-    library.step(observations[0], 1.0)
-    with pytest.raises(DMMError, match="non-finite"):
-        library.step(observations[1], float("nan"))
-    with pytest.raises(DMMError, match="target return"):
-        library.reset(float("inf"))
-
+# -- the elementary functions ----------------------------------------------------------
 
 ELEMENTARY_CHECK = r"""
 #include "@NAME@.c"
@@ -283,14 +192,13 @@ int main(void) {
 }
 """
 
-
 def test_elementary_functions_are_accurate_and_keep_nan_and_inf(c_export, tmp_path):
     """exp, the scan's exp and softplus within a few ulp of libm in double; NaN and inf as libm has them."""
     check = tmp_path / "check.c"
     check.write_text(ELEMENTARY_CHECK.replace("@NAME@", "hopper"))
     binary = tmp_path / "check"
     flags = [flag for flag in compile_flags() if flag != "-fPIC"]
-    result = subprocess.run([compiler(), *flags, f"-I{c_export.parent}", str(check), "-o", str(binary), "-lm"],
+    result = subprocess.run([c_compiler(), *flags, f"-I{c_export.parent}", str(check), "-o", str(binary), "-lm"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     worst_exp, worst_scan, worst_softplus, bad = subprocess.run(
@@ -300,8 +208,7 @@ def test_elementary_functions_are_accurate_and_keep_nan_and_inf(c_export, tmp_pa
     assert float(worst_exp) <= 2 and float(worst_scan) <= 2 and float(worst_softplus) <= 4
 
 
-# -- the example C program ----------------------------------------------------------------
-
+# -- the example C program -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def recorded_steps(c_export, tmp_path_factory):
@@ -323,7 +230,6 @@ def recorded_steps(c_export, tmp_path_factory):
     steps_file.write_text("\n".join(lines) + "\n")
     return steps_file, trajectory.actions
 
-
 def run_example(command: list[str], steps_file: Path, expected: np.ndarray, label: str) -> None:
     actions_file = steps_file.with_name(f"actions-{label}.txt")
     run = subprocess.run([*command, str(steps_file), str(actions_file)], capture_output=True, text=True, timeout=300)
@@ -334,17 +240,15 @@ def run_example(command: list[str], steps_file: Path, expected: np.ndarray, labe
     print(f"C example ({label}) vs Python Policy over {len(expected)} steps: max |diff| {difference:.2e}")
     assert difference <= 1e-6
 
-
 def test_example_c_program_matches_the_python_runtime(c_export, recorded_steps, tmp_path):
     """examples/c_loop/hopper_loop.c, linked with hopper.c, reads the recorded observations and rewards and
     writes the actions the Python runtime's Policy returned for them."""
     binary = tmp_path / "hopper_loop"
     flags = [flag for flag in compile_flags() if flag != "-fPIC"]
-    result = subprocess.run([compiler(), *flags, "-Wall", "-Wextra", f"-I{c_export.parent}", str(EXAMPLE),
+    result = subprocess.run([c_compiler(), *flags, "-Wall", "-Wextra", f"-I{c_export.parent}", str(EXAMPLE),
                              str(c_export), "-o", str(binary), "-lm"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     run_example([str(binary)], *recorded_steps, label="native")
-
 
 def test_example_builds_for_aarch64_and_matches_under_emulation(c_export, recorded_steps, tmp_path):
     """Cross-compiled for aarch64 (NEON vectors) and run by qemu-user: the same actions within float rounding."""
@@ -359,11 +263,10 @@ def test_example_builds_for_aarch64_and_matches_under_emulation(c_export, record
     assert result.returncode == 0, result.stderr
     run_example([emulator, str(binary)], *recorded_steps, label="aarch64")
 
-
 def test_example_reports_a_bad_line(c_export, tmp_path):
     binary = tmp_path / "hopper_loop"
     flags = [flag for flag in compile_flags() if flag != "-fPIC"]
-    subprocess.run([compiler(), *flags, f"-I{c_export.parent}", str(EXAMPLE), str(c_export), "-o", str(binary),
+    subprocess.run([c_compiler(), *flags, f"-I{c_export.parent}", str(EXAMPLE), str(c_export), "-o", str(binary),
                     "-lm"], check=True, timeout=300)
     steps_file = tmp_path / "steps.txt"
     steps_file.write_text("1 0.0 " + " ".join(["0.1"] * 11) + "\n0 1.0 nan" + " 0.1" * 10 + "\n")
@@ -372,77 +275,13 @@ def test_example_reports_a_bad_line(c_export, tmp_path):
     assert run.returncode == 1 and "line 2" in run.stderr and "non-finite" in run.stderr, run.stderr
 
 
-# -- the backend's checks and errors ------------------------------------------------------
-
-
-def test_backend_runs_without_torch(c_export):
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["torch"] = None
-        import numpy as np
-        from runtime import Policy, load_backend
-        with load_backend({str(c_export)!r}) as backend:
-            policy = Policy(backend)
-            print(policy.act(np.zeros(11), 0.0).tolist())
-        assert "dmm_train.model" not in sys.modules and "onnxruntime" not in sys.modules
-    """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout.strip().splitlines()[-1])) == 3
-
-
-def test_library_is_built_once_per_content(c_export, tmp_path, monkeypatch):
-    monkeypatch.setenv("DMM_CACHE_DIR", str(tmp_path / "cache"))
-    header = c_export.with_suffix(".h")
-    first = build_policy_library(c_export, header)
-    assert build_policy_library(c_export, header) == first
-    assert not list((tmp_path / "cache").rglob(".build-*"))
-    other = tmp_path / "other"
-    other.mkdir()
-    copy = copy_export(c_export, other)
-    copy.with_suffix(".h").write_text(header.read_text() + "\n/* changed */\n")
-    assert build_policy_library(copy, copy.with_suffix(".h")) != first  # the header is part of the key
-    with pytest.raises(DMMError, match="failed"):
-        broken = tmp_path / "broken.c"
-        broken.write_text("int f(void) { return }\n")
-        build_shared_library([broken], library_name="libbroken.so", subdir="test", flags=BASE_FLAGS)
-
-
-def test_run_and_parity_errors_are_one_line(capsys, c_export, checkpoint_path, onnx_engines, tmp_path):
-    tampered = copy_export(c_export, tmp_path)
-    tampered.write_text(tampered.read_text().replace("0x", "-0x", 1))
-    assert_one_line_error(capsys, cli.main(["run", "--engine", str(tampered)]), "sha256 of hopper.c", "re-export")
-    assert_one_line_error(capsys, cli.main(["run", "--engine", str(tmp_path / "none.c")]), "does not exist")
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    shutil.copy(c_export, foreign / "hopper.c")
-    shutil.copy(c_export.with_suffix(".h"), foreign / "hopper.h")
-    shutil.copy(manifest_path_for(onnx_engines["stream"]), foreign / "hopper.json")
-    assert_one_line_error(capsys, cli.main(["run", "--engine", str(foreign / "hopper.c")]), "expected one of target c")
-    # No compiler: $CC pointing nowhere, or none on PATH; an empty cache, so that a build is needed.
-    script = f"import cli, sys; sys.exit(cli.main(['run', '--engine', {str(c_export)!r}, '--episodes', '1']))"
-    environment = {key: value for key, value in os.environ.items() if key != "CC"}
-    environment["DMM_CACHE_DIR"] = str(tmp_path / "empty-cache")
-    (tmp_path / "no-bin").mkdir()
-    for extra, fragment in (({"CC": "/no-such-compiler"}, "/no-such-compiler"),
-                            ({"PATH": str(tmp_path / "no-bin")}, "no C compiler found")):
-        result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=120, env={**environment, **extra})
-        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-        assert "compiled on first use" in result.stderr and fragment in result.stderr, result.stderr
-    other = write_checkpoint(tmp_path / "other", seed=1)
-    code = cli.main(["parity", "--checkpoint", str(other), "--onnx", str(c_export), "--steps", "3"])
-    assert_one_line_error(capsys, code, "exported from another checkpoint")
-
-
-def test_export_errors_are_one_line(capsys, checkpoint_path, onnx_engines, tmp_path):
+def test_export_errors_are_one_line(capsys, checkpoint_path, engines, tmp_path):
     out = str(tmp_path / "policy")
     for flags, fragment in ((["--fp16"], "--fp16"), (["--mode", "window"], "--mode window"),
                             (["--batch", "2"], "--batch"), (["--int8", "--calibration", "minmax"], "--int8")):
         code = cli.main(["export", "--checkpoint", str(checkpoint_path), "--target", "c", "--out", out, *flags])
         assert_one_line_error(capsys, code, fragment, "--target c")
-    onnx_name = str(onnx_engines["stream"].with_suffix(""))
+    onnx_name = str(engines["stream"].with_suffix(""))
     code = cli.main(["export", "--checkpoint", str(checkpoint_path), "--target", "c", "--out", onnx_name])
     assert_one_line_error(capsys, code, "is the manifest of", "another --out")
     baseline = write_checkpoint(tmp_path / "bc", model_kind="bc")
