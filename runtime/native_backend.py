@@ -100,7 +100,8 @@ class NativeLibrary:
         self._state_address = _address(self._state)
         self._work = np.zeros_like(self._state)  # scratch of stream_step
         # The env-step API's arguments live in buffers of fixed address: a call copies into them and
-        # passes precomputed pointers (numpy's .ctypes costs about 1 us a call, the step itself about 10).
+        # passes precomputed pointers, since numpy's .ctypes costs a good part of the step
+        # (BENCHMARKS.md#design-measurements).
         self._observation = np.zeros(self.state_dim, dtype=np.float64)
         self._executed = np.zeros(self.act_dim, dtype=np.float32)
         self._action = np.zeros(self.act_dim, dtype=np.float32)
