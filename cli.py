@@ -19,7 +19,7 @@ from contract.errors import DMMError
 from contract.manifest import MODES
 from dmm_train.config import CollectConfig, EvalConfig, TrainConfig
 from dmm_train.recipes import RECIPES
-from export.config import ExportConfig
+from export.config import TARGETS, ExportConfig
 from export.parity import ParityConfig
 from export.trt_build import TYPINGS, BuildConfig
 from runtime.loop import RunConfig
@@ -210,6 +210,7 @@ def parity(as_json, **options) -> None:
 @cli.command(name="export")
 @config_option(ExportConfig, "checkpoint", type=click.Path())
 @config_option(ExportConfig, "mode")
+@config_option(ExportConfig, "target", type=click.Choice(TARGETS))
 @config_option(ExportConfig, "out", type=click.Path())
 @config_option(ExportConfig, "batch")
 @config_option(ExportConfig, "opset")
@@ -226,16 +227,23 @@ def parity(as_json, **options) -> None:
 def export_graph(fp16, int8, no_engine, **options) -> None:
     """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime; --fp16 / --int8
     add an accuracy report against fp32; where TensorRT and a GPU are present, build NAME.plan too.
+    --target c writes the stream step as C99 (NAME.c + NAME.h) instead, compiled and checked against PyTorch.
     """
-    from export.onnx_export import export_checkpoint, export_summary
-    from export.trt_build import engine_after_export
-
     if fp16 and int8:
         raise DMMError("--fp16 with --int8; expected one precision per export (run export twice with two --out)")
     config = from_options(ExportConfig, options, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                           build_engine=not no_engine)
     config.validate()
-    onnx_path, manifest_path = export_checkpoint(config.checkpoint, mode=config.mode, out=config.out,
+    if config.target == "c":
+        from export.c_source import c_export_summary, export_c_checkpoint
+
+        click.echo(c_export_summary(*export_c_checkpoint(config.checkpoint, out=config.out,
+                                                         runs_dir=config.runs_dir)))
+        return
+    from export.onnx_export import export_checkpoint, export_summary
+    from export.trt_build import engine_after_export
+
+    onnx_path, manifest_path = export_checkpoint(config.checkpoint, mode=config.export_mode, out=config.out,
                                                  batch=config.batch, opset=config.opset, runs_dir=config.runs_dir,
                                                  precision=config.precision,
                                                  precision_options=config.precision_options())

@@ -1,4 +1,4 @@
-"""Per-step policy latency on one CPU thread: eager PyTorch window recompute against ONNX Runtime.
+"""Per-step policy latency on one CPU thread: eager PyTorch window recompute against ONNX Runtime and C.
 
 Three ways to compute one env step's action from the same checkpoint, side by side:
 
@@ -12,15 +12,20 @@ Three ways to compute one env step's action from the same checkpoint, side by si
               backend (`OrtBackend.infer`: input checks, IO binding), fed the same window built
               in preallocated arrays (slide by one step, write the new one);
 - (c) stream: the exported stream graph through the same backend: one step's tokens plus the
-              caches the previous call returned (copied into the bound input arrays).
+              caches the previous call returned (copied into the bound input arrays);
+- (d) native: the same stream step exported as C ('cli.py export --target c'), compiled by the
+              runtime's native backend and called through ctypes at its env-step API (one PREFIX_step
+              call: normalisation, return-to-go, clipping and the caches all inside C, as a C control
+              loop makes it); the executed a_{t-1} is handed over by PREFIX_override_action after the
+              timed call, as for the Policy rows.
 
 What is timed, for every path alike: from the raw observation o_t (with r_{t-1} and the executed
 a_{t-1}) to the action a_t as a numpy array: normalisation, the return-to-go update, the feeds
 that path needs and the backend call. All paths replay one recorded Hopper-v5 trajectory
 (teacher-forced: the recorded executed actions enter every history), in alternating blocks of
-steps so that a change in the machine's load hits every path alike. Two informational rows time
-`runtime.Policy.act` on (b) and (c): the runtime's input checks and clipping on top. torch runs
-with one thread and each ONNX Runtime session with one intra-op thread.
+steps so that a change in the machine's load hits every path alike. Informational rows time
+`runtime.Policy.act` on (b), (c) and (d): the runtime's input checks and clipping on top. torch runs
+with one thread, each ONNX Runtime session with one intra-op thread, the C step on one thread.
 
 It then runs the window and the stream Policy closed loop on Hopper-v5 for a few episodes:
 stream mode is a different policy by design (its state sees the whole episode,
@@ -30,7 +35,8 @@ Without --checkpoint it trains a tiny real checkpoint first (a small random-poli
 dataset written by Minari's DataCollector, a few hundred official training steps, in a
 temporary directory): its weights matter little for latency; pass a real run for the returns.
 
-The last line is ``speedup window: <a/b>x stream: <a/c>x`` (ratios of the p50s).
+The last line is ``speedup window: <a/b>x stream: <a/c>x native vs ORT stream: <c/d>x`` (ratios of
+the p50s).
 
     python bench/step_latency.py [--checkpoint runs/hopper-seed0/model.pt] [--steps 1000]
 """
@@ -62,8 +68,11 @@ EAGER = "(a) eager torch window, loop scan"
 # 1e-6; the stream is another policy from the first step (no zero-padded window: its state sees
 # the episode's true history), so it is not compared.
 PATH_AGREEMENT = {EAGER: max_abs("step-vs-sequence"), "(b) ORT window": max_abs("export-gate"),
-                  "(c) ORT stream": float("inf"), "    Policy.act on (b)": max_abs("export-gate"),
-                  "    Policy.act on (c)": float("inf")}
+                  "(c) ORT stream": float("inf"), "(d) native C stream": float("inf"),
+                  "    Policy.act on (b)": max_abs("export-gate"), "    Policy.act on (c)": float("inf"),
+                  "    Policy.act on (d)": float("inf")}
+# The stream paths are held to each other instead: the C step against (c), both fp32.
+STREAM_AGREEMENT = max_abs("c-vs-torch")
 
 
 class EagerWindow:
@@ -176,6 +185,24 @@ class OrtStream:
         return outputs["action"][0].copy()  # (Adim,)
 
 
+class NativeStream:
+    """(d): the C file's env-step API through ctypes (`runtime.native_backend.NativeLibrary`)."""
+
+    def __init__(self, library, manifest):
+        self.library = library
+        self.target = float(manifest.target_return)
+        self.reset()
+
+    def reset(self) -> None:
+        self.library.reset(self.target)
+
+    def step(self, observation: np.ndarray, reward: float, previous_action: np.ndarray) -> np.ndarray:
+        return self.library.step(observation, reward).copy()  # (Adim,); the library reuses its buffer
+
+    def executed(self, action: np.ndarray) -> None:
+        self.library.override_action(action)  # untimed: teacher forcing, as for the Policy rows
+
+
 class PolicyPath:
     """Informational: `runtime.Policy.act` (checks, normalisation, clipping) on an ORT backend."""
 
@@ -226,7 +253,7 @@ def run_block(path, trajectory, cursor: int, count: int, wall: list[int], cpu: l
         wall.append(time.perf_counter_ns() - start)
         if actions is not None:
             actions.append(np.array(action))
-        if isinstance(path, PolicyPath):
+        if isinstance(path, (PolicyPath, NativeStream)):
             path.executed(trajectory.actions[t])
         cursor += 1
     return cursor
@@ -260,9 +287,11 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
 
     from contract.manifest import read_manifest
     from dmm_train.checkpoint import load_checkpoint
+    from export.c_source import export_c_checkpoint
     from export.onnx_export import export_checkpoint
     from runtime import Policy, load_backend
     from runtime.latency import LatencyStats
+    from runtime.native_backend import NativeLibrary, compile_flags
     from runtime.plant import make_plant
     from runtime.recording import record_trajectory
 
@@ -280,7 +309,10 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
         for mode in ("window", "stream"):
             graphs[mode], manifest_path = export_checkpoint(checkpoint.path, mode=mode, out=scratch / mode)
             manifests[mode] = read_manifest(manifest_path)
+        c_path, _, c_manifest_path = export_c_checkpoint(checkpoint.path, out=scratch / "native")
+        manifests["native"] = read_manifest(c_manifest_path)
         backends = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
+        backends["native"] = load_backend(c_path)
         # (b) and (c) get backends of their own: a Policy's feeds must not share their bound inputs.
         timed = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
         for backend in backends.values():
@@ -296,8 +328,13 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                 EAGER: EagerWindow(checkpoint),
                 "(b) ORT window": OrtWindow(timed["window"], manifests["window"]),
                 "(c) ORT stream": OrtStream(timed["stream"], manifests["stream"]),
+                # A library state of its own: the Policy row below drives the backend's.
+                "(d) native C stream": NativeStream(
+                    NativeLibrary(backends["native"].library.path, backends["native"].library.prefix),
+                    manifests["native"]),
                 "    Policy.act on (b)": PolicyPath(Policy(backends["window"])),
                 "    Policy.act on (c)": PolicyPath(Policy(backends["stream"])),
+                "    Policy.act on (d)": PolicyPath(Policy(backends["native"])),
             }
             # Warm-up, and a check that the paths compute the same policy on the same inputs.
             warm = {}
@@ -311,6 +348,12 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                     raise DMMError(f"{name.strip()} | differs from {EAGER} by {difference:.2e} over the first "
                                    f"{WARMUP_STEPS} steps | expected below {PATH_AGREEMENT[name]:g}; the benchmark "
                                    "would compare different computations")
+            for name in ("(d) native C stream", "    Policy.act on (d)"):
+                difference = float(np.abs(np.asarray(warm[name]) - np.asarray(warm["(c) ORT stream"])).max())
+                if not difference < STREAM_AGREEMENT:
+                    raise DMMError(f"{name.strip()} | differs from (c) ORT stream by {difference:.2e} over the "
+                                   f"first {WARMUP_STEPS} steps | expected below {STREAM_AGREEMENT:g}; the "
+                                   "benchmark would compare different computations")
             cursors = dict.fromkeys(paths, 0)
             wall, cpu = ({name: [] for name in paths} for _ in range(2))
             block = args.steps // ROUNDS
@@ -321,7 +364,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
             cpu_p50 = {name: float(np.percentile(values, 50)) / 1e3 for name, values in cpu.items()}  # us
 
             returns = {mode: closed_loop(backends[mode], checkpoint.env_id, args.episodes, SEED)
-                       for mode in ("window", "stream")}
+                       for mode in ("window", "stream", "native")}
         finally:
             for backend in (*backends.values(), *timed.values()):
                 backend.close()
@@ -330,8 +373,9 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"DMM per-step latency, {PRESET} ({checkpoint.env_id}): K={config.context_len}, D={config.d_model}, "
           f"{config.n_layer} layers; checkpoint: {origin}, step {checkpoint.step}")
-    print(f"threads: torch {torch.get_num_threads()}, ONNX Runtime intra-op 1; {cpus} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}")
+    print(f"threads: torch {torch.get_num_threads()}, ONNX Runtime intra-op 1, C step 1; {cpus} CPUs, load "
+          f"average {os.getloadavg()[0]:.2f}")
+    print(f"C step: {c_path.name} built with {' '.join(compile_flags())}")
     nodes = {mode: (m.exporter.get("graph_nodes"), m.exporter.get("graph_nodes_ort_optimized"))
              for mode, m in manifests.items()}
     print(f"graphs: window {nodes['window'][0]} nodes ({nodes['window'][1]} after ONNX Runtime's "
@@ -348,7 +392,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
           f"{cpu_p50[EAGER] / cpu_p50['(c) ORT stream']:.1f}x")
     episodes = args.episodes
     print(f"closed loop on {checkpoint.env_id}, target {manifests['window'].target_return:g}, {episodes} "
-          f"episodes (seeds {SEED}..{SEED + episodes - 1}), ONNX Runtime; the modes differ by design:")
+          f"episodes (seeds {SEED}..{SEED + episodes - 1}), ONNX Runtime and the C step; the modes differ by "
+          "design, stream and native (the same stream step) should not:")
     for mode, results in returns.items():
         values = np.asarray([r.episode_return for r in results])
         manifest = manifests[mode]
@@ -357,7 +402,9 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
               f"lengths {[r.length for r in results]}")
     window_speedup = reference / stats["(b) ORT window"].p50
     stream_speedup = reference / stats["(c) ORT stream"].p50
-    print(f"speedup window: {window_speedup:.1f}x stream: {stream_speedup:.1f}x")
+    native_speedup = stats["(c) ORT stream"].p50 / stats["(d) native C stream"].p50
+    print(f"speedup window: {window_speedup:.1f}x stream: {stream_speedup:.1f}x native vs ORT stream: "
+          f"{native_speedup:.1f}x")
     return window_speedup, stream_speedup
 
 

@@ -6,6 +6,7 @@ sides compared, reference first:
 
     step-vs-sequence   DecisionMetaMamba.step / env_step against forward, same history
     ort-vs-torch       ONNX Runtime against the PyTorch reference (loop scan)
+    c-vs-torch         the C target (export --target c, compiled) against the PyTorch reference
     export-gate        the export refuses a graph whose ORT output differs from PyTorch by
                        more than this: a wrong graph, not a rounding difference (fp32 parity
                        is about 1e-7 here)
@@ -35,6 +36,7 @@ class Tolerance:
 TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("step-vs-sequence", "fp32"): Tolerance(max_abs=1e-5),
     ("ort-vs-torch", "fp32"): Tolerance(max_abs=1e-5),
+    ("c-vs-torch", "fp32"): Tolerance(max_abs=1e-5),
     ("export-gate", "fp32"): Tolerance(max_abs=1e-4, note="the export refuses to write the graph above it"),
     ("trt-vs-ort", "fp32"): Tolerance(max_abs=1e-4, note="TF32 off"),
     ("trt-vs-ort", "fp16"): Tolerance(mean_abs=1e-2),

@@ -10,17 +10,17 @@ materialised, and exp is an inlined polynomial that vectorises with the loop.
 
 Build: ``cc -O3`` with the safe subset of fast-math (no errno, no traps, FMA
 contraction; not -ffast-math, whose reassociation would undo the kernel's rounding
-tricks and whose crtfastmath.o would switch the whole process to flush-to-zero), into a
-per-user cache: ``$DMM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dmm-deploy``, else
-``~/.cache/dmm-deploy``, in a folder keyed by a hash of the source, the compiler's
-version and every flag. The library is written under a temporary name and renamed
-into place, so concurrent processes never load a half-written file.
+tricks and whose crtfastmath.o would switch the whole process to flush-to-zero), by
+`runtime.native_build` into its per-user cache (``$DMM_CACHE_DIR``, else
+``$XDG_CACHE_HOME/dmm-deploy``, else ``~/.cache/dmm-deploy``; a folder keyed by a hash of
+the source, the compiler's version and every flag; written under a temporary name and
+renamed into place, so concurrent processes never load a half-written file).
 
 Instruction set: never ``-march=native``. On x86-64 the highest of the portable levels
 x86-64-v2/v3/v4 that /proc/cpuinfo shows is chosen (v3 = AVX2 + FMA, v4 = AVX-512,
-much faster than the SSE2 baseline: BENCHMARKS.md#design-measurements); the level is part of the flags and so of the
-cache key, and ``DMM_SCAN_ISA=baseline`` (or a level name) overrides the choice. The
-results do not depend on the level beyond float rounding.
+much faster than the SSE2 baseline: BENCHMARKS.md#design-measurements; `runtime.native_build.isa_level`);
+the level is part of the flags and so of the cache key, and ``DMM_SCAN_ISA=baseline`` (or a level
+name) overrides the choice. The results do not depend on the level beyond float rounding.
 
 Threads: the kernel shares fixed work items of the batch out over its own small pthread
 pool (not torch's OpenMP one), by default as many threads as torch uses
@@ -36,18 +36,15 @@ then falls back to the loop reference.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from contract.errors import DMMError
+from runtime.native_build import build_shared_library, find_compiler, isa_flags
+from runtime.native_build import isa_level as _isa_level
 
 SOURCE_PATH = Path(__file__).resolve().parent / "csrc" / "selective_scan.c"
 LIBRARY_NAME = "libdmm_selective_scan.so"
@@ -56,14 +53,8 @@ COMPILE_FLAGS = (
     "-ffp-contract=fast", "-Wall",
 )
 LINK_FLAGS = ("-shared", "-pthread")
-COMPILE_TIMEOUT_S = 120
 ISA_ENV = "DMM_SCAN_ISA"
-# x86-64 micro-architecture levels and the /proc/cpuinfo flags each needs beyond the last.
-X86_LEVELS = (
-    ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"}),
-    ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}),
-    ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
-)
+CACHE_SUBDIR = "fused_scan"
 THREADS_ENV = "DMM_SCAN_THREADS"  # see "Threads" above
 # Error codes of the C entry points (DMM_SCAN_* in the source).
 _KERNEL_ERRORS = {1: "out of memory for the scan scratch"}
@@ -75,91 +66,20 @@ _tried = False
 _num_threads: int | None = None
 
 
-def cache_dir() -> Path:
-    """Per-user folder of built kernels: $DMM_CACHE_DIR, else $XDG_CACHE_HOME/dmm-deploy, else ~/.cache."""
-    override = os.environ.get("DMM_CACHE_DIR")
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dmm-deploy"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def isa_level() -> str:
-    """The instruction-set level the kernel is built for: "baseline" or an x86-64-vN name."""
-    requested = os.environ.get(ISA_ENV, "auto")
-    known = ("baseline", *(name for name, _ in X86_LEVELS))
-    if requested != "auto":
-        if requested not in known:
-            raise DMMError(f"{ISA_ENV}={requested!r}; expected auto or one of {', '.join(known)}")
-        return requested
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "baseline"
-    flags, level, needed = _cpu_flags(), "baseline", set()
-    for name, extra in X86_LEVELS:
-        needed |= extra
-        if not needed <= flags:
-            break
-        level = name
-    return level
+    """The instruction-set level the kernel is built for: "baseline" or an x86-64-vN name ($DMM_SCAN_ISA)."""
+    return _isa_level(ISA_ENV)
 
 
 def build_flags() -> tuple[str, ...]:
     """Compiler flags for this machine (the ISA level included)."""
-    level = isa_level()
-    return COMPILE_FLAGS if level == "baseline" else (*COMPILE_FLAGS, f"-march={level}")
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-
-
-def _build_key(compiler: str, source: bytes, flags: tuple[str, ...]) -> str:
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=True
-    ).stdout
-    digest = hashlib.sha256()
-    for part in (source, compiler.encode(), version.encode(), " ".join(flags + LINK_FLAGS).encode(),
-                 sys.platform.encode(), platform.machine().encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
-
-
-def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (if not there yet) and return the library's path."""
-    source = SOURCE_PATH.read_bytes()
-    flags = build_flags()
-    target_dir = cache_dir() / "fused_scan" / _build_key(compiler, source, flags)
-    library = target_dir / LIBRARY_NAME
-    if library.exists():
-        return library
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target_dir, prefix=".build-") as work:
-        staged = Path(work) / LIBRARY_NAME
-        command = [compiler, *flags, str(SOURCE_PATH), "-o", str(staged), *LINK_FLAGS]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
-        if result.returncode != 0:
-            raise RuntimeError(f"'{' '.join(command)}' failed:\n{result.stderr.strip()}")
-        os.replace(staged, library)  # atomic: a reader sees no file or the whole file
-    return library
+    return (*COMPILE_FLAGS, *isa_flags(isa_level()))
 
 
 def _load() -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (looked for $CC, gcc, cc)")
-    library = ctypes.CDLL(str(_build(compiler)))
+    path = build_shared_library([SOURCE_PATH], library_name=LIBRARY_NAME, subdir=CACHE_SUBDIR,
+                                flags=build_flags(), link_flags=LINK_FLAGS, compiler=find_compiler())
+    library = ctypes.CDLL(str(path))
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     library.dmm_selective_scan_fwd.argtypes = [pointer] * 3 + [flag] + [pointer] * 7 + [size] * 7 + [flag]
     library.dmm_selective_scan_fwd.restype = ctypes.c_int

@@ -11,16 +11,22 @@ from dmm_train.config import RUNS_DIR
 
 DEFAULT_OPSET = 17
 DEFAULT_RUNS_DIR = RUNS_DIR
+TARGETS = ("onnx", "c")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     checkpoint: Path | None = field(default=None, metadata={
         "help": "model.pt or its run directory (default: the newest model.pt under runs/)"})
-    mode: str = field(default="window", metadata={
-        "help": "window (the official sliding-window evaluation) | stream (one step, explicit caches)"})
+    mode: str | None = field(default=None, metadata={
+        "help": "window (the official sliding-window evaluation; the default) | stream (one step, explicit "
+                "caches; the only mode of --target c)"})
+    target: str = field(default="onnx", metadata={
+        "help": "onnx: NAME.onnx; c: NAME.c + NAME.h, the stream step as one C99 file (fp32, batch 1; "
+                "docs/c_target.md)"})
     out: Path | None = field(default=None, metadata={
-        "help": "NAME: writes NAME.onnx and the manifest NAME.json (default: the preset, e.g. hopper)"})
+        "help": "NAME: writes NAME.onnx (or NAME.c + NAME.h) and the manifest NAME.json (default: the preset, "
+                "e.g. hopper)"})
     batch: int = field(default=1, metadata={"help": "static batch (1 for a control loop)"})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset (17 or newer)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | fp16 | int8 (cli: --fp16, --int8)"})
@@ -45,9 +51,25 @@ class ExportConfig:
                        "dataset": "--dataset", "max_score_drop": "--max-score-drop",
                        "score_episodes": "--score-episodes"}
 
+    @property
+    def export_mode(self) -> str:
+        """The mode to export: --mode, else stream for the C target and window for ONNX."""
+        return self.mode or ("stream" if self.target == "c" else "window")
+
     def validate(self) -> None:
-        if self.mode not in MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise DMMError(f"--mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.target not in TARGETS:
+            raise DMMError(f"--target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if self.target == "c":
+            chosen = {"--mode window": self.export_mode != "stream", "--batch": self.batch != 1,
+                      "--opset": self.opset != DEFAULT_OPSET, "--fp16": self.precision == "fp16",
+                      "--int8": self.precision == "int8",
+                      **{flag: getattr(self, name) is not None for name, flag in self.PRECISION_FLAGS.items()}}
+            given = [flag for flag, value in chosen.items() if value]
+            if given:
+                raise DMMError(f"{', '.join(given)} with --target c; expected none of them: the C target is the "
+                               "stream step in fp32 at batch 1; leave them out, or export ONNX")
         if self.precision not in PRECISIONS:
             raise DMMError(f"precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
         given = [flag for name, flag in self.PRECISION_FLAGS.items() if getattr(self, name) is not None]

@@ -90,7 +90,8 @@ class ParityConfig:
 
     checkpoint: Path = field(metadata={"help": "model.pt (the PyTorch reference)"})
     onnx: tuple[Path, ...] = field(default=(), metadata={
-        "help": "graph exported from it (repeatable; default: export both modes to a temporary directory)"})
+        "help": "graph (.onnx, or .c from export --target c) exported from it (repeatable; default: export both "
+                "modes to a temporary directory)"})
     steps: int = field(default=1000, metadata={"help": "steps of the recorded trajectory"})
     seed: int = field(default=0, metadata={"help": "reset seed of the recorded trajectory"})
     target_return: float | None = field(default=None, metadata={"help": "target return (default: the manifest's)"})

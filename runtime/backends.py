@@ -4,6 +4,7 @@
     .plan    runtime.trt_backend.TrtBackend      tensorrt, pycuda   (built on the target GPU)
     .onnx    runtime.ort_backend.OrtBackend      onnxruntime
     .pt      runtime.torch_backend.TorchBackend  torch (the reference; not on the robot)
+    .c       runtime.native_backend.NativeBackend  a C compiler, on first use (export --target c)
 
 Each backend module imports `runtime.backend` (the shared shape); this module imports
 them, lazily, and nothing imports it back.
@@ -17,7 +18,7 @@ from contract.errors import DMMError
 from contract.manifest import MODES
 from runtime.backend import DEFAULT_THREADS, Backend
 
-ENGINE_SUFFIXES = (".plan", ".onnx", ".pt")
+ENGINE_SUFFIXES = (".plan", ".onnx", ".pt", ".c")
 
 
 def load_backend(path: str | Path, mode: str | None = None, *, provider: str | None = None,
@@ -40,9 +41,9 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     if suffix not in ENGINE_SUFFIXES:
         raise DMMError(
             f"unknown engine file type {path.suffix or '(none)'!r} of {str(path)!r}; expected "
-            ".plan (TensorRT), .onnx (ONNX Runtime) or .pt (PyTorch checkpoint)"
+            ".plan (TensorRT), .onnx (ONNX Runtime), .c (export --target c) or .pt (PyTorch checkpoint)"
         )
-    if provider is not None and suffix != ".onnx" and not (suffix == ".pt" and provider == "cpu"):
+    if provider is not None and suffix != ".onnx" and not (suffix in (".pt", ".c") and provider == "cpu"):
         raise DMMError(f"provider {provider!r} for a {suffix} engine; execution providers choose how "
                        "ONNX Runtime runs a .onnx; leave the provider out for this engine")
     if cuda_graph and suffix != ".plan":
@@ -54,6 +55,10 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
         from runtime.ort_backend import OrtBackend
 
         backend = OrtBackend(path, provider=provider or "cpu", threads=threads)
+    elif suffix == ".c":
+        from runtime.native_backend import NativeBackend
+
+        backend = NativeBackend(path)  # single-threaded by design: ``threads`` does not apply
     else:
         from runtime.torch_backend import TorchBackend
 

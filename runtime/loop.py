@@ -68,7 +68,7 @@ def warm_up(policy: Policy, calls: int = DEFAULT_WARMUP) -> None:
 class RunConfig:
     """What ``cli.py run`` asks for."""
 
-    engine: Path = field(metadata={"help": "hopper.plan, hopper.onnx or a model.pt"})
+    engine: Path = field(metadata={"help": "hopper.plan, hopper.onnx, hopper.c (export --target c) or a model.pt"})
     episodes: int = field(default=5, metadata={"help": "episodes to run; episode i is seeded seed + i"})
     seed: int = field(default=0, metadata={"help": "reset seed of the first episode"})
     target_return: float | None = field(default=None, metadata={"help": "target return (default: the manifest's)"})

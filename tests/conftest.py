@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import export_engines, write_checkpoint
+from tests.helpers import export_c, export_engines, write_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +23,9 @@ def checkpoint_path(tmp_path_factory):
 def engines(checkpoint_path, tmp_path_factory):
     """mode -> exported .onnx of ``checkpoint_path``."""
     return export_engines(checkpoint_path, tmp_path_factory.mktemp("engines"))
+
+
+@pytest.fixture(scope="module")
+def c_export(checkpoint_path, tmp_path_factory):
+    """hopper.c of ``checkpoint_path`` (export --target c; hopper.h and hopper.json beside it)."""
+    return export_c(checkpoint_path, tmp_path_factory.mktemp("c-export"))

@@ -123,3 +123,36 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def c_compiler() -> str:
+    """The C compiler the native backend would use; the calling test is skipped where there is none."""
+    import os
+
+    import pytest
+
+    found = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if not found:
+        pytest.skip("no C compiler on this machine (the C target compiles on first use)")
+    return found
+
+
+_C_EXPORTS: dict[str, Path] = {}
+
+
+def export_c(checkpoint_path: Path, directory: Path) -> Path:
+    """hopper.c (hopper.h and hopper.json beside it) of ``checkpoint_path``, exported once per test session."""
+    from export.c_source import export_c_checkpoint
+
+    c_compiler()
+    key = str(checkpoint_path)
+    if key not in _C_EXPORTS:
+        _C_EXPORTS[key] = export_c_checkpoint(checkpoint_path, out=directory / "hopper")[0]
+    return _C_EXPORTS[key]
+
+
+def copy_c_export(c_path: Path, directory: Path) -> Path:
+    """A private copy of NAME.c, NAME.h and NAME.json, free to damage."""
+    for suffix in (".c", ".h", ".json"):
+        shutil.copy(c_path.with_suffix(suffix), directory / c_path.with_suffix(suffix).name)
+    return directory / c_path.name
