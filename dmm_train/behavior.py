@@ -97,6 +97,25 @@ class MlpPolicy:
         noise = rng.standard_normal(mean.shape)  # (Adim,)
         return np.tanh(mean + np.exp(log_std) * noise).astype(np.float32)
 
+    def sample_batch(self, observations: np.ndarray, generators: list[np.random.Generator]) -> np.ndarray:
+        """observations: (n, S) -> actions (n, Adim), row i sampled with ``generators[i]``.
+
+        Each row is computed on its own (a stack of vector-matrix products, never one
+        matrix product whose summation order could depend on n), so a row's action is
+        the same whichever other rows share the batch: batched rollouts equal
+        sequential ones. It also keeps BLAS from spinning up threads for a product this small.
+        """
+        if self.log_std_weight is None:
+            raise DMMError("this behaviour policy has no log_std head; it can only act deterministically")
+        hidden = np.asarray(observations, dtype=np.float64)[:, None, :]  # (n, 1, S)
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            hidden = np.maximum(np.matmul(hidden, weight) + bias, 0.0)  # (n, 1, H)
+        mean = (np.matmul(hidden, self.weights[-1]) + self.biases[-1])[:, 0]  # (n, Adim)
+        log_std = np.clip((np.matmul(hidden, self.log_std_weight) + self.log_std_bias)[:, 0],
+                          LOG_STD_MIN, LOG_STD_MAX)  # (n, Adim)
+        noise = np.stack([g.standard_normal(mean.shape[1]) for g in generators])  # (n, Adim)
+        return np.tanh(mean + np.exp(log_std) * noise).astype(np.float32)
+
 
 def actor_from_sb3(model) -> MlpPolicy:
     """The actor of an SB3 SAC model: latent_pi layers, the mu head and the log_std head."""
