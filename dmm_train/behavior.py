@@ -75,7 +75,10 @@ class MlpPolicy:
         if self.log_std_weight is not None:
             arrays["log_std_w"] = self.log_std_weight.astype(np.float32)
             arrays["log_std_b"] = self.log_std_bias.astype(np.float32)
-        np.savez_compressed(path, n_layers=len(self.weights), metadata=json.dumps(metadata), **arrays)
+        path = Path(path)
+        partial = path.with_name(path.stem + ".tmp.npz")  # renamed into place: never a half-written policy
+        np.savez_compressed(partial, n_layers=len(self.weights), metadata=json.dumps(metadata), **arrays)
+        partial.replace(path)
 
     def _features(self, observation: np.ndarray) -> np.ndarray:
         hidden = np.asarray(observation, dtype=np.float64)  # (S,) or (n, S)
@@ -96,6 +99,25 @@ class MlpPolicy:
         mean = hidden @ self.weights[-1] + self.biases[-1]  # (Adim,)
         log_std = np.clip(hidden @ self.log_std_weight + self.log_std_bias, LOG_STD_MIN, LOG_STD_MAX)
         noise = rng.standard_normal(mean.shape)  # (Adim,)
+        return np.tanh(mean + np.exp(log_std) * noise).astype(np.float32)
+
+    def sample_batch(self, observations: np.ndarray, generators: list[np.random.Generator]) -> np.ndarray:
+        """observations: (n, S) -> actions (n, Adim), row i sampled with ``generators[i]``.
+
+        Each row is computed on its own (a stack of vector-matrix products, never one
+        matrix product whose summation order could depend on n), so a row's action is
+        the same whichever other rows share the batch: batched rollouts equal
+        sequential ones. It also keeps BLAS from spinning up threads for a product this small.
+        """
+        if self.log_std_weight is None:
+            raise DMMError("this behaviour policy has no log_std head; it can only act deterministically")
+        hidden = np.asarray(observations, dtype=np.float64)[:, None, :]  # (n, 1, S)
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
+            hidden = np.maximum(np.matmul(hidden, weight) + bias, 0.0)  # (n, 1, H)
+        mean = (np.matmul(hidden, self.weights[-1]) + self.biases[-1])[:, 0]  # (n, Adim)
+        log_std = np.clip((np.matmul(hidden, self.log_std_weight) + self.log_std_bias)[:, 0],
+                          LOG_STD_MIN, LOG_STD_MAX)  # (n, Adim)
+        noise = np.stack([g.standard_normal(mean.shape[1]) for g in generators])  # (n, Adim)
         return np.tanh(mean + np.exp(log_std) * noise).astype(np.float32)
 
 
@@ -127,14 +149,20 @@ def evaluate_behavior(policy, env_id: str, episodes: int, seed: int) -> list[flo
     return returns
 
 
+LATEST_MODEL = "sac_latest.zip"
+LATEST_BUFFER = "sac_latest_replay_buffer.pkl"
+
+
 def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_every: int,
-              buffer_every: int, threads: int = 1) -> None:
+              buffer_every: int, threads: int = 1, resume: bool = False) -> None:
     """Train SB3 SAC (default hyperparameters) and snapshot the actor with its evaluated return.
 
     Every ``snapshot_every`` steps the deterministic actor is saved as ``sac_<steps>.npz``
     with its mean return over 5 evaluation episodes; every ``buffer_every`` steps the
     replay buffer so far (every transition the learner saw, in order) is written to
-    ``replay.npz``, so that a medium-replay dataset can be cut at the medium snapshot.
+    ``replay.npz``, so that a medium-replay dataset can be cut at the medium snapshot, and
+    the model and SB3's replay buffer are saved (atomically) so that ``resume`` continues the
+    run where that save left it.
     """
     try:
         from stable_baselines3 import SAC
@@ -168,32 +196,76 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
                 print(f"{steps} steps: eval return {mean:.1f} (min {min(returns):.1f})", file=sys.stderr, flush=True)
             if steps % buffer_every == 0 or steps == total_steps:
                 dump_replay(self.model)
-                self.model.save(out_dir / "sac_latest")
+                save_latest(self.model)
             return True
 
+    def save_latest(model) -> None:
+        # SB3 keeps a name ending in .zip / .pkl as given; written aside, then renamed into place.
+        model.save(out_dir / "sac_latest.tmp.zip")
+        model.save_replay_buffer(out_dir / "sac_latest_replay_buffer.tmp.pkl")
+        (out_dir / "sac_latest.tmp.zip").replace(out_dir / LATEST_MODEL)
+        (out_dir / "sac_latest_replay_buffer.tmp.pkl").replace(out_dir / LATEST_BUFFER)
+
+    if resume:
+        missing = [name for name in (LATEST_MODEL, LATEST_BUFFER) if not (out_dir / name).is_file()]
+        if missing:
+            raise DMMError(f"--resume: {str(out_dir)!r} has no {', '.join(missing)}; expected the --out of a "
+                           "'train' run that reached its first --buffer-every save, or start without --resume")
+        model = SAC.load(out_dir / LATEST_MODEL, env=gym.make(env_id))
+        model.load_replay_buffer(out_dir / LATEST_BUFFER)
+        remaining = total_steps - model.num_timesteps
+        if remaining <= 0:
+            raise DMMError(f"--resume: the run in {str(out_dir)!r} is at {model.num_timesteps} steps; expected "
+                           f"--steps above that (got {total_steps})")
+        print(f"resuming at {model.num_timesteps} steps", file=sys.stderr, flush=True)
+        model.learn(total_timesteps=remaining, callback=Snapshot(), reset_num_timesteps=False)
+        return
     model = SAC("MlpPolicy", gym.make(env_id), seed=seed, verbose=0, learning_starts=1000,
                 buffer_size=max(total_steps, 1000))
     model.learn(total_timesteps=total_steps, callback=Snapshot())
 
 
+def policy_prefix(env: str) -> str:
+    """The file prefix of an env's shipped files: its preset name (Walker2d-v5 -> walker2d)."""
+    from dmm_train.config import PRESETS
+
+    for preset in PRESETS.values():
+        if env in (preset.name, preset.env_id):
+            return preset.name
+    raise DMMError(f"--env {env!r}; expected one of {', '.join(p.env_id for p in PRESETS.values())} "
+                   "(or its preset name)")
+
+
 def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, out_dir: Path = POLICY_DIR,
-                    episodes: int = 20) -> None:
-    """Ship snapshots of a SAC run: hopper_medium.npz (+ hopper_expert.npz) and the replay log.
+                    episodes: int = 20, env: str = "Hopper-v5", expert_label: str = "expert") -> None:
+    """Ship snapshots of a SAC run: <env>_medium.npz (+ <env>_<expert_label>.npz) and the replay log.
 
     Each policy is re-evaluated deterministically over ``episodes`` episodes (seeds
     20000+) and with sampled actions (the way the datasets are rolled out) and the
-    returns go into its metadata. The replay log is the run's replay buffer cut at the
-    medium snapshot: every transition SAC saw up to it, in order.
+    returns go into its metadata. The replay log (<env>_medium_replay.npz) is the run's
+    replay buffer cut at the medium snapshot: every transition SAC saw up to it, in order.
+    ``expert_label`` names the best snapshot's file; the recipes read ``expert``, so a
+    snapshot far from D4RL's expert level is exported under another label until it is.
     """
+    prefix = policy_prefix(env)
+    from dmm_train.config import get_preset
+
+    env_id = get_preset(prefix).env_id
+    for step in (medium_step, expert_step):
+        if step is not None and not (run_dir / f"sac_{step}.npz").is_file():
+            raise DMMError(f"{str(run_dir)!r} has no sac_{step}.npz; expected a snapshot step of that run "
+                           "(its sac_<step>.npz files)")
+    if not (run_dir / "replay.npz").is_file():
+        raise DMMError(f"{str(run_dir)!r} has no replay.npz; expected the --out directory of 'train'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = {"hopper_medium.npz": medium_step}
+    chosen = {f"{prefix}_medium.npz": medium_step}
     if expert_step is not None:
-        chosen["hopper_expert.npz"] = expert_step
+        chosen[f"{prefix}_{expert_label}.npz"] = expert_step
     for name, step in chosen.items():
         policy = MlpPolicy.load(run_dir / f"sac_{step}.npz")
-        deterministic = evaluate_behavior(policy, "Hopper-v5", episodes, seed=20_000)
+        deterministic = evaluate_behavior(policy, env_id, episodes, seed=20_000)
         rng = np.random.default_rng(0)
-        sampled = evaluate_behavior(lambda obs, p=policy, g=rng: p.sample(obs, g), "Hopper-v5", episodes, seed=20_000)
+        sampled = evaluate_behavior(lambda obs, p=policy, g=rng: p.sample(obs, g), env_id, episodes, seed=20_000)
         snapshot = {key: value for key, value in policy.metadata.items() if not key.startswith("eval_")}
         metadata = {**snapshot, "sac_steps": step,
                     "eval_return": float(np.mean(deterministic)), "eval_return_std": float(np.std(deterministic)),
@@ -215,14 +287,15 @@ def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, ou
         truncations[-1] |= not dones[-1]  # the episode running at the cut ends there
         ends = np.flatnonzero(terminations | truncations)
         np.savez_compressed(
-            out_dir / "hopper_medium_replay.npz",
+            out_dir / f"{prefix}_medium_replay.tmp.npz",
             observations=buffer["observations"][cut].astype(np.float32),
             actions=buffer["actions"][cut].astype(np.float32),
             rewards=buffer["rewards"][cut].astype(np.float32),
             terminations=terminations, truncations=truncations,
             final_observations=buffer["next_observations"][ends].astype(np.float32),
         )
-    print(f"hopper_medium_replay.npz: {medium_step} transitions, {len(ends)} episodes", file=sys.stderr)
+    (out_dir / f"{prefix}_medium_replay.tmp.npz").replace(out_dir / f"{prefix}_medium_replay.npz")
+    print(f"{prefix}_medium_replay.npz: {medium_step} transitions, {len(ends)} episodes", file=sys.stderr)
 
 
 def main() -> None:
@@ -237,16 +310,24 @@ def main() -> None:
     train.add_argument("--buffer-every", type=int, default=50_000)
     train.add_argument("--threads", type=int, default=1, help="torch threads of the learner")
     train.add_argument("--out", type=Path, required=True)
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last --buffer-every save (model + replay buffer)")
     export = commands.add_parser("export", help="ship snapshots of a run into dmm_train/policies")
     export.add_argument("--run", type=Path, required=True, help="the --out directory of 'train'")
     export.add_argument("--medium-step", type=int, required=True)
     export.add_argument("--expert-step", type=int, default=None)
     export.add_argument("--episodes", type=int, default=20)
+    export.add_argument("--env", default="Hopper-v5", help="the run's env (gymnasium id or preset name)")
+    export.add_argument("--expert-label", default="expert",
+                        help="file label of the best snapshot (<env>_<label>.npz); the recipes read 'expert'")
+    export.add_argument("--out", type=Path, default=POLICY_DIR, help="where the files go")
     args = parser.parse_args()
     if args.command == "train":
-        train_sac(args.env, args.steps, args.seed, args.out, args.snapshot_every, args.buffer_every, args.threads)
+        train_sac(args.env, args.steps, args.seed, args.out, args.snapshot_every, args.buffer_every, args.threads,
+                  resume=args.resume)
     else:
-        export_policies(args.run, args.medium_step, args.expert_step, episodes=args.episodes)
+        export_policies(args.run, args.medium_step, args.expert_step, out_dir=args.out, episodes=args.episodes,
+                        env=args.env, expert_label=args.expert_label)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,11 @@ PRESETS: dict[str, EnvPreset] = {
         ref_min_score=-20.272305, ref_max_score=3234.3,
     ),
     "walker2d": EnvPreset(
-        "walker2d", "Walker2d-v5", 17, 6, 64, (5000.0,),
+        "walker2d", "Walker2d-v5", 17, 6, 64, (5000.0, 10000.0, 50000.0, 100000.0),
         ref_min_score=1.629008, ref_max_score=4592.3,
     ),
     "halfcheetah": EnvPreset(
-        "halfcheetah", "HalfCheetah-v5", 17, 6, 64, (12000.0,),
+        "halfcheetah", "HalfCheetah-v5", 17, 6, 64, (12000.0, 24000.0, 120000.0, 240000.0),
         ref_min_score=-280.178953, ref_max_score=12135.0,
     ),
     # antmaze/kitchen: D=128 as in the official run.sh; their reward scale is 1, and

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from contract.errors import DMMError
 from dmm_train.minari_reader import DATASET_ID_RE
-from dmm_train.rollouts import Rollout
+from dmm_train.rollouts import Rollout, mujoco_warnings_once
 
 MINARI_STORE_ENV = "MINARI_DATASETS_PATH"
 
@@ -137,7 +137,7 @@ def _write_into_store(store: Path, dataset_id: str, rollouts: Sequence[Rollout],
         )
         for index, rollout in enumerate(rollouts)
     ]
-    with _minari_store(store), warnings.catch_warnings():
+    with _minari_store(store), warnings.catch_warnings(), mujoco_warnings_once():
         # Minari nags about optional provenance fields we have no value for.
         warnings.filterwarnings("ignore", message=r"`(author_email|code_permalink)` is set to None",
                                 category=UserWarning)

@@ -1,26 +1,28 @@
 """The embedded offline datasets: D4RL's recipes, regenerated offline from shipped SAC policies.
 
 D4RL's MuJoCo datasets (and Minari's copies of them) cannot be downloaded behind a
-closed network, so the project regenerates datasets of the same kinds itself, as real
-Minari datasets, deterministically from a seed:
+closed network, so the project regenerates datasets of the same kinds and sizes itself,
+as real Minari datasets, deterministically from a seed. For each of hopper, walker2d and
+halfcheetah (``<env>`` below):
 
-- ``hopper-medium``: rollouts of a SAC policy stopped at a medium level (D4RL: about a
+- ``<env>-random``: uniform random actions, 1M steps;
+- ``<env>-medium``: 1M steps of a SAC policy stopped at a medium level (D4RL: about a
   third of expert), actions sampled from its squashed Gaussian as SAC samples them;
-- ``hopper-medium-replay``: every transition the SAC learner saw up to the medium
+- ``<env>-expert``: 1M steps of the best SAC snapshot of the run (its level is in
+  ``dmm_train/policies/README.md`` and in the dataset's algorithm name);
+- ``<env>-medium-replay``: every transition the SAC learner saw up to the medium
   snapshot, in order (its replay buffer, the first 1000 steps random), shipped as a
-  compressed log and converted here;
-- ``hopper-expert``: rollouts of the final SAC policy, when it reached an expert level;
-- ``hopper-medium-expert``: the medium and expert episodes together (D4RL's mixture);
-- ``hopper-random``: uniform random actions (a smoke-test dataset).
+  compressed log and converted here (its own size);
+- ``<env>-medium-expert``: the medium and expert episodes together, 2M steps.
 
-Sizes are a tenth of D4RL's 1M transitions (``RECIPE_STEPS``): 100k steps take about a
-minute to roll out on one CPU core, and DMM's 100k training steps see each transition
-about 500 times anyway. The shipped policies and their provenance (training command,
-SB3 version, evaluated returns) are in ``dmm_train/policies/README.md``.
+The shipped policies and their provenance (training command, SB3 version, evaluated
+returns) are in ``dmm_train/policies/README.md``; a recipe whose files this checkout does
+not ship says which file is missing and the command that makes it.
 
 Regeneration is deterministic for a seed on a given machine: episode i is reset with
-seed ``seed + i`` and the action noise comes from ``numpy.random.default_rng(seed)``;
-``python cli.py collect`` twice gives the same content hash (tests check it).
+seed ``seed + i`` and draws its action noise from its own generator
+(``rollouts.episode_generator``), so the data does not depend on how many envs are
+stepped side by side; ``python cli.py collect`` twice gives the same content hash.
 """
 
 from __future__ import annotations
@@ -37,17 +39,18 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError, describe_error
+from contract.scores import normalized_score
 from dmm_train.config import CollectConfig, get_preset
 from dmm_train.minari_reader import DATA_DIR, METADATA_FILE
 from dmm_train.minari_writer import check_dataset_id, store_root, write_minari_dataset
 from dmm_train.progress import Progress
-from dmm_train.rollouts import Policy, Rollout, preset_for, rollout_episodes
+from dmm_train.rollouts import Policy, Rollout, preset_for, rollout_batched, rollout_episodes
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
-RECIPE_STEPS = 100_000
+RECIPE_STEPS = 1_000_000  # D4RL's size for random, medium and expert (medium-expert: twice that)
 RECIPE_SEED = 0
 NAMESPACE = "dmm-deploy"
-REPLAY_LOG = "hopper_medium_replay.npz"
+RECIPE_PRESETS = ("hopper", "walker2d", "halfcheetah")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class Recipe:
 
     name: str  # e.g. hopper-medium; the Minari id is dmm-deploy/<name>-v0
     preset: str
-    kind: str  # "policy" (rollouts), "replay" (the shipped SAC replay log), "mixture" (of other recipes)
+    kind: str  # "policy" (rollouts), "replay" (the shipped SAC replay log), "mixture" (of other recipes), "random"
     source: tuple[str, ...]  # policy .npz files, the replay log, or the recipes mixed
     description: str
 
@@ -64,61 +67,72 @@ class Recipe:
     def dataset_id(self) -> str:
         return f"{NAMESPACE}/{self.name}-v0"
 
+    def missing_files(self) -> list[str]:
+        """The shipped files the recipe needs that this checkout lacks (those of its parts, for a mixture)."""
+        if self.kind == "mixture":
+            return [file for name in self.source for file in RECIPES[name].missing_files()]
+        if self.kind == "random":
+            return []
+        return [file for file in self.source if not (POLICY_DIR / file).is_file()]
+
     def available(self) -> bool:
         """True when every shipped file the recipe needs is present."""
-        if self.kind == "mixture":
-            return all(RECIPES[name].available() for name in self.source)
-        if self.kind == "random":
-            return True
-        return all((POLICY_DIR / file).is_file() for file in self.source)
+        return not self.missing_files()
 
 
-RECIPES: dict[str, Recipe] = {
-    recipe.name: recipe
-    for recipe in (
-        Recipe("hopper-medium", "hopper", "policy", ("hopper_medium.npz",),
+def _recipes_of(preset: str) -> tuple[Recipe, ...]:
+    return (
+        Recipe(f"{preset}-random", preset, "random", (),
+               "uniform random actions"),
+        Recipe(f"{preset}-medium", preset, "policy", (f"{preset}_medium.npz",),
                "rollouts of a medium-level SAC policy (stochastic actions, as SAC samples them)"),
-        Recipe("hopper-medium-replay", "hopper", "replay", (REPLAY_LOG,),
+        Recipe(f"{preset}-expert", preset, "policy", (f"{preset}_expert.npz",),
+               "rollouts of the best SAC snapshot of the run (stochastic actions)"),
+        Recipe(f"{preset}-medium-replay", preset, "replay", (f"{preset}_medium_replay.npz",),
                "the replay buffer of SAC training up to the medium snapshot, in order"),
-        Recipe("hopper-expert", "hopper", "policy", ("hopper_expert.npz",),
-               "rollouts of the final SAC policy (stochastic actions)"),
-        Recipe("hopper-medium-expert", "hopper", "mixture", ("hopper-medium", "hopper-expert"),
-               "the hopper-medium and hopper-expert episodes together"),
-        Recipe("hopper-random", "hopper", "random", (),
-               "uniform random actions (a smoke-test dataset; random Hopper episodes last ~20 steps)"),
+        Recipe(f"{preset}-medium-expert", preset, "mixture", (f"{preset}-medium", f"{preset}-expert"),
+               f"the {preset}-medium and {preset}-expert episodes together"),
     )
-}
-DEFAULT_RECIPE = "hopper-medium"
+
+
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for preset in RECIPE_PRESETS for recipe in _recipes_of(preset)}
+DEFAULT_PRESET = "hopper"
+
+
+def default_recipe(preset: str = DEFAULT_PRESET) -> str:
+    """The recipe ``train --preset <preset>`` uses when no --dataset is given: ``<preset>-medium``."""
+    name = f"{preset}-medium"
+    if name not in RECIPES:
+        raise DMMError(f"preset {preset!r} has no embedded dataset; expected one of {', '.join(RECIPE_PRESETS)}, "
+                       "or pass --dataset ID|PATH")
+    return name
+
+
+DEFAULT_RECIPE = default_recipe()
 DEFAULT_DATASET_ID = RECIPES[DEFAULT_RECIPE].dataset_id  # what `train` uses when no --dataset is given
+
+
+def make_policy_command(file: str) -> str:
+    """The commands that make the shipped file ``file`` (dmm_train/policies/README.md has the exact ones)."""
+    preset = file.split("_")[0]
+    env_id = get_preset(preset).env_id
+    return (f"'python -m dmm_train.behavior train --env {env_id} --out RUN' then 'python -m dmm_train.behavior "
+            f"export --env {env_id} --run RUN --medium-step STEP --expert-step STEP' (dmm_train/policies/README.md)")
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise DMMError(f"unknown dataset recipe {name!r}; expected one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]
-    if not recipe.available():
-        missing = [f for f in recipe.source if f.endswith(".npz") and not (POLICY_DIR / f).is_file()]
-        raise DMMError(f"recipe {name!r} needs {', '.join(missing) or 'files'} in dmm_train/policies, "
-                       "which this checkout does not ship; expected one of the available recipes: "
-                       f"{', '.join(n for n, r in RECIPES.items() if r.available())}")
+    missing = recipe.missing_files()
+    if missing:
+        raise DMMError(f"recipe {name!r} needs {', '.join(missing)} in dmm_train/policies, which this checkout "
+                       f"does not ship; make it with {make_policy_command(missing[0])}, or use one of the "
+                       f"available recipes: {', '.join(n for n, r in RECIPES.items() if r.available())}")
     return recipe
 
 
 # --------------------------------------------------------------------------- making the data
-
-
-def sampling_policy(path: Path, seed: int) -> Callable[[np.ndarray], np.ndarray]:
-    """The shipped SAC actor at ``path``, sampling its squashed Gaussian from a generator seeded ``seed``."""
-    from dmm_train.behavior import MlpPolicy
-
-    actor = MlpPolicy.load(path)
-    rng = np.random.default_rng(seed)
-
-    def act(observation: np.ndarray) -> np.ndarray:
-        return actor.sample(observation, rng)
-
-    act.__name__ = f"SAC actor {path.name}"
-    return act
 
 
 def replay_rollouts(path: Path):
@@ -156,17 +170,22 @@ def replay_rollouts(path: Path):
     return rollouts
 
 
-def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool):
+def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool) -> list[Rollout]:
     env_id = get_preset(recipe.preset).env_id
     if recipe.kind == "replay":
         return replay_rollouts(POLICY_DIR / recipe.source[0])
     if recipe.kind == "mixture":
         return [rollout for name in recipe.source
                 for rollout in make_rollouts(RECIPES[name], steps=steps, seed=seed, progress=progress)]
+    if recipe.kind == "random":
+        policy = "random"
+    else:
+        from dmm_train.behavior import MlpPolicy
+
+        policy = MlpPolicy.load(POLICY_DIR / recipe.source[0]).sample_batch
     bar = Progress(f"rolling out {recipe.name}", steps, enabled=progress)
-    policy = "random" if recipe.kind == "random" else sampling_policy(POLICY_DIR / recipe.source[0], seed)
     try:
-        return rollout_episodes(env_id, policy, n_steps=steps, seed=seed, on_step=bar.update)
+        return rollout_batched(env_id, policy, n_steps=steps, seed=seed, on_step=bar.update)
     finally:
         bar.close()
 
@@ -197,7 +216,7 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
     provenance = policy_provenance(recipe)
     return write_minari_dataset(
         recipe.dataset_id, rollouts, preset.env_id,
-        algorithm_name=f"SAC (stable-baselines3) {provenance}" if provenance else recipe.kind,
+        algorithm_name=f"SAC (stable-baselines3) {provenance}" if provenance else "uniform random actions",
         ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score,
         description=(f"{recipe.description}: {len(rollouts)} episodes, {total} steps of {preset.env_id}, "
                      f"seed {seed}; regenerate with 'python cli.py collect --recipe {recipe.name}'"),
@@ -206,16 +225,21 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
 
 
 def policy_provenance(recipe: Recipe) -> str:
-    """A short label of the shipped policies behind a recipe (their SAC step and evaluated return)."""
+    """A short label of the shipped policies behind a recipe: SAC step, sampled return, normalised score."""
     if recipe.kind == "mixture":
         return " + ".join(filter(None, (policy_provenance(RECIPES[name]) for name in recipe.source)))
+    if recipe.kind == "replay":
+        return f"replay buffer {recipe.source[0]}"
     if recipe.kind != "policy":
-        return "replay buffer" if recipe.kind == "replay" else ""
+        return ""
     with np.load(POLICY_DIR / recipe.source[0]) as data:
         metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
-    if not metadata:
+    if "sampled_return" not in metadata:
         return recipe.source[0]
-    return f"{recipe.source[0]} ({metadata.get('steps')} steps, eval return {metadata.get('eval_return', 0):.0f})"
+    preset = get_preset(recipe.preset)
+    score = normalized_score(metadata["sampled_return"], preset.ref_min_score, preset.ref_max_score)
+    return (f"{recipe.source[0]} ({metadata.get('sac_steps', metadata.get('steps'))} SAC steps, sampled return "
+            f"{metadata['sampled_return']:.0f}, normalised {score:.0f})")
 
 
 # --------------------------------------------------------------------------- custom rollouts and the default
@@ -272,13 +296,16 @@ def collect(
     )
 
 
-def ensure_default_dataset(progress: bool = True, steps: int | None = None) -> Path:
-    """Path of the embedded default dataset (hopper-medium), generated in the local Minari store on first use.
+def ensure_default_dataset(preset: str = DEFAULT_PRESET, progress: bool = True, steps: int | None = None) -> Path:
+    """Path of the embedded default dataset of ``preset`` (``<preset>-medium``), generated on first use.
 
-    ``steps`` overrides the recipe's rollout budget (tests use small ones).
+    It goes into the local Minari store; ``steps`` overrides the recipe's rollout budget
+    (tests use small ones). A preset whose medium policy this checkout does not ship is an
+    error naming the missing file and the command that makes it.
     """
+    recipe = RECIPES[default_recipe(preset)]
     root = store_root()
-    final = root / DEFAULT_DATASET_ID
+    final = root / recipe.dataset_id
     if final.exists():
         if not (final / DATA_DIR / METADATA_FILE).is_file():
             raise DMMError(
@@ -286,14 +313,19 @@ def ensure_default_dataset(progress: bool = True, steps: int | None = None) -> P
                 "remove that directory so the default dataset can be regenerated"
             )
         return final
+    missing = recipe.missing_files()
+    if missing:
+        raise DMMError(f"the default {preset} dataset ({recipe.dataset_id}) is made from dmm_train/policies/"
+                       f"{missing[0]}, which this checkout does not ship; make it with "
+                       f"{make_policy_command(missing[0])}, or pass --dataset ID|PATH")
     budget = RECIPE_STEPS if steps is None else steps
     if progress:
-        print(f"generating the default dataset {DEFAULT_DATASET_ID} ({budget} steps of the shipped medium "
+        print(f"generating the default dataset {recipe.dataset_id} ({budget} steps of the shipped medium "
               f"SAC policy, seed {RECIPE_SEED}) in {str(root)!r}; this happens once ...",
               file=sys.stderr, flush=True)
     started = time.perf_counter()
     try:
-        path = collect_recipe(DEFAULT_RECIPE, steps=budget, seed=RECIPE_SEED, progress=progress)
+        path = collect_recipe(recipe.name, steps=budget, seed=RECIPE_SEED, progress=progress)
     except DMMError:
         # Another process may have generated it meanwhile; same seed, same data.
         if (final / DATA_DIR / METADATA_FILE).is_file():
@@ -301,7 +333,7 @@ def ensure_default_dataset(progress: bool = True, steps: int | None = None) -> P
         raise
     if progress:
         elapsed = time.perf_counter() - started
-        print(f"wrote {DEFAULT_DATASET_ID} in {elapsed:.1f} s", file=sys.stderr, flush=True)
+        print(f"wrote {recipe.dataset_id} in {elapsed:.1f} s", file=sys.stderr, flush=True)
     return path
 
 
@@ -309,7 +341,8 @@ def run_collect(config: CollectConfig, report: Callable[[str], None] = print) ->
     """``cli.py collect``: write the datasets ``config`` asks for; return their directories.
 
     Custom rollouts when a policy, episode count or dataset id is given; else the recipes named,
-    or every shipped one (the no-argument form fills in what is missing and ``report``s what it kept).
+    or every one this checkout ships the files of (the no-argument form fills in what is missing and
+    ``report``s what it kept and what it skipped).
     """
     config.validate()
     if config.custom:
@@ -320,8 +353,13 @@ def run_collect(config: CollectConfig, report: Callable[[str], None] = print) ->
         episodes = config.DEFAULT_EPISODES if config.episodes is None else config.episodes
         return [collect(env_preset.env_id, dataset_id, policy=policy, episodes=episodes, seed=config.seed,
                         out=config.out, overwrite=config.overwrite)]
-    names = config.recipes or tuple(name for name, recipe in RECIPES.items()
-                                    if recipe.available() and recipe.kind != "random")
+    names = config.recipes or tuple(name for name, recipe in RECIPES.items() if recipe.available())
+    if not config.recipes:
+        skipped = [name for name, recipe in RECIPES.items() if not recipe.available()]
+        if skipped:
+            files = sorted({file for name in skipped for file in RECIPES[name].missing_files()})
+            report(f"skipped {', '.join(skipped)}: this checkout does not ship {', '.join(files)} "
+                   "(dmm_train/policies/README.md says how they are made)")
     if not config.recipes and not config.overwrite:  # the no-argument form fills in what is missing
         kept = [name for name in names if recipe_dataset_dir(name, config.out).exists()]
         for name in kept:

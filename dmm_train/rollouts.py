@@ -6,7 +6,9 @@ i is reset with seed ``seed + i``, so a rollout is deterministic for a seed on a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,3 +144,204 @@ def preset_for(env_or_preset: str):
     if env_or_preset in PRESETS:
         return PRESETS[env_or_preset]
     return next((p for p in PRESETS.values() if p.env_id == env_or_preset), None)
+
+
+# --------------------------------------------------------------------------- batched rollouts
+
+# A batch policy maps the observations of the running episodes (n, S) and each episode's own
+# noise generator to their actions (n, Adim).
+BatchPolicy = Callable[[np.ndarray, list], np.ndarray]
+
+DEFAULT_NUM_ENVS = 16  # envs stepped side by side; the data does not depend on it
+
+
+def episode_generator(seed: int, episode: int) -> np.random.Generator:
+    """The action-noise generator of episode ``episode`` of a rollout seeded ``seed``."""
+    return np.random.default_rng((seed, episode))
+
+
+def uniform_random_policy(action_space) -> BatchPolicy:
+    """Uniform random actions in the action space's bounds, drawn from each episode's generator."""
+    low = np.asarray(action_space.low, dtype=np.float64)
+    high = np.asarray(action_space.high, dtype=np.float64)
+
+    def act(_observations: np.ndarray, generators: list) -> np.ndarray:
+        return np.stack([g.uniform(low, high) for g in generators]).astype(np.float32)  # (n, Adim)
+
+    return act
+
+
+class _Episode:
+    """The growing record of one running episode."""
+
+    def __init__(self, index: int, reset_seed: int, generator: np.random.Generator, observation: np.ndarray,
+                 capacity: int, act_dim: int):
+        self.index, self.reset_seed, self.generator, self.length = index, reset_seed, generator, 0
+        self.observations = np.empty((capacity + 1, observation.shape[0]))  # (T+1, S)
+        self.observations[0] = observation
+        self.actions = np.empty((capacity, act_dim), dtype=np.float32)  # (T, Adim)
+        self.rewards = np.empty(capacity)  # (T,)
+        self.terminated = self.truncated = False
+
+    def record(self, action: np.ndarray, observation: np.ndarray, reward: float) -> None:
+        if self.length == len(self.rewards):  # an env without a time limit: grow
+            self.observations = np.concatenate([self.observations, np.empty_like(self.observations[1:])])
+            self.actions = np.concatenate([self.actions, np.empty_like(self.actions)])
+            self.rewards = np.concatenate([self.rewards, np.empty_like(self.rewards)])
+        self.actions[self.length] = action
+        self.rewards[self.length] = reward
+        self.length += 1
+        self.observations[self.length] = observation
+
+    def rollout(self) -> Rollout:
+        terminations = np.zeros(self.length, dtype=bool)
+        truncations = np.zeros(self.length, dtype=bool)
+        terminations[-1] = self.terminated
+        truncations[-1] = not self.terminated  # a time limit, or the step budget (like a time limit)
+        return Rollout(
+            observations=self.observations[: self.length + 1].copy(),  # (T+1, S)
+            actions=self.actions[: self.length].copy(),  # (T, Adim)
+            rewards=self.rewards[: self.length].copy(),  # (T,)
+            terminations=terminations, truncations=truncations, seed=self.reset_seed,
+        )
+
+
+def cut_rollout(rollout: Rollout, steps: int) -> Rollout:
+    """The first ``steps`` steps of ``rollout``; ending it earlier than it ended is a truncation."""
+    if steps >= len(rollout):
+        return rollout
+    truncations = np.zeros(steps, dtype=bool)
+    truncations[-1] = True
+    return Rollout(observations=rollout.observations[: steps + 1], actions=rollout.actions[:steps],
+                   rewards=rollout.rewards[:steps], terminations=np.zeros(steps, dtype=bool),
+                   truncations=truncations, seed=rollout.seed)
+
+
+_MUJOCO_WARNINGS_SEEN: set[str] = set()
+
+
+@contextlib.contextmanager
+def mujoco_warnings_once():
+    """Print each distinct MuJoCo warning once per process: every env of a batch compiles the same
+    model and would repeat its compiler warnings (HalfCheetah's XML uses a deprecated attribute)."""
+    try:
+        import mujoco
+    except ImportError:
+        yield
+        return
+    previous = mujoco.get_mju_user_warning()
+
+    def once(message: str) -> None:
+        if message not in _MUJOCO_WARNINGS_SEEN:
+            _MUJOCO_WARNINGS_SEEN.add(message)
+            print(f"MuJoCo warning: {message}", file=sys.stderr, flush=True)
+
+    mujoco.set_mju_user_warning(once)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
+
+
+def rollout_batched(
+    env_id: str,
+    policy: BatchPolicy | str,
+    *,
+    n_steps: int,
+    seed: int = 0,
+    num_envs: int = DEFAULT_NUM_ENVS,
+    on_step: Callable[[int], None] | None = None,
+) -> list[Rollout]:
+    """``n_steps`` steps of ``policy`` in ``num_envs`` real envs stepped side by side.
+
+    The result is the same as rolling the episodes out one after another, whatever
+    ``num_envs``: episode i is reset with seed ``seed + i`` and draws its action noise from
+    its own generator (``episode_generator(seed, i)``), and the episodes are returned in
+    order, the last one cut at the budget and marked truncated. ``policy`` is "random" or a
+    batch policy ``(observations (n, S), generators) -> actions (n, Adim)`` that treats each
+    row on its own (as ``MlpPolicy.sample_batch`` does). ``on_step(steps_done)`` is called
+    after every batch of env steps.
+    """
+    for name, value in (("n_steps", n_steps), ("num_envs", num_envs)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DMMError(f"{name} {value!r}; expected a positive integer")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DMMError(f"seed {seed!r}; expected a non-negative integer (episode i is reset with seed + i)")
+    import gymnasium as gym
+
+    with mujoco_warnings_once():
+        envs = [make_plant(env_id)]
+        if num_envs > 1 and isinstance(envs[0].observation_space, gym.spaces.Box):
+            envs += [make_plant(env_id) for _ in range(num_envs - 1)]
+    try:
+        spaces = (envs[0].observation_space, envs[0].action_space)
+        if not all(isinstance(space, gym.spaces.Box) for space in spaces):
+            raise DMMError(f"environment {env_id!r} has {type(spaces[0]).__name__} observations and "
+                           f"{type(spaces[1]).__name__} actions; expected Box spaces (MuJoCo locomotion)")
+        action_space = envs[0].action_space
+        if isinstance(policy, str) and policy == "random":
+            policy = uniform_random_policy(action_space)
+        elif not callable(policy):
+            raise DMMError(f"policy {policy!r}; expected 'random' or a batch policy (observations, generators) "
+                           "-> actions")
+        spec = envs[0].spec
+        capacity = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 1000
+        act_dim = action_space.shape[0]
+        lengths: list[int] = []  # of every episode started, growing while it runs
+        settled, settled_steps = 0, 0  # the leading finished episodes, and their total length
+        finished: dict[int, Rollout] = {}
+        running: dict[int, _Episode] = {}  # env slot -> its episode
+        steps_done = 0
+
+        def steps_before_each() -> np.ndarray:
+            # Lower bounds of the steps taken by the episodes before each started one and after the
+            # last (exact once those episodes finish): (started - settled + 1,)
+            tail = np.asarray(lengths[settled:], dtype=np.int64)
+            return settled_steps + np.concatenate([[0], np.cumsum(tail)])
+
+        while True:
+            # A new episode starts only while the episodes before it may leave room in the budget.
+            for slot in range(num_envs):
+                if slot not in running and steps_before_each()[-1] < n_steps:
+                    index = len(lengths)
+                    observation, _ = envs[slot].reset(seed=seed + index)
+                    running[slot] = _Episode(index, seed + index, episode_generator(seed, index), observation,
+                                             capacity, act_dim)
+                    lengths.append(0)
+            if not running:
+                break
+            slots = sorted(running)
+            episodes = [running[slot] for slot in slots]
+            observations = np.stack([e.observations[e.length] for e in episodes])  # (n, S)
+            actions = np.asarray(policy(observations, [e.generator for e in episodes]), dtype=action_space.dtype)
+            if actions.shape != (len(slots), act_dim):
+                raise DMMError(f"policy returned actions of shape {actions.shape}; expected "
+                               f"{(len(slots), act_dim)} for {len(slots)} episodes of {env_id!r}")
+            for slot, episode, action in zip(slots, episodes, actions, strict=True):
+                observation, reward, terminated, truncated, _ = envs[slot].step(action)
+                episode.record(action, observation, float(reward))
+                episode.terminated, episode.truncated = bool(terminated), bool(truncated)
+                lengths[episode.index] = episode.length
+            steps_done += len(slots)
+            if on_step is not None:
+                on_step(min(steps_done, n_steps))
+            before = steps_before_each()
+            for slot, episode in zip(slots, episodes, strict=True):
+                # Even if every earlier episode stopped now, no later step of this one would be kept.
+                out_of_budget = before[episode.index - settled] + episode.length >= n_steps
+                if episode.terminated or episode.truncated or out_of_budget:
+                    finished[episode.index] = running.pop(slot).rollout()
+            while settled in finished:
+                settled_steps += lengths[settled]
+                settled += 1
+
+        rollouts, kept = [], 0
+        for index in range(len(lengths)):
+            if kept >= n_steps:
+                break
+            rollouts.append(cut_rollout(finished.pop(index), n_steps - kept))
+            kept += len(rollouts[-1])
+        return rollouts
+    finally:
+        for env in envs:
+            env.close()

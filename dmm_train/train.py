@@ -95,13 +95,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_dataset(spec: str | None, progress: bool = True):
-    """Load the dataset named by ``spec``, or the embedded default (generated on first use)."""
+def resolve_dataset(spec: str | None, progress: bool = True, preset: str = "hopper"):
+    """Load the dataset named by ``spec``, or the embedded default of ``preset`` (generated on first use)."""
     from dmm_train.minari_reader import load_dataset
     from dmm_train.recipes import ensure_default_dataset
 
     if spec is None:
-        spec = str(ensure_default_dataset(progress=progress))
+        spec = str(ensure_default_dataset(preset, progress=progress))
     return load_dataset(spec)
 
 
@@ -216,7 +216,7 @@ def train(
         # The run's own config wins: resuming with other hyperparameters would not be "exact".
         saved = TrainConfig(**resume_state["train_config"])
         config = dataclasses.replace(saved, steps=config.steps)
-    dataset = resolve_dataset(config.dataset, progress=progress)
+    dataset = resolve_dataset(config.dataset, progress=progress, preset=preset.name)
     _check_dataset_matches(dataset, preset)
     if resume_state is not None and resume_state["dataset_hash"] != dataset.content_hash:
         raise DMMError(
