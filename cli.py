@@ -94,11 +94,15 @@ def collect(**options) -> None:
 @click.option("--resume", is_flag=True,
               help="continue the run in --out exactly where it stopped (with its own model and settings)")
 @config_option(TrainConfig, "batch_size")
+@config_option(TrainConfig, "warmup_steps", "--warmup", "--warmup-steps", type=int)
 @config_option(TrainConfig, "eval_every")
 @config_option(TrainConfig, "eval_episodes")
+@config_option(TrainConfig, "report_episodes")
 @config_option(TrainConfig, "checkpoint_every")
 @config_option(TrainConfig, "scan")
 @config_option(TrainConfig, "device")
+@config_option(TrainConfig, "emulate_ranks")
+@config_option(TrainConfig, "dist_timeout_s", "--dist-timeout", type=float)
 @click.option("--quiet", is_flag=True, help="no progress output")
 def train(out, resume, quiet, **options) -> None:
     """Train a DMM policy (or a baseline, --model) offline (official DMM hyperparameters)."""
@@ -107,7 +111,8 @@ def train(out, resume, quiet, **options) -> None:
     config = from_options(TrainConfig, options)
     config.validate()
     model_path = run_training(config, Path(out) if out else config.run_dir(), resume=resume, progress=not quiet)
-    click.echo(f"wrote {model_path}")
+    if model_path is not None:  # None on the ranks other than 0 under torchrun, which write nothing
+        click.echo(f"wrote {model_path}")
 
 
 @cli.command(name="eval")
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="cli.py", standalone_mode=False)
     except DMMError as error:
-        click.echo(f"error: {error}", err=True)
+        if not getattr(error, "quiet", False):  # under torchrun, an error every rank raised alike prints once
+            click.echo(f"error: {error}", err=True)
         return 1
     except click.exceptions.Exit as exit_request:
         return exit_request.exit_code

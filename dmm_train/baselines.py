@@ -344,7 +344,8 @@ def policy_actions(
     (B, T) (1 real, 0 padding) go only to the kinds that read them (DT); DMM, like the
     official code, gets no mask and no timesteps.
     """
-    if getattr(model, "reads_timesteps", False):
+    # A DistributedDataParallel wrapper is called like its module but does not carry its attributes.
+    if getattr(getattr(model, "module", model), "reads_timesteps", False):
         return model(states, actions, rtg, timesteps=timesteps, padding_mask=mask)
     return model(states, actions, rtg)
 

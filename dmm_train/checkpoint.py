@@ -5,9 +5,11 @@ normalisation, rtg scale, env, targets, dataset identity, versions) and nothing 
 the optimizer. The kind (dmm, dmamba, dt, bc) is ``model_config["model"]``, also shown at
 the top level as ``"model"``; a checkpoint without it is a DMM checkpoint (written before
 the baselines existed), so format version 1 covers both.
+`best.pt` (+ `best.json`, which adds the ``selection`` score it was chosen on) is a model.pt
+in all but name: the run's best periodic checkpoint; every loader takes either path.
 `resume.pt` is self-contained training state (weights, optimizer, scheduler, every
-RNG, the sampler, the step), so a run killed at any instant resumes exactly from the
-last one written. Both are written to a temporary file in the same directory, fsynced
+RNG and sampler state of every rank, the step), so a run killed at any instant resumes
+exactly from the last one written. Both are written to a temporary file in the same directory, fsynced
 and renamed, so a reader never sees a half-written file.
 """
 
@@ -34,6 +36,8 @@ FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
 RESUME_FILE = "resume.pt"
+MODEL_STEM = "model"
+BEST_STEM = "best"  # best.pt / best.json: the best periodic checkpoint of a run, a model.pt in all but name
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -79,6 +83,7 @@ def checkpoint_metadata(
     dataset_id: str,
     dataset_hash: str,
     step: int,
+    world_size: int = 1,
 ) -> dict:
     """The JSON-able description stored in model.pt and model.json."""
     return {
@@ -98,17 +103,18 @@ def checkpoint_metadata(
         "ref_max_score": float(ref_max_score),
         "dataset": {"id": dataset_id, "content_hash": dataset_hash},
         "step": int(step),
+        "world_size": int(world_size),  # training processes (torchrun ranks) that took each step
         "versions": library_versions(CHECKPOINT_PACKAGES, python=True),
     }
 
 
-def save_model(directory: Path, model: nn.Module, metadata: dict) -> Path:
-    """Write DIR/model.pt and DIR/model.json atomically; returns the .pt path."""
+def save_model(directory: Path, model: nn.Module, metadata: dict, stem: str = MODEL_STEM) -> Path:
+    """Write DIR/<stem>.pt and DIR/<stem>.json (model.pt / model.json) atomically; returns the .pt path."""
     directory = Path(directory)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({**metadata, "model_state": state}, directory / MODEL_FILE)
-    atomic_write_json(metadata, directory / MODEL_JSON)
-    return directory / MODEL_FILE
+    atomic_torch_save({**metadata, "model_state": state}, directory / f"{stem}.pt")
+    atomic_write_json(metadata, directory / f"{stem}.json")
+    return directory / f"{stem}.pt"
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:

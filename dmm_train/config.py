@@ -20,6 +20,15 @@ ACTION_PAD_VALUE = -10.0  # left-padded actions in training windows; out of tanh
 RTG_PAD_VALUE = 0.0
 STATE_STD_EPS = 1e-6  # added to the dataset std before normalising
 RUNS_DIR = Path("runs")  # training runs go to RUNS_DIR/<name> unless --out says otherwise
+# Env reset seeds of evaluation episodes (episode i resets with BASE + i), in disjoint ranges so
+# that a checkpoint is never chosen on the episodes it is reported on: training's periodic
+# evaluation picks best.pt on the selection seeds; bench/quality.py reports on the report seeds
+# (and `cli.py eval` / `run` start at 0 by default). Each range holds MAX_EVAL_EPISODES seeds.
+REPORT_EVAL_SEED = 10_000
+SELECTION_EVAL_SEED = 20_000
+MAX_EVAL_EPISODES = 10_000
+OFFICIAL_WARMUP_STEPS = 10_000  # the official warmup, at the official 100k-step budget
+WARMUP_SHARE = 0.1  # the official warmup's share of that budget, kept by shorter runs
 
 
 @dataclass(frozen=True)
@@ -187,30 +196,56 @@ class TrainConfig:
     batch_size: int = field(default=64, metadata={"help": "windows per step"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay, on every parameter"})
-    warmup_steps: int = field(default=10_000, metadata={"help": "linear warmup, then constant"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "linear warmup in (global) steps, then constant (default: min(10000, 10% of --steps))"})
     grad_clip: float = field(default=0.25, metadata={"help": "max global grad norm"})
     seed: int = field(default=0, metadata={"help": "seeds torch, numpy and the sampler"})
     eval_every: int = field(default=10_000, metadata={"help": "steps between evaluations; 0 = only at the end"})
-    eval_episodes: int = field(default=10, metadata={"help": "episodes per periodic evaluation"})
+    eval_episodes: int = field(default=10, metadata={
+        "help": "episodes per periodic evaluation at the first target, env seeds 20000 + i; best.pt is "
+                "the checkpoint that scores best on them (0 = no evaluation, no best.pt)"})
+    report_episodes: int = field(default=0, metadata={
+        "help": "also evaluate every target at each periodic evaluation, this many episodes on the report "
+                "seeds 10000 + i, recorded in metrics.jsonl (bench/quality.py's official number; 0 = no)"})
     checkpoint_every: int = field(default=1_000, metadata={"help": "steps between resumable checkpoints"})
     scan: str = field(default="auto", metadata={"help": "selective-scan implementation: auto | fused | loop"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
+    device: str = field(default="cpu", metadata={"help": "torch device (under torchrun, cuda = each rank's GPU)"})
+    emulate_ranks: int = field(default=1, metadata={
+        "help": "one process plays N ranks in turn (gradient accumulation over their shards of the batch): the "
+                "windows, dropout and parameters of an N-rank torchrun run, up to float rounding"})
+    dist_timeout_s: float = field(default=1800.0, metadata={
+        "help": "under torchrun: seconds a rank waits for the others before the job fails; must exceed one "
+                "periodic evaluation, which rank 0 runs while the others wait"})
+
+    def resolved_warmup(self) -> int:
+        """The warmup in steps: ``warmup_steps``, else min(the official 10k, 10% of ``steps``)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(OFFICIAL_WARMUP_STEPS, int(self.steps * WARMUP_SHARE))
 
     def validate(self) -> None:
         get_preset(self.preset)
         check_model_kind(self.model)
         positive = {
             "steps": self.steps, "batch_size": self.batch_size,
-            "checkpoint_every": self.checkpoint_every,
+            "checkpoint_every": self.checkpoint_every, "emulate_ranks": self.emulate_ranks,
         }
         for name, value in positive.items():
             if value < 1:
                 raise DMMError(f"--{name.replace('_', '-')} {value}; expected a positive integer")
-        if self.eval_every < 0 or self.eval_episodes < 0 or self.warmup_steps < 0:
+        if self.eval_every < 0 or self.eval_episodes < 0 or self.report_episodes < 0 or self.resolved_warmup() < 0:
             raise DMMError(
                 f"eval_every={self.eval_every}, eval_episodes={self.eval_episodes}, "
-                f"warmup_steps={self.warmup_steps}; expected non-negative integers"
+                f"report_episodes={self.report_episodes}, warmup_steps={self.warmup_steps}; "
+                "expected non-negative integers"
             )
+        if max(self.eval_episodes, self.report_episodes) > MAX_EVAL_EPISODES:
+            raise DMMError(
+                f"eval_episodes={self.eval_episodes}, report_episodes={self.report_episodes}; expected at most "
+                f"{MAX_EVAL_EPISODES} each, so the selection and report seed ranges stay disjoint"
+            )
+        if not self.dist_timeout_s > 0:
+            raise DMMError(f"--dist-timeout {self.dist_timeout_s}; expected a positive number of seconds")
         if self.learning_rate <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise DMMError(
                 f"learning_rate={self.learning_rate}, grad_clip={self.grad_clip}, "

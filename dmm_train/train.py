@@ -1,11 +1,23 @@
 """The training loop: official DMM hyperparameters, progress, periodic evaluation,
-atomic checkpoints and exact resume, for every model kind (``TrainConfig.model``).
+atomic checkpoints and exact resume, for every model kind (``TrainConfig.model``), in one
+process or on several under torchrun (DistributedDataParallel, `dmm_train.distributed`).
 
 A run directory holds:
 - model.pt / model.json: the latest weights and everything later stages need;
-- resume.pt: the full training state (written every ``checkpoint_every`` steps);
+- best.pt / best.json: with periodic evaluation, the checkpoint that scored best on the
+  selection episodes (env seeds SELECTION_EVAL_SEED + i, disjoint from the report seeds);
+- resume.pt: the full training state (written every ``checkpoint_every`` steps and at every
+  evaluation), every rank's sampler and RNG state included;
 - metrics.jsonl: one JSON record per logged step or evaluation;
 - training.png: loss and score curves.
+
+Several ranks: ``--batch-size`` is the global batch; each rank draws batch / ranks windows
+from its own streams (`distributed.rank_seed`) and the loss is the masked MSE over the whole
+global batch (each rank's sum of squared errors over the global count of real steps), so a
+W-rank run takes the same steps as one process given the union of the ranks' windows, which
+``emulate_ranks`` does: one process plays the W ranks in turn, with their streams. Rank 0 alone
+reads and writes the run directory, evaluates and prints. A run resumes only with the world
+size it was trained with: the resume point holds one sampler and RNG state per rank.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import json
 import math
 import random
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +35,10 @@ import numpy as np
 import torch
 
 from contract.errors import DMMError, describe_error
+from dmm_train import distributed
 from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
 from dmm_train.checkpoint import (
+    BEST_STEM,
     MODEL_FILE,
     RESUME_FILE,
     atomic_torch_save,
@@ -31,7 +46,8 @@ from dmm_train.checkpoint import (
     checkpoint_metadata,
     save_model,
 )
-from dmm_train.config import ModelConfig, TrainConfig, get_preset
+from dmm_train.config import REPORT_EVAL_SEED, SELECTION_EVAL_SEED, ModelConfig, TrainConfig, get_preset
+from dmm_train.distributed import RankContext
 from dmm_train.progress import Progress
 
 METRICS_FILE = "metrics.jsonl"
@@ -75,18 +91,119 @@ def train_step(model, optimizer, scheduler, batch: dict[str, torch.Tensor], grad
     return float(loss.detach())
 
 
-def _rng_state() -> dict:
+def sharded_train_step(network, optimizer, scheduler, batches: list[dict[str, torch.Tensor]], grad_clip: float,
+                       context: RankContext, shard_rng: list[dict] | None = None) -> float:
+    """One gradient step on a global batch of which this process holds ``batches`` (one per rank it plays).
+
+    The loss is the masked MSE over the global batch: each shard's sum of squared errors over
+    the count of real steps in every shard of every rank. Under DDP (one shard per process) the
+    gradients are averaged over the ranks, hence the factor world_size; when one process plays
+    several ranks (``shard_rng``: each one's torch RNG state, swapped in for its forward so its
+    dropout is that rank's) the shards' gradients accumulate. Returns the global loss.
+    """
+    real_steps = torch.stack([batch["mask"].sum() for batch in batches]).sum()  # () this process's shards
+    optimizer.zero_grad(set_to_none=True)
+    if context.distributed:
+        (batch,) = batches
+        predicted = policy_actions(
+            network, batch["states"], batch["actions"], batch["rtg"], batch.get("timesteps"), batch["mask"]
+        )  # (B / W, K, Adim)
+        error_sum = masked_error_sum(predicted, batch["actions"], batch["mask"])
+        totals = distributed.all_reduce_sum(context, torch.stack([error_sum.detach(), real_steps]))  # (2,)
+        global_steps = totals[1].clamp_min(1.0)
+        (error_sum / global_steps * context.world_size).backward()
+        loss = totals[0] / global_steps
+    else:
+        global_steps = real_steps.clamp_min(1.0)
+        loss = torch.zeros((), device=real_steps.device)
+        for index, batch in enumerate(batches):
+            _set_torch_rng(shard_rng[index])
+            predicted = policy_actions(
+                network, batch["states"], batch["actions"], batch["rtg"], batch.get("timesteps"), batch["mask"]
+            )  # (B / W, K, Adim)
+            error_sum = masked_error_sum(predicted, batch["actions"], batch["mask"])
+            (error_sum / global_steps).backward()
+            shard_rng[index] = _torch_rng(batch["mask"].device)
+            loss = loss + error_sum.detach()
+        loss = loss / global_steps
+    torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip, foreach=True)
+    optimizer.step()
+    scheduler.step()
+    return float(loss)
+
+
+def masked_error_sum(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the non-padded positions of the per-position MSE (the numerator of masked_action_loss)."""
+    return ((predicted - target).pow(2).mean(-1) * mask).sum()  # ()
+
+
+def _torch_rng(device: torch.device | str) -> dict:
+    """The torch RNG state dropout draws from: the CPU generator, and the device's on CUDA."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_torch_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+
+
+def _fresh_torch_rng(seed: int, device: torch.device | str) -> dict:
+    """The torch RNG state right after seeding with ``seed``; the current state is left as it was."""
+    saved = _torch_rng(device)
+    torch.manual_seed(seed)
+    fresh = _torch_rng(device)
+    _set_torch_rng(saved)
+    return fresh
+
+
+def _rng_state(device: torch.device | str = "cpu") -> dict:
     return {
-        "torch": torch.get_rng_state(),
+        **_torch_rng(device),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    _set_torch_rng(state)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def _rank_states(resume_state: dict) -> list[dict]:
+    """Every rank's sampler and RNG state (a resume point of a one-process run before ranks existed has one)."""
+    if "rank_states" in resume_state:
+        return resume_state["rank_states"]
+    return [{"sampler_state": resume_state["sampler_state"], "rng_state": resume_state["rng_state"]}]
+
+
+class RunClock:
+    """Training and evaluation wall time of a run over all its sessions, kept in the resume point.
+
+    A killed session's time after its last resume point is lost with the steps it redoes, so
+    the steps are not counted twice. Evaluation time is kept apart from the training time.
+    """
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.base_train = float(state.get("train_seconds", 0.0))
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))
+        self.session_start = time.perf_counter()
+        self.session_eval = 0.0
+
+    def add_eval(self, seconds: float) -> None:
+        self.eval_seconds += seconds
+        self.session_eval += seconds
+
+    def train_seconds(self) -> float:
+        return self.base_train + time.perf_counter() - self.session_start - self.session_eval
+
+    def state(self) -> dict:
+        return {"train_seconds": self.train_seconds(), "eval_seconds": self.eval_seconds}
 
 
 def _seed_everything(seed: int) -> None:
@@ -114,8 +231,7 @@ def _check_dataset_matches(dataset, preset) -> None:
         )
 
 
-RESUME_KEYS = ("train_config", "dataset_hash", "model_state", "optimizer_state", "scheduler_state",
-               "sampler_state", "rng_state", "step")
+RESUME_KEYS = ("train_config", "dataset_hash", "model_state", "optimizer_state", "scheduler_state", "step")
 
 
 def load_resume_point(path: Path) -> dict:
@@ -126,6 +242,8 @@ def load_resume_point(path: Path) -> dict:
         raise DMMError(f"resume point {str(path)!r} could not be read ({describe_error(error)}); expected the "
                        "resume.pt 'cli.py train' writes; start a new run (the run's model.pt is kept)") from None
     missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if isinstance(state, dict) and "rank_states" not in state:  # a one-process point from before ranks
+        missing += [key for key in ("sampler_state", "rng_state") if key not in state]
     if missing:
         raise DMMError(f"resume point {str(path)!r} lacks {', '.join(missing)}; expected the resume.pt "
                        "'cli.py train' writes; start a new run in another --out")
@@ -195,11 +313,29 @@ def train(
     progress: bool = True,
     log_every: int = 100,
     on_step: Callable[[int], None] | None = None,
-) -> Path:
-    """Train a policy of the kind ``config.model`` (DMM by default); returns the path of model.pt."""
+) -> Path | None:
+    """Train a policy of the kind ``config.model`` (DMM by default); returns the path of model.pt.
+
+    Under torchrun every rank calls this; rank 0 returns the path and the other ranks, which
+    write nothing, return None. ``on_step(step)`` is called on every rank after each step.
+    """
     config.validate()
-    out_dir = Path(out_dir)
-    preset = get_preset(config.preset)
+    context = distributed.start(config.device, config.dist_timeout_s)
+    try:
+        return _train(config, Path(out_dir), context, resume=resume, progress=progress and context.is_main,
+                      log_every=log_every, on_step=on_step)
+    except distributed.process_group_error_types() as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DMMError(
+            f"rank {context.rank} of {context.world_size}: the process group failed ({message}); expected every "
+            "rank to keep training; another rank probably stopped first: see its error above"
+        ) from None
+    finally:
+        distributed.stop(context)
+
+
+def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resume: bool):
+    """Rank 0's look at the run directory: (the run's config, its resume state or None)."""
     resume_path = out_dir / RESUME_FILE
     if resume and not resume_path.exists():
         raise DMMError(
@@ -210,41 +346,112 @@ def train(
         raise DMMError(
             f"{str(out_dir)!r} already holds a model.pt; pass --resume to continue it or choose another --out"
         )
-
     resume_state = load_resume_point(resume_path) if resume else None
     if resume_state is not None:
+        trained_on = int(resume_state.get("world_size", 1))
+        if trained_on != context.world_size:
+            how = "torchrun with --nnodes x --nproc_per_node" if trained_on > 1 else "one process (no torchrun)"
+            raise DMMError(
+                f"the run in {str(out_dir)!r} was trained on {trained_on} rank(s) and this job has "
+                f"{context.world_size}; expected the same world size, since its resume point holds one sampler "
+                f"and RNG state per rank; resume it with {how} = {trained_on}, or start a new run"
+            )
         # The run's own config wins: resuming with other hyperparameters would not be "exact".
         saved = TrainConfig(**resume_state["train_config"])
-        config = dataclasses.replace(saved, steps=config.steps)
-    dataset = resolve_dataset(config.dataset, progress=progress, preset=preset.name)
-    _check_dataset_matches(dataset, preset)
-    if resume_state is not None and resume_state["dataset_hash"] != dataset.content_hash:
+        config = dataclasses.replace(saved, steps=config.steps, dist_timeout_s=config.dist_timeout_s)
+        config.validate()
+    else:
+        config = dataclasses.replace(config, warmup_steps=config.resolved_warmup())
+    if config.emulate_ranks > 1 and context.distributed:
         raise DMMError(
-            f"dataset {dataset.dataset_id!r} has content hash {dataset.content_hash[:12]}; the run in "
-            f"{str(out_dir)!r} was trained on {resume_state['dataset_hash'][:12]}; resume with the same dataset"
+            f"--emulate-ranks {config.emulate_ranks} under torchrun ({context.world_size} ranks); expected "
+            "--emulate-ranks only in one process, which then plays every rank; drop one of the two"
         )
+    distributed.split_batch(config.batch_size, context.world_size * config.emulate_ranks)
+    return config, resume_state
+
+
+def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: bool, progress: bool,
+           log_every: int, on_step: Callable[[int], None] | None) -> Path | None:
+    preset = get_preset(config.preset)
+    config, resume_state = distributed.on_main(context, lambda: _prepare_run(config, out_dir, context, resume))
+
+    def load_here():
+        dataset = resolve_dataset(config.dataset, progress=progress, preset=preset.name)
+        _check_dataset_matches(dataset, preset)
+        if resume_state is not None and resume_state["dataset_hash"] != dataset.content_hash:
+            raise DMMError(
+                f"dataset {dataset.dataset_id!r} has content hash {dataset.content_hash[:12]}; the run in "
+                f"{str(out_dir)!r} was trained on {resume_state['dataset_hash'][:12]}; resume with the same dataset"
+            )
+        return dataset
+
+    # Each node's first rank loads (and, for the embedded default, generates) the dataset before the
+    # others on its node read it, so no two processes write the same dataset at once.
+    first = distributed.on_every_rank(context, lambda: load_here() if context.local_rank == 0 else None)
+    dataset = distributed.on_every_rank(context, lambda: first if first is not None else load_here())
+    hashes = distributed.gather(context, dataset.content_hash)
+
+    def same_dataset_as_rank_0():
+        if dataset.content_hash != hashes[0]:
+            raise DMMError(f"dataset {dataset.dataset_id!r} here has content hash {dataset.content_hash[:12]}, "
+                           f"rank 0's has {hashes[0][:12]}; expected the same dataset on every node")
+
+    distributed.on_every_rank(context, same_dataset_as_rank_0)
 
     from dmm_train.sampler import WindowSampler
 
-    _seed_everything(config.seed)
+    device = context.device(config.device)
+    ranks = context.world_size * config.emulate_ranks  # ranks taking a share of the global batch
+    rank_batch = distributed.split_batch(config.batch_size, ranks)
+    # The ranks this process draws windows for: its own, or all of them when it plays every rank.
+    played = list(range(config.emulate_ranks)) if config.emulate_ranks > 1 else [context.rank]
+
+    _seed_everything(config.seed)  # every rank builds the same initial model
     model_config = ModelConfig.from_preset(preset, model=config.model)
-    model = build_policy(model_config).to(config.device)
+    model = build_policy(model_config).to(device)
     set_scan_impl(model, config.scan)
     optimizer, scheduler = make_optimizer(model, config)
-    sampler = WindowSampler(dataset, model_config.context_len, preset.rtg_scale, seed=config.seed)
+    samplers = [
+        WindowSampler(dataset, model_config.context_len, preset.rtg_scale, seed=distributed.rank_seed(config.seed, r))
+        for r in played
+    ]
+    if context.rank > 0:
+        _seed_everything(distributed.rank_seed(config.seed, context.rank))  # this rank's dropout stream
+    shard_rng = None
+    if len(played) > 1:
+        shard_rng = [_torch_rng(device)] + [
+            _fresh_torch_rng(distributed.rank_seed(config.seed, r), device) for r in played[1:]
+        ]
     step = 0
     metrics_path = out_dir / METRICS_FILE
     records: list[dict] = []
+    best: dict | None = None  # the best selection evaluation so far: step and score
+    clock = RunClock()
     if resume_state is not None:
         model.load_state_dict(resume_state["model_state"])
         optimizer.load_state_dict(resume_state["optimizer_state"])
         scheduler.load_state_dict(resume_state["scheduler_state"])
-        sampler.set_state(resume_state["sampler_state"])
-        _set_rng_state(resume_state["rng_state"])
+        rank_states = _rank_states(resume_state)
+        for sampler, rank in zip(samplers, played, strict=True):
+            sampler.set_state(rank_states[rank]["sampler_state"])
+        _set_rng_state(rank_states[played[0]]["rng_state"])
+        if shard_rng is not None:
+            shard_rng = [rank_states[rank]["rng_state"] for rank in played]
         step = int(resume_state["step"])
-        # Records written after the last resume point belong to the lost tail of the run.
-        records = [r for r in _read_metrics(metrics_path) if r["step"] <= step]
-    out_dir.mkdir(parents=True, exist_ok=True)
+        best = resume_state.get("best")
+        clock = RunClock(resume_state.get("clock"))
+        if context.is_main:
+            # Records written after the last resume point belong to the lost tail of the run.
+            records = [r for r in _read_metrics(metrics_path) if r["step"] <= step]
+    network = model
+    if context.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        network = DistributedDataParallel(model, device_ids=[context.local_rank] if device.startswith("cuda")
+                                          else None)
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     ref_min = dataset.ref_min_score if dataset.ref_min_score is not None else preset.ref_min_score
     ref_max = dataset.ref_max_score if dataset.ref_max_score is not None else preset.ref_max_score
@@ -256,9 +463,20 @@ def train(
             state_mean=dataset.state_mean, state_std=dataset.state_std, rtg_scale=preset.rtg_scale,
             target_returns=preset.target_returns, ref_min_score=ref_min, ref_max_score=ref_max,
             dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=at_step,
+            world_size=context.world_size,
         )
 
+    def played_rank_states() -> list[dict]:
+        states = [{"sampler_state": sampler.get_state(), "rng_state": _rng_state(device)} for sampler in samplers]
+        if shard_rng is not None:
+            for state, torch_state in zip(states, shard_rng, strict=True):
+                state["rng_state"] = {**state["rng_state"], **torch_state}
+        return states
+
     def save_resume_point(at_step: int) -> None:
+        rank_states = [state for part in distributed.gather(context, played_rank_states()) for state in part]
+        if not context.is_main:
+            return
         atomic_torch_save(
             {
                 "step": at_step,
@@ -267,67 +485,113 @@ def train(
                 "model_state": model.state_dict(),
                 "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(),
-                "sampler_state": sampler.get_state(),
-                "rng_state": _rng_state(),
+                "world_size": context.world_size,
+                "rank_states": rank_states,
+                "best": best,
+                "clock": clock.state(),
             },
-            resume_path,
+            out_dir / RESUME_FILE,
         )
         _write_metrics(metrics_path, records)
         save_model(out_dir, model, metadata(at_step))
 
     def run_evaluation(at_step: int) -> None:
+        """Rank 0: the selection evaluation (best.pt) and, if asked, the report evaluation at every target."""
+        nonlocal best
         from dmm_train.evaluate import evaluate_policy
 
-        result = evaluate_policy(
-            model, env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
-            rtg_scale=preset.rtg_scale, target_return=preset.target_returns[0],
-            episodes=config.eval_episodes, seed=config.seed + 10_000, ref_min_score=ref_min,
-            ref_max_score=ref_max, device=config.device,
-        )
-        records.append({
-            "step": at_step, "target_return": result.target_return, "return_mean": result.return_mean,
-            "return_std": result.return_std, "normalized_mean": result.normalized_mean,
-        })
-        if progress:
-            print(
-                f"eval step {at_step}: return {result.return_mean:.1f} ± {result.return_std:.1f}  "
-                f"normalised {result.normalized_mean:.1f}",
-                file=sys.stderr, flush=True,
+        started = time.perf_counter()
+
+        def evaluate(target: float, episodes: int, seed: int):
+            return evaluate_policy(
+                model, env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
+                rtg_scale=preset.rtg_scale, target_return=target, episodes=episodes, seed=seed,
+                ref_min_score=ref_min, ref_max_score=ref_max, device=device,
             )
 
+        record: dict = {"step": at_step}
+        improved = False
+        if config.eval_episodes:
+            result = evaluate(preset.target_returns[0], config.eval_episodes, SELECTION_EVAL_SEED)
+            record.update({
+                "target_return": result.target_return, "return_mean": result.return_mean,
+                "return_std": result.return_std, "normalized_mean": result.normalized_mean,
+                "eval_seed": SELECTION_EVAL_SEED, "eval_episodes": config.eval_episodes,
+            })
+            improved = best is None or result.normalized_mean > best["normalized_mean"]
+            if improved:
+                best = {"step": at_step, "normalized_mean": result.normalized_mean}
+                selection = {"target_return": result.target_return, "normalized_mean": result.normalized_mean,
+                             "return_mean": result.return_mean, "episodes": config.eval_episodes,
+                             "env_seeds": [SELECTION_EVAL_SEED, SELECTION_EVAL_SEED + config.eval_episodes]}
+                save_model(out_dir, model, {**metadata(at_step), "selection": selection}, stem=BEST_STEM)
+            if progress:
+                print(
+                    f"eval step {at_step}: return {result.return_mean:.1f} ± {result.return_std:.1f}  "
+                    f"normalised {result.normalized_mean:.1f}" + ("  (best so far: best.pt)" if improved else ""),
+                    file=sys.stderr, flush=True,
+                )
+        if config.report_episodes:
+            record["report"] = []
+            for target in preset.target_returns:
+                result = evaluate(target, config.report_episodes, REPORT_EVAL_SEED)
+                record["report"].append({
+                    "target_return": result.target_return, "return_mean": result.return_mean,
+                    "return_std": result.return_std, "normalized_mean": result.normalized_mean,
+                })
+            record["report_seed"], record["report_episodes"] = REPORT_EVAL_SEED, config.report_episodes
+        seconds = time.perf_counter() - started
+        clock.add_eval(seconds)
+        record["eval_seconds"] = seconds
+        records.append(record)
+
+    evaluates = bool(config.eval_episodes or config.report_episodes)
     if progress:
         origin = "resuming at step " + str(step) if resume_state is not None else "training"
+        sharing = (f", {ranks} ranks x {rank_batch} windows" if ranks > 1 else "")
         print(
             f"{origin}: {config.model} on {preset.name}, {dataset.dataset_id} ({len(dataset.episodes)} episodes, "
-            f"{dataset.total_steps} steps), {config.steps} steps, out {out_dir}",
+            f"{dataset.total_steps} steps), {config.steps} steps, batch {config.batch_size}{sharing}, "
+            f"out {out_dir}",
             file=sys.stderr, flush=True,
         )
     tracker = Progress("train", config.steps, start=step, enabled=progress)
     model.train()
     loss = float("nan")
     while step < config.steps:
-        batch = batch_to_tensors(sampler.sample(config.batch_size), config.device)
-        loss = train_step(model, optimizer, scheduler, batch, config.grad_clip)
-        if not math.isfinite(loss):
-            raise DMMError(
+        if ranks == 1:
+            batch = batch_to_tensors(samplers[0].sample(config.batch_size), device)
+            loss = train_step(network, optimizer, scheduler, batch, config.grad_clip)
+        else:
+            batches = [batch_to_tensors(sampler.sample(rank_batch), device) for sampler in samplers]
+            loss = sharded_train_step(network, optimizer, scheduler, batches, config.grad_clip, context, shard_rng)
+        if not math.isfinite(loss):  # the global loss: every rank stops here, at the same step
+            error = DMMError(
                 f"training loss became {loss} at step {step + 1}; expected a finite loss; "
                 "check the dataset for NaN/inf values or lower the learning rate"
             )
+            raise distributed.quiet_off_main(context, error)
         step += 1
-        if step % log_every == 0 or step == config.steps:
-            records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0]})
+        if context.is_main and (step % log_every == 0 or step == config.steps):
+            records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                            "train_seconds": clock.train_seconds()})
         tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
-        if config.eval_every and config.eval_episodes and step % config.eval_every == 0 and step < config.steps:
-            run_evaluation(step)
-        if step % config.checkpoint_every == 0 and step < config.steps:
+        evaluated = False
+        if config.eval_every and evaluates and step % config.eval_every == 0 and step < config.steps:
+            if context.is_main:
+                run_evaluation(step)
+            evaluated = True
+        if (evaluated or step % config.checkpoint_every == 0) and step < config.steps:
             save_resume_point(step)
         if on_step is not None:
             on_step(step)
 
-    if config.eval_episodes:
+    if evaluates and context.is_main:
         run_evaluation(step)
     tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
     tracker.close()
     save_resume_point(step)
+    if not context.is_main:
+        return None
     plot_metrics(records, out_dir / PLOT_FILE)
     return out_dir / MODEL_FILE

@@ -16,6 +16,7 @@ import torch
 import cli
 from contract.errors import DMMError
 from dmm_train.checkpoint import FORMAT_VERSION, load_checkpoint
+from dmm_train.config import REPORT_EVAL_SEED, SELECTION_EVAL_SEED, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,7 @@ def run_cli(args: list[str], store: Path, timeout: float = 300) -> subprocess.Co
 def test_train_on_embedded_default_writes_checkpoint_and_records(tmp_path):
     store = tmp_path / "store"
     out = tmp_path / "run"
-    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store)
+    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store, timeout=1200)  # generates the 1M-step default first
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "model.json").read_text())
     assert record["n_params"] == 123_587
@@ -58,7 +59,9 @@ def test_train_on_embedded_default_writes_checkpoint_and_records(tmp_path):
     assert record["step"] == 20
     assert record["dataset"]["id"].startswith("dmm-deploy/hopper")
     assert len(record["dataset"]["content_hash"]) == 64
-    assert record["train_config"]["learning_rate"] == 1e-4 and record["train_config"]["warmup_steps"] == 10_000
+    # The warmup scales with a short run: min(10,000, 10% of --steps), recorded as a number.
+    assert record["train_config"]["learning_rate"] == 1e-4 and record["train_config"]["warmup_steps"] == 2
+    assert record["world_size"] == 1
     assert len(record["state_mean"]) == 11 and record["rtg_scale"] == 1000.0
     for name in ("model.pt", "resume.pt", "metrics.jsonl", "training.png"):
         assert (out / name).stat().st_size > 0, name
@@ -126,3 +129,47 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DMMError, match="could not be read"):
         load_checkpoint(tmp_path / "model.pt")
+
+
+def test_warmup_defaults_to_a_tenth_of_a_short_run_and_the_official_10k_beyond():
+    assert TrainConfig(steps=2000).resolved_warmup() == 200  # leaves the warmup at 10% of the run
+    assert TrainConfig().resolved_warmup() == 10_000  # the official budget: the official warmup
+    assert TrainConfig(steps=300_000).resolved_warmup() == 10_000
+    assert TrainConfig(steps=2000, warmup_steps=0).resolved_warmup() == 0
+    with pytest.raises(DMMError, match="warmup_steps=-1"):
+        TrainConfig(warmup_steps=-1).validate()
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_keeps_the_best_checkpoint_chosen_on_selection_seeds(tmp_path, minari_store):
+    from dmm_train.train import train
+    from export.onnx_export import export_checkpoint
+
+    _, dataset_path = minari_store
+    config = TrainConfig(dataset=str(dataset_path), steps=6, batch_size=8, eval_every=2, eval_episodes=2,
+                         report_episodes=1, checkpoint_every=100, warmup_steps=3, seed=1)
+    run = tmp_path / "run"
+    train(config, run, progress=False, log_every=1)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "eval_seconds" in r]
+    assert [r["step"] for r in evaluations] == [2, 4, 6]
+    for record in evaluations:
+        assert record["eval_seed"] == SELECTION_EVAL_SEED and record["eval_episodes"] == 2
+        assert record["report_seed"] == REPORT_EVAL_SEED and record["report_episodes"] == 1
+        assert [r["target_return"] for r in record["report"]] == [3600.0, 7200.0, 36000.0, 72000.0]
+    assert SELECTION_EVAL_SEED >= REPORT_EVAL_SEED + 10_000  # the two seed ranges are disjoint
+    scores = [r["normalized_mean"] for r in evaluations]
+    chosen = evaluations[scores.index(max(scores))]  # the first of the best scores
+
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] == chosen["step"] and best["selection"]["normalized_mean"] == chosen["normalized_mean"]
+    assert best["selection"]["env_seeds"] == [SELECTION_EVAL_SEED, SELECTION_EVAL_SEED + 2]
+    loaded = load_checkpoint(run / "best.pt")
+    assert loaded.step == chosen["step"] and loaded.metadata["selection"] == best["selection"]
+    assert torch.load(run / "resume.pt", weights_only=False)["best"] == {
+        "step": chosen["step"], "normalized_mean": chosen["normalized_mean"]}
+    if chosen["step"] != 6:  # best.pt holds other weights than the last checkpoint
+        last = load_checkpoint(run).model.state_dict()
+        assert any(not torch.equal(tensor, last[name]) for name, tensor in loaded.model.state_dict().items())
+    onnx_path, _ = export_checkpoint(run / "best.pt", out=tmp_path / "best-policy")
+    assert onnx_path.stat().st_size > 0
