@@ -51,7 +51,8 @@ def run_cli(args: list[str], store: Path, timeout: float = 300) -> subprocess.Co
 def test_train_on_embedded_default_writes_checkpoint_and_records(tmp_path):
     store = tmp_path / "store"
     out = tmp_path / "run"
-    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store, timeout=1200)  # generates the 1M-step default first
+    # Generates the 1M-step default dataset first (about 150 s on a quiet machine).
+    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store, timeout=1200)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "model.json").read_text())
     assert record["n_params"] == 123_587
