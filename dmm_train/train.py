@@ -256,6 +256,7 @@ def train(
             state_mean=dataset.state_mean, state_std=dataset.state_std, rtg_scale=preset.rtg_scale,
             target_returns=preset.target_returns, ref_min_score=ref_min, ref_max_score=ref_max,
             dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=at_step,
+            state_min=dataset.state_min, state_max=dataset.state_max,
         )
 
     def save_resume_point(at_step: int) -> None:
