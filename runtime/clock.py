@@ -161,6 +161,11 @@ class ControlLoop:
         self._woke = 0
         self.last_compute_ns = 0
 
+    @property
+    def steps(self) -> int:
+        """Steps timed so far."""
+        return self._steps
+
     def start(self) -> None:
         """Tick 0 is now (call at each episode start; the timings keep accumulating)."""
         self._skipped += self.clock.skipped
