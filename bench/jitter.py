@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                             capacity=args.steps + 2_000)
             for configuration in configurations.values():
                 configuration.warm_up(WARMUP_STEPS)
+            setup_seconds = time.perf_counter() - started
             per_round = -(-args.steps // ROUNDS)
             round_seconds = per_round * args.period_ms / 1e3 * 1.5
             for load in ("quiet", "loaded"):
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"rt: on = pin + fifo + gc; pin = pinned to CPU {cpu}; fifo = SCHED_FIFO"
           f"{'' if permitted else ' (not permitted: left out)'}; gc = collector frozen+disabled per episode; "
           "off = unpinned, default scheduler, collector running")
-    print(f"{ROUNDS} alternating rounds per load; {elapsed:.0f} s in all; times in us")
+    print(f"{ROUNDS} alternating rounds per load; {elapsed:.0f} s in all ({setup_seconds:.0f} s of checkpoint, "
+          "export and warm-up); times in us")
     header = (f"{'mode':<7}{'load':<8}{'rt':<5}{'steps':>7}  {'act p50':>8}{'p99':>8}{'p99.9':>8}{'max':>9}  "
               f"{'late p50':>8}{'p99':>8}{'p99.9':>8}{'max':>9}  {'misses':>6}{'skip':>5}{'faults':>7}")
     print(header)
