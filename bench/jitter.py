@@ -52,15 +52,23 @@ BUSY_SCRIPT = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwh
 
 
 def tiny_checkpoint(directory: Path, train_steps: int) -> Path:
+    """A real model.pt: a few official training steps (batch 16, one torch thread) on random-policy episodes."""
+    import torch
+
     from dmm_train.collect import collect
     from dmm_train.config import TrainConfig, get_preset
     from dmm_train.train import train
 
     dataset = collect(get_preset(PRESET).env_id, "bench/jitter-random-v0", policy="random",
                       episodes=TRAIN_EPISODES, seed=SEED, out=directory / "datasets")
-    config = TrainConfig(preset=PRESET, dataset=str(dataset), steps=train_steps, seed=SEED, eval_episodes=0,
-                         checkpoint_every=max(train_steps, 1), scan="loop")
-    return train(config, directory / "run", progress=False)
+    config = TrainConfig(preset=PRESET, dataset=str(dataset), steps=train_steps, batch_size=16, seed=SEED,
+                         eval_episodes=0, checkpoint_every=max(train_steps, 1), scan="loop")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a thread pool on a busy machine only adds waiting
+    try:
+        return train(config, directory / "run", progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class BusyLoad:
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", nargs="+", default=["stream", "window"], choices=["stream", "window"])
     parser.add_argument("--settings", nargs="+", default=["off", "on"], choices=list(SETTINGS),
                         help="real-time settings to compare (default: off on; pin, fifo, gc: one option alone)")
-    parser.add_argument("--train-steps", type=int, default=50, help="training steps of the tiny checkpoint")
+    parser.add_argument("--train-steps", type=int, default=20, help="training steps of the tiny checkpoint")
     args = parser.parse_args(argv)
     if "off" not in args.settings or len(set(args.settings)) < 2:
         raise DMMError(f"--settings {' '.join(args.settings)}; expected 'off' and at least one other to compare")
