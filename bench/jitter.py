@@ -245,13 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{ROUNDS} alternating rounds per load; {elapsed:.0f} s in all ({setup_seconds:.0f} s of checkpoint, "
           "export and warm-up); times in us")
     header = (f"{'mode':<7}{'load':<8}{'rt':<5}{'steps':>7}  {'act p50':>8}{'p99':>8}{'p99.9':>8}{'max':>9}  "
-              f"{'late p50':>8}{'p99':>8}{'p99.9':>8}{'max':>9}  {'misses':>6}{'skip':>5}{'faults':>7}")
+              f"{'late p50':>8}{'p99':>8}{'p99.9':>8}{'max':>9}  {'misses':>7}{'skipped':>8}{'faults':>7}")
     print(header)
     for (mode, load, setting), timing in timings.items():
         act, late = timing.compute, timing.lateness
         print(f"{mode:<7}{load:<8}{setting:<5}{timing.steps:>7}  {act.p50 * 1e3:>8.1f}{act.p99 * 1e3:>8.1f}"
               f"{act.p999 * 1e3:>8.1f}{act.max * 1e3:>9.1f}  {late.p50 * 1e3:>8.1f}{late.p99 * 1e3:>8.1f}"
-              f"{late.p999 * 1e3:>8.1f}{late.max * 1e3:>9.1f}  {timing.misses:>6}{timing.skipped_ticks:>5}"
+              f"{late.p999 * 1e3:>8.1f}{late.max * 1e3:>9.1f}  {timing.misses:>7}{timing.skipped_ticks:>8}"
               f"{faults[(mode, load, setting)]:>7}")
     print("ratio off / setting (above 1: the setting helps):")
     for mode in args.modes:
