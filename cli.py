@@ -24,6 +24,7 @@ from export.parity import ParityConfig
 from export.trt_build import TYPINGS, BuildConfig
 from runtime.loop import RunConfig
 from runtime.ort_backend import PROVIDERS
+from runtime.policy import ON_FAULT
 
 
 @click.group()
@@ -160,8 +161,15 @@ def evaluate(as_json, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 @config_option(RunConfig, "histogram", type=click.Path())
 @config_option(RunConfig, "cuda_graph")
+@config_option(RunConfig, "on_fault", type=click.Choice(ON_FAULT))
+@config_option(RunConfig, "max_consecutive_faults")
+@config_option(RunConfig, "period_ms", type=float)
+@config_option(RunConfig, "spin_us")
+@config_option(RunConfig, "cpu", type=int)
+@config_option(RunConfig, "realtime")
+@config_option(RunConfig, "freeze_gc", "--freeze-gc/--keep-gc")
 def run(as_json, **options) -> None:
-    """Run an engine in the control loop on its env; report return, score and per-step latency."""
+    """Run an engine in the control loop on its env; report return, score, faults and per-step latency."""
     from runtime.loop import run_engine
 
     if options["threads"] < 0:
@@ -178,6 +186,9 @@ def run(as_json, **options) -> None:
                f"target {report.target_return:g}: return {summary['return']:.2f} ± "
                f"{summary['return_std']:.2f}  normalised {summary['normalized_score']:.2f}", err=as_json)
     click.echo(report.latency.summary(), err=as_json)
+    if report.timings is not None:
+        click.echo(report.timings.summary(), err=as_json)
+    click.echo(report.fault_summary(), err=as_json)
     if report.histogram:
         click.echo(f"wrote {report.histogram}", err=as_json)
     if as_json:

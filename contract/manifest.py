@@ -26,12 +26,19 @@ stream mode, one env step with explicit caches:
              ssm_state_next    (n_layer, B, D, N)   float32
     One step consumes the tokens a_{t-1}, R_t, s_t and predicts a_t at s_t; stepping
     from zero caches equals the sequence form over the whole episode history.
+
+Optional fields (format version 1 reads manifests with or without them):
+    observation_low, observation_high   (S,) raw observation range the runtime accepts: the
+        training states' per-dimension min/max widened by the margin of
+        `dmm_train.manifest_builder.observation_range`; null for a checkpoint that recorded no
+        range, and then `runtime.policy.Policy` skips the range check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +54,9 @@ WINDOW_INPUTS = ("states", "actions", "rtg")
 WINDOW_OUTPUTS = ("action",)
 STREAM_INPUTS = ("prev_action", "prev_action_valid", "rtg", "state", "dsm_cache", "ssm_state")
 STREAM_OUTPUTS = ("action", "dsm_cache_next", "ssm_state_next")
+# Fields a manifest may lack (older exports): they take their defaults.
+OPTIONAL_FIELDS = ("exporter", "parity", "accuracy", "engine", "format_version", "observation_low",
+                   "observation_high")
 # Which output feeds which input on the next stream step.
 STREAM_CACHE_PAIRS = (("dsm_cache_next", "dsm_cache"), ("ssm_state_next", "ssm_state"))
 
@@ -132,6 +142,8 @@ class Manifest:
     accuracy: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)  # for a .plan: TensorRT version, GPU name, compute capability
     format_version: int = MANIFEST_FORMAT_VERSION
+    observation_low: tuple[float, ...] | None = None  # (S,) raw; None: no range recorded
+    observation_high: tuple[float, ...] | None = None  # (S,)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -151,7 +163,7 @@ class Manifest:
                            f"{MANIFEST_FORMAT_VERSION}; re-export the engine with this dmm-deploy version")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(name for name in names if name not in data and name not in
-                         ("exporter", "parity", "accuracy", "engine", "format_version"))
+                         OPTIONAL_FIELDS)
         if missing:
             raise DMMError(f"{source} lacks fields {', '.join(missing)}; re-export the engine")
         values = {name: data[name] for name in names if name in data}
@@ -159,6 +171,9 @@ class Manifest:
         values["outputs"] = tuple(TensorSpec.from_dict(d) for d in data["outputs"])
         for name in ("state_mean", "state_std", "target_returns", "action_low", "action_high"):
             values[name] = tuple(float(v) for v in data[name])
+        for name in ("observation_low", "observation_high"):
+            if values.get(name) is not None:
+                values[name] = tuple(float(v) for v in values[name])
         manifest = cls(**values)
         manifest.validate(source)
         return manifest
@@ -179,6 +194,19 @@ class Manifest:
         if len(self.state_mean) != self.state_dim or len(self.state_std) != self.state_dim:
             raise DMMError(f"{source}: state_mean/std have {len(self.state_mean)}/{len(self.state_std)} "
                            f"entries; expected state_dim={self.state_dim}")
+        self._validate_observation_range(source)
+
+    def _validate_observation_range(self, source: str) -> None:
+        low, high = self.observation_low, self.observation_high
+        if low is None and high is None:
+            return
+        if low is None or high is None or len(low) != self.state_dim or len(high) != self.state_dim:
+            lengths = [None if bound is None else len(bound) for bound in (low, high)]
+            raise DMMError(f"{source}: observation_low/high | received {lengths[0]}/{lengths[1]} entries | "
+                           f"expected both null or both state_dim={self.state_dim}; re-export the engine")
+        if not all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(low, high, strict=True)):
+            raise DMMError(f"{source}: observation_low/high | received a bound that is not finite or low > high "
+                           "| expected finite low <= high per dimension; re-export the engine")
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)

@@ -66,6 +66,10 @@ class Checkpoint:
     step: int
     path: Path
     metadata: dict
+    # (S,) float32 per-dimension extremes of the training states; None in checkpoints written
+    # before they were recorded (their exports carry no observation range).
+    state_min: np.ndarray | None = None
+    state_max: np.ndarray | None = None
 
 
 def checkpoint_metadata(
@@ -84,8 +88,13 @@ def checkpoint_metadata(
     dataset_hash: str,
     step: int,
     world_size: int = 1,
+    state_min: np.ndarray | None = None,
+    state_max: np.ndarray | None = None,
 ) -> dict:
     """The JSON-able description stored in model.pt and model.json."""
+    state_range = {}
+    if state_min is not None and state_max is not None:
+        state_range = {"state_min": [float(v) for v in state_min], "state_max": [float(v) for v in state_max]}
     return {
         "format_version": FORMAT_VERSION,
         "kind": "dmm-checkpoint",
@@ -97,6 +106,7 @@ def checkpoint_metadata(
         "env_id": env_id,
         "state_mean": [float(v) for v in state_mean],
         "state_std": [float(v) for v in state_std],
+        **state_range,
         "rtg_scale": float(rtg_scale),
         "target_returns": [float(v) for v in target_returns],
         "ref_min_score": float(ref_min_score),
@@ -170,4 +180,10 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         step=int(payload["step"]),
         path=path,
         metadata=metadata,
+        state_min=_optional_vector(payload.get("state_min")),
+        state_max=_optional_vector(payload.get("state_max")),
     )
+
+
+def _optional_vector(values) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=np.float32)

@@ -10,6 +10,27 @@ from dmm_train.checkpoint import Checkpoint
 # Gymnasium MuJoCo locomotion actions live in [-1, 1]; the tanh head cannot leave it.
 DEFAULT_ACTION_BOUND = 1.0
 
+# The observation range written into the manifest: the training states' per-dimension
+# [min, max] widened on each side by OBSERVATION_RANGE_MARGIN times that dimension's span,
+# and by at least OBSERVATION_RANGE_FLOOR (a dimension constant in the data). Half a span
+# lets the policy meet states somewhat beyond what it was trained on (a better or a
+# perturbed episode) and still flags what no plant of that kind produces: a sensor glitch,
+# a unit or scaling error, a value an order of magnitude off.
+OBSERVATION_RANGE_MARGIN = 0.5
+OBSERVATION_RANGE_FLOOR = 1e-3
+
+
+def observation_range(state_min, state_max) -> tuple[tuple[float, ...], tuple[float, ...]] | tuple[None, None]:
+    """(low, high) the runtime accepts, from the training states' extremes; (None, None) without them."""
+    if state_min is None or state_max is None:
+        return None, None
+    low, high = [], []
+    for lowest, highest in zip(state_min, state_max, strict=True):
+        widen = max(OBSERVATION_RANGE_MARGIN * (float(highest) - float(lowest)), OBSERVATION_RANGE_FLOOR)
+        low.append(float(lowest) - widen)
+        high.append(float(highest) + widen)
+    return tuple(low), tuple(high)
+
 
 def build_manifest(
     checkpoint: Checkpoint,
@@ -24,6 +45,7 @@ def build_manifest(
 ) -> Manifest:
     """The manifest of a graph of ``mode`` exported from ``checkpoint``."""
     config = checkpoint.model_config
+    observation_low, observation_high = observation_range(checkpoint.state_min, checkpoint.state_max)
     inputs, outputs = tensor_specs(
         mode, batch=batch, context_len=config.context_len, state_dim=config.state_dim,
         act_dim=config.act_dim, n_layer=config.n_layer, dsm_window=config.dsm_window,
@@ -59,6 +81,8 @@ def build_manifest(
         exporter=library_versions(EXPORTER_PACKAGES),
         parity=parity or {},
         accuracy=accuracy or {},
+        observation_low=observation_low,
+        observation_high=observation_high,
     )
     manifest.validate()
     return manifest

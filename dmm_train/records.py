@@ -71,6 +71,9 @@ class OfflineDataset:
     ``hash_episodes``); the same data gives the same hash whatever the file format.
     ref_min_score, ref_max_score: D4RL-style reference returns from the Minari
     metadata, or None when the dataset has none.
+    state_min, state_max: (S,) float32, per-dimension extremes over every state: the range
+    the deployed policy has seen, from which export writes the observation range the
+    runtime checks (`runtime.policy`).
     """
 
     dataset_id: str
@@ -81,6 +84,8 @@ class OfflineDataset:
     content_hash: str
     ref_min_score: float | None = None
     ref_max_score: float | None = None
+    state_min: np.ndarray | None = None
+    state_max: np.ndarray | None = None
 
     @classmethod
     def from_episodes(
@@ -117,6 +122,8 @@ class OfflineDataset:
             content_hash=hash_episodes(episodes),
             ref_min_score=None if ref_min_score is None else float(ref_min_score),
             ref_max_score=None if ref_max_score is None else float(ref_max_score),
+            state_min=_freeze(states.min(axis=0).astype(np.float32)),  # (S,)
+            state_max=_freeze(states.max(axis=0).astype(np.float32)),  # (S,)
         )
 
     @property

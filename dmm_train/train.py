@@ -464,6 +464,7 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
             target_returns=preset.target_returns, ref_min_score=ref_min, ref_max_score=ref_max,
             dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=at_step,
             world_size=context.world_size,
+            state_min=dataset.state_min, state_max=dataset.state_max,
         )
 
     def played_rank_states() -> list[dict]:

@@ -12,16 +12,22 @@ for the PyTorch reference backend (a .pt) and gymnasium only for the simulated p
         while running:
             action = policy.act(observation, reward)    # (Adim,) float32, clipped to the bounds
             observation, reward = plant.step(action)
+
+On a robot: ``Policy(backend, on_fault="hold")`` returns the last good action instead of
+raising on a bad observation or engine result (`runtime.policy`), and `ControlLoop` runs
+``act`` on a fixed-rate clock and times it (`runtime.clock`, with `realtime` for core
+pinning, SCHED_FIFO and a paused garbage collector).
 """
 
 from contract.manifest import Manifest, manifest_path_for, read_manifest
 from runtime.backend import Backend, check_feeds
 from runtime.backends import load_backend
+from runtime.clock import ControlLoop, RealtimeOptions, realtime
 from runtime.latency import LatencyStats
 from runtime.loop import RunConfig, RunReport, run_engine, run_episode
 from runtime.policy import Policy
 
 __all__ = [
-    "Backend", "LatencyStats", "Manifest", "Policy", "RunConfig", "RunReport", "check_feeds", "load_backend",
-    "manifest_path_for", "read_manifest", "run_engine", "run_episode",
+    "Backend", "ControlLoop", "LatencyStats", "Manifest", "Policy", "RealtimeOptions", "RunConfig", "RunReport",
+    "check_feeds", "load_backend", "manifest_path_for", "read_manifest", "realtime", "run_engine", "run_episode",
 ]

@@ -23,6 +23,7 @@ class LatencyStats:
     mean: float
     deadline_ms: float | None
     misses: int
+    p999: float = 0.0  # the 99.9th percentile
 
     @classmethod
     def from_ns(cls, samples_ns, deadline_ms: float | None = None) -> LatencyStats:
@@ -40,14 +41,15 @@ class LatencyStats:
             mean=float(samples.mean()),
             deadline_ms=deadline_ms,
             misses=misses,
+            p999=float(np.percentile(samples, 99.9)),
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        line = (f"latency p50 {self.p50:.3f} ms  p99 {self.p99:.3f} ms  max {self.max:.3f} ms  "
-                f"({self.count} steps)")
+        line = (f"latency p50 {self.p50:.3f} ms  p99 {self.p99:.3f} ms  p99.9 {self.p999:.3f} ms  "
+                f"max {self.max:.3f} ms  ({self.count} steps)")
         if self.deadline_ms is not None:
             line += f"  deadline {self.deadline_ms:g} ms: {self.misses} missed"
         return line

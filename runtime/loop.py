@@ -4,6 +4,12 @@
 info)``, ``step(action) -> (obs, reward, terminated, truncated, info)``); only
 `runtime.plant` imports gymnasium, for the CLI's simulated plant. ``run_engine`` is what
 ``cli.py run`` calls: engine file -> backend -> Policy -> episodes -> `RunReport`.
+
+Without a control period the loop runs each step as soon as the plant has answered and
+times ``policy.act``; with one (``RunConfig.period_ms``) every step waits for its tick of a
+`runtime.clock.ControlLoop` and the report adds the tick lateness and the deadline misses
+(action ready after tick + deadline). Either way the plant's own step is outside the timed
+part, and the garbage collector is frozen and disabled while an episode runs.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from contract.errors import DMMError
 from contract.scores import normalized_score
 from runtime.backend import DEFAULT_THREADS, zero_feeds
 from runtime.backends import load_backend
+from runtime.clock import DEFAULT_SPIN_US, ControlLoop, LoopTimings, RealtimeOptions, gc_paused, realtime
 from runtime.latency import LatencyStats, save_histogram
 from runtime.plant import check_plant, make_plant
-from runtime.policy import Policy
+from runtime.policy import DEFAULT_MAX_CONSECUTIVE_FAULTS, ON_FAULT, Policy
 
 # Calls of the engine before the first timed episode: first runs allocate and pick kernels.
 DEFAULT_WARMUP = 10
@@ -32,28 +39,49 @@ class EpisodeResult:
     episode_return: float
     length: int
     latency_ns: np.ndarray = field(repr=False)  # (length,) int64, policy.act per step
+    faults: dict = field(default_factory=dict)  # fault kind -> count in this episode
 
 
-def run_episode(policy: Policy, plant, *, seed: int) -> EpisodeResult:
-    """One episode from ``plant.reset(seed=seed)`` until terminated or truncated."""
+def run_episode(policy: Policy, plant, *, seed: int, loop: ControlLoop | None = None,
+                freeze_gc: bool = True) -> EpisodeResult:
+    """One episode from ``plant.reset(seed=seed)`` until terminated or truncated.
+
+    loop: a `ControlLoop` of ``policy``: each step waits for its tick (the loop's clock restarts
+    here) and is timed against it; None: as fast as the plant answers.
+    freeze_gc: freeze and disable the garbage collector for the episode (`runtime.clock.gc_paused`).
+    """
+    if loop is not None and loop.policy is not policy:
+        raise DMMError("run_episode | received a ControlLoop of another Policy | expected the loop of this one")
     observation, _ = plant.reset(seed=seed)
     policy.reset()
-    latency = np.empty(1024, dtype=np.int64)  # grown by doubling; episodes are usually <= 1000 steps
+    faults_before = dict(policy.faults)
+    spec = getattr(plant, "spec", None)
+    latency = np.empty(getattr(spec, "max_episode_steps", None) or 1024, dtype=np.int64)  # grown if needed
+    action = np.empty(policy.manifest.act_dim, dtype=np.float32)  # (Adim,) refilled by every act
     episode_return, reward, steps = 0.0, 0.0, 0
-    while True:
-        start = time.perf_counter_ns()
-        action = policy.act(observation, reward)
-        elapsed = time.perf_counter_ns() - start
-        if steps == latency.size:
-            latency = np.concatenate([latency, np.empty_like(latency)])
-        latency[steps] = elapsed
-        observation, reward, terminated, truncated, _ = plant.step(action)
-        episode_return += float(reward)
-        steps += 1
-        if terminated or truncated:
-            break
+    with gc_paused(freeze_gc):
+        if loop is not None:
+            loop.start()
+        while True:
+            if loop is None:
+                start = time.perf_counter_ns()
+                policy.act(observation, reward, out=action)
+                elapsed = time.perf_counter_ns() - start
+            else:
+                loop.wait()
+                loop.act(observation, reward, out=action)
+                elapsed = loop.last_compute_ns
+            if steps == latency.size:
+                latency = np.concatenate([latency, np.empty_like(latency)])
+            latency[steps] = elapsed
+            observation, reward, terminated, truncated, _ = plant.step(action)  # outside the timed part
+            episode_return += float(reward)
+            steps += 1
+            if terminated or truncated:
+                break
+    faults = {kind: count - faults_before[kind] for kind, count in policy.faults.items()}
     return EpisodeResult(seed=seed, episode_return=episode_return, length=steps,
-                         latency_ns=latency[:steps].copy())
+                         latency_ns=latency[:steps].copy(), faults=faults)
 
 
 def warm_up(policy: Policy, calls: int = DEFAULT_WARMUP) -> None:
@@ -84,6 +112,21 @@ class RunConfig:
     histogram: Path | None = field(default=None, metadata={"help": "write a latency histogram PNG here"})
     cuda_graph: bool = field(default=False, metadata={
         "help": "replay a .plan's enqueue as a CUDA graph (needs cuda-python)"})
+    on_fault: str = field(default="raise", metadata={
+        "help": "on a bad observation, reward or engine result: raise (stop with an error), hold (repeat the "
+                "last good action) or safe (zeros clipped to the action bounds)"})
+    max_consecutive_faults: int = field(default=DEFAULT_MAX_CONSECUTIVE_FAULTS, metadata={
+        "help": "faults in a row tolerated by --on-fault hold/safe before the run stops"})
+    period_ms: float | None = field(default=None, metadata={
+        "help": "run each step on a fixed-rate clock of this period; reports tick lateness and deadline misses "
+                "(default: no period, each step as soon as the plant answers)"})
+    spin_us: float = field(default=DEFAULT_SPIN_US, metadata={
+        "help": "with --period-ms: busy-wait this long before each tick instead of sleeping through it"})
+    cpu: int | None = field(default=None, metadata={"help": "pin the control loop to this CPU core"})
+    realtime: bool = field(default=False, metadata={
+        "help": "run the loop under SCHED_FIFO (needs CAP_SYS_NICE or an rtprio limit)"})
+    freeze_gc: bool = field(default=True, metadata={
+        "help": "freeze and disable the garbage collector while an episode runs (--keep-gc: leave it running)"})
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -92,6 +135,16 @@ class RunConfig:
             raise DMMError(f"--deadline-ms {self.deadline_ms}; expected a positive number of milliseconds")
         if self.warmup < 0:
             raise DMMError(f"warmup {self.warmup}; expected 0 or more engine calls")
+        if self.on_fault not in ON_FAULT:
+            raise DMMError(f"--on-fault {self.on_fault!r}; expected one of {', '.join(ON_FAULT)}")
+        if self.max_consecutive_faults < 0:
+            raise DMMError(f"--max-consecutive-faults {self.max_consecutive_faults}; expected 0 or more")
+        if self.period_ms is not None and not self.period_ms > 0:
+            raise DMMError(f"--period-ms {self.period_ms}; expected a positive number of milliseconds")
+        if not self.spin_us >= 0:
+            raise DMMError(f"--spin-us {self.spin_us}; expected 0 or more microseconds")
+        if self.cpu is not None and self.cpu < 0:
+            raise DMMError(f"--cpu {self.cpu}; expected a core number (0 or more)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +160,10 @@ class RunReport:
     normalized_scores: tuple[float, ...]
     latency: LatencyStats
     histogram: str | None = None
+    on_fault: str = "raise"
+    faults: dict = field(default_factory=dict)  # fault kind -> count over every episode
+    timings: LoopTimings | None = None  # with a control period
+    realtime: dict = field(default_factory=dict)  # what `runtime.clock.realtime` applied
 
     @property
     def returns(self) -> tuple[float, ...]:
@@ -120,11 +177,28 @@ class RunReport:
             "normalized_score": float(np.mean(self.normalized_scores)),
             "returns": list(self.returns), "lengths": [e.length for e in self.episodes],
             "seeds": [e.seed for e in self.episodes], "normalized_scores": list(self.normalized_scores),
-            "latency_ms": {"p50": self.latency.p50, "p99": self.latency.p99, "max": self.latency.max,
-                           "mean": self.latency.mean},
+            "latency_ms": {"p50": self.latency.p50, "p99": self.latency.p99, "p99.9": self.latency.p999,
+                           "max": self.latency.max, "mean": self.latency.mean},
             "steps": self.latency.count, "deadline_ms": self.latency.deadline_ms,
             "deadline_misses": self.latency.misses, "histogram": self.histogram,
+            **self._control_dict(),
         }
+
+    def _control_dict(self) -> dict:
+        data = {"on_fault": self.on_fault, "faults": dict(self.faults),
+                "episode_faults": [e.faults for e in self.episodes], "realtime": self.realtime,
+                "period_ms": None, "tick_lateness_ms": None, "skipped_ticks": None}
+        if self.timings is not None:
+            timing = self.timings.to_dict()
+            data.update(period_ms=timing["period_ms"], tick_lateness_ms=timing["tick_lateness_ms"],
+                        skipped_ticks=timing["skipped_ticks"], deadline_ms=timing["deadline_ms"],
+                        deadline_misses=timing["deadline_misses"], max_ready_ms=timing["max_ready_ms"])
+        return data
+
+    def fault_summary(self) -> str:
+        counted = {kind: count for kind, count in self.faults.items() if count}
+        listed = ", ".join(f"{kind} {count}" for kind, count in counted.items()) or "none"
+        return f"faults (on-fault {self.on_fault}): {listed}"
 
 
 def run_engine(config: RunConfig) -> RunReport:
@@ -134,15 +208,26 @@ def run_engine(config: RunConfig) -> RunReport:
                            cuda_graph=config.cuda_graph)
     with backend:
         manifest = backend.manifest
-        policy = Policy(backend, config.target_return)
+        policy = Policy(backend, config.target_return, on_fault=config.on_fault,
+                        max_consecutive_faults=config.max_consecutive_faults)
         plant = make_plant(manifest.env_id)
         try:
             check_plant(plant, manifest, manifest.env_id)
-            # The plant's control period is the natural deadline (Hopper-v5: 8 ms, 125 Hz).
-            deadline_ms = config.deadline_ms or 1000.0 * float(getattr(plant.unwrapped, "dt", 0.0)) or None
-            warm_up(policy, config.warmup)
-            episodes = tuple(run_episode(policy, plant, seed=config.seed + index)
-                             for index in range(config.episodes))
+            loop = None
+            if config.period_ms is not None:
+                # With a period, the deadline is measured from each tick (the period itself by default).
+                loop = ControlLoop(policy, config.period_ms, deadline_ms=config.deadline_ms, spin_us=config.spin_us)
+                deadline_ms = loop.deadline_ms
+            else:
+                # The plant's control period is the natural deadline (Hopper-v5: 8 ms, 125 Hz).
+                deadline_ms = config.deadline_ms or 1000.0 * float(getattr(plant.unwrapped, "dt", 0.0)) or None
+            # The collector is paused per episode (run_episode), not over the whole run.
+            options = RealtimeOptions(cpu=config.cpu, fifo=config.realtime, freeze_gc=False)
+            with realtime(options) as applied:
+                warm_up(policy, config.warmup)
+                episodes = tuple(run_episode(policy, plant, seed=config.seed + index, loop=loop,
+                                             freeze_gc=config.freeze_gc) for index in range(config.episodes))
+            applied = {**applied, "gc": "frozen per episode" if config.freeze_gc else "running"}
         finally:
             plant.close()
     samples = np.concatenate([e.latency_ns for e in episodes])  # (total steps,)
@@ -156,5 +241,7 @@ def run_engine(config: RunConfig) -> RunReport:
         episodes=episodes,
         normalized_scores=tuple(normalized_score(e.episode_return, manifest.ref_min_score,
                                                  manifest.ref_max_score) for e in episodes),
-        latency=LatencyStats.from_ns(samples, deadline_ms), histogram=histogram,
+        latency=LatencyStats.from_ns(samples, None if loop is not None else deadline_ms), histogram=histogram,
+        on_fault=config.on_fault, faults=dict(policy.faults), timings=loop.timings() if loop is not None else None,
+        realtime=applied,
     )

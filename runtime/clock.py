@@ -1,0 +1,294 @@
+"""A fixed-rate control loop: an absolute-deadline clock, per-step timing, real-time options.
+
+The clock ticks at ``origin + k * period`` (``time.perf_counter_ns``, CLOCK_MONOTONIC on
+Linux): each tick is computed from the origin, never from the time the previous step
+ended, so the loop does not drift whatever the steps cost. Waiting sleeps until
+``spin_us`` before the tick (``time.sleep``, which overshoots by 50-150 us under the
+default scheduler, less under SCHED_FIFO), then spins to the tick. A step so late that the
+next tick's whole period has passed does not run a burst of catch-up steps: the loop
+rejoins the grid at the latest tick that has come and counts the ticks it skipped.
+
+Per step it records the tick lateness (wake-up time - tick), the compute latency
+(`Policy.act` alone) and whether the action was ready after its deadline (tick +
+``deadline_ms``, the period unless given). A caller's own loop uses it as
+
+    loop = ControlLoop(policy, period_ms=8.0)
+    with realtime(RealtimeOptions(cpu=1, fifo=True)):   # optional: pin, SCHED_FIFO, GC paused
+        loop.start()                                    # tick 0 is now
+        while running:
+            loop.wait()                                 # sleep until the next tick
+            action = loop.act(read_sensors(), reward)   # Policy.act, timed against the tick
+            send(action)
+    print(loop.timings().summary())
+
+`realtime` applies the options that make the loop's timing depend less on the rest of
+the machine, each doing what it says or raising a DMMError that says why it cannot:
+``cpu`` pins the calling thread to one core (os.sched_setaffinity), ``fifo`` asks for
+SCHED_FIFO (os.sched_setscheduler; needs CAP_SYS_NICE or an rtprio limit) and
+``freeze_gc`` moves every live object out of the collector's generations (gc.freeze) and
+disables it, so no collection pauses a step; all are undone on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from contract.errors import DMMError
+from runtime.latency import NS_PER_MS, LatencyStats
+
+# Spin this long before a tick instead of sleeping through it: time.sleep overshot by 110 us
+# (p50) and 190 us (p99) on a loaded 2-core VM, 65 / 136 us under SCHED_FIFO.
+DEFAULT_SPIN_US = 200.0
+# Above ordinary processes, below the kernel's threaded interrupt handlers of a PREEMPT_RT
+# kernel (50 there is the default of the IRQ threads; equal priority runs them first in turn).
+DEFAULT_FIFO_PRIORITY = 49
+# Steps whose timings are kept for the percentiles (a ring beyond: the last this many steps);
+# counts, misses and the maximum cover every step.
+DEFAULT_CAPACITY = 1 << 17
+
+
+def sleep_until(deadline_ns: int, spin_ns: int) -> None:
+    """Return at ``deadline_ns`` (perf_counter_ns) or just after: sleep, then spin the last ``spin_ns``."""
+    remaining = deadline_ns - time.perf_counter_ns()
+    if remaining > spin_ns:
+        time.sleep((remaining - spin_ns) / 1e9)
+    while time.perf_counter_ns() < deadline_ns:
+        pass
+
+
+class FixedRateClock:
+    """Ticks at ``origin + k * period_ns``; ``start()`` sets the origin, each ``wait()`` the next tick."""
+
+    def __init__(self, period_ns: int, *, spin_ns: int = int(DEFAULT_SPIN_US * 1e3)):
+        if period_ns <= 0:
+            raise DMMError(f"control period | received {period_ns} ns | expected a positive period")
+        self.period_ns = int(period_ns)
+        self.spin_ns = max(0, int(spin_ns))
+        self.skipped = 0
+        self._origin = 0
+        self._index = -1
+
+    def start(self, origin_ns: int | None = None) -> None:
+        """Tick 0 is ``origin_ns`` (default: now); the first ``wait`` returns at it."""
+        self._origin = time.perf_counter_ns() if origin_ns is None else int(origin_ns)
+        self._index = -1
+        self.skipped = 0
+
+    def wait(self) -> int:
+        """Sleep until the next tick and return its time (ns). If the next tick's whole period has
+        passed already, rejoin the grid at the latest tick that has come (skipped ticks are counted).
+        """
+        index = self._index + 1
+        tick = self._origin + index * self.period_ns
+        now = time.perf_counter_ns()
+        if now >= tick + self.period_ns:
+            latest = (now - self._origin) // self.period_ns
+            self.skipped += latest - index
+            index = latest
+            tick = self._origin + index * self.period_ns
+        else:
+            sleep_until(tick, self.spin_ns)
+        self._index = index
+        return tick
+
+
+@dataclass(frozen=True)
+class LoopTimings:
+    """The timing of a fixed-rate loop's steps (milliseconds)."""
+
+    steps: int  # every step timed
+    period_ms: float
+    deadline_ms: float
+    lateness: LatencyStats  # wake-up - tick, over the recorded steps
+    compute: LatencyStats  # Policy.act alone
+    misses: int  # steps whose action was ready after tick + deadline_ms (every step)
+    skipped_ticks: int
+    max_ready_ms: float  # the latest an action was ready after its tick (every step)
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": self.steps, "period_ms": self.period_ms, "deadline_ms": self.deadline_ms,
+            "tick_lateness_ms": {"p50": self.lateness.p50, "p99": self.lateness.p99, "max": self.lateness.max},
+            "compute_ms": {"p50": self.compute.p50, "p99": self.compute.p99, "p99.9": self.compute.p999,
+                           "max": self.compute.max},
+            "deadline_misses": self.misses, "skipped_ticks": self.skipped_ticks, "max_ready_ms": self.max_ready_ms,
+        }
+
+    def summary(self) -> str:
+        return (f"period {self.period_ms:g} ms, {self.steps} steps: tick lateness p50 {self.lateness.p50:.3f} "
+                f"p99 {self.lateness.p99:.3f} max {self.lateness.max:.3f} ms; compute p50 {self.compute.p50:.3f} "
+                f"p99 {self.compute.p99:.3f} p99.9 {self.compute.p999:.3f} max {self.compute.max:.3f} ms; "
+                f"deadline {self.deadline_ms:g} ms: {self.misses} missed; {self.skipped_ticks} ticks skipped")
+
+
+class ControlLoop:
+    """`Policy.act` on a fixed-rate clock, timed per step (see the module docstring).
+
+    period_ms: the control period; deadline_ms: how long after its tick an action may be
+    ready (default: the period); spin_us: the busy wait before each tick; capacity: steps
+    whose timings are kept for the percentiles (preallocated, a ring beyond).
+    """
+
+    def __init__(self, policy, period_ms: float, *, deadline_ms: float | None = None,
+                 spin_us: float = DEFAULT_SPIN_US, capacity: int = DEFAULT_CAPACITY):
+        if not period_ms > 0:
+            raise DMMError(f"--period-ms {period_ms}; expected a positive number of milliseconds")
+        if deadline_ms is not None and not deadline_ms > 0:
+            raise DMMError(f"--deadline-ms {deadline_ms}; expected a positive number of milliseconds")
+        if not spin_us >= 0:
+            raise DMMError(f"--spin-us {spin_us}; expected 0 or more microseconds")
+        if capacity < 1:
+            raise DMMError(f"timing capacity {capacity}; expected at least 1 step")
+        self.policy = policy
+        self.period_ms = float(period_ms)
+        self.deadline_ms = float(deadline_ms if deadline_ms is not None else period_ms)
+        self.clock = FixedRateClock(round(period_ms * NS_PER_MS), spin_ns=round(spin_us * 1e3))
+        self._deadline_ns = round(self.deadline_ms * NS_PER_MS)
+        self._lateness = np.zeros(capacity, dtype=np.int64)  # (capacity,) ns
+        self._compute = np.zeros(capacity, dtype=np.int64)  # (capacity,) ns
+        self._steps = 0
+        self._misses = 0
+        self._skipped = 0
+        self._max_ready = 0
+        self._tick = 0
+        self._woke = 0
+        self.last_compute_ns = 0
+
+    @property
+    def steps(self) -> int:
+        """Steps timed so far."""
+        return self._steps
+
+    def start(self) -> None:
+        """Tick 0 is now (call at each episode start; the timings keep accumulating)."""
+        self._skipped += self.clock.skipped
+        self.clock.start()
+
+    def wait(self) -> None:
+        """Sleep until the next tick."""
+        self._tick = self.clock.wait()
+        self._woke = time.perf_counter_ns()
+
+    def act(self, observation, reward: float = 0.0, *, out: np.ndarray | None = None) -> np.ndarray:
+        """``policy.act`` timed against the tick of the last ``wait``."""
+        start = time.perf_counter_ns()
+        action = self.policy.act(observation, reward, out=out)
+        ready = time.perf_counter_ns()
+        slot = self._steps % self._compute.size
+        self._compute[slot] = self.last_compute_ns = ready - start
+        self._lateness[slot] = self._woke - self._tick
+        after_tick = ready - self._tick
+        if after_tick > self._deadline_ns:
+            self._misses += 1
+        if after_tick > self._max_ready:
+            self._max_ready = after_tick
+        self._steps += 1
+        return action
+
+    def timings(self) -> LoopTimings:
+        recorded = min(self._steps, self._compute.size)
+        if recorded == 0:
+            raise DMMError("loop timings | received no timed step | expected at least one wait() + act()")
+        return LoopTimings(
+            steps=self._steps, period_ms=self.period_ms, deadline_ms=self.deadline_ms,
+            lateness=LatencyStats.from_ns(self._lateness[:recorded]),
+            compute=LatencyStats.from_ns(self._compute[:recorded]),
+            misses=self._misses, skipped_ticks=self._skipped + self.clock.skipped,
+            max_ready_ms=self._max_ready / NS_PER_MS,
+        )
+
+
+# -- real-time options ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RealtimeOptions:
+    cpu: int | None = None  # pin the loop's thread to this core
+    fifo: bool = False  # SCHED_FIFO at fifo_priority
+    fifo_priority: int = DEFAULT_FIFO_PRIORITY
+    freeze_gc: bool = True  # gc.freeze() + gc.disable() while the loop runs
+
+    def describe(self) -> dict:
+        return {"cpu": self.cpu, "scheduler": f"SCHED_FIFO {self.fifo_priority}" if self.fifo else "default",
+                "gc": "frozen" if self.freeze_gc else "running"}
+
+
+def pin_to_cpu(cpu: int) -> set[int]:
+    """Run the calling thread on core ``cpu`` alone; returns the previous affinity set."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise DMMError(f"--cpu {cpu} | this platform has no os.sched_setaffinity | expected Linux; leave --cpu "
+                       "out here")
+    allowed = os.sched_getaffinity(0)
+    if cpu not in allowed:
+        raise DMMError(f"--cpu {cpu} | this process may run on CPUs {sorted(allowed)} | expected one of them")
+    os.sched_setaffinity(0, {cpu})
+    return allowed
+
+
+def request_fifo(priority: int) -> tuple[int, int]:
+    """Switch the calling thread to SCHED_FIFO at ``priority``; returns the previous (policy, priority)."""
+    if not hasattr(os, "sched_setscheduler"):
+        raise DMMError("--realtime | this platform has no os.sched_setscheduler | expected Linux; leave "
+                       "--realtime out here")
+    lowest, highest = os.sched_get_priority_min(os.SCHED_FIFO), os.sched_get_priority_max(os.SCHED_FIFO)
+    if not lowest <= priority <= highest:
+        raise DMMError(f"SCHED_FIFO priority | received {priority} | expected {lowest}..{highest}")
+    previous = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except PermissionError as error:
+        raise DMMError(f"--realtime | SCHED_FIFO priority {priority} was refused ({error.strerror}) | expected "
+                       "a user allowed real-time scheduling: give it an rtprio limit (limits.conf "
+                       f"'USER - rtprio {priority}') or the CAP_SYS_NICE capability, or leave --realtime out"
+                       ) from None
+    return previous
+
+
+@contextlib.contextmanager
+def gc_paused(enabled: bool = True) -> Iterator[None]:
+    """Freeze what lives and disable the collector inside; restore it on exit.
+
+    No automatic collection runs inside, and one that a library forces (gc.collect) skips
+    the frozen heap. The young generations are collected first (about 1 ms) so that their
+    garbage is not frozen; a full collection, 100+ ms with torch and gymnasium loaded, is
+    left to the collector once it runs again, since garbage frozen here is only delayed to it.
+    """
+    if not enabled:
+        yield
+        return
+    was_enabled = gc.isenabled()
+    gc.collect(1)
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
+
+
+@contextlib.contextmanager
+def realtime(options: RealtimeOptions) -> Iterator[dict]:
+    """Apply ``options`` for the duration; yields what was applied (`RealtimeOptions.describe`)."""
+    previous_affinity = previous_scheduler = None
+    try:
+        if options.cpu is not None:
+            previous_affinity = pin_to_cpu(options.cpu)
+        if options.fifo:
+            previous_scheduler = request_fifo(options.fifo_priority)
+        with gc_paused(options.freeze_gc):
+            yield options.describe()
+    finally:
+        if previous_scheduler is not None:
+            policy, priority = previous_scheduler
+            os.sched_setscheduler(0, policy, os.sched_param(priority))
+        if previous_affinity is not None:
+            os.sched_setaffinity(0, previous_affinity)
