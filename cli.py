@@ -231,7 +231,8 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
     from export.trt_build import engine_after_export
 
     if fp16 and int8:
-        raise DMMError("--fp16 with --int8; expected one precision per export (run export twice with two --out)")
+        raise DMMError("--fp16 with --int8; expected one precision per export (run export once per precision: "
+                       "each writes its own NAME, hopper-fp16 / hopper-int8 by default)")
     config = from_options(ExportConfig, options, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                           build_engine=not no_engine)
     config.validate()

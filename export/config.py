@@ -20,7 +20,8 @@ class ExportConfig:
     mode: str = field(default="window", metadata={
         "help": "window (the official sliding-window evaluation) | stream (one step, explicit caches)"})
     out: Path | None = field(default=None, metadata={
-        "help": "NAME: writes NAME.onnx and the manifest NAME.json (default: the preset, e.g. hopper)"})
+        "help": "NAME: writes NAME.onnx and the manifest NAME.json (default: preset, mode and precision: hopper, "
+                "hopper-fp16, hopper-int8, hopper-stream, hopper-stream-fp16, ...)"})
     batch: int = field(default=1, metadata={"help": "static batch (1 for a control loop)"})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset (17 or newer)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | fp16 | int8 (cli: --fp16, --int8)"})
@@ -32,10 +33,11 @@ class ExportConfig:
         "help": "the training dataset (directory or local Minari id) for calibration and the held-out accuracy "
                 "(default: the id the checkpoint records)"})
     max_score_drop: float | None = field(default=None, metadata={
-        "help": "fail when the closed-loop normalised score drops by more than this many points against fp32 "
-                "(default: fp16 1, int8 3)"})
+        "help": "fail when the closed-loop normalised score drops significantly by more than this many points "
+                "against fp32: the whole 95% interval of the paired per-episode delta below -X (default: fp16 1, "
+                "int8 3)"})
     score_episodes: int | None = field(default=None, metadata={
-        "help": "closed-loop episodes per graph for the accuracy report (default 5)"})
+        "help": "closed-loop episodes per graph for the accuracy report, paired by reset seed (default 5)"})
     build_engine: bool = field(default=True, metadata={
         "help": "where TensorRT and a GPU are present, build NAME.plan too"})
     runs_dir: Path = field(default=DEFAULT_RUNS_DIR, metadata={"help": "where the newest checkpoint is looked for"})

@@ -42,6 +42,14 @@ def onnx_path_for(out: str | Path) -> Path:
     return out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
 
 
+def default_export_name(preset: str, *, mode: str = "window", precision: str = "fp32") -> str:
+    """The NAME an export writes when --out is not given: one per mode and precision, so that exports of
+    one checkpoint in several precisions sit side by side (hopper, hopper-fp16, hopper-int8,
+    hopper-stream, hopper-stream-int8, ...); ``cli.py build`` names the plan after its ONNX.
+    """
+    return preset + ("-stream" if mode == "stream" else "") + ("" if precision == "fp32" else f"-{precision}")
+
+
 def build_graph(model, *, mode: str, batch: int = 1, opset: int = DEFAULT_OPSET, precision: str = "fp32"):
     """The fp32 ONNX model (onnx.ModelProto) of ``mode`` for ``model`` (in eval mode), as the pass
     for ``precision`` wants it: the int8 stream graph keeps the scan's x out of x_proj's output."""
@@ -95,8 +103,8 @@ def export_checkpoint(
 
     checkpoint_path: a model.pt or its run directory (None: the newest model.pt under
     ``runs_dir``). mode: "window" (the official sliding-window evaluation, default) or
-    "stream" (one env step with explicit caches). out: NAME or NAME.onnx (default: the
-    checkpoint's preset, e.g. "hopper", in the current directory). batch: the static
+    "stream" (one env step with explicit caches). out: NAME or NAME.onnx (default:
+    `default_export_name`, e.g. "hopper" / "hopper-fp16", in the current directory). batch: the static
     batch dimension (1 for a control loop). opset: 17 (LayerNormalization) or newer.
     precision: "fp32", "fp16" (mixed-precision casts) or "int8" (Q/DQ); a low precision is
     lowered from the checked fp32 graph by `export.precision.lower_precision` with
@@ -142,7 +150,8 @@ def export_checkpoint(
         parity = {**parity, "graph": "the fp32 graph this one was lowered from (see accuracy)"}
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
-    onnx_path = onnx_path_for(out if out is not None else checkpoint.preset)
+    onnx_path = onnx_path_for(out if out is not None else default_export_name(checkpoint.preset, mode=mode,
+                                                                             precision=precision))
     manifest = build_manifest(
         checkpoint, mode=mode, precision=precision, batch=batch,
         onnx_sha256=hashlib.sha256(model_bytes).hexdigest(), opset=opset, parity=parity, accuracy=accuracy,
@@ -188,5 +197,5 @@ def export_summary(onnx_path: Path, manifest_path: Path) -> str:
             f"{manifest.parity['max_abs']:.1e}) and {manifest_path}")
 
 
-__all__ = ["DEFAULT_OPSET", "build_graph", "check_graph", "export_checkpoint", "export_summary",
-           "find_latest_checkpoint", "onnx_path_for", "optimized_node_count"]
+__all__ = ["DEFAULT_OPSET", "build_graph", "check_graph", "default_export_name", "export_checkpoint",
+           "export_summary", "find_latest_checkpoint", "onnx_path_for", "optimized_node_count"]
