@@ -111,3 +111,22 @@ def dataset_checkpoint(tmp_path_factory):
         )
         _CACHE["pair"] = (save_model(root / "run", model, metadata), dataset_dir)
     return _CACHE["pair"]
+
+
+def trained_checkpoint(tmp_path_factory, *, train_steps: int = 400, dataset_steps: int = 6000):
+    """(checkpoint path, dataset directory): DMM trained for ``train_steps`` official steps on a small
+    embedded hopper-medium dataset (the medium SAC policy's rollouts): a policy that hops, whose
+    episodes differ in length from seed to seed, as a trained checkpoint's do.
+    """
+    key = f"trained-{train_steps}-{dataset_steps}"
+    if key not in _CACHE:
+        from dmm_train.config import TrainConfig
+        from dmm_train.recipes import collect_recipe
+        from dmm_train.train import train
+
+        root = tmp_path_factory.mktemp("trained")
+        dataset_dir = collect_recipe("hopper-medium", steps=dataset_steps, out=root / "store", progress=False)
+        config = TrainConfig(preset="hopper", dataset=str(dataset_dir), steps=train_steps, seed=0, eval_episodes=0,
+                             checkpoint_every=train_steps)
+        _CACHE[key] = (train(config, root / "run", progress=False), dataset_dir)
+    return _CACHE[key]
