@@ -21,9 +21,10 @@ from dmm_train.config import CollectConfig, EvalConfig, TrainConfig
 from dmm_train.recipes import RECIPES
 from export.config import ExportConfig
 from export.parity import ParityConfig
-from export.trt_build import TYPINGS, BuildConfig
+from export.trt_build import TYPINGS, AdoptConfig, BuildConfig
 from runtime.loop import RunConfig
 from runtime.ort_backend import PROVIDERS
+from runtime.tensorrt_support import PRECISION_CHECKS
 
 
 @click.group()
@@ -257,6 +258,7 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
 @config_option(BuildConfig, "typing", type=click.Choice(TYPINGS))
 @config_option(BuildConfig, "tf32")
 @config_option(BuildConfig, "device")
+@config_option(BuildConfig, "precision_check", type=click.Choice(PRECISION_CHECKS))
 def build(onnx_file, **options) -> None:
     """Build the TensorRT engine NAME.plan (+ NAME.plan.json) of an exported NAME.onnx on this machine's GPU."""
     from export.trt_build import build_engine, build_summary
@@ -265,6 +267,22 @@ def build(onnx_file, **options) -> None:
                                         "timing_cache": path_or_none(options["timing_cache"])},
                           onnx=Path(onnx_file))
     click.echo(build_summary(*build_engine(config)))
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path())
+@config_option(AdoptConfig, "onnx", type=click.Path())
+@config_option(AdoptConfig, "device")
+@config_option(AdoptConfig, "precision_check", type=click.Choice(PRECISION_CHECKS))
+@config_option(AdoptConfig, "force")
+def adopt(plan_file, **options) -> None:
+    """Write NAME.plan.json for a plan built on this GPU by another tool (trtexec --saveEngine=NAME.plan):
+    its I/O checked against NAME.onnx's manifest, TensorRT version, GPU and per-layer precisions recorded.
+    """
+    from export.trt_build import adopt_plan, build_summary
+
+    config = from_options(AdoptConfig, {**options, "onnx": path_or_none(options["onnx"])}, plan=Path(plan_file))
+    click.echo(build_summary(*adopt_plan(config)))
 
 
 def main(argv: list[str] | None = None) -> int:

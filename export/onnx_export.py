@@ -20,6 +20,7 @@ import numpy as np
 
 from contract.errors import DMMError
 from contract.files import atomic_write_bytes
+from contract.graph_roles import linear_nodes, precision_pins
 from contract.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
 from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
 from export.config import DEFAULT_OPSET, DEFAULT_RUNS_DIR
@@ -135,6 +136,7 @@ def export_checkpoint(
 
     proto = build_graph(model, mode=mode, batch=batch, opset=opset, precision=precision)
     check_graph(proto)
+    linears = list(linear_nodes(proto))  # named in the fp32 graph; the precision passes keep the names
     model_bytes = proto.SerializeToString()
     parity = _measure_parity(model, model_bytes, checkpoint, mode=mode, batch=batch)
 
@@ -160,6 +162,7 @@ def export_checkpoint(
         **manifest.exporter, "lowering": "export.lowering", "graph_nodes": len(proto.graph.node),
         "graph_nodes_ort_optimized": optimized_node_count(model_bytes),
         **({"precision_pass": precision_pass} if precision_pass else {}),
+        "precision_pins": precision_pins(proto, linears),
     })
     manifest_path = manifest_path_for(onnx_path)
     try:
