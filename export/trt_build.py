@@ -316,6 +316,8 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     else:
         attempts = [config.typing]
     fallback_reason, started = None, time.monotonic()
+    plan = builder_config = None
+    flags, cache_status, typing = [], "new", attempts[0]
     for typing in attempts:
         strong = typing == "strong"
         logger.messages.clear()
@@ -337,6 +339,7 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
                 if fallback_reason else ""
             raise DMMError(f"{prefix}{failure}; expected a graph written by 'cli.py export' for TensorRT "
                            f"{version}; report it with the ONNX") from None
+    assert plan is not None and builder_config is not None  # the last attempt raised otherwise
     plan_bytes = bytes(plan)
     build_seconds = time.monotonic() - started
     warnings = [message for level, message in logger.messages if level == "warning"]

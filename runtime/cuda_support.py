@@ -33,6 +33,7 @@ import importlib.metadata
 import importlib.util
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def import_pycuda():
     if importlib.util.find_spec("pycuda") is None:
         raise CudaUnavailable("pycuda is not installed")
     try:
-        import pycuda.driver as cuda
+        import pycuda.driver as cuda  # pyright: ignore[reportMissingImports] - pycuda ships no type information
     except (ImportError, OSError) as error:  # built against a CUDA toolkit that is not here
         raise CudaUnavailable(f"pycuda {distribution_version('pycuda') or ''} does not import "
                               f"({first_line(error)}); it was built for another CUDA") from None
@@ -106,7 +107,7 @@ def import_cudart():
     raise CudaUnavailable("cuda-python is not installed")
 
 
-def cudart_call(cudart, function: str, *args):
+def cudart_call(cudart, function: str, *args) -> Any:
     """Call ``cudart.<function>(*args)``; its values after the error code, or CudaUnavailable."""
     try:
         result = getattr(cudart, function)(*args)
@@ -187,6 +188,8 @@ class PrimaryContext:
         return self.device.name().strip(), f"{major}.{minor}"
 
     def __enter__(self) -> PrimaryContext:
+        if self._context is None:
+            raise DMMError(f"CUDA device {self.index}: this context handle was released; load the backend again")
         self._lock.acquire()
         try:
             self._context.push()
@@ -253,8 +256,8 @@ class DeviceBuffers:
         self.outputs = [name for name, _, _ in specs if name not in self.inputs]
         self.cache_input_of = dict(cache_pairs)  # cache output -> the input it feeds
         self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, object] = {}  # caches: buffer A
-        self.spare: dict[str, object] = {}  # caches: buffer B, keyed by the cache input's name
+        self.device: dict[str, Any] = {}  # pycuda DeviceAllocation per tensor (caches: buffer A)
+        self.spare: dict[str, Any] = {}  # caches: buffer B, keyed by the cache input's name
         self.resident: dict[str, np.ndarray] = {}  # what each cache input buffer holds now
         self.parity = 0
         self.uploads = 0
@@ -266,7 +269,7 @@ class DeviceBuffers:
         for input_name in self.cache_input_of.values():
             self.spare[input_name] = cuda.mem_alloc(max(self.host[input_name].nbytes, 1))
 
-    def cache_buffers(self, input_name: str) -> tuple[object, object]:
+    def cache_buffers(self, input_name: str) -> tuple[Any, Any]:
         """(read, write) buffers of a cache pair now: A -> B at parity 0, B -> A at parity 1."""
         first, second = self.device[input_name], self.spare[input_name]
         return (first, second) if self.parity == 0 else (second, first)

@@ -342,6 +342,8 @@ class TrtBackend(Backend):
 
     def _destroy_graphs(self) -> None:
         cudart = self._cudart
+        if cudart is None:
+            return
         for graph, executable in self._graphs.values():
             cudart.cudaGraphExecDestroy(executable)
             cudart.cudaGraphDestroy(graph)
