@@ -285,6 +285,24 @@ def adopt(plan_file, **options) -> None:
     click.echo(build_summary(*adopt_plan(config)))
 
 
+@cli.command()
+@click.option("--engine", type=click.Path(), default=None,
+              help="a .plan, .onnx or model.pt: which backends load it, their actions against ONNX Runtime and "
+                   "their latency")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="recorded plant steps for the comparison and the latency")
+@click.option("--seed", type=int, default=0, show_default=True, help="reset seed of the recorded trajectory")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON record (to attach to a bug report)")
+def doctor(engine, steps, seed, as_json) -> None:
+    """What is installed and usable here (numpy, ONNX Runtime, TensorRT, pycuda, cuda-python, driver, GPU),
+    and with --engine how it runs here; for what is missing, the one thing to install.
+    """
+    from runtime.doctor import describe, diagnose
+
+    report = diagnose(engine, steps=steps, seed=seed)
+    click.echo(json.dumps(report, indent=2) if as_json else describe(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
     try:
