@@ -140,6 +140,7 @@ def export_checkpoint(
     model_bytes = proto.SerializeToString()
     parity = _measure_parity(model, model_bytes, checkpoint, mode=mode, batch=batch)
 
+    fp32_proto = proto
     accuracy, precision_pass = {}, {}
     if precision != "fp32":
         from export.precision import PrecisionOptions, lower_precision
@@ -166,6 +167,8 @@ def export_checkpoint(
     })
     manifest_path = manifest_path_for(onnx_path)
     try:
+        if batch == 1:  # the control-loop graph; real inputs come from one plant / episode at a time
+            manifest = _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path, precision_options)
         atomic_write_bytes(onnx_path, model_bytes)
         write_manifest(manifest, manifest_path)
     except OSError as error:
@@ -173,6 +176,17 @@ def export_checkpoint(
                        f"({error.strerror or error}); expected a writable location; pass --out with a "
                        "writable NAME") from None
     return onnx_path, manifest_path
+
+
+def _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path: Path, precision_options):
+    """The manifest with its ``exporter.polygraphy`` record, the data loader written beside the ONNX
+    (`export.polygraphy_check`)."""
+    from export.polygraphy_check import real_feeds, write_data_loader
+
+    dataset = getattr(precision_options, "dataset", None)
+    feeds, source = real_feeds(fp32_proto, manifest, checkpoint, dataset=dataset)
+    record = write_data_loader(onnx_path, manifest, feeds, source)
+    return dataclasses.replace(manifest, exporter={**manifest.exporter, "polygraphy": record})
 
 
 def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: int) -> dict:

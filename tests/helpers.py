@@ -130,3 +130,19 @@ def trained_checkpoint(tmp_path_factory, *, train_steps: int = 400, dataset_step
                              checkpoint_every=train_steps)
         _CACHE[key] = (train(config, root / "run", progress=False), dataset_dir)
     return _CACHE[key]
+
+
+def gpu_runtime_usable() -> tuple[bool, str]:
+    """Whether plans can be built and run here: TensorRT and a GPU (`export.trt_build.tensorrt_status`), and
+    pycuda, which the TensorRT backend runs on (the GPU may have answered through cuda-python alone)."""
+    from export.trt_build import tensorrt_status
+    from runtime.cuda_support import CudaUnavailable, import_pycuda
+
+    usable, why = tensorrt_status()
+    if not usable:
+        return False, why
+    try:
+        import_pycuda()
+    except CudaUnavailable as unavailable:
+        return False, f"{unavailable}; the TensorRT backend runs on pycuda"
+    return True, why

@@ -28,7 +28,7 @@ from contract.manifest import manifest_path_for, read_manifest, write_manifest
 from contract.tolerances import max_abs, tolerance
 from export.trt_build import BuildConfig, engine_after_export, tensorrt_status
 from runtime import Policy, load_backend
-from runtime.cuda_support import CudaUnavailable, import_cudart, import_pycuda
+from runtime.cuda_support import CudaUnavailable, import_cudart
 from runtime.tensorrt_support import (
     PLAN_KIND,
     GpuIdentity,
@@ -39,26 +39,13 @@ from runtime.tensorrt_support import (
     layer_summary,
 )
 from runtime.trt_backend import TrtBackend
-from tests.helpers import assert_one_line_error, copy_engine
+from tests.helpers import assert_one_line_error, copy_engine, gpu_runtime_usable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None
 
 
-def _gpu_runtime() -> tuple[bool, str]:
-    """Whether plans can run here: TensorRT and a GPU (tensorrt_status), and pycuda, which the backend runs on
-    (gpu_identity may have answered through cuda-python alone)."""
-    usable, why = tensorrt_status()
-    if not usable:
-        return False, why
-    try:
-        import_pycuda()
-    except CudaUnavailable as unavailable:
-        return False, f"{unavailable}; the TensorRT backend runs on pycuda"
-    return True, why
-
-
-USABLE, WHY = _gpu_runtime()
+USABLE, WHY = gpu_runtime_usable()
 needs_gpu = pytest.mark.skipif(not USABLE, reason=f"needs TensorRT, pycuda and an NVIDIA GPU ({WHY.split(';')[0]})")
 
 
