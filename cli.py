@@ -156,6 +156,7 @@ def evaluate(as_json, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 @config_option(RunConfig, "histogram", type=click.Path())
 @config_option(RunConfig, "cuda_graph")
+@config_option(RunConfig, "device")
 def run(as_json, **options) -> None:
     """Run an engine in the control loop on its env; report return, score and per-step latency."""
     from runtime.loop import run_engine
