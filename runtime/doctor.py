@@ -192,7 +192,7 @@ def _load(path: Path, options: dict):
     return load_backend(path, **options)
 
 
-def _timed_teacher_forced(policy, trajectory) -> tuple[np.ndarray, np.ndarray]:
+def timed_teacher_forced(policy, trajectory) -> tuple[np.ndarray, np.ndarray]:
     """Actions (T, Adim) along the trajectory (executed actions written back) and each step's ns."""
     actions = np.empty_like(trajectory.actions)  # (T, Adim)
     elapsed = np.empty(trajectory.steps, dtype=np.int64)  # (T,)
@@ -253,7 +253,7 @@ def diagnose_engine(engine: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0) 
             return report
         actions = {}
         for label, backend in loaded.items():
-            predicted, elapsed = _timed_teacher_forced(Policy(backend), trajectory)
+            predicted, elapsed = timed_teacher_forced(Policy(backend), trajectory)
             actions[label] = predicted
             stats = LatencyStats.from_ns(elapsed)
             entry = next(item for item in report["backends"] if item["backend"] == label)
