@@ -128,7 +128,12 @@ def trained_checkpoint(tmp_path_factory, *, train_steps: int = 400, dataset_step
         dataset_dir = collect_recipe("hopper-medium", steps=dataset_steps, out=root / "store", progress=False)
         config = TrainConfig(preset="hopper", dataset=str(dataset_dir), steps=train_steps, seed=0, eval_episodes=0,
                              checkpoint_every=train_steps)
-        _CACHE[key] = (train(config, root / "run", progress=False), dataset_dir)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch's OpenMP pool on a loaded 2-core machine: 10x slower steps
+        try:
+            _CACHE[key] = (train(config, root / "run", progress=False), dataset_dir)
+        finally:
+            torch.set_num_threads(threads)
     return _CACHE[key]
 
 
