@@ -1,6 +1,6 @@
 """Accuracy reports of a low-precision graph against its fp32 graph, on the CPU with ONNX Runtime.
 
-Two figures (DESIGN.md section 3), both stored in the manifest's ``accuracy``:
+Two figures (docs/design.md#accuracy-reports), both stored in the manifest's ``accuracy``:
 - action RMSE against fp32 on held-out inputs (episodes the calibration never saw):
   window mode on held-out windows built as the evaluation builds them; stream mode over
   held-out episodes teacher-forced with the dataset's actions, each graph carrying its own

@@ -1,4 +1,4 @@
-"""Precision in the graph (DESIGN.md section 3): which MatMuls are Linear layers, the fp16 pass, and
+"""Precision in the graph (docs/design.md#precision): which MatMuls are Linear layers, the fp16 pass, and
 `lower_precision`, which turns a checked fp32 graph into its fp16 or int8 (Q/DQ) form with an
 accuracy report.
 

@@ -7,7 +7,7 @@ the target (a Jetson builds its own) and its manifest NAME.plan.json (the ONNX m
 plus an ``engine`` record: TensorRT version, GPU name and compute capability, the plan's
 sha256, its I/O, how it was built) lets `runtime.trt_backend` refuse any other machine.
 
-How the network is built (deploy_notes.md section 1):
+How the network is built (docs/deployment.md#building-an-engine):
 - precision comes from the graph (`export.precision`: fp16 casts, int8 Q/DQ). The network
   is strongly typed where TensorRT has the flag (10.x with STRONGLY_TYPED; 11.x, where
   every network is strongly typed and the flag is accepted or absent): tensor types follow
