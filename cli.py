@@ -21,10 +21,11 @@ from dmm_train.config import CollectConfig, EvalConfig, TrainConfig
 from dmm_train.recipes import RECIPES
 from export.config import TARGETS, ExportConfig
 from export.parity import ParityConfig
-from export.trt_build import TYPINGS, BuildConfig
+from export.trt_build import TYPINGS, AdoptConfig, BuildConfig
 from runtime.loop import RunConfig
 from runtime.ort_backend import PROVIDERS
 from runtime.policy import ON_FAULT
+from runtime.tensorrt_support import PRECISION_CHECKS
 
 
 @click.group()
@@ -168,6 +169,7 @@ def evaluate(as_json, **options) -> None:
 @config_option(RunConfig, "cpu", type=int)
 @config_option(RunConfig, "realtime")
 @config_option(RunConfig, "freeze_gc", "--freeze-gc/--keep-gc")
+@config_option(RunConfig, "device")
 def run(as_json, **options) -> None:
     """Run an engine in the control loop on its env; report return, score, faults and per-step latency."""
     from runtime.loop import run_engine
@@ -246,7 +248,8 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
     --target c writes the stream step as C99 (NAME.c + NAME.h) instead, compiled and checked against PyTorch.
     """
     if fp16 and int8:
-        raise DMMError("--fp16 with --int8; expected one precision per export (run export twice with two --out)")
+        raise DMMError("--fp16 with --int8; expected one precision per export (run export once per precision: "
+                       "each writes its own NAME, hopper-fp16 / hopper-int8 by default)")
     config = from_options(ExportConfig, options, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                           build_engine=not no_engine)
     config.validate()
@@ -280,6 +283,7 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
 @config_option(BuildConfig, "typing", type=click.Choice(TYPINGS))
 @config_option(BuildConfig, "tf32")
 @config_option(BuildConfig, "device")
+@config_option(BuildConfig, "precision_check", type=click.Choice(PRECISION_CHECKS))
 def build(onnx_file, **options) -> None:
     """Build the TensorRT engine NAME.plan (+ NAME.plan.json) of an exported NAME.onnx on this machine's GPU."""
     from export.trt_build import build_engine, build_summary
@@ -288,6 +292,40 @@ def build(onnx_file, **options) -> None:
                                         "timing_cache": path_or_none(options["timing_cache"])},
                           onnx=Path(onnx_file))
     click.echo(build_summary(*build_engine(config)))
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path())
+@config_option(AdoptConfig, "onnx", type=click.Path())
+@config_option(AdoptConfig, "device")
+@config_option(AdoptConfig, "precision_check", type=click.Choice(PRECISION_CHECKS))
+@config_option(AdoptConfig, "force")
+def adopt(plan_file, **options) -> None:
+    """Write NAME.plan.json for a plan built on this GPU by another tool (trtexec --saveEngine=NAME.plan):
+    its I/O checked against NAME.onnx's manifest, TensorRT version, GPU and per-layer precisions recorded.
+    """
+    from export.trt_build import adopt_plan, build_summary
+
+    config = from_options(AdoptConfig, {**options, "onnx": path_or_none(options["onnx"])}, plan=Path(plan_file))
+    click.echo(build_summary(*adopt_plan(config)))
+
+
+@cli.command()
+@click.option("--engine", type=click.Path(), default=None,
+              help="a .plan, .onnx or model.pt: which backends load it, their actions against ONNX Runtime and "
+                   "their latency")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="recorded plant steps for the comparison and the latency")
+@click.option("--seed", type=int, default=0, show_default=True, help="reset seed of the recorded trajectory")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON record (to attach to a bug report)")
+def doctor(engine, steps, seed, as_json) -> None:
+    """What is installed and usable here (numpy, ONNX Runtime, TensorRT, pycuda, cuda-python, driver, GPU),
+    and with --engine how it runs here; for what is missing, the one thing to install.
+    """
+    from runtime.doctor import describe, diagnose
+
+    report = diagnose(engine, steps=steps, seed=seed)
+    click.echo(json.dumps(report, indent=2) if as_json else describe(report))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,20 @@ Two figures (docs/design.md#accuracy-reports), both stored in the manifest's ``a
   held-out episodes teacher-forced with the dataset's actions, each graph carrying its own
   caches from zero (as in deployment: the low-precision caches drift on their own);
 - the closed-loop normalised score: `runtime.Policy` on each graph driving the real env for
-  the same seeds, through the same `runtime.loop.run_episode` as ``cli.py run``; the score
-  delta is candidate - fp32 (``score_drop`` = fp32 - candidate, what --max-score-drop bounds).
+  the same reset seeds, through the same `runtime.loop.run_episode` as ``cli.py run``. The
+  episodes are paired (episode i of both graphs starts from seed + i), the per-episode delta is
+  candidate - fp32, and the mean delta is reported with its 95% confidence interval
+  (`paired_score_gate`).
+
+Why an interval: Hopper is chaotic, so an fp16 rounding of 1e-4 in one action sends the two
+graphs' episodes apart, and the per-episode delta of a trained policy has a standard deviation
+of several points (one fall ends an episode hundreds of steps early). A 5-episode mean of such
+deltas misses 0 by more than a point in about half of the exports of a graph that is as good as
+fp32, so a gate on the mean alone refused sound graphs by chance. The gate refuses only when
+the drop is significant *and* larger than the allowed one: when the whole interval of the delta
+lies below -max_score_drop. A graph as good as fp32 is then refused in at most 2.5% of exports
+(one-sided, under normal deltas; heavier tails widen the interval and refuse less), and a real
+loss of many points over consistent episodes is still refused.
 
 The fp32 graph runs at ONNX Runtime's default optimisation level (how the export runs it);
 the candidate with graph optimisations off (ORT_DISABLE_ALL): Q/DQ is then evaluated as
@@ -19,6 +31,8 @@ fp16 is evaluated on `export.precision.fp16_emulation`, the same arithmetic in f
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import numpy as np
 
@@ -100,7 +114,8 @@ def closed_loop(model_bytes: bytes, manifest: Manifest, *, optimize: bool, label
             plant.close()
     returns = [r.episode_return for r in results]
     scores = [normalized_score(r, manifest.ref_min_score, manifest.ref_max_score) for r in returns]
-    return {"returns": returns, "lengths": [r.length for r in results], "score": float(np.mean(scores))}
+    return {"returns": returns, "lengths": [r.length for r in results], "scores": scores,
+            "score": float(np.mean(scores))}
 
 
 # How each precision's graph is evaluated on the CPU (see the module docstring and export.precision).
@@ -109,6 +124,66 @@ EVALUATED_AS = {
             "inputs, weights and outputs, fp32 accumulation), ONNX Runtime CPU, graph optimisations off",
     "int8": "the Q/DQ graph, ONNX Runtime CPU, graph optimisations off (Q/DQ as fake-quant)",
 }
+
+
+SCORE_CONFIDENCE = 0.95  # two-sided level of the reported interval of the paired score delta
+
+
+@functools.lru_cache(maxsize=256)
+def student_t_quantile(probability: float, dof: int) -> float:
+    """The ``probability`` quantile of Student's t with ``dof`` degrees of freedom (numpy only).
+
+    Bisection on the CDF, which is 1/2 plus Simpson's integral of the density from 0; exact to
+    about 1e-6 for the quantiles an interval needs (0.9 .. 0.9995).
+    """
+    if not 0.5 <= probability < 1.0 or dof < 1:
+        raise DMMError(f"t quantile | received probability {probability}, dof {dof} | expected 0.5 <= p < 1, dof >= 1")
+    log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+
+    def cdf(x: float) -> float:
+        grid = np.linspace(0.0, x, 4001)  # (4001,), an even number of Simpson intervals
+        density = np.exp(log_norm - (dof + 1) / 2 * np.log1p(grid ** 2 / dof))  # (4001,)
+        step = x / 4000
+        return 0.5 + step / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum() + 2 * density[2:-1:2].sum())
+
+    low, high = 0.0, 1.0
+    while cdf(high) < probability:
+        high *= 2
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < probability else (low, middle)
+    return (low + high) / 2
+
+
+def paired_score_gate(deltas, max_score_drop: float, confidence: float = SCORE_CONFIDENCE) -> dict:
+    """The verdict on paired per-episode score deltas (candidate - fp32, the same reset seeds).
+
+    Returns the mean delta, its two-sided ``confidence`` interval (Student's t on the paired
+    differences) and ``refused``: True only when the whole interval lies below -max_score_drop,
+    that is when the graph loses significantly more than the allowed drop. One episode gives no
+    interval: the score is then reported and not judged.
+    """
+    deltas = np.asarray(deltas, dtype=np.float64)  # (n,)
+    count = int(deltas.size)
+    if count == 0 or not np.isfinite(deltas).all():
+        raise DMMError(f"score deltas | received {deltas.tolist()} | expected one finite delta per paired episode")
+    mean = float(deltas.mean())
+    record = {"score_delta": mean, "score_drop": -mean, "score_confidence": confidence, "paired_episodes": count}
+    if count < 2:
+        return {**record, "score_delta_ci": None, "score_refused": False,
+                "score_verdict": "not judged: one episode gives no interval (use --score-episodes 2 or more)"}
+    half_width = student_t_quantile(1 - (1 - confidence) / 2, count - 1) * float(deltas.std(ddof=1)) / math.sqrt(count)
+    low, high = mean - half_width, mean + half_width
+    refused = bool(high < -float(max_score_drop))
+    if refused:
+        verdict = (f"refused: the whole {confidence:.0%} interval of the delta lies below -{max_score_drop:g} "
+                   "(a significant drop larger than the allowed one)")
+    elif mean < -float(max_score_drop):
+        verdict = (f"passed: the mean drop exceeds {max_score_drop:g} but the {confidence:.0%} interval reaches "
+                   f"-{max_score_drop:g} or above, so it is not significant over {count} episodes")
+    else:
+        verdict = f"passed: the mean delta is within the allowed drop of {max_score_drop:g}"
+    return {**record, "score_delta_ci": [low, high], "score_refused": refused, "score_verdict": verdict}
 
 
 def accuracy_report(reference_proto, candidate_proto, *, manifest: Manifest, heldout, heldout_samples: int,
@@ -131,22 +206,32 @@ def accuracy_report(reference_proto, candidate_proto, *, manifest: Manifest, hel
     fp32 = closed_loop(reference_bytes, fp32_manifest, optimize=True, label="fp32", episodes=episodes, seed=seed)
     low = closed_loop(candidate_bytes, manifest, optimize=False, label=manifest.precision, episodes=episodes,
                       seed=seed)
+    deltas = [candidate_score - reference_score
+              for candidate_score, reference_score in zip(low["scores"], fp32["scores"], strict=True)]
     report.update({
         "env_id": manifest.env_id, "target_return": manifest.target_return,
         "seeds": [seed + index for index in range(episodes)],
         "returns_fp32": fp32["returns"], "returns": low["returns"],
         "lengths_fp32": fp32["lengths"], "lengths": low["lengths"],
-        "score_fp32": fp32["score"], "score": low["score"],
-        "score_delta": low["score"] - fp32["score"], "score_drop": fp32["score"] - low["score"],
+        "score_fp32": fp32["score"], "score": low["score"], "score_deltas": deltas,
         "max_score_drop": float(max_score_drop),
+        **paired_score_gate(deltas, max_score_drop),
     })
     return report
+
+
+def describe_delta(accuracy: dict) -> str:
+    """'delta -0.68 (95% CI -2.91 .. +1.55, 5 paired episodes)'."""
+    interval = accuracy.get("score_delta_ci")
+    span = (f"{accuracy.get('score_confidence', SCORE_CONFIDENCE):.0%} CI {interval[0]:+.2f} .. {interval[1]:+.2f}, "
+            if interval else "no interval, ")
+    return f"delta {accuracy['score_delta']:+.2f} ({span}{len(accuracy['seeds'])} paired episodes)"
 
 
 def accuracy_summary(accuracy: dict, precision: str) -> str:
     """One line for the CLI."""
     return (f"{precision} accuracy vs fp32 (ONNX Runtime CPU): action RMSE {accuracy['action_rmse']:.2e} "
             f"(max |diff| {accuracy['action_max_abs']:.2e}) on {accuracy['heldout_samples']} held-out samples; "
-            f"closed-loop normalised score {accuracy['score']:.3f} vs {accuracy['score_fp32']:.3f} "
-            f"(delta {accuracy['score_delta']:+.3f}, allowed drop {accuracy['max_score_drop']:g}) over "
-            f"{len(accuracy['seeds'])} episodes")
+            f"closed-loop normalised score {accuracy['score']:.2f} vs {accuracy['score_fp32']:.2f}, "
+            f"{describe_delta(accuracy)}; allowed drop {accuracy['max_score_drop']:g}: "
+            f"{accuracy.get('score_verdict', 'not judged')}")

@@ -42,6 +42,12 @@ FP16_ROLES = ALL_ROLES
 # N < 16 unquantized for that reason); they stay float32.
 INT8_ROLES = ("dsm", "in_proj", "x_proj", "out_proj")
 
+# Ops that move data and compute nothing: a TensorRT layer built from them carries no precision of
+# its own. The casts and Q/DQ pairs of a precision pass are what change a tensor's type.
+DATA_MOVEMENT_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Split", "Concat", "Gather", "Transpose", "Slice",
+                               "Identity", "Flatten", "Expand", "Shape", "Constant"})
+PRECISION_OPS = frozenset({"Cast", "QuantizeLinear", "DequantizeLinear"})
+
 ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
 PRECISION_KEY = "precision"  # the graph's metadata_props entry
 
@@ -85,3 +91,20 @@ def set_precision_metadata(proto, precision: str) -> None:
     for key, value in [*kept, (PRECISION_KEY, precision)]:
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def precision_pins(proto, linears) -> dict[str, list[str]]:
+    """What a graph computes in fp32 whatever its precision, for checking a built plan's layers.
+
+    ``linears``: the Linear layers' node names (`linear_nodes` of the fp32 graph; a lowered graph
+    keeps them). Returns ``fp32``: every computing node outside the Linear layers and the precision
+    ops (LayerNorm, softplus's Exp/Add/Log, exp(delta * A), the recurrence, the selection MatMuls,
+    the gates, the head's Tanh); ``neutral``: the data-movement nodes (`DATA_MOVEMENT_OPS`).
+    """
+    linears = set(linears)
+    pins: dict[str, list[str]] = {"fp32": [], "neutral": []}
+    for node in proto.graph.node:
+        if node.name in linears or node.op_type in PRECISION_OPS:
+            continue
+        pins["neutral" if node.op_type in DATA_MOVEMENT_OPS else "fp32"].append(node.name)
+    return pins

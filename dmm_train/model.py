@@ -299,7 +299,7 @@ class DecisionMetaMamba(nn.Module):
 
     def env_step(
         self, prev_action: torch.Tensor, prev_action_valid: torch.Tensor, rtg: torch.Tensor, state: torch.Tensor,
-        dsm_cache: torch.Tensor, ssm_state: torch.Tensor,
+        dsm_cache: torch.Tensor, ssm_state: torch.Tensor, rows_valid: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One env step of the stream contract (docs/design.md#stream-mode): tokens a_{t-1}, R_t, s_t.
 
@@ -307,10 +307,12 @@ class DecisionMetaMamba(nn.Module):
         episode's first step: that row skips the token); rtg (B, 1) already scaled; state
         (B, S) normalised; dsm_cache (n_layer, B, W-1, D); ssm_state (n_layer, B, D, N).
         Returns action (B, Adim) predicted at s_t and the new caches. The PyTorch backend,
-        the export parity gate and the tests all call this one method.
+        the export parity gate and the tests all call this one method. rows_valid: whether any
+        row has a_{t-1}, when the caller already knows (a CUDA-graph capture cannot read a device
+        tensor on the host); None reads it from prev_action_valid.
         """
         valid = prev_action_valid > 0.5  # (B, 1); the contract's input is 0 or 1
-        if bool(valid.any()):
+        if bool(valid.any()) if rows_valid is None else rows_valid:
             _, dsm_next, ssm_next = self.step(self.embed_act(prev_action), dsm_cache, ssm_state)
             keep = valid[None, :, :, None]  # (1, B, 1, 1): rows where a_{t-1} is a real token
             dsm_cache = torch.where(keep, dsm_next, dsm_cache)  # (n_layer, B, W-1, D)

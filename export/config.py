@@ -25,8 +25,8 @@ class ExportConfig:
         "help": "onnx: NAME.onnx; c: NAME.c + NAME.h, the stream step as one C99 file (fp32, batch 1; "
                 "docs/c_target.md)"})
     out: Path | None = field(default=None, metadata={
-        "help": "NAME: writes NAME.onnx (or NAME.c + NAME.h) and the manifest NAME.json (default: the preset, "
-                "e.g. hopper)"})
+        "help": "NAME: writes NAME.onnx (or NAME.c + NAME.h with --target c) and the manifest NAME.json "
+                "(default: preset, mode and precision: hopper, hopper-fp16, hopper-int8, hopper-stream, ...)"})
     batch: int = field(default=1, metadata={"help": "static batch (1 for a control loop)"})
     opset: int = field(default=DEFAULT_OPSET, metadata={"help": "ONNX opset (17 or newer)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | fp16 | int8 (cli: --fp16, --int8)"})
@@ -38,10 +38,11 @@ class ExportConfig:
         "help": "the training dataset (directory or local Minari id) for calibration and the held-out accuracy "
                 "(default: the id the checkpoint records)"})
     max_score_drop: float | None = field(default=None, metadata={
-        "help": "fail when the closed-loop normalised score drops by more than this many points against fp32 "
-                "(default: fp16 1, int8 3)"})
+        "help": "fail when the closed-loop normalised score drops significantly by more than this many points "
+                "against fp32: the whole 95% interval of the paired per-episode delta below -X (default: fp16 1, "
+                "int8 3)"})
     score_episodes: int | None = field(default=None, metadata={
-        "help": "closed-loop episodes per graph for the accuracy report (default 5)"})
+        "help": "closed-loop episodes per graph for the accuracy report, paired by reset seed (default 5)"})
     build_engine: bool = field(default=True, metadata={
         "help": "where TensorRT and a GPU are present, build NAME.plan too"})
     runs_dir: Path = field(default=DEFAULT_RUNS_DIR, metadata={"help": "where the newest checkpoint is looked for"})

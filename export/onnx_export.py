@@ -20,6 +20,7 @@ import numpy as np
 
 from contract.errors import DMMError
 from contract.files import atomic_write_bytes
+from contract.graph_roles import linear_nodes, precision_pins
 from contract.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
 from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
 from export.config import DEFAULT_OPSET, DEFAULT_RUNS_DIR
@@ -40,6 +41,14 @@ def onnx_path_for(out: str | Path) -> Path:
     """NAME or NAME.onnx -> NAME.onnx (a dotted NAME like 'hopper.v2' keeps its dot)."""
     out = Path(out)
     return out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
+
+
+def default_export_name(preset: str, *, mode: str = "window", precision: str = "fp32") -> str:
+    """The NAME an export writes when --out is not given: one per mode and precision, so that exports of
+    one checkpoint in several precisions sit side by side (hopper, hopper-fp16, hopper-int8,
+    hopper-stream, hopper-stream-int8, ...); ``cli.py build`` names the plan after its ONNX.
+    """
+    return preset + ("-stream" if mode == "stream" else "") + ("" if precision == "fp32" else f"-{precision}")
 
 
 def build_graph(model, *, mode: str, batch: int = 1, opset: int = DEFAULT_OPSET, precision: str = "fp32"):
@@ -95,8 +104,8 @@ def export_checkpoint(
 
     checkpoint_path: a model.pt or its run directory (None: the newest model.pt under
     ``runs_dir``). mode: "window" (the official sliding-window evaluation, default) or
-    "stream" (one env step with explicit caches). out: NAME or NAME.onnx (default: the
-    checkpoint's preset, e.g. "hopper", in the current directory). batch: the static
+    "stream" (one env step with explicit caches). out: NAME or NAME.onnx (default:
+    `default_export_name`, e.g. "hopper" / "hopper-fp16", in the current directory). batch: the static
     batch dimension (1 for a control loop). opset: 17 (LayerNormalization) or newer.
     precision: "fp32", "fp16" (mixed-precision casts) or "int8" (Q/DQ); a low precision is
     lowered from the checked fp32 graph by `export.precision.lower_precision` with
@@ -127,9 +136,11 @@ def export_checkpoint(
 
     proto = build_graph(model, mode=mode, batch=batch, opset=opset, precision=precision)
     check_graph(proto)
+    linears = list(linear_nodes(proto))  # named in the fp32 graph; the precision passes keep the names
     model_bytes = proto.SerializeToString()
     parity = _measure_parity(model, model_bytes, checkpoint, mode=mode, batch=batch)
 
+    fp32_proto = proto
     accuracy, precision_pass = {}, {}
     if precision != "fp32":
         from export.precision import PrecisionOptions, lower_precision
@@ -142,7 +153,8 @@ def export_checkpoint(
         parity = {**parity, "graph": "the fp32 graph this one was lowered from (see accuracy)"}
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
-    onnx_path = onnx_path_for(out if out is not None else checkpoint.preset)
+    onnx_path = onnx_path_for(out if out is not None else default_export_name(checkpoint.preset, mode=mode,
+                                                                             precision=precision))
     manifest = build_manifest(
         checkpoint, mode=mode, precision=precision, batch=batch,
         onnx_sha256=hashlib.sha256(model_bytes).hexdigest(), opset=opset, parity=parity, accuracy=accuracy,
@@ -151,9 +163,12 @@ def export_checkpoint(
         **manifest.exporter, "lowering": "export.lowering", "graph_nodes": len(proto.graph.node),
         "graph_nodes_ort_optimized": optimized_node_count(model_bytes),
         **({"precision_pass": precision_pass} if precision_pass else {}),
+        "precision_pins": precision_pins(proto, linears),
     })
     manifest_path = manifest_path_for(onnx_path)
     try:
+        if batch == 1:  # the control-loop graph; real inputs come from one plant / episode at a time
+            manifest = _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path, precision_options)
         atomic_write_bytes(onnx_path, model_bytes)
         write_manifest(manifest, manifest_path)
     except OSError as error:
@@ -161,6 +176,17 @@ def export_checkpoint(
                        f"({error.strerror or error}); expected a writable location; pass --out with a "
                        "writable NAME") from None
     return onnx_path, manifest_path
+
+
+def _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path: Path, precision_options):
+    """The manifest with its ``exporter.polygraphy`` record, the data loader written beside the ONNX
+    (`export.polygraphy_check`)."""
+    from export.polygraphy_check import real_feeds, write_data_loader
+
+    dataset = getattr(precision_options, "dataset", None)
+    feeds, source = real_feeds(fp32_proto, manifest, checkpoint, dataset=dataset)
+    record = write_data_loader(onnx_path, manifest, feeds, source)
+    return dataclasses.replace(manifest, exporter={**manifest.exporter, "polygraphy": record})
 
 
 def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: int) -> dict:
@@ -188,5 +214,5 @@ def export_summary(onnx_path: Path, manifest_path: Path) -> str:
             f"{manifest.parity['max_abs']:.1e}) and {manifest_path}")
 
 
-__all__ = ["DEFAULT_OPSET", "build_graph", "check_graph", "export_checkpoint", "export_summary",
-           "find_latest_checkpoint", "onnx_path_for", "optimized_node_count"]
+__all__ = ["DEFAULT_OPSET", "build_graph", "check_graph", "default_export_name", "export_checkpoint",
+           "export_summary", "find_latest_checkpoint", "onnx_path_for", "optimized_node_count"]

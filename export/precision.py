@@ -220,7 +220,8 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     manifest: the `runtime.Manifest` of the graph (its mode, dims, normalisation), batch 1.
     Returns (graph, accuracy, details): accuracy is the manifest's ``accuracy`` record,
     details what the pass did (for ``exporter``). Raises DMMError when the closed-loop
-    score drops by more than the limit (nothing has been written then).
+    score drops significantly by more than the limit (`calibration.accuracy.paired_score_gate`;
+    nothing has been written then).
     """
     from calibration.accuracy import accuracy_report
     from calibration.data import load_training_dataset, split_episodes
@@ -247,11 +248,14 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
                                episodes=options.score_episodes, seed=options.seed, max_score_drop=limit)
     if precision == "int8":
         accuracy["calibration_method"] = options.calibration
-    if accuracy["score_drop"] > limit:
+    if accuracy["score_refused"]:
+        from calibration.accuracy import describe_delta
+
         raise DMMError(
             f"--{precision} accuracy | closed-loop normalised score {accuracy['score']:.2f} against fp32 "
-            f"{accuracy['score_fp32']:.2f} (drop {accuracy['score_drop']:.2f} points, action RMSE "
-            f"{accuracy['action_rmse']:.2e}) | expected a drop of at most --max-score-drop {limit:g}; nothing was "
-            "written; export fp32/fp16, try another --calibration, or raise --max-score-drop"
+            f"{accuracy['score_fp32']:.2f}, {describe_delta(accuracy)}, action RMSE {accuracy['action_rmse']:.2e} | "
+            f"expected a drop of at most --max-score-drop {limit:g}, and the whole interval lies below -{limit:g}: "
+            "a significant loss; nothing was written; export fp32/fp16, try another --calibration, or raise "
+            "--max-score-drop"
         )
     return lowered, accuracy, details

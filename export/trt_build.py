@@ -24,7 +24,20 @@ How the network is built (docs/deployment.md#building-an-engine):
   (one file per TensorRT version and compute capability beside the plan by default, since
   a cache only applies to the exact version and device);
 - every parser error (with its node and op) and every builder error TensorRT logs ends up
-  in the DMMError.
+  in the DMMError;
+- the build runs on ``--device N``: that device's primary context is current on the building
+  thread for the whole build (`runtime.cuda_support.device_current`), so the plan is built on
+  the GPU the manifest then names;
+- detailed profiling verbosity, so that the engine inspector reports each layer's I/O types: the
+  plan manifest records what each layer runs in (``engine.layers``), and a layer the graph keeps
+  in fp32 that runs in fp16 / int8 fails the build (``--precision-check warn`` records it instead);
+- a timing cache TensorRT cannot read (``create_timing_cache`` returns None for a corrupt or
+  foreign file) or refuses (another version or device) is replaced by an empty one, and the
+  manifest says so (``engine.timing_cache_status``).
+
+`adopt_plan` (``cli.py adopt``) gives a plan built elsewhere on this GPU, by trtexec for
+example, the same manifest: its I/O checked against the ONNX's manifest, the TensorRT version,
+the GPU and the per-layer summary recorded.
 
 tensorrt is imported only inside the functions (importing this module is free), and nothing
 here needs torch, onnx or onnxruntime: a Jetson builds its plans with numpy, TensorRT and
@@ -38,10 +51,15 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from contract.errors import DMMError
 from contract.files import atomic_write_bytes, sha256_bytes
 from contract.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
+from runtime.tensorrt_support import PRECISION_CHECKS
+
+if TYPE_CHECKING:  # the static check of the GPU layer (scripts/typecheck_gpu.sh) reads TensorRT's stubs
+    import tensorrt
 
 TYPINGS = ("auto", "strong", "weak")
 DEFAULT_WORKSPACE_MB = 256
@@ -60,7 +78,10 @@ class BuildConfig:
         "help": "strong: precision from the graph; weak: the FP16/INT8 builder flags (TensorRT 10.x only); "
                 "auto: strong, weak only where 10.x needs it"})
     tf32: bool = field(default=False, metadata={"help": "allow TF32 in the fp32 layers (off: true fp32, for parity)"})
-    device: int = field(default=0, metadata={"help": "CUDA device to build on"})
+    device: int = field(default=0, metadata={"help": "CUDA device to build on (made current for the build)"})
+    precision_check: str = field(default="fail", metadata={
+        "help": "fail: refuse a plan in which a layer the graph keeps in fp32 runs in fp16/int8; warn: record it "
+                "in the manifest and keep the plan"})
 
     def validate(self) -> None:
         if Path(self.onnx).suffix != ".onnx":
@@ -73,6 +94,8 @@ class BuildConfig:
             raise DMMError(f"--typing {self.typing!r}; expected one of {', '.join(TYPINGS)}")
         if isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0:
             raise DMMError(f"--device {self.device!r}; expected a CUDA device index (0, 1, ...)")
+        if self.precision_check not in PRECISION_CHECKS:
+            raise DMMError(f"--precision-check {self.precision_check!r}; expected one of {', '.join(PRECISION_CHECKS)}")
 
     @property
     def plan_path(self) -> Path:
@@ -96,19 +119,20 @@ def default_timing_cache(plan_path: Path, tensorrt_version: str, compute_capabil
     return plan_path.with_name(f"{safe}.timing-cache")
 
 
-def _source_manifest(onnx_path: Path) -> Manifest:
+def _source_manifest(onnx_path: Path, command: str = "build") -> Manifest:
     from contract.files import sha256_file
 
     if not onnx_path.is_file():
-        raise DMMError(f"build | {str(onnx_path)!r} does not exist | expected a NAME.onnx written by "
+        raise DMMError(f"{command} | {str(onnx_path)!r} does not exist | expected a NAME.onnx written by "
                        "'cli.py export'; export first or fix the path")
     manifest = read_manifest(manifest_path_for(onnx_path))
     if manifest.engine:
-        raise DMMError(f"build | {str(manifest_path_for(onnx_path))!r} is a plan's manifest | expected the "
+        raise DMMError(f"{command} | {str(manifest_path_for(onnx_path))!r} is a plan's manifest | expected the "
                        "manifest of an exported ONNX graph")
     digest = sha256_file(onnx_path)
     if manifest.onnx_sha256 and manifest.onnx_sha256 != digest:
-        raise DMMError(f"build | {str(onnx_path)!r} sha256 {digest[:12]}... | manifest {manifest.onnx_sha256[:12]}...; "
+        raise DMMError(f"{command} | {str(onnx_path)!r} sha256 {digest[:12]}... | manifest "
+                       f"{manifest.onnx_sha256[:12]}...; "
                        "the graph was changed after export or the manifest belongs to another export; re-export")
     return manifest
 
@@ -117,14 +141,18 @@ def _low_precision_linears(manifest: Manifest) -> list[str]:
     return list(manifest.exporter.get("precision_pass", {}).get("low_precision_linears", []))
 
 
-def _network_flags(trt, strong: bool) -> int:
+def _network_flags(strong: bool) -> int:
+    import tensorrt as trt
+
     if strong and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     return 0  # explicit batch is the only mode since 10.0; on 11.x every network is strongly typed
 
 
-def _parse(trt, builder, logger, onnx_path: Path, strong: bool):
-    network = builder.create_network(_network_flags(trt, strong))
+def _parse(builder: tensorrt.Builder, logger: tensorrt.ILogger, onnx_path: Path, strong: bool):
+    import tensorrt as trt
+
+    network = builder.create_network(_network_flags(strong))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         problems = []
@@ -146,12 +174,14 @@ class _BuildFailure(Exception):
     """A strongly typed attempt failed (what the 10.x fallback reacts to); becomes a DMMError otherwise."""
 
 
-def _pin_precisions(trt, network, linears: list[str]) -> None:
+def _pin_precisions(network: tensorrt.INetworkDefinition, linears: list[str]) -> None:
     """Weak typing, fp16 (with OBEY_PRECISION_CONSTRAINTS): the Linear MatMuls of the fp16 graph compute
     in fp16, every other float layer computes and outputs float32, as the graph's casts say.
 
     The ONNX parser names a node's layer after the node (helper layers get suffixes).
     """
+    import tensorrt as trt
+
     untouched = {getattr(trt.LayerType, name) for name in ("CAST", "CONSTANT", "SHAPE", "IDENTITY")
                  if hasattr(trt.LayerType, name)}
     for index in range(network.num_layers):
@@ -170,9 +200,41 @@ def _pin_precisions(trt, network, linears: list[str]) -> None:
             layer.set_output_type(i, dtype)
 
 
-def _configure(trt, builder, config: BuildConfig, manifest: Manifest, *, strong: bool, cache_bytes: bytes):
+TIMING_CACHE_STATUS = {
+    "new": "no cache file yet: a new cache",
+    "reused": "reused",
+    "unreadable": "rejected: TensorRT could not read the file (corrupt or not a timing cache); started empty",
+    "mismatch": "rejected: built by another TensorRT version or on another device; started empty",
+}
+
+
+def _timing_cache(builder_config: tensorrt.IBuilderConfig, cache_bytes: bytes) -> str:
+    """Attach a timing cache to the config; returns its `TIMING_CACHE_STATUS` key.
+
+    ``create_timing_cache`` returns None for bytes it cannot read; ``set_timing_cache`` returns
+    False for a cache of another TensorRT version or device (ignore_mismatch=False). Either way
+    the build starts from an empty cache, which is written back after it.
+    """
+    if not cache_bytes:
+        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
+        return "new"
+    cache = builder_config.create_timing_cache(cache_bytes)
+    status = "unreadable" if cache is None else (
+        "reused" if builder_config.set_timing_cache(cache, ignore_mismatch=False) else "mismatch")
+    if status != "reused":
+        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
+    return status
+
+
+def _configure(builder: tensorrt.Builder, config: BuildConfig, manifest: Manifest, *, strong: bool,
+               cache_bytes: bytes) -> tuple[tensorrt.IBuilderConfig, list[str], str]:
+    import tensorrt as trt
+
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
+    # The engine inspector reports each layer's I/O types only with detailed verbosity (it also names
+    # the layers in profiles and NVTX ranges; it does not change what is built).
+    builder_config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     flags = []
     if not config.tf32:
         builder_config.clear_flag(trt.BuilderFlag.TF32)
@@ -186,32 +248,48 @@ def _configure(trt, builder, config: BuildConfig, manifest: Manifest, *, strong:
         elif manifest.precision == "int8":
             builder_config.set_flag(trt.BuilderFlag.INT8)  # needed for Q/DQ in a weakly typed network
             flags.append("INT8")
-    # A cache only applies to the exact TensorRT version and device (ignore_mismatch=False): one
-    # TensorRT refuses starts the build from an empty cache instead.
-    accepted = builder_config.set_timing_cache(builder_config.create_timing_cache(cache_bytes), ignore_mismatch=False)
-    if cache_bytes and not accepted:
-        builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
-    return builder_config, flags, bool(cache_bytes) and bool(accepted)
+    return builder_config, flags, _timing_cache(builder_config, cache_bytes)
+
+
+def inspect_layers(engine: tensorrt.ICudaEngine, manifest: Manifest) -> dict:
+    """The per-layer summary of a deserialised engine (`runtime.tensorrt_support.layer_summary`)."""
+    import tensorrt as trt
+
+    from runtime.tensorrt_support import layer_summary
+
+    inspector = engine.create_engine_inspector()
+    information = inspector.get_engine_information(trt.LayerInformationFormat.JSON) if inspector else ""
+    return layer_summary(information or "", manifest)
 
 
 def build_engine(config: BuildConfig) -> tuple[Path, Path]:
-    """Build ``config.onnx`` into a plan on this machine's GPU; returns (plan_path, manifest_path)."""
-    from runtime.tensorrt_support import (
-        PLAN_KIND,
-        capturing_logger,
-        check_io,
-        engine_io,
-        gpu_identity,
-        import_tensorrt,
-        logged_errors,
-        tensorrt_major,
-    )
+    """Build ``config.onnx`` into a plan on GPU ``config.device``; returns (plan_path, manifest_path)."""
+    from runtime.cuda_support import device_current
+    from runtime.tensorrt_support import gpu_identity, import_tensorrt
 
     config.validate()
     onnx_path = Path(config.onnx)
     manifest = _source_manifest(onnx_path)
-    trt = import_tensorrt(f"building {str(onnx_path)!r} into a TensorRT plan")
-    gpu, version = gpu_identity(config.device), str(trt.__version__)
+    import_tensorrt(f"building {str(onnx_path)!r} into a TensorRT plan")
+    gpu = gpu_identity(config.device)
+    with device_current(config.device):  # TensorRT builds on the current device
+        return _build_on_current_device(config, onnx_path, manifest, gpu)
+
+
+def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Manifest, gpu) -> tuple[Path, Path]:
+    import tensorrt as trt
+
+    from runtime.tensorrt_support import (
+        PLAN_KIND,
+        capturing_logger,
+        check_io,
+        check_layer_precisions,
+        engine_io,
+        logged_errors,
+        tensorrt_major,
+    )
+
+    version = str(trt.__version__)
     major = tensorrt_major(trt)
     if config.typing == "weak" and (major >= 11 or not hasattr(trt.BuilderFlag, "FP16")):
         raise DMMError(f"--typing weak | TensorRT {version} | weak typing (the FP16/INT8 builder flags) exists on "
@@ -221,7 +299,7 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
         plan_path, version, gpu.compute_capability)
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
 
-    logger = capturing_logger(trt)
+    logger = capturing_logger()
     logger.messages.clear()
     try:
         builder = trt.Builder(logger)
@@ -238,15 +316,17 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
     else:
         attempts = [config.typing]
     fallback_reason, started = None, time.monotonic()
+    plan = builder_config = None
+    flags, cache_status, typing = [], "new", attempts[0]
     for typing in attempts:
         strong = typing == "strong"
         logger.messages.clear()
         try:
-            network, _parser = _parse(trt, builder, logger, onnx_path, strong)
+            network, _parser = _parse(builder, logger, onnx_path, strong)
             if not strong and manifest.precision == "fp16":
-                _pin_precisions(trt, network, _low_precision_linears(manifest))
-            builder_config, flags, reused = _configure(trt, builder, config, manifest, strong=strong,
-                                                       cache_bytes=cache_bytes)
+                _pin_precisions(network, _low_precision_linears(manifest))
+            builder_config, flags, cache_status = _configure(builder, config, manifest, strong=strong,
+                                                             cache_bytes=cache_bytes)
             plan = builder.build_serialized_network(network, builder_config)
             if plan is None:
                 raise _BuildFailure(f"TensorRT could not build {str(onnx_path)!r} ({logged_errors(logger)})")
@@ -259,8 +339,10 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
                 if fallback_reason else ""
             raise DMMError(f"{prefix}{failure}; expected a graph written by 'cli.py export' for TensorRT "
                            f"{version}; report it with the ONNX") from None
+    assert plan is not None and builder_config is not None  # the last attempt raised otherwise
     plan_bytes = bytes(plan)
     build_seconds = time.monotonic() - started
+    warnings = [message for level, message in logger.messages if level == "warning"]
 
     # What the engine really has, checked against the manifest before anything is written.
     runtime = trt.Runtime(logger)
@@ -268,18 +350,23 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
     if engine is None:
         raise DMMError(f"TensorRT built {str(onnx_path)!r} but cannot deserialise the plan "
                        f"({logged_errors(logger)}); report it with the ONNX")
-    tensors = engine_io(trt, engine)
-    check_io(f"plan built from {str(onnx_path)!r}", manifest, tensors)
-    warnings = [message for level, message in logger.messages if level == "warning"]
+    source = f"plan built from {str(onnx_path)!r}"
+    tensors = engine_io(engine)
+    check_io(source, manifest, tensors)
+    layers = inspect_layers(engine, manifest)
+    precision_warnings = check_layer_precisions(source, layers, manifest, precision_check=config.precision_check,
+                                                tf32=config.tf32)
 
     engine_record = {
         "kind": PLAN_KIND,
         "tensorrt_version": version,
         "gpu_name": gpu.name,
         "compute_capability": gpu.compute_capability,
+        "device": config.device,
         "plan_sha256": sha256_bytes(plan_bytes),
         "plan_bytes": len(plan_bytes),
         "io": tensors,
+        "built_by": "cli.py build",
         "source_onnx": onnx_path.name,
         "source_onnx_sha256": manifest.onnx_sha256,
         "network": "strongly typed" if typing == "strong" else "weakly typed (TensorRT 10.x builder flags)",
@@ -288,9 +375,13 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
         "tf32": bool(config.tf32),
         "workspace_bytes": config.workspace_mb << 20,
         "timing_cache": str(cache_path),
-        "timing_cache_reused": bool(reused),
+        "timing_cache_reused": cache_status == "reused",
+        "timing_cache_status": TIMING_CACHE_STATUS[cache_status],
         "build_seconds": round(build_seconds, 2),
         "builder_warnings": [message.strip().splitlines()[0] for message in warnings[:10]],
+        "layers": layers,
+        "precision_check": config.precision_check,
+        "precision_warnings": precision_warnings,
     }
     plan_manifest = dataclasses.replace(manifest, engine=engine_record)
     plan_manifest_path = manifest_path_for(plan_path)
@@ -304,15 +395,148 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
     return plan_path, plan_manifest_path
 
 
+# -- plans built elsewhere (trtexec) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdoptConfig:
+    """What ``cli.py adopt`` asks for."""
+
+    plan: Path = field(metadata={"help": "NAME.plan built on this GPU by another tool (trtexec --saveEngine)"})
+    onnx: Path | None = field(default=None, metadata={
+        "help": "the NAME.onnx it was built from, with its manifest NAME.json beside it (default: beside the plan)"})
+    device: int = field(default=0, metadata={"help": "CUDA device the plan runs on"})
+    precision_check: str = field(default="fail", metadata={
+        "help": "fail: refuse a plan in which a layer the graph keeps in fp32 runs in fp16/int8; warn: record it"})
+    force: bool = field(default=False, metadata={"help": "replace an existing NAME.plan.json"})
+
+    def validate(self) -> None:
+        if Path(self.plan).suffix != ".plan":
+            raise DMMError(f"adopt | received {str(self.plan)!r} | expected a NAME.plan "
+                           "(trtexec --saveEngine=NAME.plan)")
+        if self.onnx is not None and Path(self.onnx).suffix != ".onnx":
+            raise DMMError(f"--onnx {str(self.onnx)!r}; expected the NAME.onnx the plan was built from")
+        if isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0:
+            raise DMMError(f"--device {self.device!r}; expected a CUDA device index (0, 1, ...)")
+        if self.precision_check not in PRECISION_CHECKS:
+            raise DMMError(f"--precision-check {self.precision_check!r}; expected one of {', '.join(PRECISION_CHECKS)}")
+
+    @property
+    def onnx_path(self) -> Path:
+        return Path(self.onnx) if self.onnx is not None else Path(self.plan).with_suffix(".onnx")
+
+
+def adopt_command(plan_path: Path) -> str:
+    """The command that adopts ``plan_path`` (for refusal messages)."""
+    return f"python cli.py adopt {plan_path} --onnx {Path(plan_path).with_suffix('.onnx')}"
+
+
+def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
+    """Write NAME.plan.json for a plan built outside ``cli.py build``, on the GPU it will run on.
+
+    Checks, before anything is written: the plan and the ONNX exist, the ONNX is the one its
+    manifest describes (sha256), TensorRT here deserialises the plan (so it was built for this
+    TensorRT and GPU), and its I/O (names, shapes, dtypes) are the manifest's. Records the TensorRT
+    version, the GPU and the per-layer summary; the precision check is `build_engine`'s. That
+    the plan was built from this ONNX cannot be proved from the plan: the I/O check and the
+    per-layer precisions are what can be checked.
+    """
+    from runtime.cuda_support import device_current
+    from runtime.tensorrt_support import (
+        PLAN_KIND,
+        capturing_logger,
+        check_io,
+        check_layer_precisions,
+        engine_io,
+        gpu_identity,
+        import_tensorrt,
+        logged_errors,
+    )
+
+    config.validate()
+    plan_path, onnx_path = Path(config.plan), config.onnx_path
+    if not plan_path.is_file():
+        raise DMMError(f"adopt | {str(plan_path)!r} does not exist | expected a plan built on this GPU, e.g. "
+                       f"trtexec --onnx={onnx_path} --saveEngine={plan_path} --stronglyTyped")
+    plan_manifest_path = manifest_path_for(plan_path)
+    if plan_manifest_path.exists() and not config.force:
+        raise DMMError(f"adopt | {str(plan_manifest_path)!r} already exists | expected a plan without a manifest; "
+                       "pass --force to replace it")
+    manifest = _source_manifest(onnx_path, "adopt")
+    plan_bytes = plan_path.read_bytes()
+    import_tensorrt(f"adopting {str(plan_path)!r}")
+    import tensorrt as trt
+
+    gpu = gpu_identity(config.device)
+    version = str(trt.__version__)
+    source = f"plan {str(plan_path)!r}"
+    with device_current(config.device):
+        logger = capturing_logger()
+        logger.messages.clear()
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan_bytes)
+        if engine is None:
+            raise DMMError(f"{source}: TensorRT {version} cannot deserialise it on {gpu.describe()} "
+                           f"({logged_errors(logger)}); expected a plan built here with this TensorRT; rebuild it "
+                           f"(python cli.py build {onnx_path}, or trtexec on this machine)")
+        tensors = engine_io(engine)
+        check_io(source, manifest, tensors)
+        layers = inspect_layers(engine, manifest)
+        precision_warnings = check_layer_precisions(source, layers, manifest, precision_check=config.precision_check)
+        del engine, runtime
+    engine_record = {
+        "kind": PLAN_KIND,
+        "tensorrt_version": version,
+        "gpu_name": gpu.name,
+        "compute_capability": gpu.compute_capability,
+        "device": config.device,
+        "plan_sha256": sha256_bytes(plan_bytes),
+        "plan_bytes": len(plan_bytes),
+        "io": tensors,
+        "built_by": "adopted (built outside cli.py build, e.g. by trtexec); I/O and layer precisions checked",
+        "source_onnx": onnx_path.name,
+        "source_onnx_sha256": manifest.onnx_sha256,
+        "network": "unknown (built elsewhere)",
+        "typing_fallback_reason": None,
+        "tf32": None,
+        "layers": layers,
+        "precision_check": config.precision_check,
+        "precision_warnings": precision_warnings,
+    }
+    try:
+        write_manifest(dataclasses.replace(manifest, engine=engine_record), plan_manifest_path)
+    except OSError as error:
+        raise DMMError(f"cannot write {str(plan_manifest_path)!r} ({error.strerror or error}); expected a writable "
+                       "directory beside the plan") from None
+    return plan_path, plan_manifest_path
+
+
+def layers_line(engine: dict) -> str:
+    """'212 layers: 150 fp32, 62 fp16; fp32 pins: 140 checked, 12 unverifiable'."""
+    layers = engine.get("layers") or {}
+    if not layers.get("layers"):
+        return "no per-layer information"
+    counts = ", ".join(f"{count} {name}" for name, count in sorted(layers["by_precision"].items()))
+    return (f"{layers['layers']} layers: {counts}; fp32 pins: {layers['pinned_fp32_checked']} checked, "
+            f"{layers['pinned_fp32_unverifiable']} unverifiable, "
+            f"{len(layers['pinned_fp32_in_reduced_precision'])} in reduced precision")
+
+
 def build_summary(plan_path: Path, manifest_path: Path) -> str:
-    """One line for the CLI."""
+    """What the CLI prints: one line, then one per precision warning."""
     engine = read_manifest(manifest_path).engine
     fallback = f"; fallback because {engine['typing_fallback_reason']}" if engine.get("typing_fallback_reason") \
         else ""
-    return (f"wrote {plan_path} (TensorRT {engine['tensorrt_version']}, {engine['gpu_name']} sm "
-            f"{engine['compute_capability']}, {engine['network']}{fallback}, TF32 "
-            f"{'on' if engine['tf32'] else 'off'}, {engine['plan_bytes']} bytes, {engine['build_seconds']} s, "
-            f"timing cache {'reused' if engine['timing_cache_reused'] else 'new'}) and {manifest_path}")
+    if engine.get("built_by", "cli.py build") != "cli.py build":
+        line = (f"wrote {manifest_path} for {plan_path} (adopted: TensorRT {engine['tensorrt_version']}, "
+                f"{engine['gpu_name']} sm {engine['compute_capability']}, {engine['plan_bytes']} bytes; "
+                f"{layers_line(engine)})")
+    else:
+        line = (f"wrote {plan_path} (TensorRT {engine['tensorrt_version']}, {engine['gpu_name']} sm "
+                f"{engine['compute_capability']}, {engine['network']}{fallback}, TF32 "
+                f"{'on' if engine['tf32'] else 'off'}, {engine['plan_bytes']} bytes, {engine['build_seconds']} s, "
+                f"timing cache {engine.get('timing_cache_status', 'new')}; {layers_line(engine)}) and {manifest_path}")
+    return "\n".join([line, *(f"warning: {w}" for w in engine.get("precision_warnings", []))])
 
 
 def engine_after_export(onnx_path: Path, *, build: bool = True) -> str:

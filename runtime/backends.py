@@ -22,7 +22,8 @@ ENGINE_SUFFIXES = (".plan", ".onnx", ".pt", ".c")
 
 
 def load_backend(path: str | Path, mode: str | None = None, *, provider: str | None = None,
-                 threads: int | None = DEFAULT_THREADS, cuda_graph: bool = False) -> Backend:
+                 threads: int | None = DEFAULT_THREADS, cuda_graph: bool = False,
+                 device: str | None = None) -> Backend:
     """Open the engine at ``path`` with the backend its file type calls for, loaded and checked.
 
     mode: only for a .pt checkpoint ("window" by default); an exported engine has its
@@ -30,7 +31,10 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     provider: ONNX Runtime execution provider for a .onnx ("cpu" by default, "cuda",
     "tensorrt" or "auto"; the one actually in use is asserted).
     threads: intra-op threads of ONNX Runtime / torch (None: the library's default).
-    cuda_graph: replay a .plan's enqueue as a CUDA graph (needs cuda-python).
+    cuda_graph: replay a .plan's enqueue as a CUDA graph (needs cuda-python), or a .pt's step
+    on a CUDA device (torch.cuda.CUDAGraph).
+    device: a .pt's torch device ("cpu" by default, "cuda", "cuda:N"); a .plan's CUDA device
+    index ("0" by default, or "cuda:N"); a .onnx takes a provider instead.
     """
     path = Path(path)
     if path.is_dir() and (path / "model.pt").is_file():
@@ -46,11 +50,18 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     if provider is not None and suffix != ".onnx" and not (suffix in (".pt", ".c") and provider == "cpu"):
         raise DMMError(f"provider {provider!r} for a {suffix} engine; execution providers choose how "
                        "ONNX Runtime runs a .onnx; leave the provider out for this engine")
-    if cuda_graph and suffix != ".plan":
-        raise DMMError(f"--cuda-graph for a {suffix} engine; CUDA-graph replay is a TensorRT option; "
-                       "leave it out, or run the .plan")
+    if device is not None and suffix == ".onnx":
+        raise DMMError(f"--device {device!r} for a .onnx engine; ONNX Runtime picks its device by execution "
+                       "provider: pass --provider cuda (or tensorrt) instead")
+    if cuda_graph and suffix == ".onnx":
+        raise DMMError(f"--cuda-graph for a {suffix} engine; CUDA-graph replay is an option of the TensorRT "
+                       "backend (.plan) and of the PyTorch backend on a CUDA device (.pt --device cuda); leave it "
+                       "out, or run the .plan")
+    if cuda_graph and suffix == ".pt" and not str(device or "cpu").startswith("cuda"):
+        raise DMMError(f"--cuda-graph for a .pt engine on {device or 'cpu'}; CUDA-graph replay of the PyTorch "
+                       "backend needs --device cuda; leave it out, or pass --device cuda")
     if suffix == ".plan":
-        backend = _trt_backend(path, cuda_graph=cuda_graph)
+        backend = _trt_backend(path, cuda_graph=cuda_graph, device=_cuda_index(device))
     elif suffix == ".onnx":
         from runtime.ort_backend import OrtBackend
 
@@ -62,7 +73,8 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     else:
         from runtime.torch_backend import TorchBackend
 
-        backend = TorchBackend(path, mode=mode or "window", threads=threads)
+        backend = TorchBackend(path, mode=mode or "window", threads=threads, device=device or "cpu",
+                               cuda_graph=cuda_graph)
     backend.load()
     if mode is not None and backend.manifest.mode != mode:
         received = backend.manifest.mode
@@ -72,11 +84,19 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     return backend
 
 
-def _trt_backend(path: Path, cuda_graph: bool = False) -> Backend:
+def _cuda_index(device: str | None) -> int:
+    """A .plan's device: None -> 0, "1" or "cuda:1" -> 1."""
+    text = str(device or "0").removeprefix("cuda:")
+    if not text.isdigit():
+        raise DMMError(f"--device {device!r} for a .plan; expected a CUDA device index (0, 1, ...) or cuda:N")
+    return int(text)
+
+
+def _trt_backend(path: Path, cuda_graph: bool = False, device: int = 0) -> Backend:
     """The TensorRT backend. Its ``load`` checks the plan against its manifest (sha256), then the
     installed TensorRT and the GPU against the ones the plan was built with, before deserialising;
     where tensorrt or pycuda is missing it says what to install (`runtime.trt_backend`).
     """
     from runtime.trt_backend import TrtBackend
 
-    return TrtBackend(path, cuda_graph=cuda_graph)
+    return TrtBackend(path, cuda_graph=cuda_graph, device=device)

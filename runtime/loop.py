@@ -111,7 +111,10 @@ class RunConfig:
     warmup: int = field(default=DEFAULT_WARMUP, metadata={"help": "engine calls before the first timed episode"})
     histogram: Path | None = field(default=None, metadata={"help": "write a latency histogram PNG here"})
     cuda_graph: bool = field(default=False, metadata={
-        "help": "replay a .plan's enqueue as a CUDA graph (needs cuda-python)"})
+        "help": "replay a .plan's enqueue as a CUDA graph (needs cuda-python), or a model.pt's step on "
+                "--device cuda"})
+    device: str | None = field(default=None, metadata={
+        "help": "torch device of a model.pt (cpu, cuda, cuda:N; default cpu) or CUDA device of a .plan (default 0)"})
     on_fault: str = field(default="raise", metadata={
         "help": "on a bad observation, reward or engine result: raise (stop with an error), hold (repeat the "
                 "last good action) or safe (zeros clipped to the action bounds)"})
@@ -205,7 +208,7 @@ def run_engine(config: RunConfig) -> RunReport:
     """Open the engine, drive its manifest's env for ``config.episodes`` episodes (seed + i), report."""
     config.validate()
     backend = load_backend(config.engine, config.mode, provider=config.provider, threads=config.threads,
-                           cuda_graph=config.cuda_graph)
+                           cuda_graph=config.cuda_graph, device=config.device)
     with backend:
         manifest = backend.manifest
         policy = Policy(backend, config.target_return, on_fault=config.on_fault,

@@ -9,7 +9,10 @@ the manifest writes it, and a TensorRT logger that keeps what it was told.
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,12 +20,13 @@ from contract.errors import DMMError
 from contract.files import sha256_bytes
 from contract.manifest import Manifest
 from runtime.backend import check_engine_io
+from runtime.cuda_support import INSTALL_HINT, gpu_name_and_capability
+
+if TYPE_CHECKING:  # the static check of the GPU layer (scripts/typecheck_gpu.sh) reads TensorRT's stubs
+    import tensorrt
 
 PLAN_KIND = "tensorrt-plan"
 ENGINE_FIELDS = ("kind", "tensorrt_version", "gpu_name", "compute_capability", "plan_sha256", "io")
-INSTALL_HINT = ("install the GPU extra where the NVIDIA GPU is (pip install 'dmm-deploy[gpu]'; on a Jetson, "
-                "JetPack's TensorRT through a venv with --system-site-packages and pycuda built with the CUDA "
-                "toolkit on PATH, see docs/jetson.md)")
 REBUILD_HINT = "rebuild the plan on this machine: python cli.py build NAME.onnx (plans are not portable)"
 
 
@@ -56,48 +60,11 @@ def tensorrt_major(trt) -> int:
 
 
 def gpu_identity(device: int = 0) -> GpuIdentity:
-    """Name and compute capability of CUDA device ``device``, by cuda-python or pycuda (whichever is present).
-
-    DMMError when neither is installed or no CUDA GPU / driver answers.
+    """Name and compute capability of CUDA device ``device``: pycuda first (what the runtime runs on), then
+    cuda-python (`runtime.cuda_support`). DMMError when neither answers, saying what each said.
     """
-    if importlib.util.find_spec("cuda") is not None:
-        try:
-            try:
-                from cuda.bindings import runtime as cudart
-            except ImportError:
-                from cuda import cudart
-            error, count = cudart.cudaGetDeviceCount()
-            if error == cudart.cudaError_t.cudaSuccess and count > device:
-                error, props = cudart.cudaGetDeviceProperties(device)
-                if error == cudart.cudaError_t.cudaSuccess:
-                    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-                    return GpuIdentity(name.rstrip("\x00").strip(), f"{props.major}.{props.minor}")
-            raise DMMError(f"no CUDA GPU {device} here (cuda-python: {error}, {count} device(s)); expected an "
-                           "NVIDIA GPU with its driver; run the .onnx with ONNX Runtime on this machine")
-        except DMMError:
-            raise
-        except Exception as error:  # the bindings load the driver lazily and raise their own loader errors
-            raise DMMError(f"no usable CUDA driver here (cuda-python: {type(error).__name__}: {error}); expected "
-                           "an NVIDIA GPU with its driver") from None
-    if importlib.util.find_spec("pycuda") is not None:
-        try:
-            import pycuda.driver as cuda
-        except (ImportError, OSError) as error:  # built against a CUDA that is not here
-            raise DMMError(f"pycuda does not import ({error}); expected pycuda built for this CUDA; "
-                           f"{INSTALL_HINT}") from None
-        try:
-            cuda.init()
-            count = cuda.Device.count()
-            if count <= device:
-                raise DMMError(f"no CUDA GPU {device} here (pycuda sees {count}); expected an NVIDIA GPU with its "
-                               "driver")
-            gpu = cuda.Device(device)
-            major, minor = gpu.compute_capability()
-            return GpuIdentity(gpu.name().strip(), f"{major}.{minor}")
-        except cuda.Error as error:  # pycuda's own exception family (not the builtin types)
-            raise DMMError(f"no usable CUDA GPU here (pycuda: {type(error).__name__}: {error}); expected an "
-                           "NVIDIA GPU with its driver") from None
-    raise DMMError(f"reading the GPU needs pycuda or cuda-python, and neither is installed; {INSTALL_HINT}")
+    name, capability, _ = gpu_name_and_capability(device)
+    return GpuIdentity(name, capability)
 
 
 def check_plan_manifest(source: str, manifest: Manifest) -> dict:
@@ -133,22 +100,26 @@ def check_plan_target(source: str, engine: dict, *, tensorrt_version: str, gpu: 
                        f"{gpu.describe()}; {REBUILD_HINT}")
 
 
-def numpy_dtype_name(trt, dtype) -> str:
+def numpy_dtype_name(dtype: tensorrt.DataType) -> str:
     """TensorRT DataType -> numpy dtype name as manifests write it ("float32")."""
+    import tensorrt as trt
+
     try:
         return np.dtype(trt.nptype(dtype)).name
     except TypeError:  # BF16, FP8, INT4 have no numpy type
         return str(dtype).split(".")[-1].lower()
 
 
-def engine_io(trt, engine) -> list[dict]:
+def engine_io(engine: tensorrt.ICudaEngine) -> list[dict]:
     """Every I/O tensor of a deserialised engine: name, mode ("input" / "output"), shape, dtype."""
+    import tensorrt as trt
+
     tensors = []
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)
         mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
         tensors.append({"name": name, "mode": mode, "shape": [int(d) for d in engine.get_tensor_shape(name)],
-                        "dtype": numpy_dtype_name(trt, engine.get_tensor_dtype(name))})
+                        "dtype": numpy_dtype_name(engine.get_tensor_dtype(name))})
     return tensors
 
 
@@ -161,12 +132,14 @@ def check_io(source: str, manifest: Manifest, tensors: list[dict]) -> None:
 _LOGGER = None
 
 
-def capturing_logger(trt):
+def capturing_logger():
     """The process's TensorRT logger: it keeps the errors and warnings of the current operation
     (``messages``, cleared by the caller) so that they end up in DMMErrors instead of on stderr only.
 
     One per process: older TensorRT releases treat the logger as a singleton.
     """
+    import tensorrt as trt
+
     global _LOGGER
     if _LOGGER is None:
         class CapturingLogger(trt.ILogger):
@@ -174,7 +147,7 @@ def capturing_logger(trt):
                 trt.ILogger.__init__(self)
                 self.messages: list[tuple[str, str]] = []
 
-            def log(self, severity, msg):
+            def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
                 if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
                     self.messages.append(("error", str(msg)))
                 elif severity == trt.ILogger.WARNING:
@@ -190,3 +163,144 @@ def logged_errors(logger, limit: int = 3) -> str:
         return "TensorRT logged no error"
     shown = "; ".join(message.strip().splitlines()[0] for message in errors[:limit])
     return shown + (f" (+{len(errors) - limit} more)" if len(errors) > limit else "")
+
+
+# -- what each layer of a built plan runs in (the engine inspector) ---------------------------------
+
+# Substrings of the inspector's "Format/Datatype" ("Row major linear FP32", "Half", "Int8", ...) ->
+# precision, checked in this order ("BFLOAT16" holds "FLOAT", "UINT8" holds "INT8").
+TENSOR_PRECISIONS = (("BFLOAT16", "bf16"), ("BF16", "bf16"), ("FP16", "fp16"), ("HALF", "fp16"), ("FP8", "fp8"),
+                     ("UINT8", "uint8"), ("INT8", "int8"), ("INT4", "int4"), ("FP4", "fp4"), ("FP32", "fp32"),
+                     ("FLOAT", "fp32"), ("INT32", "int32"), ("INT64", "int64"), ("BOOL", "bool"))
+REDUCED_PRECISIONS = ("fp16", "bf16", "fp8", "int8", "int4", "fp4")
+ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
+MYELIN_SUFFIX = re.compile(r"_myl\d+_\d+$")
+PRECISION_CHECKS = ("fail", "warn")
+
+
+def tensor_precision(format_datatype: str) -> str:
+    text = str(format_datatype).upper()
+    for key, name in TENSOR_PRECISIONS:
+        if key in text:
+            return name
+    return "unknown"
+
+
+def layer_precision(precisions: list[str]) -> str:
+    """What a layer computes in, judged by its I/O tensors: the most reduced float type among them."""
+    for candidate in ("int4", "fp4", "int8", "fp8", "fp16", "bf16", "fp32"):
+        if candidate in precisions:
+            return candidate
+    return "none"  # shapes, indices, booleans only
+
+
+def layer_onnx_nodes(layer: dict) -> list[str]:
+    """The ONNX nodes a layer was built from: its metadata ("[ONNX Layer: name]" per node, TensorRT
+    8.6+ with detailed verbosity), else its name ("a + b"; Myelin kernels "node_myl0_3"). Empty where the
+    name does not say (a fused "{ForeignNode[first...last]}" region, a generated kernel "__myl_...").
+    """
+    found = ONNX_LAYER.findall(str(layer.get("Metadata", "")))
+    if found:
+        return list(dict.fromkeys(name.strip() for name in found))
+    name = str(layer.get("Name", ""))
+    if name.startswith("{") or "ForeignNode" in name:
+        return []
+    parts = [MYELIN_SUFFIX.sub("", part.strip()) for part in name.split(" + ")]
+    return [part for part in parts if part and not part.startswith("__") and "Reformat" not in part
+            and "copy" not in part.lower()]
+
+
+def layer_summary(engine_information: str, manifest: Manifest) -> dict:
+    """What each layer of a plan runs in, from the engine inspector's JSON (``get_engine_information``),
+    and which layers the manifest pins to fp32 run in reduced precision.
+
+    The manifest's ``exporter.precision_pins`` (`contract.graph_roles.precision_pins`) names the
+    nodes the graph computes in fp32 (everything outside the Linear layers: LayerNorm, softplus,
+    exp, the recurrence, ...) and the data-movement nodes that carry no precision of their own. A
+    layer built from pinned nodes (and data movement) is judged; a layer fused with a Linear, a Cast
+    or a Q/DQ node computes in more than one type and counts as unverifiable, as does a fused region
+    whose nodes the inspector does not name. In an fp32 graph every layer is judged. Needs a plan
+    built with detailed profiling verbosity; with less the summary says so and nothing is judged.
+    """
+    try:
+        information = json.loads(engine_information)
+    except (json.JSONDecodeError, TypeError):
+        information = {}
+    layers = information.get("Layers", []) if isinstance(information, dict) else information
+    layers = layers if isinstance(layers, list) else []
+    detailed = any(isinstance(layer, dict) and ("Inputs" in layer or "Outputs" in layer) for layer in layers)
+    pins = manifest.exporter.get("precision_pins", {})
+    pinned, neutral = set(pins.get("fp32", [])), set(pins.get("neutral", []))
+    all_pinned = manifest.precision == "fp32"
+    summary: dict = {"profiling_verbosity": "detailed" if detailed else "layer names only" if layers else "none",
+                     "layers": len(layers), "by_precision": {}, "tf32_kernels": 0, "per_layer": [],
+                     "pinned_fp32_checked": 0, "pinned_fp32_unverifiable": 0,
+                     "pinned_fp32_in_reduced_precision": [],
+                     "pins_known": all_pinned or bool(pinned)}
+    for layer in layers:
+        if not isinstance(layer, dict):
+            summary["per_layer"].append({"name": str(layer)[:300]})
+            continue
+        inputs = [tensor_precision(t.get("Format/Datatype", "")) for t in layer.get("Inputs", [])
+                  if isinstance(t, dict)]
+        outputs = [tensor_precision(t.get("Format/Datatype", "")) for t in layer.get("Outputs", [])
+                   if isinstance(t, dict)]
+        precision = layer_precision(inputs + outputs)
+        nodes = layer_onnx_nodes(layer)
+        tactic = str(layer.get("TacticName", layer.get("TacticValue", "")))
+        summary["by_precision"][precision] = summary["by_precision"].get(precision, 0) + 1
+        summary["tf32_kernels"] += "tf32" in tactic.lower()
+        summary["per_layer"].append({"name": str(layer.get("Name", ""))[:300], "type": str(layer.get("LayerType", "")),
+                                     "precision": precision, "inputs": inputs, "outputs": outputs,
+                                     "onnx_nodes": nodes, "tactic": tactic[:160]})
+        if all_pinned:
+            judged = precision != "none"
+        elif any(node in pinned for node in nodes):
+            judged = all(node in pinned or node in neutral for node in nodes)
+            summary["pinned_fp32_unverifiable"] += not judged
+        else:
+            judged = False
+            summary["pinned_fp32_unverifiable"] += bool(pinned) and not nodes and precision != "none"
+        if judged:
+            summary["pinned_fp32_checked"] += 1
+            if precision in REDUCED_PRECISIONS:
+                summary["pinned_fp32_in_reduced_precision"].append(
+                    {"layer": str(layer.get("Name", ""))[:300], "precision": precision, "onnx_nodes": nodes})
+    summary["reduced_precision_layers"] = sum(count for name, count in summary["by_precision"].items()
+                                              if name in REDUCED_PRECISIONS)
+    return summary
+
+
+def check_layer_precisions(source: str, summary: dict, manifest: Manifest, *, precision_check: str = "fail",
+                           tf32: bool = False) -> list[str]:
+    """DMMError when a layer the manifest pins to fp32 runs in reduced precision (``precision_check``
+    "fail"), else the warnings to record: the same finding under "warn", a reduced-precision graph
+    with no reduced-precision layer at all (an int8 graph whose Q/DQ TensorRT left as fp32), TF32
+    kernels with TF32 off, a summary that could not judge.
+    """
+    warnings = []
+    if summary["profiling_verbosity"] != "detailed":
+        return [f"{source}: the engine inspector gave no per-layer precisions (profiling verbosity "
+                f"{summary['profiling_verbosity']}); build with detailed profiling verbosity "
+                "(trtexec --profilingVerbosity=detailed) to check the fp32 pins"]
+    if not summary["pins_known"]:
+        warnings.append(f"{source}: the manifest names no fp32-pinned nodes (exported by an older dmm-deploy); "
+                        "per-layer precisions recorded, not checked; re-export to check them")
+    offenders = summary["pinned_fp32_in_reduced_precision"]
+    if offenders:
+        shown = "; ".join(f"{item['layer'][:80]} ({item['precision']})" for item in offenders[:3])
+        message = (f"{source}: {len(offenders)} layer(s) the graph keeps in fp32 (LayerNorm, softplus, exp, the "
+                   f"recurrence, everything outside the Linear layers) run in reduced precision: {shown}"
+                   + (f" (+{len(offenders) - 3} more)" if len(offenders) > 3 else ""))
+        if precision_check == "fail":
+            raise DMMError(f"{message}; expected them in fp32 as the {manifest.precision} graph says; build with "
+                           "--typing strong (weak typing may ignore the pins inside fused regions), or pass "
+                           "--precision-check warn to keep the plan anyway")
+        warnings.append(message)
+    if manifest.precision in ("fp16", "int8") and not summary["by_precision"].get(manifest.precision):
+        warnings.append(f"{source}: a {manifest.precision} graph, but no layer of the plan runs in "
+                        f"{manifest.precision} (TensorRT kept those layers in fp32: "
+                        + ("Q/DQ run as fake-quant)" if manifest.precision == "int8" else "the casts were folded)"))
+    if summary["tf32_kernels"] and not tf32:
+        warnings.append(f"{source}: {summary['tf32_kernels']} kernel(s) use TF32 although TF32 is off")
+    return warnings

@@ -156,3 +156,41 @@ def copy_c_export(c_path: Path, directory: Path) -> Path:
     for suffix in (".c", ".h", ".json"):
         shutil.copy(c_path.with_suffix(suffix), directory / c_path.with_suffix(suffix).name)
     return directory / c_path.name
+def trained_checkpoint(tmp_path_factory, *, train_steps: int = 400, dataset_steps: int = 6000):
+    """(checkpoint path, dataset directory): DMM trained for ``train_steps`` official steps on a small
+    embedded hopper-medium dataset (the medium SAC policy's rollouts): a policy that hops, whose
+    episodes differ in length from seed to seed, as a trained checkpoint's do.
+    """
+    key = f"trained-{train_steps}-{dataset_steps}"
+    if key not in _CACHE:
+        from dmm_train.config import TrainConfig
+        from dmm_train.recipes import collect_recipe
+        from dmm_train.train import train
+
+        root = tmp_path_factory.mktemp("trained")
+        dataset_dir = collect_recipe("hopper-medium", steps=dataset_steps, out=root / "store", progress=False)
+        config = TrainConfig(preset="hopper", dataset=str(dataset_dir), steps=train_steps, seed=0, eval_episodes=0,
+                             checkpoint_every=train_steps)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch's OpenMP pool on a loaded 2-core machine: 10x slower steps
+        try:
+            _CACHE[key] = (train(config, root / "run", progress=False), dataset_dir)
+        finally:
+            torch.set_num_threads(threads)
+    return _CACHE[key]
+
+
+def gpu_runtime_usable() -> tuple[bool, str]:
+    """Whether plans can be built and run here: TensorRT and a GPU (`export.trt_build.tensorrt_status`), and
+    pycuda, which the TensorRT backend runs on (the GPU may have answered through cuda-python alone)."""
+    from export.trt_build import tensorrt_status
+    from runtime.cuda_support import CudaUnavailable, import_pycuda
+
+    usable, why = tensorrt_status()
+    if not usable:
+        return False, why
+    try:
+        import_pycuda()
+    except CudaUnavailable as unavailable:
+        return False, f"{unavailable}; the TensorRT backend runs on pycuda"
+    return True, why

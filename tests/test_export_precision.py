@@ -196,8 +196,14 @@ def test_cli_export_writes_the_precision_graph_with_its_accuracy(capsys, trained
     assert manifest.onnx_sha256 == sha256_file(onnx_path)
     accuracy = manifest.accuracy
     limit = {"fp16": 1.0, "int8": 3.0}[precision]
-    assert accuracy["max_score_drop"] == limit and accuracy["score_drop"] <= limit
+    assert accuracy["max_score_drop"] == limit and not accuracy["score_refused"]
     assert accuracy["score_delta"] == pytest.approx(accuracy["score"] - accuracy["score_fp32"])
+    assert accuracy["score_deltas"] == pytest.approx([a - b for a, b in zip(
+        [100 * (r - manifest.ref_min_score) / (manifest.ref_max_score - manifest.ref_min_score)
+         for r in accuracy["returns"]],
+        [100 * (r - manifest.ref_min_score) / (manifest.ref_max_score - manifest.ref_min_score)
+         for r in accuracy["returns_fp32"]], strict=True)])  # paired: episode i of both graphs, seed i
+    assert accuracy["score_delta_ci"][0] <= accuracy["score_delta"] <= accuracy["score_delta_ci"][1]
     assert accuracy["seeds"] == [0, 1] and len(accuracy["returns"]) == len(accuracy["returns_fp32"]) == 2
     assert all(n > 0 for n in accuracy["lengths"])
     assert 0 < accuracy["action_rmse"] < {"fp16": 1e-3, "int8": 2e-2}[precision]
@@ -221,12 +227,13 @@ def test_cli_export_writes_the_precision_graph_with_its_accuracy(capsys, trained
 def test_a_score_drop_beyond_the_limit_fails_the_export_and_writes_nothing(capsys, trained_on, tmp_path):
     checkpoint, dataset = trained_on
     out = tmp_path / "refused"
-    # A negative limit asks for an improvement of at least 1000 points: no graph can pass it.
+    # A negative limit asks for an improvement of at least 1000 points: no graph can pass it, and the
+    # interval over two paired episodes lies wholly below +1000.
     code = cli.main(["export", "--checkpoint", str(checkpoint), "--fp16", "--dataset", str(dataset),
-                     "--out", str(out), "--score-episodes", "1", "--max-score-drop", "-1000"])
+                     "--out", str(out), "--score-episodes", "2", "--max-score-drop", "-1000"])
     assert code == 1
-    assert_one_line_error(capsys, code, "--fp16 accuracy | closed-loop normalised score",
-                          "--max-score-drop -1000", "nothing was written")
+    assert_one_line_error(capsys, code, "--fp16 accuracy | closed-loop normalised score", "95% CI",
+                          "2 paired episodes", "--max-score-drop -1000", "nothing was written")
     assert not out.with_suffix(".onnx").exists() and not manifest_path_for(out.with_suffix(".onnx")).exists()
 
 

@@ -35,13 +35,16 @@ MODULES = project_modules()
 
 
 def imports_of(path: Path) -> list[tuple[str, bool]]:
-    """(imported module, lazy) for every import in ``path``; lazy: inside a function or class."""
+    """(imported module, lazy) for every import in ``path``; lazy: inside a function or class, or for type
+    checkers only."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found = []
 
     def visit(node, lazy: bool) -> None:
         for child in ast.iter_child_nodes(node):
-            inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            # Inside a function or class, or under ``if TYPE_CHECKING:`` (never run: for type checkers only).
+            inner = lazy or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)) or (
+                isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING")
             if isinstance(child, ast.Import):
                 found.extend((alias.name, lazy) for alias in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
@@ -141,3 +144,5 @@ def test_the_walk_sees_a_back_edge(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from export.onnx_export import export_checkpoint\n")
     assert ("export.onnx_export", True) in imports_of(source)
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import tensorrt\nimport torch\n")
+    assert ("tensorrt", True) in imports_of(source) and ("torch", False) in imports_of(source)

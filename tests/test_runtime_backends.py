@@ -438,3 +438,41 @@ def test_run_refuses_a_baseline_checkpoint(capsys, tmp_path):
     baseline = write_checkpoint(tmp_path / "bc", model_kind="bc")
     assert_one_line_error(capsys, cli.main(["run", "--engine", str(baseline), "--episodes", "1"]),
                           "'bc' baseline", "cli.py eval")
+
+
+def test_the_torch_backends_device_options_are_checked(capsys, checkpoint_path, engines):
+    with pytest.raises(DMMError, match="expected cpu, cuda or cuda:N"):
+        TorchBackend(checkpoint_path, device="gpu")
+    with pytest.raises(DMMError, match="CUDA-graph replay needs a CUDA device"):
+        TorchBackend(checkpoint_path, cuda_graph=True)
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(checkpoint_path), "--cuda-graph"]),
+                          "--cuda-graph for a .pt engine on cpu", "--device cuda")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(engines["window"]), "--device", "cuda"]),
+                          "for a .onnx engine", "--provider cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_one_line_error(capsys, cli.main(["run", "--engine", str(checkpoint_path), "--device", "cuda"]),
+                              "sees no CUDA GPU", "--device cpu")
+
+
+@pytest.mark.parametrize("mode", ["window", "stream"])
+def test_the_torch_backend_on_a_gpu_with_and_without_cuda_graphs_matches_the_cpu(checkpoint_path, mode):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(f"needs a CUDA build of torch and an NVIDIA GPU (torch {torch.__version__} sees none)")
+
+    observations = np.random.default_rng(5).normal(size=(9, 11))
+    results = {}
+    for label, options in (("cpu", {}), ("cuda", {"device": "cuda"}),
+                           ("graph", {"device": "cuda", "cuda_graph": True})):
+        with TorchBackend(checkpoint_path, mode=mode, **options).load() as backend:
+            policy = Policy(backend)
+            first = [policy.act(o, 1.0) for o in observations]
+            policy.reset()  # the graphs' static inputs are overwritten by the next feeds
+            results[label] = np.asarray(first + [policy.act(o, 1.0) for o in observations])
+            if label == "graph":
+                assert len(backend._graphs) == (1 if mode == "window" else 2)  # stream: with and without a_{t-1}
+    np.testing.assert_allclose(results["cuda"], results["cpu"], atol=1e-5)
+    np.testing.assert_allclose(results["graph"], results["cuda"], atol=1e-6)
