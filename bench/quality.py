@@ -493,9 +493,9 @@ def parse_args(argv: list[str] | None):
 
 def run_command(args, name: str) -> list[str]:
     """The command that trains (or continues) run ``name`` with every setting of this bench spelled out."""
-    command = ["python", "bench/quality.py"]
-    if args.dataset is not None:
-        command += ["--dataset", args.dataset]
+    # The embedded default by its id, which the local store now holds: the commands never generate it
+    # concurrently.
+    command = ["python", "bench/quality.py", "--dataset", args.dataset if args.dataset is not None else args.dataset_id]
     command += ["--preset", args.preset, "--models", *args.models, "--steps", str(args.steps),
                 "--seeds", *map(str, args.seeds)]
     for kind, steps in sorted(args.model_steps.items()):
@@ -558,6 +558,7 @@ def main(argv: list[str] | None = None) -> str | None:
                        f"{dataset.act_dim}; preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
                        "pass the --preset of the dataset's environment")
     settings = bench_settings(args, dataset, dataset_spec)
+    args.dataset_id = dataset.dataset_id
     if args.out is None:
         args.out = DEFAULT_OUT / dataset.dataset_id.replace("/", "--")
     runs = plan_runs(args)
