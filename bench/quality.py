@@ -1,36 +1,50 @@
-"""Quality: DMM against Decision Mamba, Decision Transformer and BC, in one harness, on one budget.
+"""Quality: DMM against Decision Mamba, BC and Decision Transformer, in one harness, at the official budget.
 
-Each model kind (dmm_train.baselines) trains with the same trainer (`dmm_train.train`:
-the official sampler, AdamW lr 1e-4, weight decay 1e-4, linear warmup, grad clip 0.25,
-batch 64) for the same number of steps on one dataset, once per seed; then its last
-checkpoint is evaluated with the official sliding-window protocol at every target of the
-preset, ``--episodes`` episodes per target, episode i reset with seed EVAL_SEED + i for
-every run. Two scores per run, labelled as such:
+Each model kind (dmm_train.baselines) trains with the same trainer (`dmm_train.train`: the
+official sampler, AdamW lr 1e-4, weight decay 1e-4, linear warmup of min(10k, 10%) of the
+run's steps, grad clip 0.25, batch 64) on one dataset, once per seed, ``--steps`` steps (the
+official 100,000 by default; ``--model-steps dt=30000`` gives one kind a smaller budget, and
+every number is labelled with its budget). Each run evaluates itself at ``--evaluations``
+periodic checkpoints (every steps / 10, the last at the final step), in the trainer:
 
-- last checkpoint @ first target: the honest number (hopper: target 3600);
-- best over targets: the maximum over targets of the mean score, which is optimistic
-  (the official script also takes the maximum over 10 checkpoints; this bench does not).
+- selection: ``--selection-episodes`` episodes at the first target on env seeds 20000 + i;
+  the best of them is kept as best.pt (`dmm_train.train`);
+- report: ``--episodes`` episodes at every target on env seeds 10000 + i, the same for every
+  run, recorded in the run's metrics.jsonl. The two seed ranges are disjoint, so best.pt is
+  never chosen on the episodes it is reported on.
 
-BENCHMARKS.md gets a table (params, steps, training time, mean and std over seeds of
-both scores) between the markers ``<!-- quality:begin -->`` and ``<!-- quality:end -->``
-(another dataset than the embedded hopper-medium gets markers and a last line naming it,
-so benches on several datasets sit side by side); the rest of the file is left alone. The
-section is rewritten after every finished run, and stdout ends with
+Evaluating inside training costs the same episodes as evaluating saved periodic checkpoints
+afterwards and needs no snapshot files: each run's numbers are read from its metrics.jsonl.
+Three scores per run, labelled as such (CORL reports "last" and "best" side by side):
 
-    quality: DMM=<score> DMamba=<score> DT=<score> BC=<score>
+- last: the final checkpoint's report score at the first target (hopper: 3600), the honest number;
+- best: best.pt's report score at the first target (chosen on the selection seeds);
+- official: the maximum over targets and over the periodic checkpoints of the report score,
+  as the official script reports it (optimistic: chosen on the episodes it reports).
 
-(last checkpoint @ first target, mean over seeds).
+Plus the training cost (ms per step without evaluation, hours per run with it), and a
+compute-matched row: DT trained for DMM's mean training wall time (``dt-matched`` runs, whose
+step count is DMM's seconds divided by DT's seconds per step, measured in the bench's own runs,
+and fixed when the run starts).
 
-The official budget is 100k steps per run; where that does not fit, every model gets the
-same smaller ``--steps`` and the warmup keeps the official share of it (10k of 100k),
-both stated in the table. Resumable: each run is a resumable run directory of the
-trainer, OUT/<model>-seed<S>/ (OUT defaults to runs/quality/<dataset>), finished once its
-result.json exists. A killed bench,
-started again with the same settings, skips the finished runs and continues the
-unfinished one from its last checkpoint (every ``--checkpoint-every`` steps). ``--report-only``
-trains nothing and rewrites the section from the runs already finished, naming the others.
+BENCHMARKS.md gets a section per dataset and budget between ``<!-- quality:begin ID @ STEPS -->``
+and ``<!-- quality:end ID @ STEPS -->``; the rest of the file is left alone. It ends with
 
-    python bench/quality.py [--dataset ID|DIR] [--steps 10000] [--seeds 0 1 2] [--episodes 10]
+    quality on <dataset id> @ <steps> steps (last checkpoint, N seeds): DMM=x DMamba=y BC=z DT=w
+
+(``DT@<steps>=w`` for a kind trained on fewer steps). Each run is a resumable run directory of
+the trainer, OUT/<name>/ (OUT defaults to runs/quality/<dataset>; names dmm-seed0,
+dt-matched-seed0, ...), finished once its result.json exists; started again with the same
+settings, the bench skips finished runs and resumes the others from their last checkpoint.
+
+Sweeps on any scheduler: ``--print-commands`` prints one independent, resumable command per run
+(``--run NAME``: train or continue that run alone, write its result.json, touch no table), the
+dt-matched ones last (they read the finished DMM and DT runs: start them after those);
+``--jobs N`` runs N of them at once on this machine, each with ``--threads`` torch threads;
+``--report-only`` writes the tables from the runs directory.
+
+    python bench/quality.py [--dataset ID|DIR] [--steps 100000] [--seeds 0 1 2] [--model-steps dt=N]
+                            [--model-seeds dt=0] [--jobs N] [--print-commands] [--run NAME] [--report-only]
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import platform
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,93 +68,171 @@ import torch  # noqa: E402
 from contract.errors import DMMError  # noqa: E402
 from contract.files import atomic_write_bytes, atomic_write_json  # noqa: E402
 from dmm_train.baselines import DISPLAY_NAMES  # noqa: E402
-from dmm_train.checkpoint import MODEL_FILE, RESUME_FILE  # noqa: E402
-from dmm_train.config import MODEL_KINDS, TrainConfig, get_preset  # noqa: E402
+from dmm_train.checkpoint import MODEL_JSON, RESUME_FILE  # noqa: E402
+from dmm_train.config import (  # noqa: E402
+    MAX_EVAL_EPISODES,
+    MODEL_KINDS,
+    REPORT_EVAL_SEED,
+    SELECTION_EVAL_SEED,
+    TrainConfig,
+    get_preset,
+)
 
 OFFICIAL_STEPS = 100_000
-OFFICIAL_WARMUP_SHARE = 0.1  # 10k warmup steps of the official 100k
-DEFAULT_STEPS = 10_000
-EVAL_SEED = 10_000  # the same env resets for every model and training seed
+DEFAULT_KINDS = ("dmm", "dmamba", "bc", "dt")  # the order of the table and of the quality line
+MATCHED = "dt-matched"  # DT trained for DMM's training wall time
 DEFAULT_OUT = Path("runs/quality")
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
-BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"  # the embedded default dataset's section
+BEGIN, END = "<!-- quality:begin", "<!-- quality:end"
 SETTINGS_FILE = "bench.json"
+RUN_FILE = "run.json"  # a run's own settings, fixed when it starts
 RESULT_FILE = "result.json"
-TIMING_FILE = "timing.json"
+LOG_FILE = "bench.log"  # a --jobs child's output
+RESULT_FORMAT = 2
 # Settings that must match for finished runs to be reused.
-LOCKED = ("preset", "dataset_hash", "steps", "warmup_steps", "batch_size", "episodes", "eval_seed")
+LOCKED = ("preset", "dataset_hash", "steps", "batch_size", "episodes", "selection_episodes", "evaluations",
+          "report_seed", "selection_seed")
+# Relative cost per step, to start the longest runs first under --jobs.
+COST_PER_STEP = {"dt": 6.0, "dmm": 1.0, "dmamba": 1.0, "bc": 0.1}
 
 
-# --------------------------------------------------------------------------- one run
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
-def train_run(config: TrainConfig, run_dir: Path, progress: bool) -> float:
-    """Train (or resume) one run; returns its training wall time in seconds over every session.
+# --------------------------------------------------------------------------- the runs of a bench
 
-    The time up to the last checkpoint is saved with the checkpoint, so the time a killed
-    session spent after it (redone on resume) is not counted twice.
-    """
+
+def plan_runs(args) -> list[dict]:
+    """Every run of the bench: name, kind, seed, steps (None for a dt-matched run: fixed when it starts)."""
+    runs = []
+    for kind in args.models:
+        for seed in args.model_seeds.get(kind, args.seeds):
+            runs.append({"name": f"{kind}-seed{seed}", "kind": kind, "seed": seed,
+                         "steps": args.model_steps.get(kind, args.steps), "matched": False})
+    if args.matched:
+        for seed in args.model_seeds.get("dt", args.seeds):
+            runs.append({"name": f"{MATCHED}-seed{seed}", "kind": "dt", "seed": seed, "steps": None, "matched": True})
+    return runs
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_config(run: dict, steps: int, settings: dict) -> TrainConfig:
+    return TrainConfig(
+        preset=settings["preset"], model=run["kind"], dataset=settings["dataset_spec"], steps=steps,
+        batch_size=settings["batch_size"], seed=run["seed"],
+        eval_every=max(1, steps // settings["evaluations"]), eval_episodes=settings["selection_episodes"],
+        report_episodes=settings["episodes"], checkpoint_every=settings["checkpoint_every"],
+    )
+
+
+def seconds_per_step(run_dir: Path) -> float | None:
+    """Training seconds per step of a run so far (evaluation left out), from its metrics."""
+    timed = [r for r in read_metrics(run_dir) if "train_seconds" in r and r["step"] > 0]
+    return timed[-1]["train_seconds"] / timed[-1]["step"] if timed else None
+
+
+def matched_steps(out: Path, runs: list[dict]) -> int:
+    """DMM's mean training seconds (every DMM run finished) over DT's seconds per step (its runs here)."""
+    dmm = [run for run in runs if run["kind"] == "dmm" and not run["matched"]]
+    results = [read_json(out / run["name"] / RESULT_FILE) for run in dmm]
+    if not dmm or any(result is None for result in results):
+        missing = [run["name"] for run, result in zip(dmm, results, strict=True) if result is None]
+        raise DMMError(f"a {MATCHED} run trains for DMM's wall time, but DMM runs {', '.join(missing) or '(none)'} "
+                       f"are not finished in {str(out)!r}; expected every DMM run of the bench finished first; "
+                       "run them (and a DT run) before the dt-matched ones")
+    dt_speeds = [seconds_per_step(out / run["name"]) for run in runs if run["kind"] == "dt" and not run["matched"]]
+    dt_speeds = [speed for speed in dt_speeds if speed is not None]
+    if not dt_speeds:
+        raise DMMError(f"a {MATCHED} run needs DT's seconds per step, but no DT run in {str(out)!r} has trained "
+                       "yet; expected a DT run started first (its first log records the speed); run it first")
+    dmm_seconds = statistics.fmean(result["train_seconds"] for result in results)
+    return max(1, round(dmm_seconds / statistics.fmean(dt_speeds)))
+
+
+def run_settings(run: dict, steps: int, settings: dict) -> dict:
+    """A run's own settings: the bench's locked ones (its budget as bench_steps) and the run's steps."""
+    bench = {("bench_steps" if name == "steps" else name): settings[name] for name in LOCKED}
+    return {**bench, "name": run["name"], "kind": run["kind"], "seed": run["seed"], "steps": steps,
+            "matched": run["matched"]}
+
+
+def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bool) -> dict:
+    """Train (or continue) one run and summarise it, unless its result.json exists; returns the result."""
     from dmm_train.train import train
 
-    timing_path = run_dir / TIMING_FILE
-    spent = json.loads(timing_path.read_text())["seconds"] if timing_path.exists() else 0.0
-    started = time.perf_counter()
-
-    def record(step: int) -> None:
-        if step % config.checkpoint_every == 0:  # the trainer has just written a resume point
-            atomic_write_json({"seconds": spent + time.perf_counter() - started, "step": step}, timing_path)
-
-    train(config, run_dir, resume=(run_dir / RESUME_FILE).exists(), progress=progress, on_step=record)
-    total = spent + time.perf_counter() - started
-    atomic_write_json({"seconds": total, "step": config.steps}, timing_path)
-    return total
-
-
-def evaluate_run(run_dir: Path, episodes: int):
-    """The last checkpoint and its evaluation at every target of its preset (one EvalResult dict each)."""
-    from dmm_train.checkpoint import load_checkpoint
-    from dmm_train.evaluate import evaluate_checkpoint
-
-    checkpoint = load_checkpoint(run_dir / MODEL_FILE)
-    per_target = [
-        evaluate_checkpoint(checkpoint, target_return=target, episodes=episodes, seed=EVAL_SEED).to_dict()
-        for target in checkpoint.target_returns
-    ]
-    return checkpoint, per_target
+    run_dir = out / run["name"]
+    result = read_json(run_dir / RESULT_FILE)
+    if result is not None:
+        return check_result(result, run_dir)
+    fixed = read_json(run_dir / RUN_FILE)
+    steps = fixed["steps"] if fixed else run["steps"] if run["steps"] is not None else matched_steps(out, runs)
+    expected = run_settings(run, steps, settings)
+    if fixed is not None and fixed != expected:
+        changed = sorted(name for name in expected if fixed.get(name) != expected[name])
+        raise DMMError(f"run {str(run_dir)!r} was started with " + ", ".join(f"{n}={fixed.get(n)!r}" for n in changed)
+                       + "; received " + ", ".join(f"{n}={expected[n]!r}" for n in changed)
+                       + "; pass the same settings to continue it, or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(expected, run_dir / RUN_FILE)
+    config = train_config(run, steps, settings)
+    log(f"{run['name']}: training {steps} steps in {run_dir}")
+    train(config, run_dir, resume=(run_dir / RESUME_FILE).exists(), progress=progress)
+    result = summarize_run(run_dir, expected)
+    atomic_write_json(result, run_dir / RESULT_FILE)
+    log(f"{run['name']}: last {result['last']:.1f}, best checkpoint {result['best']:.1f} (step {result['best_step']}), "
+        f"official {result['official']:.1f}; {result['ms_per_step']:.1f} ms/step")
+    return result
 
 
-def run_one(kind: str, seed: int, settings: dict, out: Path, progress: bool) -> dict:
-    """Train and evaluate ``kind`` at ``seed`` unless its result.json exists; returns the result."""
-    run_dir = out / f"{kind}-seed{seed}"
-    result_path = run_dir / RESULT_FILE
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    config = TrainConfig(
-        preset=settings["preset"], model=kind, dataset=settings["dataset_spec"], steps=settings["steps"],
-        batch_size=settings["batch_size"], warmup_steps=settings["warmup_steps"], seed=seed,
-        eval_every=0, eval_episodes=0, checkpoint_every=settings["checkpoint_every"],
+def summarize_run(run_dir: Path, settings: dict) -> dict:
+    """A finished run's three scores and cost, from its metrics.jsonl, best.json and model.json."""
+    records = read_metrics(run_dir)
+    evaluations = [r for r in records if "report" in r]
+    steps = settings["steps"]
+    if not evaluations or evaluations[-1]["step"] != steps:
+        raise DMMError(f"run {str(run_dir)!r} has no report evaluation at its last step {steps}; expected a run "
+                       "trained by this bench; delete the run directory to retrain it")
+    best_record = read_json(run_dir / "best.json")
+    best_step = best_record["step"]
+    at_best = next(r for r in evaluations if r["step"] == best_step)
+    official_record, official_target = max(
+        ((record, target) for record in evaluations for target in record["report"]),
+        key=lambda pair: pair[1]["normalized_mean"],
     )
-    log(f"{DISPLAY_NAMES[kind]} seed {seed}: training {config.steps} steps in {run_dir}")
-    train_seconds = train_run(config, run_dir, progress)
-    log(f"{DISPLAY_NAMES[kind]} seed {seed}: evaluating the last checkpoint, {settings['episodes']} "
-        "episodes per target")
-    started = time.perf_counter()
-    checkpoint, per_target = evaluate_run(run_dir, settings["episodes"])
-    best = max(per_target, key=lambda r: r["normalized_mean"])
-    result = {
-        "model": kind, "seed": seed, "steps": checkpoint.step, "params": checkpoint.metadata["n_params"],
-        "context_len": checkpoint.model_config.context_len,
-        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - started,
-        "settings": {name: settings[name] for name in LOCKED},
-        "first_target": per_target[0]["target_return"],
-        "last_first_target": per_target[0]["normalized_mean"],
-        "best_over_targets": best["normalized_mean"], "best_target": best["target_return"],
-        "per_target": per_target,
+    timed = [r for r in records if "train_seconds" in r]
+    train_seconds = timed[-1]["train_seconds"]
+    eval_seconds = sum(r.get("eval_seconds", 0.0) for r in records)
+    model = read_json(run_dir / MODEL_JSON)
+    return {
+        "format": RESULT_FORMAT, **settings,
+        "params": model["n_params"], "context_len": model["model_config"]["context_len"],
+        "train_seconds": train_seconds, "eval_seconds": eval_seconds, "ms_per_step": 1e3 * train_seconds / steps,
+        "first_target": evaluations[-1]["report"][0]["target_return"],
+        "last": evaluations[-1]["report"][0]["normalized_mean"],
+        "best": at_best["report"][0]["normalized_mean"], "best_step": best_step,
+        "best_selection_score": best_record["selection"]["normalized_mean"],
+        "official": official_target["normalized_mean"], "official_step": official_record["step"],
+        "official_target": official_target["target_return"],
+        "evaluations": [{"step": r["step"], "selection": r.get("normalized_mean"),
+                         "report": [{"target_return": t["target_return"], "normalized_mean": t["normalized_mean"]}
+                                    for t in r["report"]]}
+                        for r in evaluations],
     }
-    atomic_write_json(result, result_path)
-    log(f"{DISPLAY_NAMES[kind]} seed {seed}: last @ {result['first_target']:g} {result['last_first_target']:.1f}, "
-        f"best over targets {result['best_over_targets']:.1f} (@ {result['best_target']:g}); "
-        f"trained in {train_seconds:.0f} s")
+
+
+def check_result(result: dict, run_dir: Path) -> dict:
+    if result.get("format") != RESULT_FORMAT:
+        raise DMMError(f"{str(run_dir / RESULT_FILE)!r} was written by an older bench (format "
+                       f"{result.get('format')}); expected format {RESULT_FORMAT}; use another --out for this bench")
     return result
 
 
@@ -152,41 +245,46 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(results: list[dict], kinds: list[str]) -> list[dict]:
-    """One row per kind with at least one finished run."""
+    """One row per kind (and one for the dt-matched runs) with at least one finished run."""
     rows = []
-    for kind in kinds:
-        runs = [r for r in results if r["model"] == kind]
+    groups = [(kind, False) for kind in kinds] + [("dt", True)]
+    for kind, matched in groups:
+        runs = sorted((r for r in results if r["kind"] == kind and r["matched"] == matched), key=lambda r: r["seed"])
         if not runs:
             continue
-        seconds = statistics.fmean(r["train_seconds"] for r in runs)
+        name = DISPLAY_NAMES[kind] + (" (DMM's wall time)" if matched else "")
         rows.append({
-            "kind": kind, "name": DISPLAY_NAMES[kind], "params": runs[0]["params"],
-            "context_len": runs[0]["context_len"], "steps": runs[0]["steps"], "seeds": len(runs),
-            "train_seconds": seconds, "ms_per_step": 1e3 * seconds / runs[0]["steps"],
-            "last": mean_std([r["last_first_target"] for r in runs]),
-            "best": mean_std([r["best_over_targets"] for r in runs]),
+            "kind": kind, "matched": matched, "name": name, "params": runs[0]["params"],
+            "context_len": runs[0]["context_len"], "steps": sorted({r["steps"] for r in runs}),
+            "seeds": [r["seed"] for r in runs], "runs": runs,
+            "ms_per_step": statistics.fmean(r["ms_per_step"] for r in runs),
+            "hours": statistics.fmean(r["train_seconds"] + r["eval_seconds"] for r in runs) / 3600,
+            "last": mean_std([r["last"] for r in runs]),
+            "best": mean_std([r["best"] for r in runs]),
+            "official": mean_std([r["official"] for r in runs]),
         })
     return rows
 
 
-def quality_line(rows: list[dict], label: str = "quality") -> str:
-    return f"{label}: " + " ".join(f"{row['name']}={row['last'][0]:.1f}" for row in rows)
+def quality_line(rows: list[dict], dataset_id: str, steps: int) -> str:
+    """The section's last line: last-checkpoint means, a kind with fewer steps labelled with its own."""
+    main = [row for row in rows if not row["matched"]]
+    seeds = max((len(row["seeds"]) for row in main), default=0)
+
+    def label(row: dict) -> str:
+        own = max(row["steps"])
+        return row["name"] if own >= steps else f"{row['name']}@{own}"
+
+    scores = " ".join(f"{label(row)}={row['last'][0]:.1f}" for row in main)
+    return f"quality on {dataset_id} @ {steps} steps (last checkpoint, {seeds} seeds): {scores}"
 
 
-def section_markers(dataset_id: str, default_id: str) -> tuple[str, str, str]:
-    """(begin, end, label of the last line) of a dataset's section.
-
-    The embedded default (hopper-medium) has the plain markers and the one ``quality:`` line
-    of the file; any other dataset gets its own markers and a line naming it, so that
-    benches on several datasets live side by side without two ``quality:`` lines.
-    """
-    if dataset_id == default_id:
-        return BEGIN, END, "quality"
-    return (BEGIN.replace(" -->", f" {dataset_id} -->"), END.replace(" -->", f" {dataset_id} -->"),
-            f"quality on {dataset_id}")
+def section_markers(dataset_id: str, steps: int) -> tuple[str, str]:
+    """(begin, end) of the section of one dataset at one budget (benches side by side in one file)."""
+    return f"{BEGIN} {dataset_id} @ {steps} -->", f"{END} {dataset_id} @ {steps} -->"
 
 
-def machine_description(threads: int) -> str:
+def machine_description(threads: int, jobs: int) -> str:
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -196,8 +294,8 @@ def machine_description(threads: int) -> str:
     except OSError:
         pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {cpus} CPUs, torch {torch.__version__} on {threads} thread(s), "
-            f"Python {platform.python_version()}")
+    return (f"{model}, {cpus} CPUs, torch {torch.__version__} on {threads} thread(s) per run, up to {jobs} run(s) "
+            f"at once, Python {platform.python_version()}")
 
 
 def duration(seconds: float) -> str:
@@ -213,53 +311,68 @@ def score_cell(mean_and_std: tuple[float, float], seeds: int) -> str:
     return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f} (one seed)"
 
 
-def render_section(rows: list[dict], settings: dict, command: str, machine: str, expected_runs: int,
-                   markers: tuple[str, str, str] = (BEGIN, END, "quality")) -> str:
-    done = sum(row["seeds"] for row in rows)
-    steps, warmup = settings["steps"], settings["warmup_steps"]
-    # What the official budget would cost here, at the measured speeds: the reason for a smaller one.
-    official_hours = sum(row["ms_per_step"] for row in rows) * OFFICIAL_STEPS * len(settings["seeds"]) / 3.6e6
-    budget = (f"{steps:,} steps per run (the official budget)" if steps >= OFFICIAL_STEPS else
-              f"{steps:,} steps per run for every model, a smaller budget than the official {OFFICIAL_STEPS:,} "
-              f"(at the ms/step below, {OFFICIAL_STEPS:,} steps for these models and seeds would train for about "
-              f"{official_hours:.0f} h on this machine)")
-    targets = ", ".join(f"{t:g}" for t in get_preset(settings["preset"]).target_returns)
+def steps_cell(steps: list[int]) -> str:
+    return " / ".join(f"{s:,}" for s in steps)
+
+
+def render_section(rows: list[dict], settings: dict, command: str, machine: str, missing: list[str]) -> str:
+    begin, end = section_markers(settings["dataset_id"], settings["steps"])
+    preset = get_preset(settings["preset"])
+    first = f"{preset.target_returns[0]:g}"
+    targets = ", ".join(f"{t:g}" for t in preset.target_returns)
+    episodes, selection = settings["episodes"], settings["selection_episodes"]
     lines = [
-        markers[0],
-        f"## Quality: DMM and its baselines on {settings['dataset_id']}",
+        begin,
+        f"## Quality: DMM and its baselines on {settings['dataset_id']} at {settings['steps']:,} steps",
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine}",
         f"- Dataset: {settings['dataset_id']} ({settings['dataset_episodes']} episodes, "
-        f"{settings['dataset_steps']:,} steps, content hash {settings['dataset_hash'][:12]}), env "
-        f"{get_preset(settings['preset']).env_id}",
-        f"- Training: {budget}; the same trainer for all: AdamW lr 1e-4, weight decay 1e-4, warmup {warmup:,} "
-        f"steps (the official {OFFICIAL_WARMUP_SHARE:.0%} of the budget), grad clip 0.25, batch "
+        f"{settings['dataset_steps']:,} steps, content hash {settings['dataset_hash'][:12]}), env {preset.env_id}",
+        f"- Training: {settings['steps']:,} steps per run"
+        + (" (the official budget)" if settings["steps"] >= OFFICIAL_STEPS else
+           f" (below the official {OFFICIAL_STEPS:,})")
+        + " unless the steps column says otherwise; the same trainer for all: AdamW lr 1e-4, weight decay 1e-4, "
+        "linear warmup min(10,000, 10% of the run's steps), grad clip 0.25, batch "
         f"{settings['batch_size']}, the official sampler; K (timesteps per window) per model as in the table.",
-        f"- Evaluation: the last checkpoint, official sliding-window protocol, {settings['episodes']} episodes "
-        f"per target (env seeds {EVAL_SEED} + i, the same for every run), D4RL-normalised. "
-        f"\"Last @ {targets.split(',')[0]}\" is the first target; \"best over targets\" is the maximum over "
-        f"{targets} of the per-target mean (optimistic; the official script also maximises over checkpoints).",
-        "- Training time: wall time of one run's training, checkpoints included, mean over seeds.",
-        f"- Mean ± sample std over seeds {', '.join(str(s) for s in settings['seeds'])}"
-        + ("" if done == expected_runs else f"; partial: {done} of {expected_runs} runs finished"),
+        f"- Evaluation, official sliding-window protocol, D4RL-normalised, at {settings['evaluations']} periodic "
+        f"checkpoints of each run (every steps / {settings['evaluations']}, the last at the final step): report "
+        f"episodes {episodes} per target at {targets} on env seeds {REPORT_EVAL_SEED} + i (the same for every run); "
+        f"selection episodes {selection} at {first} on env seeds {SELECTION_EVAL_SEED} + i (disjoint from the "
+        "report seeds) choose best.pt.",
+        f"- Scores: **last** = the final checkpoint @ {first} (the honest number); **best ckpt** = best.pt (chosen "
+        f"on the selection episodes) @ {first} on the report episodes; **official** = the maximum over the targets "
+        f"and the {settings['evaluations']} periodic checkpoints on the report episodes, as the official script "
+        "reports it (optimistic: chosen on the episodes it reports). Mean ± sample std over seeds.",
+        "- Cost: ms/step = training wall time without evaluation / steps; hours per run = training plus "
+        "evaluation, mean over seeds. DT (DMM's wall time) trains for DMM's mean training seconds: DMM's "
+        "seconds over DT's seconds per step, both measured in this bench's runs.",
+    ]
+    if missing:
+        lines.append(f"- Partial: not finished and left out: {', '.join(missing)}")
+    lines += [
         "",
-        "| model | params | K | steps | training time per run | ms/step | last checkpoint @ first target | "
-        "best over targets | seeds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | params | K | steps | seeds | ms/step | hours per run | last @ {first} | best ckpt @ {first} | "
+        "official (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        seeds = len(row["seeds"])
         lines.append(
-            f"| {row['name']} | {row['params']:,} | {row['context_len']} | {row['steps']:,} | "
-            f"{duration(row['train_seconds'])} | "
-            f"{row['ms_per_step']:.1f} | {score_cell(row['last'], row['seeds'])} | "
-            f"{score_cell(row['best'], row['seeds'])} | {row['seeds']} |"
+            f"| {row['name']} | {row['params']:,} | {row['context_len']} | {steps_cell(row['steps'])} | {seeds} | "
+            f"{row['ms_per_step']:.1f} | {row['hours']:.2f} | {score_cell(row['last'], seeds)} | "
+            f"{score_cell(row['best'], seeds)} | {score_cell(row['official'], seeds)} |"
         )
-    lines += ["", quality_line(rows, markers[2]), markers[1]]
+    lines += ["", "Per seed, last / best ckpt / official:", "", "| model | per seed |", "|---|---|"]
+    for row in rows:
+        cells = "; ".join(f"seed {r['seed']}: {r['last']:.1f} / {r['best']:.1f} / {r['official']:.1f}"
+                          for r in row["runs"])
+        lines.append(f"| {row['name']} | {cells} |")
+    lines += ["", quality_line(rows, settings["dataset_id"], settings["steps"]), end]
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks(path: Path, section: str, markers: tuple[str, str, str] = (BEGIN, END, "quality")) -> None:
+def update_benchmarks(path: Path, section: str, markers: tuple[str, str]) -> None:
     """Replace the text between the markers in ``path`` (or append the section); the rest is kept."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(markers[0]) + r".*?" + re.escape(markers[1]) + r"\n?", re.DOTALL)
@@ -273,17 +386,14 @@ def update_benchmarks(path: Path, section: str, markers: tuple[str, str, str] = 
 # --------------------------------------------------------------------------- driver
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def bench_settings(args, dataset, dataset_spec: str) -> dict:
     return {
         "preset": args.preset, "dataset_id": dataset.dataset_id, "dataset_hash": dataset.content_hash,
         "dataset_spec": dataset_spec, "dataset_episodes": len(dataset.episodes),
-        "dataset_steps": dataset.total_steps, "steps": args.steps, "warmup_steps": args.warmup_steps,
-        "batch_size": args.batch_size, "episodes": args.episodes, "eval_seed": EVAL_SEED,
-        "checkpoint_every": args.checkpoint_every, "seeds": list(args.seeds),
+        "dataset_steps": dataset.total_steps, "steps": args.steps, "batch_size": args.batch_size,
+        "episodes": args.episodes, "selection_episodes": args.selection_episodes, "evaluations": args.evaluations,
+        "report_seed": REPORT_EVAL_SEED, "selection_seed": SELECTION_EVAL_SEED,
+        "checkpoint_every": args.checkpoint_every,
     }
 
 
@@ -298,7 +408,23 @@ def check_settings(out: Path, settings: dict) -> None:
             expected = ", ".join(f"{name}={saved.get(name)!r}" for name in changed)
             raise DMMError(f"bench directory {str(out)!r} holds runs with {expected}; received {received}; "
                            "pass the same settings to continue it, or another --out for a new bench")
+        if saved == settings:
+            return  # several --run commands share the directory: leave the file alone
     atomic_write_json(settings, path)
+
+
+def kind_values(pairs: list[str], option: str, parse) -> dict:
+    """``KIND=VALUE`` options (repeatable) as {kind: parsed value}."""
+    values = {}
+    for pair in pairs:
+        kind, _, value = pair.partition("=")
+        if kind not in MODEL_KINDS or not value:
+            raise DMMError(f"{option} {pair}; expected KIND=VALUE with KIND among {', '.join(MODEL_KINDS)}")
+        try:
+            values[kind] = parse(value)
+        except ValueError:
+            raise DMMError(f"{option} {pair}; expected a number after '=' (seeds: comma-separated)") from None
+    return values
 
 
 def parse_args(argv: list[str] | None):
@@ -306,47 +432,123 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--dataset", default=None,
                         help="Minari id or dataset directory (default: the embedded hopper-medium)")
     parser.add_argument("--preset", default="hopper", help="environment preset (default hopper)")
-    parser.add_argument("--models", nargs="+", default=list(MODEL_KINDS),
-                        help=f"model kinds (default: {' '.join(MODEL_KINDS)})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"training steps per run, the same for every model (default {DEFAULT_STEPS})")
-    parser.add_argument("--warmup-steps", type=int, default=None,
-                        help="linear warmup (default: the official 10%% of --steps)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_KINDS),
+                        help=f"model kinds (default: {' '.join(DEFAULT_KINDS)})")
+    parser.add_argument("--steps", type=int, default=OFFICIAL_STEPS,
+                        help=f"training steps per run (default: the official {OFFICIAL_STEPS})")
+    parser.add_argument("--model-steps", action="append", default=[], metavar="KIND=STEPS",
+                        help="another budget for one kind (repeatable), e.g. dt=30000")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    parser.add_argument("--episodes", type=int, default=10, help="evaluation episodes per target (default 10)")
+    parser.add_argument("--model-seeds", action="append", default=[], metavar="KIND=S,S",
+                        help="other seeds for one kind (repeatable), e.g. dt=0")
+    parser.add_argument("--no-matched", dest="matched", action="store_false",
+                        help="no compute-matched DT runs (default: with them when dmm and dt are both benched)")
+    parser.add_argument("--episodes", type=int, default=10,
+                        help=f"report episodes per target and periodic checkpoint (seeds {REPORT_EVAL_SEED} + i; "
+                             "default 10)")
+    parser.add_argument("--selection-episodes", type=int, default=10,
+                        help=f"episodes choosing best.pt, first target (seeds {SELECTION_EVAL_SEED} + i; default 10)")
+    parser.add_argument("--evaluations", type=int, default=10,
+                        help="periodic checkpoints evaluated per run (every steps / N; default 10)")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--checkpoint-every", type=int, default=1000,
                         help="steps between resumable checkpoints (default 1000)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"bench directory: one run directory per model and seed (default {DEFAULT_OUT}/<dataset>)")
+                        help=f"bench directory: one run directory per run (default {DEFAULT_OUT}/<dataset>)")
     parser.add_argument("--benchmarks", type=Path, default=BENCHMARKS,
                         help="markdown file whose quality section is (re)written (default BENCHMARKS.md)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch (and scan kernel) threads (default 1: the machine is shared)")
+                        help="torch (and scan kernel) threads per run (default 1: the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once on this machine (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no training progress lines")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: rewrite the section from the runs already finished (the rest are "
-                             "named as missing)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true",
+                      help="train nothing: write the section from the runs already finished (naming the others)")
+    mode.add_argument("--print-commands", nargs="?", const="all", choices=("all", "independent", "matched"),
+                      help="print one resumable command per run for a scheduler (default all: the independent runs, "
+                           "then the dt-matched ones, which must start after the DMM and DT runs)")
+    mode.add_argument("--run", action="append", default=None, metavar="NAME",
+                      help="train (or continue) only this run (repeatable), e.g. dmm-seed0; no table is written")
     args = parser.parse_args(argv)
-    if args.warmup_steps is None:
-        args.warmup_steps = int(args.steps * OFFICIAL_WARMUP_SHARE)
     unknown = [kind for kind in args.models if kind not in MODEL_KINDS]
     if unknown or len(set(args.models)) != len(args.models):
         raise DMMError(f"--models {' '.join(args.models)}; expected distinct kinds among {', '.join(MODEL_KINDS)}")
     if len(set(args.seeds)) != len(args.seeds):
         raise DMMError(f"--seeds {' '.join(map(str, args.seeds))}; expected distinct seeds")
-    for name in ("steps", "episodes", "threads", "batch_size", "checkpoint_every"):
+    for name in ("steps", "episodes", "selection_episodes", "evaluations", "threads", "jobs", "batch_size",
+                 "checkpoint_every"):
         if getattr(args, name) < 1:
             raise DMMError(f"--{name.replace('_', '-')} {getattr(args, name)}; expected a positive integer")
+    if max(args.episodes, args.selection_episodes) > MAX_EVAL_EPISODES:
+        raise DMMError(f"--episodes {args.episodes}, --selection-episodes {args.selection_episodes}; expected at "
+                       f"most {MAX_EVAL_EPISODES} each, so the report and selection seed ranges stay disjoint")
+    args.model_steps = kind_values(args.model_steps, "--model-steps", int)
+    args.model_seeds = kind_values(args.model_seeds, "--model-seeds",
+                                   lambda text: [int(seed) for seed in text.split(",")])
+    if any(steps < 1 for steps in args.model_steps.values()):
+        raise DMMError(f"--model-steps {args.model_steps}; expected positive step counts")
+    args.matched = args.matched and "dmm" in args.models and "dt" in args.models
     return args
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Run (or continue) the bench; returns the quality line, which is also stdout's last line."""
+def run_command(args, name: str) -> list[str]:
+    """The command that trains (or continues) run ``name`` with every setting of this bench spelled out."""
+    # The embedded default by its id, which the local store now holds: the commands never generate it
+    # concurrently.
+    command = ["python", "bench/quality.py", "--dataset", args.dataset if args.dataset is not None else args.dataset_id]
+    command += ["--preset", args.preset, "--models", *args.models, "--steps", str(args.steps),
+                "--seeds", *map(str, args.seeds)]
+    for kind, steps in sorted(args.model_steps.items()):
+        command += ["--model-steps", f"{kind}={steps}"]
+    for kind, seeds in sorted(args.model_seeds.items()):
+        command += ["--model-seeds", f"{kind}={','.join(map(str, seeds))}"]
+    if not args.matched and "dmm" in args.models and "dt" in args.models:
+        command.append("--no-matched")
+    command += ["--episodes", str(args.episodes), "--selection-episodes", str(args.selection_episodes),
+                "--evaluations", str(args.evaluations), "--batch-size", str(args.batch_size),
+                "--checkpoint-every", str(args.checkpoint_every), "--out", str(args.out),
+                "--threads", str(args.threads), "--run", name]
+    return command
+
+
+def run_jobs(args, runs: list[dict]) -> list[str]:
+    """Run ``runs`` as child commands, ``args.jobs`` at a time; returns the names of those that failed."""
+    pending = sorted(runs, key=lambda run: -COST_PER_STEP[run["kind"]] * (run["steps"] or 0))
+    running: dict[str, tuple[subprocess.Popen, Path]] = {}
+    failed = []
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            run = pending.pop(0)
+            log_path = args.out / run["name"] / LOG_FILE
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, *run_command(args, run["name"])[1:]]
+            with open(log_path, "ab") as output:
+                running[run["name"]] = (subprocess.Popen(command, cwd=root, env=environment, stdout=output,
+                                                         stderr=subprocess.STDOUT), log_path)
+            log(f"started {run['name']} (log {log_path})")
+        time.sleep(0.5)
+        for name, (process, log_path) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            if process.returncode != 0:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+                log(f"{name} failed (exit {process.returncode}): {tail[0]}")
+                failed.append(name)
+            else:
+                log(f"finished {name}")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> str | None:
+    """Run (or continue) the bench; returns the quality line (stdout's last line), or None for --run and
+    --print-commands."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # the fused scan kernel follows torch's thread count
     from dmm_train.minari_reader import load_dataset
-    from dmm_train.recipes import DEFAULT_DATASET_ID, ensure_default_dataset
+    from dmm_train.recipes import ensure_default_dataset
 
     dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(progress=True))
     dataset = load_dataset(dataset_spec)
@@ -356,37 +558,73 @@ def main(argv: list[str] | None = None) -> str:
                        f"{dataset.act_dim}; preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
                        "pass the --preset of the dataset's environment")
     settings = bench_settings(args, dataset, dataset_spec)
+    args.dataset_id = dataset.dataset_id
     if args.out is None:
         args.out = DEFAULT_OUT / dataset.dataset_id.replace("/", "--")
+    runs = plan_runs(args)
+    by_name = {run["name"]: run for run in runs}
+
+    if args.print_commands:
+        chosen = [run for run in runs if args.print_commands == "all"
+                  or run["matched"] == (args.print_commands == "matched")]
+        for run in chosen:
+            print(shlex.join(run_command(args, run["name"])))
+        return None
+
     args.out.mkdir(parents=True, exist_ok=True)
     check_settings(args.out, settings)
-    command = "python bench/quality.py" + ("" if not argv else " " + shlex.join(argv))
-    machine = machine_description(args.threads)
-    markers = section_markers(dataset.dataset_id, DEFAULT_DATASET_ID)
-    expected_runs = len(args.models) * len(args.seeds)
+    if args.run:
+        unknown = [name for name in args.run if name not in by_name]
+        if unknown:
+            raise DMMError(f"--run {' '.join(unknown)}; expected runs of this bench: {', '.join(by_name)}")
+        for name in args.run:
+            run_one(by_name[name], runs, settings, args.out, progress=not args.quiet)
+        return None
 
-    results, missing = [], []
-    for seed in args.seeds:  # seeds outermost: a partial bench compares every model on the same seeds
-        for kind in args.models:
-            if args.report_only and not (args.out / f"{kind}-seed{seed}" / RESULT_FILE).exists():
-                missing.append(f"{kind}-seed{seed}")
-                continue
-            results.append(run_one(kind, seed, settings, args.out, progress=not args.quiet))
-            rows = summarize(results, args.models)
-            section = render_section(rows, settings, command, machine, expected_runs, markers)
-            update_benchmarks(args.benchmarks, section, markers)
-    if not results:
+    def write_table() -> tuple[list[dict], list[str]]:
+        results, missing = [], []
+        for run in runs:
+            result = read_json(args.out / run["name"] / RESULT_FILE)
+            if result is None:
+                missing.append(run["name"])
+            else:
+                results.append(check_result(result, args.out / run["name"]))
+        rows = summarize(results, args.models)
+        if rows:
+            section = render_section(rows, settings, command, machine, missing)
+            update_benchmarks(args.benchmarks, section, section_markers(dataset.dataset_id, args.steps))
+        return rows, missing
+
+    command = "python bench/quality.py" + ("" if not argv else " " + shlex.join(argv))
+    machine = machine_description(args.threads, args.jobs)
+    failed = []
+    if not args.report_only:
+        independent = [run for run in runs if not run["matched"]]
+        matched = [run for run in runs if run["matched"]]
+        if args.jobs > 1:
+            failed += run_jobs(args, independent)
+            write_table()
+            failed += run_jobs(args, matched)
+        else:
+            for run in independent + matched:  # seeds outermost within a kind; dt-matched ones last
+                run_one(run, runs, settings, args.out, progress=not args.quiet)
+                write_table()
+    rows, missing = write_table()
+    if not rows:
         raise DMMError(f"--report-only: no finished run under {args.out} (missing: {', '.join(missing)}); "
                        "run the bench without --report-only first")
     if missing:
         log(f"not finished, left out of the table: {', '.join(missing)}")
-    rows = summarize(results, args.models)
     for row in rows:
-        print(f"{row['name']:<7} params {row['params']:>8,}  K {row['context_len']:>2}  {row['steps']:,} steps  "
-              f"{row['ms_per_step']:6.1f} ms/step  last @ first target {row['last'][0]:6.1f} ± {row['last'][1]:5.1f}"
-              f"  best over targets {row['best'][0]:6.1f} ± {row['best'][1]:5.1f}  ({row['seeds']} seeds)")
+        print(f"{row['name']:<22} steps {steps_cell(row['steps']):>9}  {row['ms_per_step']:6.1f} ms/step  "
+              f"last {row['last'][0]:6.1f} ± {row['last'][1]:5.1f}  best ckpt {row['best'][0]:6.1f} ± "
+              f"{row['best'][1]:5.1f}  official {row['official'][0]:6.1f} ± {row['official'][1]:5.1f}  "
+              f"({len(row['seeds'])} seeds)")
     print(f"wrote the quality section of {args.benchmarks}")
-    line = quality_line(rows)
+    if failed:
+        raise DMMError(f"runs {', '.join(failed)} failed; expected every run to finish; see their {LOG_FILE} under "
+                       f"{args.out} and start the bench again to continue them")
+    line = quality_line(rows, dataset.dataset_id, args.steps)
     print(line)
     return line
 
@@ -397,4 +635,3 @@ if __name__ == "__main__":
     except DMMError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-

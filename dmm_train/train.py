@@ -556,7 +556,9 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
             f"out {out_dir}",
             file=sys.stderr, flush=True,
         )
-    tracker = Progress("train", config.steps, start=step, enabled=progress)
+    # A resume point at the last step is written after the final evaluation: such a run is finished.
+    finished = resume_state is not None and step >= config.steps
+    tracker = Progress("train", config.steps, start=step, enabled=progress and not finished)
     model.train()
     loss = float("nan")
     while step < config.steps:
@@ -587,11 +589,12 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         if on_step is not None:
             on_step(step)
 
-    if evaluates and context.is_main:
-        run_evaluation(step)
-    tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
-    tracker.close()
-    save_resume_point(step)
+    if not finished:
+        if evaluates and context.is_main:
+            run_evaluation(step)
+        tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
+        tracker.close()
+        save_resume_point(step)
     if not context.is_main:
         return None
     plot_metrics(records, out_dir / PLOT_FILE)

@@ -1,10 +1,15 @@
-"""bench/quality.py end to end on a tiny budget: every kind trained and evaluated, its section written
-between the markers (the rest of BENCHMARKS.md kept), finished runs reused, other settings refused."""
+"""bench/quality.py end to end on a tiny budget: every kind trained with periodic evaluation, the last /
+best-checkpoint / official scores read from the runs, the compute-matched DT run, its section written
+between the markers (the rest of BENCHMARKS.md kept), one run alone (--run), the commands of a sweep
+(--print-commands), several runs at once (--jobs), finished runs reused, the table from the runs
+directory (--report-only), other settings refused."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from contract.errors import DMMError
 from dmm_train.recipes import collect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DATASET_ID = "test/quality-hopper-v0"
 
 
 def load_bench():
@@ -31,56 +37,127 @@ def restore_threads():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return collect("Hopper-v5", DATASET_ID, policy="random", episodes=8, seed=4,
+                   out=tmp_path_factory.mktemp("store"))
+
+
+def bench_argv(dataset: Path, out: Path, benchmarks: Path, *extra: str) -> list[str]:
+    return ["--dataset", str(dataset), "--steps", "4", "--model-steps", "dt=2", "--seeds", "0", "--episodes", "1",
+            "--selection-episodes", "1", "--evaluations", "2", "--batch-size", "8", "--checkpoint-every", "2",
+            "--out", str(out), "--benchmarks", str(benchmarks), "--quiet", *extra]
+
+
+def replace_option(argv: list[str], option: str, *values: str) -> list[str]:
+    """``argv`` with ``option``'s values replaced (the option takes one value, or several for --seeds)."""
+    start = argv.index(option) + 1
+    end = start + 1
+    while end < len(argv) and not argv[end].startswith("--"):
+        end += 1
+    return [*argv[:start], *values, *argv[end:]]
+
+
 @pytest.mark.slow
-def test_quality_bench_writes_its_section_and_continues_where_it_stopped(tmp_path, restore_threads):
+def test_quality_bench_reports_last_best_and_official_and_continues_where_it_stopped(
+        tmp_path, dataset, restore_threads):
     bench = load_bench()
-    dataset = collect("Hopper-v5", "test/quality-hopper-v0", policy="random", episodes=8, seed=4,
-                      out=tmp_path / "store")
     benchmarks = tmp_path / "BENCHMARKS.md"
-    begin, end, label = bench.section_markers("test/quality-hopper-v0", "dmm-deploy/hopper-medium-v0")
-    assert (begin, label) == ("<!-- quality:begin test/quality-hopper-v0 -->", "quality on test/quality-hopper-v0")
-    # The default dataset's section (plain markers, the file's one quality: line) is another bench's.
-    default_section = f"{bench.BEGIN}\nquality: DMM=1.0\n{bench.END}\n"
-    before, after = f"# Benchmarks\n\nintro kept\n\n{default_section}\n", "\n## other bench\n\nkept too\n"
+    begin, end = bench.section_markers(DATASET_ID, 4)
+    assert begin == f"<!-- quality:begin {DATASET_ID} @ 4 -->"
+    before, after = "# Benchmarks\n\nintro kept\n\n", "\n## other bench\n\nkept too\n"
     benchmarks.write_text(f"{before}{begin}\nstale table\n{end}\n{after}")
-    argv = ["--dataset", str(dataset), "--steps", "4", "--seeds", "0", "--episodes", "1", "--batch-size", "8",
-            "--checkpoint-every", "2", "--out", str(tmp_path / "bench"), "--benchmarks", str(benchmarks),
-            "--quiet"]
+    runs = tmp_path / "bench"
+    argv = bench_argv(dataset, runs, benchmarks)
+
+    # One run alone, as a scheduler's job runs it: its result, no table.
+    assert bench.main([*argv, "--run", "bc-seed0"]) is None
+    assert sorted(path.name for path in runs.iterdir()) == ["bc-seed0", "bench.json"]
+    assert "stale table" in benchmarks.read_text()
+    bc_stamp = (runs / "bc-seed0" / "model.pt").stat().st_mtime_ns
+
     line = bench.main(argv)
     assert torch.get_num_threads() == 1  # --threads default
-    assert line.startswith("quality: DMM=") and [part.split("=")[0] for part in line.split()[1:]] == [
-        "DMM", "DMamba", "DT", "BC"]
+    assert re.fullmatch(rf"quality on {re.escape(DATASET_ID)} @ 4 steps \(last checkpoint, 1 seeds\): "
+                        r"DMM=\S+ DMamba=\S+ BC=\S+ DT@2=\S+", line), line
+    assert (runs / "bc-seed0" / "model.pt").stat().st_mtime_ns == bc_stamp  # reused, not retrained
 
     text = benchmarks.read_text()
     assert text.startswith(before) and text.endswith(after) and "stale table" not in text
     section = text[text.index(begin): text.index(end)]
-    assert section.rstrip().splitlines()[-1] == line.replace("quality:", f"{label}:")
-    assert "| DT | 726,019 | 20 | 4 |" in section and "| DMamba | 50,691 | 8 | 4 |" in section
-    assert "smaller budget than the official 100,000" in section and "best over targets" in section
+    assert section.rstrip().splitlines()[-1] == line
+    assert "| DT | 726,019 | 20 | 2 | 1 |" in section and "| DMamba | 50,691 | 8 | 4 | 1 |" in section
+    assert "| DT (DMM's wall time) | 726,019 | 20 |" in section
+    assert "below the official 100,000" in section and "env seeds 10000 + i" in section
+    assert "env seeds 20000 + i" in section
 
-    runs = tmp_path / "bench"
     result = json.loads((runs / "dt-seed0" / "result.json").read_text())
-    assert [r["target_return"] for r in result["per_target"]] == [3600.0, 7200.0, 36000.0, 72000.0]
-    assert result["last_first_target"] == result["per_target"][0]["normalized_mean"]
-    assert result["best_over_targets"] == max(r["normalized_mean"] for r in result["per_target"])
+    evaluations = result["evaluations"]
+    assert [e["step"] for e in evaluations] == [1, 2]  # every steps / 2, the last at the final step
+    assert [t["target_return"] for t in evaluations[-1]["report"]] == [3600.0, 7200.0, 36000.0, 72000.0]
+    assert result["last"] == evaluations[-1]["report"][0]["normalized_mean"]
+    assert result["official"] == max(t["normalized_mean"] for e in evaluations for t in e["report"])
+    best_step = json.loads((runs / "dt-seed0" / "best.json").read_text())["step"]
+    assert result["best_step"] == best_step
+    assert result["best"] == next(e for e in evaluations if e["step"] == best_step)["report"][0]["normalized_mean"]
+    assert result["last"] <= result["official"] and result["best"] <= result["official"]
+
+    # The compute-matched DT trained for DMM's training seconds at DT's measured seconds per step.
+    dmm = json.loads((runs / "dmm-seed0" / "result.json").read_text())
+    matched = json.loads((runs / "dt-matched-seed0" / "result.json").read_text())
+    assert matched["steps"] == max(1, round(dmm["train_seconds"] / (result["train_seconds"] / result["steps"])))
+    assert json.loads((runs / "dt-matched-seed0" / "model.json").read_text())["step"] == matched["steps"]
 
     # Started again with the same settings: nothing is retrained, the same line comes back.
     stamps = {path: path.stat().st_mtime_ns for path in runs.glob("*/model.pt")}
-    assert len(stamps) == 4
+    assert len(stamps) == 5
     assert bench.main(argv) == line
     assert stamps == {path: path.stat().st_mtime_ns for path in runs.glob("*/model.pt")}
 
-    # --report-only with a seed never trained: nothing is trained, the table keeps the finished
-    # runs and says it is partial.
-    report_argv = [*argv[:argv.index("--seeds") + 1], "0", "1", *argv[argv.index("--seeds") + 2:], "--report-only"]
-    assert bench.main(report_argv) == line
+    # --report-only with a seed never trained: the table keeps the finished runs and names the others.
+    assert bench.main([*replace_option(argv, "--seeds", "0", "1"), "--report-only"]) == line
     assert not any(runs.glob("*-seed1"))
-    assert "partial: 4 of 8 runs finished" in benchmarks.read_text()
-    empty = [*argv[:argv.index("--out") + 1], str(tmp_path / "empty"), *argv[argv.index("--out") + 2:],
-             "--report-only"]
+    assert "Partial: not finished and left out: dmm-seed1, dmamba-seed1, bc-seed1, dt-seed1" in benchmarks.read_text()
     with pytest.raises(DMMError, match="no finished run"):
-        bench.main(empty)
-
-    changed = [*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]]
+        bench.main([*replace_option(argv, "--out", str(tmp_path / "empty")), "--report-only"])
     with pytest.raises(DMMError, match="steps=4"):
-        bench.main(changed)
+        bench.main(replace_option(argv, "--steps", "5"))
+
+
+def test_print_commands_lists_one_resumable_command_per_run(tmp_path, dataset, capsys, restore_threads):
+    bench = load_bench()
+    argv = bench_argv(dataset, tmp_path / "bench", tmp_path / "BENCHMARKS.md", "--model-seeds", "dt=0")
+    argv = replace_option(argv, "--seeds", "0", "1")
+    assert bench.main([*argv, "--print-commands"]) is None
+    lines = capsys.readouterr().out.splitlines()
+    names = [shlex.split(line)[-1] for line in lines]
+    assert names == ["dmm-seed0", "dmm-seed1", "dmamba-seed0", "dmamba-seed1", "bc-seed0", "bc-seed1", "dt-seed0",
+                     "dt-matched-seed0"]  # the dt-matched one last: it reads the others
+    command = shlex.split(lines[0])
+    assert command[:2] == ["python", "bench/quality.py"] and command[-2] == "--run"
+    for option, value in (("--steps", "4"), ("--model-steps", "dt=2"), ("--model-seeds", "dt=0"),
+                          ("--out", str(tmp_path / "bench")), ("--threads", "1"), ("--dataset", str(dataset))):
+        assert command[command.index(option) + 1] == value, option
+    assert not (tmp_path / "bench").exists()  # printing trains nothing
+
+    assert bench.main([*argv, "--print-commands", "matched"]) is None
+    assert [shlex.split(line)[-1] for line in capsys.readouterr().out.splitlines()] == ["dt-matched-seed0"]
+    # A dt-matched run started before the DMM runs finished is refused with what to do.
+    with pytest.raises(DMMError, match="DMM runs dmm-seed0, dmm-seed1 are not finished"):
+        bench.main([*argv, "--run", "dt-matched-seed0"])
+    with pytest.raises(DMMError, match="expected runs of this bench"):
+        bench.main([*argv, "--run", "dmm-seed7"])
+
+
+@pytest.mark.slow
+def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset, restore_threads):
+    bench = load_bench()
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    argv = replace_option(bench_argv(dataset, tmp_path / "bench", benchmarks, "--jobs", "2"), "--seeds", "0", "1")
+    line = bench.main([*argv, "--models", "bc"])
+    assert "(last checkpoint, 2 seeds): BC=" in line
+    for seed in (0, 1):
+        run = tmp_path / "bench" / f"bc-seed{seed}"
+        assert json.loads((run / "result.json").read_text())["seed"] == seed
+        assert "bc-seed" in (run / "bench.log").read_text()  # each child's output in its own log
+    assert "up to 2 run(s) at once" in benchmarks.read_text()
