@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from dmm_train.errors import DMMError  # noqa: E402
+from contract.errors import DMMError  # noqa: E402
 
 PRESET = "hopper"
 ROUNDS = 4  # alternating rounds per load
@@ -54,9 +54,9 @@ BUSY_SCRIPT = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwh
 def tiny_checkpoint(directory: Path, train_steps: int) -> Path:
     """A real model.pt: a few official training steps (batch 16, one torch thread) on random-policy episodes."""
     import torch
-    from dmm_train.collect import collect
 
     from dmm_train.config import TrainConfig, get_preset
+    from dmm_train.recipes import collect
     from dmm_train.train import train
 
     dataset = collect(get_preset(PRESET).env_id, "bench/jitter-random-v0", policy="random",
@@ -100,7 +100,7 @@ class Configuration:
 
     def __init__(self, name, backend, options, freeze_gc: bool, period_ms: float, capacity: int):
         from runtime import ControlLoop, Policy
-        from runtime.loop import make_plant
+        from runtime.plant import make_plant
 
         self.name = name
         self.options = options

@@ -7,7 +7,7 @@ checked against their manifest NAME.json: target "c", stream mode, fp32, batch 1
 sha256 of both files, and the dimensions the compiled code reports against the manifest's
 I/O tensors.
 
-The backend presents the same graph-level I/O as the stream ONNX graph (`runtime.manifest`),
+The backend presents the same graph-level I/O as the stream ONNX graph (`contract.manifest`),
 through the C function PREFIX_stream_step, so `runtime.Policy`, the control loop and the
 parity harness use it unchanged. `NativeLibrary` also offers the C file's own env-step API
 (PREFIX_reset / PREFIX_step / PREFIX_override_action: normalisation, return-to-go and action

@@ -194,3 +194,13 @@ def gpu_runtime_usable() -> tuple[bool, str]:
     except CudaUnavailable as unavailable:
         return False, f"{unavailable}; the TensorRT backend runs on pycuda"
     return True, why
+
+
+def run_json(capsys, *args: str) -> dict:
+    """``cli.py run ARGS --json``: its exit must be 0; the JSON record of its last line."""
+    import cli
+
+    code = cli.main(["run", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out.strip().splitlines()[-1])

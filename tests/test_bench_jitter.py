@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from dmm_train.errors import DMMError
+
+from contract.errors import DMMError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ from runtime.backend import check_feeds, zero_feeds
 from runtime.latency import save_histogram
 from runtime.ort_backend import OrtBackend
 from runtime.torch_backend import TorchBackend
-from tests.helpers import REPO_ROOT, assert_one_line_error, copy_engine, edit_manifest
+from tests.helpers import REPO_ROOT, assert_one_line_error, copy_engine, edit_manifest, run_json
 
 # -- torch-free -------------------------------------------------------------------------
 
@@ -353,13 +353,6 @@ def test_latency_stats_and_histogram(tmp_path):
 
 
 # -- cli run ----------------------------------------------------------------------------
-
-
-def run_json(capsys, *args: str) -> dict:
-    code = cli.main(["run", *args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out.strip().splitlines()[-1])
 
 
 def test_run_same_return_for_checkpoint_and_window_onnx(capsys, checkpoint_path, engines, tmp_path):
