@@ -29,7 +29,9 @@ def anchors(markdown: str) -> set[str]:
 def cited_files():
     for pattern in SOURCES:
         for path in REPO_ROOT.rglob(pattern):
-            if not SKIPPED_DIRS.intersection(path.relative_to(REPO_ROOT).parts):
+            parts = path.relative_to(REPO_ROOT).parts
+            # Hidden folders (.git, .venv, .venv-lint of the GPU type check) hold other projects' files.
+            if not SKIPPED_DIRS.intersection(parts) and not any(part.startswith(".") for part in parts[:-1]):
                 yield path
 
 
