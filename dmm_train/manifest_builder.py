@@ -15,7 +15,8 @@ DEFAULT_ACTION_BOUND = 1.0
 # and by at least OBSERVATION_RANGE_FLOOR (a dimension constant in the data). Half a span
 # lets the policy meet states somewhat beyond what it was trained on (a better or a
 # perturbed episode) and still flags what no plant of that kind produces: a sensor glitch,
-# a unit or scaling error, a value an order of magnitude off.
+# a unit or scaling error, a value an order of magnitude off (how many states of one Hopper
+# dataset fall outside another's range: BENCHMARKS.md, design measurements).
 OBSERVATION_RANGE_MARGIN = 0.5
 OBSERVATION_RANGE_FLOOR = 1e-3
 

@@ -3,8 +3,8 @@
 The clock ticks at ``origin + k * period`` (``time.perf_counter_ns``, CLOCK_MONOTONIC on
 Linux): each tick is computed from the origin, never from the time the previous step
 ended, so the loop does not drift whatever the steps cost. Waiting sleeps until
-``spin_us`` before the tick (``time.sleep``, which overshoots by 50-150 us under the
-default scheduler, less under SCHED_FIFO), then spins to the tick. A step so late that the
+``spin_us`` before the tick (``time.sleep`` overshoots its deadline, more under the
+default scheduler than under SCHED_FIFO), then spins to the tick. A step so late that the
 next tick's whole period has passed does not run a burst of catch-up steps: the loop
 rejoins the grid at the latest tick that has come and counts the ticks it skipped.
 
@@ -43,8 +43,8 @@ import numpy as np
 from contract.errors import DMMError
 from runtime.latency import NS_PER_MS, LatencyStats
 
-# Spin this long before a tick instead of sleeping through it: time.sleep overshot by 110 us
-# (p50) and 190 us (p99) on a loaded 2-core VM, 65 / 136 us under SCHED_FIFO.
+# Spin this long before a tick instead of sleeping through it: it covers time.sleep's overshoot
+# up to its p99 (BENCHMARKS.md, design measurements).
 DEFAULT_SPIN_US = 200.0
 # Above ordinary processes, below the kernel's threaded interrupt handlers of a PREEMPT_RT
 # kernel (50 there is the default of the IRQ threads; equal priority runs them first in turn).
@@ -256,9 +256,10 @@ def gc_paused(enabled: bool = True) -> Iterator[None]:
     """Freeze what lives and disable the collector inside; restore it on exit.
 
     No automatic collection runs inside, and one that a library forces (gc.collect) skips
-    the frozen heap. The young generations are collected first (about 1 ms) so that their
-    garbage is not frozen; a full collection, 100+ ms with torch and gymnasium loaded, is
-    left to the collector once it runs again, since garbage frozen here is only delayed to it.
+    the frozen heap. The young generations are collected first (a few ms) so that their
+    garbage is not frozen; a full collection (BENCHMARKS.md, design measurements: 120 ms with
+    torch and gymnasium loaded) is left to the collector once it runs again, since garbage
+    frozen here is only delayed to it.
     """
     if not enabled:
         yield
