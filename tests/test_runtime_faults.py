@@ -504,17 +504,8 @@ def test_run_period_reports_tick_lateness_and_misses(capsys, ranged_engines):
     assert report["realtime"] == {"cpu": min(os.sched_getaffinity(0)), "scheduler": "default",
                                   "gc": "frozen per episode"}
     assert os.sched_getaffinity(0) == affinity  # the pin lasted as long as the run
-    strict = run_json(capsys, "--engine", engine, "--episodes", "1", "--period-ms", "10", "--deadline-ms", "1e-6",
-                      "--keep-gc")
-    assert strict["deadline_misses"] == strict["steps"] and strict["realtime"]["gc"] == "running"
-    scheduler = os.sched_getscheduler(0)
-    code = cli.main(["run", "--engine", engine, "--episodes", "1", "--period-ms", "10", "--realtime", "--json"])
-    captured = capsys.readouterr()
-    if code == 0:  # permitted here (root, CAP_SYS_NICE or an rtprio limit)
-        assert json.loads(captured.out.strip().splitlines()[-1])["realtime"]["scheduler"] == "SCHED_FIFO 49"
-    else:
-        assert captured.err.count("\n") == 1 and "SCHED_FIFO priority 49 was refused" in captured.err
-    assert os.sched_getscheduler(0) == scheduler  # the run gave it back
+    strict = run_json(capsys, "--engine", engine, "--episodes", "1", "--period-ms", "10", "--deadline-ms", "1e-6")
+    assert strict["deadline_misses"] == strict["steps"]
     assert_one_line_error(capsys, cli.main(["run", "--engine", engine, "--period-ms", "0"]), "--period-ms 0")
     assert_one_line_error(capsys, cli.main(["run", "--engine", engine, "--cpu", "4096"]),
                           "--cpu 4096 | this process may run on CPUs")
