@@ -150,7 +150,7 @@ def evaluate_behavior(policy, env_id: str, episodes: int, seed: int) -> list[flo
 
 
 LATEST_MODEL = "sac_latest.zip"
-LATEST_BUFFER = "sac_latest_replay_buffer.pkl"
+LATEST_BUFFER = "replay_buffer.pkl"
 
 
 def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_every: int,
@@ -194,17 +194,22 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
                 actor.save(out_dir / f"sac_{steps}.npz", env_id=env_id, steps=steps, seed=seed,
                            eval_return=mean, eval_returns=returns)
                 print(f"{steps} steps: eval return {mean:.1f} (min {min(returns):.1f})", file=sys.stderr, flush=True)
+            return True
+
+        def _on_rollout_end(self) -> None:
+            # SB3 stores a step's transition after _on_step: here the buffer holds every step counted,
+            # so a resume loses none.
+            steps = self.num_timesteps
             if steps % buffer_every == 0 or steps == total_steps:
                 dump_replay(self.model)
                 save_latest(self.model)
-            return True
 
     def save_latest(model) -> None:
         # SB3 keeps a name ending in .zip / .pkl as given; written aside, then renamed into place.
         model.save(out_dir / "sac_latest.tmp.zip")
-        model.save_replay_buffer(out_dir / "sac_latest_replay_buffer.tmp.pkl")
+        model.save_replay_buffer(out_dir / "replay_buffer.tmp.pkl")
         (out_dir / "sac_latest.tmp.zip").replace(out_dir / LATEST_MODEL)
-        (out_dir / "sac_latest_replay_buffer.tmp.pkl").replace(out_dir / LATEST_BUFFER)
+        (out_dir / "replay_buffer.tmp.pkl").replace(out_dir / LATEST_BUFFER)
 
     if resume:
         missing = [name for name in (LATEST_MODEL, LATEST_BUFFER) if not (out_dir / name).is_file()]
@@ -282,7 +287,12 @@ def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, ou
         cut = slice(0, medium_step)
         dones = buffer["dones"][cut].astype(bool)
         timeouts = buffer["timeouts"][cut].astype(bool)
-        truncations = timeouts & dones
+        # A resumed run starts a new episode without closing the one running at its save point:
+        # wherever a transition does not start from the previous one's next observation, an episode ended.
+        seams = np.zeros(medium_step, dtype=bool)
+        seams[:-1] = ~dones[:-1] & np.any(buffer["next_observations"][: medium_step - 1]
+                                          != buffer["observations"][1:medium_step], axis=1)
+        truncations = (timeouts & dones) | seams
         terminations = dones & ~timeouts
         truncations[-1] |= not dones[-1]  # the episode running at the cut ends there
         ends = np.flatnonzero(terminations | truncations)
