@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 import cli
+from dmm_train import recipes
 from dmm_train.behavior import MlpPolicy
 from dmm_train.config import PRESETS
 from dmm_train.minari_reader import load_dataset
-from dmm_train.recipes import POLICY_DIR, RECIPE_PRESETS, RECIPE_STEPS, RECIPES, collect_recipe
+from dmm_train.recipes import (
+    POLICY_DIR,
+    RECIPE_PRESETS,
+    RECIPE_STEPS,
+    RECIPES,
+    collect_recipe,
+    ensure_default_dataset,
+)
 from dmm_train.rollouts import rollout_batched
 from tests.helpers import assert_one_line_error
 
@@ -65,16 +75,45 @@ def test_batched_rollouts_do_not_depend_on_the_number_of_envs():
     assert many[-1].truncations[-1] and not many[-1].terminations[-1]
 
 
-@pytest.mark.skipif((POLICY_DIR / "walker2d_medium.npz").is_file(), reason="walker2d policies are shipped")
-def test_missing_policy_is_one_clear_line(capsys, store):
+@pytest.fixture
+def no_shipped_policies(monkeypatch, tmp_path):
+    """A checkout that ships no behaviour policy: every recipe but the random ones lacks its files."""
+    empty = tmp_path / "policies"
+    empty.mkdir()
+    monkeypatch.setattr(recipes, "POLICY_DIR", empty)
+    return empty
+
+
+def test_missing_policy_is_one_clear_line(capsys, store, no_shipped_policies):
     code = cli.main(["collect", "--recipe", "walker2d-medium", "--steps", "100", "--quiet"])
     assert_one_line_error(capsys, code, "walker2d_medium.npz", "python -m dmm_train.behavior export")
-    code = cli.main(["train", "--preset", "walker2d", "--steps", "1", "--out", str(store / "run")])
-    assert_one_line_error(capsys, code, "walker2d_medium.npz", "python -m dmm_train.behavior export")
+    code = cli.main(["collect", "--recipe", "halfcheetah-medium-expert", "--steps", "100", "--quiet"])
+    assert_one_line_error(capsys, code, "halfcheetah_medium.npz, halfcheetah_expert.npz", "--env HalfCheetah-v5")
+    code = cli.main(["train", "--preset", "walker2d", "--steps", "5", "--out", str(store / "run")])
+    error = assert_one_line_error(capsys, code, "walker2d_medium.npz", "python -m dmm_train.behavior export",
+                                  "--env Walker2d-v5", "--dataset")
+    assert "dmm-deploy/walker2d-medium-v0" in error
     assert not (store / RECIPES["walker2d-medium"].dataset_id).exists()
 
 
-@pytest.mark.skipif((POLICY_DIR / "walker2d_medium.npz").is_file(), reason="walker2d policies are shipped")
-def test_collect_without_recipes_skips_the_unshipped_ones():
-    shipped = [name for name, recipe in RECIPES.items() if recipe.available()]
-    assert "hopper-medium" in shipped and "walker2d-medium" not in shipped and "walker2d-random" in shipped
+def test_collect_without_recipes_skips_the_unshipped_ones(capsys, store, no_shipped_policies):
+    assert cli.main(["collect", "--steps", "50", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    skipped = next(line for line in out.splitlines() if line.startswith("skipped "))
+    assert "walker2d-medium," in skipped and "hopper-medium-replay" in skipped and "hopper_medium.npz" in skipped
+    written = sorted(line.split(":")[0] for line in out.splitlines() if line.startswith("wrote "))
+    assert written == [f"wrote dmm-deploy/{preset}-random-v0" for preset in sorted(RECIPE_PRESETS)]
+
+
+def test_train_preset_defaults_to_its_own_medium_dataset(store, capsys):
+    if not RECIPES["walker2d-medium"].available():
+        pytest.skip("this checkout ships no dmm_train/policies/walker2d_medium.npz")
+    # Generated at a small budget first (its 1M steps take minutes); train picks it by id in this fresh store.
+    path = ensure_default_dataset("walker2d", progress=False, steps=300)
+    assert path == store / "dmm-deploy/walker2d-medium-v0"
+    out = store.parent / "run"
+    assert cli.main(["train", "--preset", "walker2d", "--steps", "5", "--out", str(out), "--eval-episodes", "0",
+                     "--quiet"]) == 0
+    record = json.loads((out / "model.json").read_text())
+    assert record["dataset"]["id"] == "dmm-deploy/walker2d-medium-v0"
+    assert len(record["state_mean"]) == 17 and record["target_returns"] == [5000.0, 10000.0, 50000.0, 100000.0]

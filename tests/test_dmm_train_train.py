@@ -49,16 +49,19 @@ def run_cli(args: list[str], store: Path, timeout: float = 300) -> subprocess.Co
 
 @pytest.mark.slow
 def test_train_on_embedded_default_writes_checkpoint_and_records(tmp_path):
+    from dmm_train.recipes import DEFAULT_DATASET_ID, collect_recipe
+
     store = tmp_path / "store"
     out = tmp_path / "run"
-    # Generates the 1M-step default dataset first (about 150 s on a quiet machine).
-    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store, timeout=1200)
+    # The embedded default at a small budget (its 1M steps take minutes): train finds it by id.
+    collect_recipe("hopper-medium", steps=2000, out=store, progress=False)
+    result = run_cli(["train", "--steps", "20", "--out", str(out), "--eval-episodes", "1"], store)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "model.json").read_text())
     assert record["n_params"] == 123_587
     assert record["format_version"] == FORMAT_VERSION
     assert record["step"] == 20
-    assert record["dataset"]["id"].startswith("dmm-deploy/hopper")
+    assert record["dataset"]["id"] == DEFAULT_DATASET_ID == "dmm-deploy/hopper-medium-v0"
     assert len(record["dataset"]["content_hash"]) == 64
     # The warmup scales with a short run: min(10,000, 10% of --steps), recorded as a number.
     assert record["train_config"]["learning_rate"] == 1e-4 and record["train_config"]["warmup_steps"] == 2
