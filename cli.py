@@ -72,6 +72,7 @@ def path_or_none(value):
 @config_option(CollectConfig, "dataset_id")
 @config_option(CollectConfig, "preset")
 @config_option(CollectConfig, "quiet")
+@config_option(CollectConfig, "workers", type=int)
 def collect(**options) -> None:
     """Write Minari datasets: the embedded D4RL-style recipes, or custom rollouts of a policy."""
     from dmm_train.minari_reader import load_dataset

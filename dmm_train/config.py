@@ -277,6 +277,9 @@ class CollectConfig:
         "help": "custom rollouts: Minari id to write (namespace/name-vN)"})
     preset: str = field(default="hopper", metadata={"help": "custom rollouts: environment preset"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar"})
+    workers: int | None = field(default=None, metadata={
+        "help": "processes rolling a recipe out (default: one per CPU core, at most 4, from 50k steps; "
+                "the data is the same for any number)"})
 
     DEFAULT_EPISODES = 100
 
@@ -290,6 +293,8 @@ class CollectConfig:
                            "either a recipe or custom rollouts, not both")
         if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
             raise DMMError(f"--steps {self.steps!r}; expected a positive integer")
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
+            raise DMMError(f"--workers {self.workers!r}; expected a positive integer")
         if self.custom:
             get_preset(self.preset)
             if self.episodes is not None and self.episodes < 1:

@@ -22,7 +22,8 @@ not ship says which file is missing and the command that makes it.
 Regeneration is deterministic for a seed on a given machine: episode i is reset with
 seed ``seed + i`` and draws its action noise from its own generator
 (``rollouts.episode_generator``), so the data does not depend on how many envs are
-stepped side by side; ``python cli.py collect`` twice gives the same content hash.
+stepped side by side or how many processes roll them out (``default_workers``);
+``python cli.py collect`` twice gives the same content hash.
 """
 
 from __future__ import annotations
@@ -170,13 +171,28 @@ def replay_rollouts(path: Path):
     return rollouts
 
 
-def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool) -> list[Rollout]:
+PARALLEL_FROM_STEPS = 50_000  # below this, starting worker processes costs more than it saves
+MAX_WORKERS = 4
+
+
+def default_workers(steps: int) -> int:
+    """Rollout processes for a budget of ``steps``: one per CPU core this process may use (at most
+    MAX_WORKERS) from PARALLEL_FROM_STEPS steps on, else one. The data does not depend on it."""
+    if steps < PARALLEL_FROM_STEPS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
+def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool,
+                  workers: int | None = None) -> list[Rollout]:
     env_id = get_preset(recipe.preset).env_id
     if recipe.kind == "replay":
         return replay_rollouts(POLICY_DIR / recipe.source[0])
     if recipe.kind == "mixture":
         return [rollout for name in recipe.source
-                for rollout in make_rollouts(RECIPES[name], steps=steps, seed=seed, progress=progress)]
+                for rollout in make_rollouts(RECIPES[name], steps=steps, seed=seed, progress=progress,
+                                             workers=workers)]
     if recipe.kind == "random":
         policy = "random"
     else:
@@ -185,7 +201,8 @@ def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool) -> l
         policy = MlpPolicy.load(POLICY_DIR / recipe.source[0]).sample_batch
     bar = Progress(f"rolling out {recipe.name}", steps, enabled=progress)
     try:
-        return rollout_batched(env_id, policy, n_steps=steps, seed=seed, on_step=bar.update)
+        return rollout_batched(env_id, policy, n_steps=steps, seed=seed, on_step=bar.update,
+                               workers=default_workers(steps) if workers is None else workers)
     finally:
         bar.close()
 
@@ -197,11 +214,12 @@ def recipe_dataset_dir(name: str, out: str | os.PathLike | None = None) -> Path:
 
 def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_SEED,
                    out: str | os.PathLike | None = None, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, workers: int | None = None) -> Path:
     """Generate the embedded dataset ``name`` as a Minari dataset; return its directory.
 
     ``steps`` is the rollout budget (per policy for a mixture; the replay log has its own
-    size); ``out`` is the Minari store (default: the local one).
+    size); ``out`` is the Minari store (default: the local one); ``workers`` the rollout
+    processes (default: ``default_workers(steps)``; the data is the same for any number).
     """
     recipe = get_recipe(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -211,7 +229,7 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
         raise DMMError(f"dataset {recipe.dataset_id!r} already exists at {str(final)!r}; pass --overwrite to "
                        "regenerate it")
     preset = get_preset(recipe.preset)
-    rollouts = make_rollouts(recipe, steps=steps, seed=seed, progress=progress)
+    rollouts = make_rollouts(recipe, steps=steps, seed=seed, progress=progress, workers=workers)
     total = sum(len(r) for r in rollouts)
     provenance = policy_provenance(recipe)
     return write_minari_dataset(
@@ -366,4 +384,5 @@ def run_collect(config: CollectConfig, report: Callable[[str], None] = print) ->
             report(f"kept the existing {RECIPES[name].dataset_id} (--overwrite regenerates it)")
         names = tuple(name for name in names if name not in kept)
     return [collect_recipe(name, steps=RECIPE_STEPS if config.steps is None else config.steps, seed=config.seed,
-                           out=config.out, overwrite=config.overwrite, progress=not config.quiet) for name in names]
+                           out=config.out, overwrite=config.overwrite, progress=not config.quiet,
+                           workers=config.workers) for name in names]

@@ -243,6 +243,181 @@ def mujoco_warnings_once():
         mujoco.set_mju_user_warning(previous)
 
 
+class _LocalSchedule:
+    """One process: episodes start in order while the episodes before them may leave room in the
+    budget, and an episode stops as soon as none of its later steps could be kept."""
+
+    def __init__(self, n_steps: int):
+        self.n_steps = n_steps
+        self.lengths: list[int] = []  # of every episode started, growing while it runs
+        self.settled, self.settled_steps = 0, 0  # the leading finished episodes, and their total length
+        self.finished: set[int] = set()
+
+    def _steps_before_each(self) -> np.ndarray:
+        # Lower bounds of the steps taken by the episodes before each started one and after the
+        # last (exact once those episodes finish): (started - settled + 1,)
+        tail = np.asarray(self.lengths[self.settled:], dtype=np.int64)
+        return self.settled_steps + np.concatenate([[0], np.cumsum(tail)])
+
+    def next_episode(self) -> int | None:
+        if self._steps_before_each()[-1] >= self.n_steps:
+            return None
+        self.lengths.append(0)
+        return len(self.lengths) - 1
+
+    def stepped(self, episodes: list[_Episode]) -> list[bool]:
+        """Record the new lengths of ``episodes``; which of them are done."""
+        for episode in episodes:
+            self.lengths[episode.index] = episode.length
+        before = self._steps_before_each()
+        done = [episode.terminated or episode.truncated
+                or before[episode.index - self.settled] + episode.length >= self.n_steps for episode in episodes]
+        self.finished.update(e.index for e, d in zip(episodes, done, strict=True) if d)
+        while self.settled in self.finished:
+            self.settled_steps += self.lengths[self.settled]
+            self.settled += 1
+        return done
+
+
+class _SharedSchedule:
+    """Several processes: the next episode index and the steps of every started episode are shared,
+    so the episodes started are always 0..m-1; an episode starts while those steps are below the
+    budget and runs to its own end (what a cut drops is at most one episode per env slot)."""
+
+    def __init__(self, n_steps: int, next_index, steps_started):
+        self.n_steps, self.next_index, self.steps_started = n_steps, next_index, steps_started
+
+    def next_episode(self) -> int | None:
+        with self.next_index.get_lock():
+            if self.steps_started.value >= self.n_steps:
+                return None
+            self.next_index.value += 1
+            return self.next_index.value - 1
+
+    def stepped(self, episodes: list[_Episode]) -> list[bool]:
+        with self.steps_started.get_lock():
+            self.steps_started.value += len(episodes)
+        return [episode.terminated or episode.truncated for episode in episodes]
+
+
+def _run_episodes(env_id: str, envs: list, policy: BatchPolicy, seed: int, schedule,
+                  on_batch: Callable[[int], None] | None = None) -> dict[int, Rollout]:
+    """Step ``envs`` side by side through the episodes ``schedule`` hands out; index -> whole Rollout."""
+    action_space = envs[0].action_space
+    spec = envs[0].spec
+    capacity = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 1000
+    act_dim = action_space.shape[0]
+    finished: dict[int, Rollout] = {}
+    running: dict[int, _Episode] = {}  # env slot -> its episode
+    while True:
+        for slot in range(len(envs)):
+            if slot not in running and (index := schedule.next_episode()) is not None:
+                observation, _ = envs[slot].reset(seed=seed + index)
+                running[slot] = _Episode(index, seed + index, episode_generator(seed, index), observation,
+                                         capacity, act_dim)
+        if not running:
+            return finished
+        slots = sorted(running)
+        episodes = [running[slot] for slot in slots]
+        observations = np.stack([e.observations[e.length] for e in episodes])  # (n, S)
+        actions = np.asarray(policy(observations, [e.generator for e in episodes]), dtype=action_space.dtype)
+        if actions.shape != (len(slots), act_dim):
+            raise DMMError(f"policy returned actions of shape {actions.shape}; expected "
+                           f"{(len(slots), act_dim)} for {len(slots)} episodes of {env_id!r}")
+        for slot, episode, action in zip(slots, episodes, actions, strict=True):
+            observation, reward, terminated, truncated, _ = envs[slot].step(action)
+            episode.record(action, observation, float(reward))
+            episode.terminated, episode.truncated = bool(terminated), bool(truncated)
+        for slot, episode, done in zip(slots, episodes, schedule.stepped(episodes), strict=True):
+            if done:
+                finished[episode.index] = running.pop(slot).rollout()
+        if on_batch is not None:
+            on_batch(len(slots))
+
+
+def _make_envs(env_id: str, num_envs: int) -> list:
+    import gymnasium as gym
+
+    with mujoco_warnings_once():
+        envs = [make_plant(env_id)]
+        spaces = (envs[0].observation_space, envs[0].action_space)
+        if not all(isinstance(space, gym.spaces.Box) for space in spaces):
+            envs[0].close()
+            raise DMMError(f"environment {env_id!r} has {type(spaces[0]).__name__} observations and "
+                           f"{type(spaces[1]).__name__} actions; expected Box spaces (MuJoCo locomotion)")
+        envs += [make_plant(env_id) for _ in range(num_envs - 1)]
+    return envs
+
+
+def _resolve_batch_policy(policy: BatchPolicy | str, action_space) -> BatchPolicy:
+    if isinstance(policy, str) and policy == "random":
+        return uniform_random_policy(action_space)
+    if not callable(policy):
+        raise DMMError(f"policy {policy!r}; expected 'random' or a batch policy (observations, generators) "
+                       "-> actions")
+    return policy
+
+
+def _worker(env_id: str, policy, n_steps: int, seed: int, num_envs: int, next_index, steps_started,
+            results) -> None:
+    """One rollout process: its share of the episodes, sent back as (index -> Rollout) or an error line."""
+    try:
+        envs = _make_envs(env_id, num_envs)
+        try:
+            schedule = _SharedSchedule(n_steps, next_index, steps_started)
+            results.put(("rollouts", _run_episodes(env_id, envs, _resolve_batch_policy(policy, envs[0].action_space),
+                                                   seed, schedule)))
+        finally:
+            for env in envs:
+                env.close()
+    except Exception as error:  # reported by the parent as one line
+        message = str(error) if isinstance(error, DMMError) else f"{type(error).__name__}: {error}"
+        results.put(("error", message))
+
+
+def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs: int, workers: int,
+                          on_step: Callable[[int], None] | None) -> dict[int, Rollout]:
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch or BLAS threads
+    next_index, steps_started = context.Value("q", 0), context.Value("q", 0)
+    results = context.Queue()
+    processes = [context.Process(target=_worker, args=(env_id, policy, n_steps, seed, num_envs, next_index,
+                                                       steps_started, results), daemon=True)
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+    finished: dict[int, Rollout] = {}
+    errors: list[str] = []
+    try:
+        for _ in processes:
+            while True:
+                try:
+                    kind, payload = results.get(timeout=0.5)
+                    break
+                except queue.Empty:
+                    if on_step is not None:
+                        on_step(min(steps_started.value, n_steps))
+                    if not any(p.is_alive() for p in processes) and results.empty():
+                        raise DMMError("a rollout process died without a result (out of memory?); expected "
+                                       "every process to report; retry with --workers 1") from None
+            if kind == "error":
+                errors.append(payload)
+            else:
+                finished.update(payload)
+    finally:
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+    if errors:
+        raise DMMError(errors[0])
+    if on_step is not None:
+        on_step(n_steps)
+    return finished
+
+
 def rollout_batched(
     env_id: str,
     policy: BatchPolicy | str,
@@ -250,98 +425,45 @@ def rollout_batched(
     n_steps: int,
     seed: int = 0,
     num_envs: int = DEFAULT_NUM_ENVS,
+    workers: int = 1,
     on_step: Callable[[int], None] | None = None,
 ) -> list[Rollout]:
-    """``n_steps`` steps of ``policy`` in ``num_envs`` real envs stepped side by side.
+    """``n_steps`` steps of ``policy`` in ``num_envs`` real envs stepped side by side, in ``workers`` processes.
 
     The result is the same as rolling the episodes out one after another, whatever
-    ``num_envs``: episode i is reset with seed ``seed + i`` and draws its action noise from
-    its own generator (``episode_generator(seed, i)``), and the episodes are returned in
-    order, the last one cut at the budget and marked truncated. ``policy`` is "random" or a
-    batch policy ``(observations (n, S), generators) -> actions (n, Adim)`` that treats each
-    row on its own (as ``MlpPolicy.sample_batch`` does). ``on_step(steps_done)`` is called
-    after every batch of env steps.
+    ``num_envs`` and ``workers``: episode i is reset with seed ``seed + i`` and draws its
+    action noise from its own generator (``episode_generator(seed, i)``), and the episodes
+    are returned in order, the last one cut at the budget and marked truncated. ``policy``
+    is "random" or a batch policy ``(observations (n, S), generators) -> actions (n, Adim)``
+    that treats each row on its own (as ``MlpPolicy.sample_batch`` does); with several
+    workers it must be picklable. ``on_step(steps_done)`` reports progress.
     """
-    for name, value in (("n_steps", n_steps), ("num_envs", num_envs)):
+    for name, value in (("n_steps", n_steps), ("num_envs", num_envs), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise DMMError(f"{name} {value!r}; expected a positive integer")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DMMError(f"seed {seed!r}; expected a non-negative integer (episode i is reset with seed + i)")
-    import gymnasium as gym
+    if workers > 1:
+        finished = _rollout_in_processes(env_id, policy, n_steps, seed, num_envs, workers, on_step)
+    else:
+        envs = _make_envs(env_id, num_envs)
+        try:
+            steps_done = [0]
 
-    with mujoco_warnings_once():
-        envs = [make_plant(env_id)]
-        if num_envs > 1 and isinstance(envs[0].observation_space, gym.spaces.Box):
-            envs += [make_plant(env_id) for _ in range(num_envs - 1)]
-    try:
-        spaces = (envs[0].observation_space, envs[0].action_space)
-        if not all(isinstance(space, gym.spaces.Box) for space in spaces):
-            raise DMMError(f"environment {env_id!r} has {type(spaces[0]).__name__} observations and "
-                           f"{type(spaces[1]).__name__} actions; expected Box spaces (MuJoCo locomotion)")
-        action_space = envs[0].action_space
-        if isinstance(policy, str) and policy == "random":
-            policy = uniform_random_policy(action_space)
-        elif not callable(policy):
-            raise DMMError(f"policy {policy!r}; expected 'random' or a batch policy (observations, generators) "
-                           "-> actions")
-        spec = envs[0].spec
-        capacity = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 1000
-        act_dim = action_space.shape[0]
-        lengths: list[int] = []  # of every episode started, growing while it runs
-        settled, settled_steps = 0, 0  # the leading finished episodes, and their total length
-        finished: dict[int, Rollout] = {}
-        running: dict[int, _Episode] = {}  # env slot -> its episode
-        steps_done = 0
+            def on_batch(count: int) -> None:
+                steps_done[0] += count
+                if on_step is not None:
+                    on_step(min(steps_done[0], n_steps))
 
-        def steps_before_each() -> np.ndarray:
-            # Lower bounds of the steps taken by the episodes before each started one and after the
-            # last (exact once those episodes finish): (started - settled + 1,)
-            tail = np.asarray(lengths[settled:], dtype=np.int64)
-            return settled_steps + np.concatenate([[0], np.cumsum(tail)])
-
-        while True:
-            # A new episode starts only while the episodes before it may leave room in the budget.
-            for slot in range(num_envs):
-                if slot not in running and steps_before_each()[-1] < n_steps:
-                    index = len(lengths)
-                    observation, _ = envs[slot].reset(seed=seed + index)
-                    running[slot] = _Episode(index, seed + index, episode_generator(seed, index), observation,
-                                             capacity, act_dim)
-                    lengths.append(0)
-            if not running:
-                break
-            slots = sorted(running)
-            episodes = [running[slot] for slot in slots]
-            observations = np.stack([e.observations[e.length] for e in episodes])  # (n, S)
-            actions = np.asarray(policy(observations, [e.generator for e in episodes]), dtype=action_space.dtype)
-            if actions.shape != (len(slots), act_dim):
-                raise DMMError(f"policy returned actions of shape {actions.shape}; expected "
-                               f"{(len(slots), act_dim)} for {len(slots)} episodes of {env_id!r}")
-            for slot, episode, action in zip(slots, episodes, actions, strict=True):
-                observation, reward, terminated, truncated, _ = envs[slot].step(action)
-                episode.record(action, observation, float(reward))
-                episode.terminated, episode.truncated = bool(terminated), bool(truncated)
-                lengths[episode.index] = episode.length
-            steps_done += len(slots)
-            if on_step is not None:
-                on_step(min(steps_done, n_steps))
-            before = steps_before_each()
-            for slot, episode in zip(slots, episodes, strict=True):
-                # Even if every earlier episode stopped now, no later step of this one would be kept.
-                out_of_budget = before[episode.index - settled] + episode.length >= n_steps
-                if episode.terminated or episode.truncated or out_of_budget:
-                    finished[episode.index] = running.pop(slot).rollout()
-            while settled in finished:
-                settled_steps += lengths[settled]
-                settled += 1
-
-        rollouts, kept = [], 0
-        for index in range(len(lengths)):
-            if kept >= n_steps:
-                break
-            rollouts.append(cut_rollout(finished.pop(index), n_steps - kept))
-            kept += len(rollouts[-1])
-        return rollouts
-    finally:
-        for env in envs:
-            env.close()
+            finished = _run_episodes(env_id, envs, _resolve_batch_policy(policy, envs[0].action_space), seed,
+                                     _LocalSchedule(n_steps), on_batch)
+        finally:
+            for env in envs:
+                env.close()
+    rollouts, kept = [], 0
+    for index in range(len(finished)):
+        if kept >= n_steps:
+            break
+        rollouts.append(cut_rollout(finished.pop(index), n_steps - kept))
+        kept += len(rollouts[-1])
+    return rollouts

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import cli
+from contract.errors import DMMError
 from dmm_train import recipes
 from dmm_train.behavior import MlpPolicy
 from dmm_train.config import PRESETS
@@ -73,6 +74,12 @@ def test_batched_rollouts_do_not_depend_on_the_number_of_envs():
         for field in ("observations", "actions", "rewards", "terminations", "truncations"):
             assert np.array_equal(getattr(a, field), getattr(b, field)), field
     assert many[-1].truncations[-1] and not many[-1].terminations[-1]
+    # Worker processes share the episodes out (each runs its episodes to their end) and give the same data.
+    parallel = rollout_batched("Hopper-v5", actor.sample_batch, n_steps=700, seed=3, num_envs=2, workers=2)
+    assert len(parallel) == len(one)
+    for a, b in zip(one, parallel, strict=True):
+        for field in ("observations", "actions", "rewards", "terminations", "truncations"):
+            assert np.array_equal(getattr(a, field), getattr(b, field)), field
 
 
 @pytest.fixture
@@ -117,3 +124,10 @@ def test_train_preset_defaults_to_its_own_medium_dataset(store, capsys):
     record = json.loads((out / "model.json").read_text())
     assert record["dataset"]["id"] == "dmm-deploy/walker2d-medium-v0"
     assert len(record["state_mean"]) == 17 and record["target_returns"] == [5000.0, 10000.0, 50000.0, 100000.0]
+
+
+def test_a_failing_worker_process_is_one_clear_error():
+    with pytest.raises(DMMError, match="cannot create environment 'NoSuchEnv-v0'"):
+        rollout_batched("NoSuchEnv-v0", "random", n_steps=10, workers=2)
+    with pytest.raises(DMMError, match="workers 0; expected a positive integer"):
+        rollout_batched("Hopper-v5", "random", n_steps=10, workers=0)
