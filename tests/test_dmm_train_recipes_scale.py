@@ -57,6 +57,30 @@ def test_random_recipe_regenerates_with_the_same_hash(store, preset):
     assert first.state_dim == PRESETS[preset].state_dim and first.act_dim == PRESETS[preset].act_dim
 
 
+@pytest.mark.parametrize("name", [name for name, recipe in RECIPES.items()
+                                  if recipe.kind == "policy" and recipe.preset != "hopper"])
+def test_shipped_policy_recipes_of_other_envs_regenerate_with_the_same_hash(store, name):
+    if not RECIPES[name].available():
+        pytest.skip(f"this checkout ships no {RECIPES[name].source[0]}")
+    first = load_dataset(collect_recipe(name, steps=300, progress=False))
+    second = load_dataset(collect_recipe(name, steps=300, progress=False, overwrite=True))
+    assert first.content_hash == second.content_hash and first.total_steps == 300
+    assert first.env_id == PRESETS[RECIPES[name].preset].env_id
+
+
+@pytest.mark.parametrize("preset", RECIPE_PRESETS)
+def test_shipped_replay_logs_are_sac_histories(store, preset):
+    recipe = RECIPES[f"{preset}-medium-replay"]
+    if not recipe.available():
+        pytest.skip(f"this checkout ships no {recipe.source[0]}")
+    dataset = load_dataset(collect_recipe(recipe.name, progress=False))
+    steps = MlpPolicy.load(POLICY_DIR / f"{preset}_medium.npz").metadata["sac_steps"]
+    assert dataset.total_steps == steps  # every transition up to the medium snapshot
+    returns = np.array([e.rewards.sum() for e in dataset.episodes])
+    # The learner starts from random actions and improves: late episodes score far above early ones.
+    assert returns[-10:].mean() > returns[:10].mean() + 0.2 * PRESETS[preset].ref_max_score
+
+
 def test_hopper_medium_regenerates_with_the_same_hash(store):
     first = load_dataset(collect_recipe("hopper-medium", steps=1500, progress=False))
     second = load_dataset(collect_recipe("hopper-medium", steps=1500, progress=False, overwrite=True))
