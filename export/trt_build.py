@@ -65,6 +65,14 @@ TYPINGS = ("auto", "strong", "weak")
 DEFAULT_WORKSPACE_MB = 256
 
 
+def _check_device_options(device, precision_check) -> None:
+    """The --device and --precision-check rules that build and adopt share."""
+    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        raise DMMError(f"--device {device!r}; expected a CUDA device index (0, 1, ...)")
+    if precision_check not in PRECISION_CHECKS:
+        raise DMMError(f"--precision-check {precision_check!r}; expected one of {', '.join(PRECISION_CHECKS)}")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """What ``cli.py build`` asks for."""
@@ -92,10 +100,7 @@ class BuildConfig:
             raise DMMError(f"--workspace-mb {self.workspace_mb!r}; expected a positive number of MiB")
         if self.typing not in TYPINGS:
             raise DMMError(f"--typing {self.typing!r}; expected one of {', '.join(TYPINGS)}")
-        if isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0:
-            raise DMMError(f"--device {self.device!r}; expected a CUDA device index (0, 1, ...)")
-        if self.precision_check not in PRECISION_CHECKS:
-            raise DMMError(f"--precision-check {self.precision_check!r}; expected one of {', '.join(PRECISION_CHECKS)}")
+        _check_device_options(self.device, self.precision_check)
 
     @property
     def plan_path(self) -> Path:
@@ -416,10 +421,7 @@ class AdoptConfig:
                            "(trtexec --saveEngine=NAME.plan)")
         if self.onnx is not None and Path(self.onnx).suffix != ".onnx":
             raise DMMError(f"--onnx {str(self.onnx)!r}; expected the NAME.onnx the plan was built from")
-        if isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0:
-            raise DMMError(f"--device {self.device!r}; expected a CUDA device index (0, 1, ...)")
-        if self.precision_check not in PRECISION_CHECKS:
-            raise DMMError(f"--precision-check {self.precision_check!r}; expected one of {', '.join(PRECISION_CHECKS)}")
+        _check_device_options(self.device, self.precision_check)
 
     @property
     def onnx_path(self) -> Path:
