@@ -33,7 +33,7 @@ and ``<!-- quality:end ID @ STEPS -->``; the rest of the file is left alone. It 
     quality on <dataset id> @ <steps> steps (last checkpoint, N seeds): DMM=x DMamba=y BC=z DT=w
 
 (``DT@<steps>=w`` for a kind trained on fewer steps). Each run is a resumable run directory of
-the trainer, OUT/<name>/ (OUT defaults to runs/quality/<dataset>; names dmm-seed0,
+the trainer, OUT/<name>/ (OUT defaults to runs/quality/<dataset>-<steps>steps; names dmm-seed0,
 dt-matched-seed0, ...), finished once its result.json exists; started again with the same
 settings, the bench skips finished runs and resumes the others from their last checkpoint.
 
@@ -430,7 +430,7 @@ def kind_values(pairs: list[str], option: str, parse) -> dict:
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=None,
-                        help="Minari id or dataset directory (default: the embedded hopper-medium)")
+                        help="Minari id or dataset directory (default: the preset's embedded medium dataset)")
     parser.add_argument("--preset", default="hopper", help="environment preset (default hopper)")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_KINDS),
                         help=f"model kinds (default: {' '.join(DEFAULT_KINDS)})")
@@ -550,7 +550,8 @@ def main(argv: list[str] | None = None) -> str | None:
     from dmm_train.minari_reader import load_dataset
     from dmm_train.recipes import ensure_default_dataset
 
-    dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(progress=True))
+    # The preset's own medium dataset by default: walker2d and halfcheetah never train on Hopper's data.
+    dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(args.preset))
     dataset = load_dataset(dataset_spec)
     preset = get_preset(args.preset)
     if (dataset.state_dim, dataset.act_dim) != (preset.state_dim, preset.act_dim):
@@ -560,7 +561,8 @@ def main(argv: list[str] | None = None) -> str | None:
     settings = bench_settings(args, dataset, dataset_spec)
     args.dataset_id = dataset.dataset_id
     if args.out is None:
-        args.out = DEFAULT_OUT / dataset.dataset_id.replace("/", "--")
+        # One folder per dataset and budget: a 10k-step bench never meets the runs of a 100k-step one.
+        args.out = DEFAULT_OUT / f"{dataset.dataset_id.replace('/', '--')}-{args.steps}steps"
     runs = plan_runs(args)
     by_name = {run["name"]: run for run in runs}
 
