@@ -161,3 +161,22 @@ def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset
         assert json.loads((run / "result.json").read_text())["seed"] == seed
         assert "bc-seed" in (run / "bench.log").read_text()  # each child's output in its own log
     assert "up to 2 run(s) at once" in benchmarks.read_text()
+
+
+def test_each_preset_benches_its_own_medium_dataset_in_a_folder_per_budget(
+        tmp_path, monkeypatch, capsys, restore_threads):
+    """Without --dataset, --preset walker2d benches walker2d-medium (not Hopper's data), and the default
+    runs folder names the budget, so benches of one dataset at two budgets never share runs."""
+    bench = load_bench()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "store"))
+    monkeypatch.chdir(tmp_path)
+    from dmm_train.recipes import RECIPES, collect_recipe
+
+    collect_recipe("walker2d-medium", steps=300, progress=False, workers=1)  # a small stand-in under the real id
+    assert bench.main(["--preset", "walker2d", "--steps", "4", "--seeds", "0", "--models", "bc",
+                       "--print-commands"]) is None
+    command = shlex.split(capsys.readouterr().out.splitlines()[0])
+    assert command[command.index("--dataset") + 1] == RECIPES["walker2d-medium"].dataset_id
+    assert command[command.index("--preset") + 1] == "walker2d"
+    expected_out = f"runs/quality/{RECIPES['walker2d-medium'].dataset_id.replace('/', '--')}-4steps"
+    assert command[command.index("--out") + 1] == expected_out
