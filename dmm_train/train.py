@@ -72,7 +72,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig):
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
     )
-    warmup = max(config.warmup_steps, 1)
+    warmup = max(config.resolved_warmup(), 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))
     return optimizer, scheduler
 

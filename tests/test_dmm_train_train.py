@@ -144,6 +144,22 @@ def test_warmup_defaults_to_a_tenth_of_a_short_run_and_the_official_10k_beyond()
         TrainConfig(warmup_steps=-1).validate()
 
 
+def test_the_optimizer_ramps_over_the_resolved_warmup_from_any_config():
+    """make_optimizer takes a config as the user gives it (warmup unset: its default), as bench/train_speed.py
+    does, and ramps the learning rate linearly over the resolved warmup."""
+    from dmm_train.train import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, TrainConfig(steps=2000))  # warmup 200
+    rates = []
+    for _ in range(201):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-4 / 200) and rates[99] == pytest.approx(1e-4 / 2)
+    assert rates[199] == rates[200] == pytest.approx(1e-4)
+
+
 @pytest.mark.slow
 def test_periodic_evaluation_keeps_the_best_checkpoint_chosen_on_selection_seeds(tmp_path, minari_store):
     from dmm_train.train import train

@@ -511,3 +511,24 @@ def test_run_period_reports_tick_lateness_and_misses(capsys, ranged_engines):
                           "--cpu 4096 | this process may run on CPUs")
     assert_one_line_error(capsys, cli.main(["run", "--engine", engine, "--max-consecutive-faults", "-1"]),
                           "--max-consecutive-faults -1")
+
+
+def test_run_keep_gc_and_realtime_are_reported_and_given_back(capsys, ranged_engines):
+    """`run --realtime --keep-gc`: the loop ran under SCHED_FIFO with the collector running, the report
+    says so, and the caller's scheduler is given back after the run (or, for a user without real-time
+    rights, one line says why and what to do). On a period, so the real-time loop sleeps between ticks
+    and never monopolises a core of a busy machine."""
+    engine = str(ranged_engines["stream"])
+    scheduler, priority = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+    argv = ["--engine", engine, "--episodes", "1", "--period-ms", "10", "--realtime", "--keep-gc"]
+    try:
+        request_fifo(49)
+    except DMMError:
+        assert_one_line_error(capsys, cli.main(["run", *argv]), "--realtime | SCHED_FIFO priority 49 was refused")
+        return
+    os.sched_setscheduler(0, scheduler, os.sched_param(priority))
+    report = run_json(capsys, *argv)
+    assert report["realtime"] == {"cpu": None, "scheduler": "SCHED_FIFO 49", "gc": "running"}
+    assert report["steps"] == sum(report["lengths"]) and report["period_ms"] == 10.0
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == (scheduler, priority)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
