@@ -39,3 +39,14 @@ def test_collect_speed_compares_the_rollout_paths_and_regenerates_the_same_hash(
                         r"hopper-medium 1500 steps: \d+ s wall, \d+ s CPU; hash [0-9a-f]{16} \(same in 2 runs: yes\)",
                         lines[-1]), lines[-1]
     assert not any(tmp_path.iterdir())  # the fresh stores are its own and removed
+
+
+@pytest.mark.slow
+def test_step_latency_runs_every_backend_and_mode_and_prints_the_speedups():
+    lines = run_bench("step_latency.py", "--steps", "20", "--episodes", "1", "--train-steps", "20")
+    closed_loop = {line.split()[0]: line for line in lines if re.match(r"\s+(window|stream|native)\s+return", line)}
+    assert sorted(closed_loop) == ["native", "stream", "window"], lines
+    # The C step is the stream step: the same episode, to the printed digit.
+    assert closed_loop["stream"].split()[1:] == closed_loop["native"].split()[1:]
+    speedups = r"speedup window: \d+\.\dx stream: \d+\.\dx native vs ORT stream: \d+\.\dx"
+    assert re.fullmatch(speedups, lines[-1]), lines[-1]
