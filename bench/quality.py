@@ -41,7 +41,13 @@ Sweeps on any scheduler: ``--print-commands`` prints one independent, resumable 
 (``--run NAME``: train or continue that run alone, write its result.json, touch no table), the
 dt-matched ones last (they read the finished DMM and DT runs: start them after those);
 ``--jobs N`` runs N of them at once on this machine, each with ``--threads`` torch threads;
-``--report-only`` writes the tables from the runs directory.
+``--report-only`` writes the tables from the runs directory; ``--status`` says where each run stands.
+
+A bench outlives one machine when its directory lives in the tree, ``--out
+bench/results/quality/<dataset>-<steps>steps``: the runs' JSON records there are tracked (.gitignore
+leaves out checkpoints, plots and logs), so a finished run travels as its result.json and is never
+retrained; an unfinished one also needs its resume.pt and best.pt (``git add -f``), from which the
+bench continues it exactly on the next machine (the recipes regenerate the same dataset, hash and all).
 
     python bench/quality.py [--dataset ID|DIR] [--steps 100000] [--seeds 0 1 2] [--model-steps dt=N]
                             [--model-seeds dt=0] [--jobs N] [--print-commands] [--run NAME] [--report-only]
@@ -234,6 +240,25 @@ def check_result(result: dict, run_dir: Path) -> dict:
         raise DMMError(f"{str(run_dir / RESULT_FILE)!r} was written by an older bench (format "
                        f"{result.get('format')}); expected format {RESULT_FORMAT}; use another --out for this bench")
     return result
+
+
+def run_status(run: dict, run_dir: Path) -> str:
+    """One line on where a run stands: finished (its scores), at step N of M (what carries it on), not started."""
+    result = read_json(run_dir / RESULT_FILE)
+    if result is not None:
+        return (f"{run['name']:<18} finished: {result['steps']:,} steps, last {result['last']:.1f}, best ckpt "
+                f"{result['best']:.1f}, official {result['official']:.1f}")
+    fixed = read_json(run_dir / RUN_FILE)
+    steps = fixed["steps"] if fixed else run["steps"]
+    budget = f"{steps:,} steps" if steps is not None else "DMM's wall time of steps"
+    records = read_metrics(run_dir)
+    if not records or not (run_dir / RESUME_FILE).exists():
+        return f"{run['name']:<18} not started ({budget})"
+    done = records[-1]["step"]
+    speed = seconds_per_step(run_dir)
+    left = f", about {duration(speed * (steps - done))} of training left at its speed so far" if speed and steps else ""
+    return (f"{run['name']:<18} at step {done:,} of {budget}{left}; continues from {RESUME_FILE} (carry it, "
+            f"with best.pt and the JSON records, to continue elsewhere)")
 
 
 # --------------------------------------------------------------------------- the table
@@ -454,7 +479,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--checkpoint-every", type=int, default=1000,
                         help="steps between resumable checkpoints (default 1000)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"bench directory: one run directory per run (default {DEFAULT_OUT}/<dataset>)")
+                        help=f"one run directory per run (default {DEFAULT_OUT}/<dataset>-<steps>steps)")
     parser.add_argument("--benchmarks", type=Path, default=BENCHMARKS,
                         help="markdown file whose quality section is (re)written (default BENCHMARKS.md)")
     parser.add_argument("--threads", type=int, default=1,
@@ -467,6 +492,8 @@ def parse_args(argv: list[str] | None):
     mode.add_argument("--print-commands", nargs="?", const="all", choices=("all", "independent", "matched"),
                       help="print one resumable command per run for a scheduler (default all: the independent runs, "
                            "then the dt-matched ones, which must start after the DMM and DT runs)")
+    mode.add_argument("--status", action="store_true",
+                      help="train nothing: say where each run stands (finished, at step N of M, not started)")
     mode.add_argument("--run", action="append", default=None, metavar="NAME",
                       help="train (or continue) only this run (repeatable), e.g. dmm-seed0; no table is written")
     args = parser.parse_args(argv)
@@ -543,8 +570,8 @@ def run_jobs(args, runs: list[dict]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> str | None:
-    """Run (or continue) the bench; returns the quality line (stdout's last line), or None for --run and
-    --print-commands."""
+    """Run (or continue) the bench; returns the quality line (stdout's last line), or None for --run,
+    --print-commands and --status."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # the fused scan kernel follows torch's thread count
     from dmm_train.minari_reader import load_dataset
@@ -571,6 +598,11 @@ def main(argv: list[str] | None = None) -> str | None:
                   or run["matched"] == (args.print_commands == "matched")]
         for run in chosen:
             print(shlex.join(run_command(args, run["name"])))
+        return None
+
+    if args.status:
+        for run in runs:
+            print(run_status(run, args.out / run["name"]))
         return None
 
     args.out.mkdir(parents=True, exist_ok=True)

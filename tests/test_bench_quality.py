@@ -60,7 +60,7 @@ def replace_option(argv: list[str], option: str, *values: str) -> list[str]:
 
 @pytest.mark.slow
 def test_quality_bench_reports_last_best_and_official_and_continues_where_it_stopped(
-        tmp_path, dataset, restore_threads):
+        tmp_path, dataset, restore_threads, capsys):
     bench = load_bench()
     benchmarks = tmp_path / "BENCHMARKS.md"
     begin, end = bench.section_markers(DATASET_ID, 4)
@@ -75,6 +75,14 @@ def test_quality_bench_reports_last_best_and_official_and_continues_where_it_sto
     assert sorted(path.name for path in runs.iterdir()) == ["bc-seed0", "bench.json"]
     assert "stale table" in benchmarks.read_text()
     bc_stamp = (runs / "bc-seed0" / "model.pt").stat().st_mtime_ns
+
+    # Where each run stands, training nothing: the finished one with its scores, the others not started.
+    capsys.readouterr()
+    assert bench.main([*argv, "--status"]) is None
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert status["bc-seed0"].startswith("finished: 4 steps, last ")
+    assert status["dmm-seed0"] == "not started (4 steps)" and status["dt-seed0"] == "not started (2 steps)"
+    assert status["dt-matched-seed0"] == "not started (DMM's wall time of steps)"
 
     line = bench.main(argv)
     assert torch.get_num_threads() == 1  # --threads default
