@@ -46,8 +46,9 @@ dt-matched ones last (they read the finished DMM and DT runs: start them after t
 A bench outlives one machine when its directory lives in the tree, ``--out
 bench/results/quality/<dataset>-<steps>steps``: the runs' JSON records there are tracked (.gitignore
 leaves out checkpoints, plots and logs), so a finished run travels as its result.json and is never
-retrained; an unfinished one also needs its resume.pt and best.pt (``git add -f``), from which the
-bench continues it exactly on the next machine (the recipes regenerate the same dataset, hash and all).
+retrained; an unfinished one also needs its resume.pt and best.pt (``git add -f``), from whose step the
+bench continues it on the next machine (the recipes regenerate the same dataset, hash and all, and
+the trainer refuses another).
 
     python bench/quality.py [--dataset ID|DIR] [--steps 100000] [--seeds 0 1 2] [--model-steps dt=N]
                             [--model-seeds dt=0] [--jobs N] [--print-commands] [--run NAME] [--report-only]
