@@ -285,7 +285,6 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     import tensorrt as trt
 
     from runtime.tensorrt_support import (
-        PLAN_KIND,
         capturing_logger,
         check_io,
         check_layer_precisions,
@@ -362,32 +361,20 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     precision_warnings = check_layer_precisions(source, layers, manifest, precision_check=config.precision_check,
                                                 tf32=config.tf32)
 
-    engine_record = {
-        "kind": PLAN_KIND,
-        "tensorrt_version": version,
-        "gpu_name": gpu.name,
-        "compute_capability": gpu.compute_capability,
-        "device": config.device,
-        "plan_sha256": sha256_bytes(plan_bytes),
-        "plan_bytes": len(plan_bytes),
-        "io": tensors,
-        "built_by": "cli.py build",
-        "source_onnx": onnx_path.name,
-        "source_onnx_sha256": manifest.onnx_sha256,
-        "network": "strongly typed" if typing == "strong" else "weakly typed (TensorRT 10.x builder flags)",
-        "typing_fallback_reason": fallback_reason,
-        "builder_flags": flags,
-        "tf32": bool(config.tf32),
-        "workspace_bytes": config.workspace_mb << 20,
-        "timing_cache": str(cache_path),
-        "timing_cache_reused": cache_status == "reused",
-        "timing_cache_status": TIMING_CACHE_STATUS[cache_status],
-        "build_seconds": round(build_seconds, 2),
-        "builder_warnings": [message.strip().splitlines()[0] for message in warnings[:10]],
-        "layers": layers,
-        "precision_check": config.precision_check,
-        "precision_warnings": precision_warnings,
-    }
+    engine_record = plan_record(
+        version, gpu, config, plan_bytes, tensors, onnx_path, manifest, layers, precision_warnings,
+        built_by="cli.py build",
+        network="strongly typed" if typing == "strong" else "weakly typed (TensorRT 10.x builder flags)",
+        typing_fallback_reason=fallback_reason,
+        builder_flags=flags,
+        tf32=bool(config.tf32),
+        workspace_bytes=config.workspace_mb << 20,
+        timing_cache=str(cache_path),
+        timing_cache_reused=cache_status == "reused",
+        timing_cache_status=TIMING_CACHE_STATUS[cache_status],
+        build_seconds=round(build_seconds, 2),
+        builder_warnings=[message.strip().splitlines()[0] for message in warnings[:10]],
+    )
     plan_manifest = dataclasses.replace(manifest, engine=engine_record)
     plan_manifest_path = manifest_path_for(plan_path)
     try:
@@ -445,7 +432,6 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
     """
     from runtime.cuda_support import device_current
     from runtime.tensorrt_support import (
-        PLAN_KIND,
         capturing_logger,
         check_io,
         check_layer_precisions,
@@ -486,7 +472,26 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
         layers = inspect_layers(engine, manifest)
         precision_warnings = check_layer_precisions(source, layers, manifest, precision_check=config.precision_check)
         del engine, runtime
-    engine_record = {
+    engine_record = plan_record(
+        version, gpu, config, plan_bytes, tensors, onnx_path, manifest, layers, precision_warnings,
+        built_by="adopted (built outside cli.py build, e.g. by trtexec); I/O and layer precisions checked",
+        network="unknown (built elsewhere)", typing_fallback_reason=None, tf32=None,
+    )
+    try:
+        write_manifest(dataclasses.replace(manifest, engine=engine_record), plan_manifest_path)
+    except OSError as error:
+        raise DMMError(f"cannot write {str(plan_manifest_path)!r} ({error.strerror or error}); expected a writable "
+                       "directory beside the plan") from None
+    return plan_path, plan_manifest_path
+
+
+def plan_record(version: str, gpu, config, plan_bytes: bytes, tensors, onnx_path: Path, manifest, layers: dict,
+                precision_warnings: list, **how_built) -> dict:
+    """NAME.plan.json's engine record: what every plan records (TensorRT, GPU, hash, I/O, source, layer
+    precisions), then ``how_built`` (what `build` knows of its own build; what `adopt` cannot know)."""
+    from runtime.tensorrt_support import PLAN_KIND
+
+    return {
         "kind": PLAN_KIND,
         "tensorrt_version": version,
         "gpu_name": gpu.name,
@@ -495,22 +500,13 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
         "plan_sha256": sha256_bytes(plan_bytes),
         "plan_bytes": len(plan_bytes),
         "io": tensors,
-        "built_by": "adopted (built outside cli.py build, e.g. by trtexec); I/O and layer precisions checked",
         "source_onnx": onnx_path.name,
         "source_onnx_sha256": manifest.onnx_sha256,
-        "network": "unknown (built elsewhere)",
-        "typing_fallback_reason": None,
-        "tf32": None,
+        **how_built,
         "layers": layers,
         "precision_check": config.precision_check,
         "precision_warnings": precision_warnings,
     }
-    try:
-        write_manifest(dataclasses.replace(manifest, engine=engine_record), plan_manifest_path)
-    except OSError as error:
-        raise DMMError(f"cannot write {str(plan_manifest_path)!r} ({error.strerror or error}); expected a writable "
-                       "directory beside the plan") from None
-    return plan_path, plan_manifest_path
 
 
 def layers_line(engine: dict) -> str:
