@@ -4,7 +4,8 @@ Each model kind (dmm_train.baselines) trains with the same trainer (`dmm_train.t
 official sampler, AdamW lr 1e-4, weight decay 1e-4, linear warmup of min(10k, 10%) of the
 run's steps, grad clip 0.25, batch 64) on one dataset, once per seed, ``--steps`` steps (the
 official 100,000 by default; ``--model-steps dt=30000`` gives one kind a smaller budget, and
-every number is labelled with its budget). Each run evaluates itself at ``--evaluations``
+every number is labelled with its budget; ``--model-device dt=cuda`` trains one kind on a GPU, and the
+table names the device). Each run evaluates itself at ``--evaluations``
 periodic checkpoints (every steps / 10, the last at the final step), in the trainer:
 
 - selection: ``--selection-episodes`` episodes at the first target on env seeds 20000 + i;
@@ -51,7 +52,8 @@ bench continues it on the next machine (the recipes regenerate the same dataset,
 the trainer refuses another).
 
     python bench/quality.py [--dataset ID|DIR] [--steps 100000] [--seeds 0 1 2] [--model-steps dt=N]
-                            [--model-seeds dt=0] [--jobs N] [--print-commands] [--run NAME] [--report-only]
+                            [--model-seeds dt=0] [--model-device dt=cuda] [--jobs N] [--print-commands]
+                            [--run NAME] [--report-only] [--status]
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ BEGIN, END = "<!-- quality:begin", "<!-- quality:end"
 SETTINGS_FILE = "bench.json"
 RUN_FILE = "run.json"  # a run's own settings, fixed when it starts
 RESULT_FILE = "result.json"
+DEVICES_FILE = "devices.json"  # the torch devices a run has trained on, in order
 LOG_FILE = "bench.log"  # a --jobs child's output
 RESULT_FORMAT = 2
 # Settings that must match for finished runs to be reused.
@@ -116,10 +119,12 @@ def plan_runs(args) -> list[dict]:
     for kind in args.models:
         for seed in args.model_seeds.get(kind, args.seeds):
             runs.append({"name": f"{kind}-seed{seed}", "kind": kind, "seed": seed,
-                         "steps": args.model_steps.get(kind, args.steps), "matched": False})
+                         "steps": args.model_steps.get(kind, args.steps), "matched": False,
+                         "device": args.model_device.get(kind, "cpu")})
     if args.matched:
         for seed in args.model_seeds.get("dt", args.seeds):
-            runs.append({"name": f"{MATCHED}-seed{seed}", "kind": "dt", "seed": seed, "steps": None, "matched": True})
+            runs.append({"name": f"{MATCHED}-seed{seed}", "kind": "dt", "seed": seed, "steps": None, "matched": True,
+                         "device": args.model_device.get("dt", "cpu")})
     return runs
 
 
@@ -137,7 +142,7 @@ def train_config(run: dict, steps: int, settings: dict) -> TrainConfig:
         preset=settings["preset"], model=run["kind"], dataset=settings["dataset_spec"], steps=steps,
         batch_size=settings["batch_size"], seed=run["seed"],
         eval_every=max(1, steps // settings["evaluations"]), eval_episodes=settings["selection_episodes"],
-        report_episodes=settings["episodes"], checkpoint_every=settings["checkpoint_every"],
+        report_episodes=settings["episodes"], checkpoint_every=settings["checkpoint_every"], device=run["device"],
     )
 
 
@@ -150,6 +155,11 @@ def seconds_per_step(run_dir: Path) -> float | None:
 def matched_steps(out: Path, runs: list[dict]) -> int:
     """DMM's mean training seconds (every DMM run finished) over DT's seconds per step (its runs here)."""
     dmm = [run for run in runs if run["kind"] == "dmm" and not run["matched"]]
+    devices = {run["device"] for run in runs if run["kind"] in ("dmm", "dt")}
+    if len(devices) > 1:
+        raise DMMError(f"a {MATCHED} run trains DT for DMM's wall time, but DMM and DT train on "
+                       f"{' and '.join(sorted(devices))} here; expected both on one device, since a wall time on "
+                       "one is no budget on the other; pass --no-matched, or the same --model-device to both")
     results = [read_json(out / run["name"] / RESULT_FILE) for run in dmm]
     if not dmm or any(result is None for result in results):
         missing = [run["name"] for run, result in zip(dmm, results, strict=True) if result is None]
@@ -191,13 +201,23 @@ def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bo
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(expected, run_dir / RUN_FILE)
     config = train_config(run, steps, settings)
-    log(f"{run['name']}: training {steps} steps in {run_dir}")
+    record_device(run_dir, run["device"])
+    log(f"{run['name']}: training {steps} steps in {run_dir} on {run['device']}")
     train(config, run_dir, resume=(run_dir / RESUME_FILE).exists(), progress=progress)
-    result = summarize_run(run_dir, expected)
+    devices = read_json(run_dir / DEVICES_FILE)
+    gpus = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices if d.startswith("cuda")})
+    result = {**summarize_run(run_dir, expected), "devices": devices, "gpus": gpus}
     atomic_write_json(result, run_dir / RESULT_FILE)
     log(f"{run['name']}: last {result['last']:.1f}, best checkpoint {result['best']:.1f} (step {result['best_step']}), "
         f"official {result['official']:.1f}; {result['ms_per_step']:.1f} ms/step")
     return result
+
+
+def record_device(run_dir: Path, device: str) -> None:
+    """Add ``device`` to the devices a run has trained on (a run may move: begun on a CPU, ended on a GPU)."""
+    devices = read_json(run_dir / DEVICES_FILE) or []
+    if device not in devices:
+        atomic_write_json([*devices, device], run_dir / DEVICES_FILE)
 
 
 def summarize_run(run_dir: Path, settings: dict) -> dict:
@@ -278,9 +298,15 @@ def summarize(results: list[dict], kinds: list[str]) -> list[dict]:
         runs = sorted((r for r in results if r["kind"] == kind and r["matched"] == matched), key=lambda r: r["seed"])
         if not runs:
             continue
+        # Runs from before devices were recorded trained on the CPU.
+        devices = sorted({device for r in runs for device in r.get("devices") or ["cpu"]})
+        gpus = sorted({gpu for r in runs for gpu in r.get("gpus", [])})
         name = DISPLAY_NAMES[kind] + (" (DMM's wall time)" if matched else "")
+        if devices != ["cpu"]:
+            name += f" [{' + '.join(devices)}: {', '.join(gpus)}]" if gpus else f" [{' + '.join(devices)}]"
         rows.append({
-            "kind": kind, "matched": matched, "name": name, "params": runs[0]["params"],
+            "kind": kind, "matched": matched, "name": name, "label": DISPLAY_NAMES[kind], "devices": devices,
+            "params": runs[0]["params"],
             "context_len": runs[0]["context_len"], "steps": sorted({r["steps"] for r in runs}),
             "seeds": [r["seed"] for r in runs], "runs": runs,
             "ms_per_step": statistics.fmean(r["ms_per_step"] for r in runs),
@@ -299,7 +325,7 @@ def quality_line(rows: list[dict], dataset_id: str, steps: int) -> str:
 
     def label(row: dict) -> str:
         own = max(row["steps"])
-        return row["name"] if own >= steps else f"{row['name']}@{own}"
+        return row["label"] if own >= steps else f"{row['label']}@{own}"
 
     scores = " ".join(f"{label(row)}={row['last'][0]:.1f}" for row in main)
     return f"quality on {dataset_id} @ {steps} steps (last checkpoint, {seeds} seeds): {scores}"
@@ -374,6 +400,9 @@ def render_section(rows: list[dict], settings: dict, command: str, machine: str,
         "evaluation, mean over seeds. DT (DMM's wall time) trains for DMM's mean training seconds: DMM's "
         "seconds over DT's seconds per step, both measured in this bench's runs.",
     ]
+    if any(row["devices"] != ["cpu"] for row in rows):
+        lines.append("- Devices: every row trained on the machine's CPU unless its name says otherwise: [cuda: GPU] "
+                     "trained on that GPU; [cpu + cuda] moved between them, so its ms/step mixes both.")
     if missing:
         lines.append(f"- Partial: not finished and left out: {', '.join(missing)}")
     lines += [
@@ -467,6 +496,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--model-seeds", action="append", default=[], metavar="KIND=S,S",
                         help="other seeds for one kind (repeatable), e.g. dt=0")
+    parser.add_argument("--model-device", action="append", default=[], metavar="KIND=DEVICE",
+                        help="train one kind on another torch device (repeatable), e.g. dt=cuda; the table says so")
     parser.add_argument("--no-matched", dest="matched", action="store_false",
                         help="no compute-matched DT runs (default: with them when dmm and dt are both benched)")
     parser.add_argument("--episodes", type=int, default=10,
@@ -513,6 +544,11 @@ def parse_args(argv: list[str] | None):
     args.model_steps = kind_values(args.model_steps, "--model-steps", int)
     args.model_seeds = kind_values(args.model_seeds, "--model-seeds",
                                    lambda text: [int(seed) for seed in text.split(",")])
+    args.model_device = kind_values(args.model_device, "--model-device", str)
+    bad = {kind: device for kind, device in args.model_device.items() if not re.fullmatch(r"cpu|cuda(:\d+)?", device)}
+    if bad:
+        raise DMMError(f"--model-device {', '.join(f'{k}={v}' for k, v in bad.items())}; expected cpu, cuda or "
+                       "cuda:N")
     if any(steps < 1 for steps in args.model_steps.values()):
         raise DMMError(f"--model-steps {args.model_steps}; expected positive step counts")
     args.matched = args.matched and "dmm" in args.models and "dt" in args.models
@@ -530,6 +566,8 @@ def run_command(args, name: str) -> list[str]:
         command += ["--model-steps", f"{kind}={steps}"]
     for kind, seeds in sorted(args.model_seeds.items()):
         command += ["--model-seeds", f"{kind}={','.join(map(str, seeds))}"]
+    for kind, device in sorted(args.model_device.items()):
+        command += ["--model-device", f"{kind}={device}"]
     if not args.matched and "dmm" in args.models and "dt" in args.models:
         command.append("--no-matched")
     command += ["--episodes", str(args.episodes), "--selection-episodes", str(args.selection_episodes),

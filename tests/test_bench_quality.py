@@ -157,6 +157,34 @@ def test_print_commands_lists_one_resumable_command_per_run(tmp_path, dataset, c
         bench.main([*argv, "--run", "dmm-seed7"])
 
 
+
+def test_a_kind_can_train_on_another_device_and_the_table_says_so(tmp_path, dataset, capsys, restore_threads):
+    bench = load_bench()
+    argv = bench_argv(dataset, tmp_path / "bench", tmp_path / "BENCHMARKS.md", "--model-device", "dt=cuda")
+    assert bench.main([*argv, "--print-commands"]) is None
+    for line in capsys.readouterr().out.splitlines():
+        command = shlex.split(line)
+        assert command[command.index("--model-device") + 1] == "dt=cuda"
+    with pytest.raises(DMMError, match="--model-device dt=gpu0; expected cpu, cuda or cuda:N"):
+        bench.main(replace_option(argv, "--model-device", "dt=gpu0"))
+    with pytest.raises(DMMError, match="--model-device tpu=cuda; expected KIND=VALUE"):
+        bench.main(replace_option(argv, "--model-device", "tpu=cuda"))
+    # A wall time on the CPU is no budget on a GPU: the compute-matched DT needs both on one device.
+    with pytest.raises(DMMError, match="DMM and DT train on cpu and cuda here"):
+        bench.main([*argv, "--run", "dt-matched-seed0"])
+
+    # The table names a row's devices (and the GPU), and keeps the quality line's plain names.
+    results = [{"kind": "dt", "matched": False, "seed": 0, "params": 1, "context_len": 20, "steps": 4,
+                "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": 50.0, "best": 50.0,
+                "official": 60.0, "devices": ["cpu", "cuda"], "gpus": ["NVIDIA H200"]},
+               {"kind": "bc", "matched": False, "seed": 0, "params": 1, "context_len": 1, "steps": 4,
+                "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": 40.0, "best": 40.0,
+                "official": 45.0}]
+    rows = bench.summarize(results, ["bc", "dt"])
+    assert [row["name"] for row in rows] == ["BC", "DT [cpu + cuda: NVIDIA H200]"]
+    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): BC=40.0 DT=50.0")
+
+
 @pytest.mark.slow
 def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset, restore_threads):
     bench = load_bench()
