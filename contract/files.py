@@ -6,14 +6,19 @@ target, so a reader (or a crash) never sees a half-written artifact.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from contract.errors import DMMError
+
 HASH_CHUNK_BYTES = 1 << 20
+LOCK_FILE = ".lock"  # held by the one process writing a run directory
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -48,3 +53,39 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str = "training run") -> Iterator[None]:
+    """Hold ``directory``'s lock for the duration: a second process that asks for it gets one DMMError.
+
+    Two processes resuming one run (a scheduler that requeues a job still running, a command
+    started twice) would interleave their checkpoints and metrics; the lock refuses the second
+    one instead. It is an advisory ``flock`` on ``directory/.lock``, released by the kernel when
+    the holder exits however it exits, so a killed run never leaves a stale lock behind. Where
+    ``fcntl`` is missing (Windows) no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise DMMError(f"{str(directory)!r} is in use by another {what} (process {holder}); expected one "
+                           "process per run directory; wait for that one to finish or stop it, or pass another "
+                           "--out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

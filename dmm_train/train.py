@@ -22,6 +22,7 @@ size it was trained with: the resume point holds one sampler and RNG state per r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from contract.errors import DMMError, describe_error
+from contract.files import directory_lock
 from dmm_train import distributed
 from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
 from dmm_train.checkpoint import (
@@ -322,8 +324,10 @@ def train(
     config.validate()
     context = distributed.start(config.device, config.dist_timeout_s)
     try:
-        return _train(config, Path(out_dir), context, resume=resume, progress=progress and context.is_main,
-                      log_every=log_every, on_step=on_step)
+        # One process writes a run directory (rank 0; the other ranks write nothing).
+        with directory_lock(out_dir) if context.is_main else contextlib.nullcontext():
+            return _train(config, Path(out_dir), context, resume=resume, progress=progress and context.is_main,
+                          log_every=log_every, on_step=on_step)
     except distributed.process_group_error_types() as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DMMError(

@@ -139,7 +139,7 @@ def test_rank_0_alone_writes_a_checkpoint_that_loads_and_exports(two_rank_run, t
 
     run = two_rank_run["run"]
     assert sorted(path.name for path in run.iterdir()) == [
-        "metrics.jsonl", "model.json", "model.pt", "resume.pt", "training.png"]
+        ".lock", "metrics.jsonl", "model.json", "model.pt", "resume.pt", "training.png"]  # .lock: rank 0's
     assert sorted(path.name for path in two_rank_run["dirs"][1].iterdir()) == ["dataset"]  # rank 1 wrote nothing
     record = json.loads((run / "model.json").read_text())
     assert record["world_size"] == 2 and record["step"] == 60 and record["train_config"]["batch_size"] == 16

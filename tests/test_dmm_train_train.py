@@ -193,3 +193,28 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_chosen_on_selection_seeds
         assert any(not torch.equal(tensor, last[name]) for name, tensor in loaded.model.state_dict().items())
     onnx_path, _ = export_checkpoint(run / "best.pt", out=tmp_path / "best-policy")
     assert onnx_path.stat().st_size > 0
+
+
+def test_a_run_directory_in_use_refuses_a_second_trainer_and_a_killed_one_leaves_no_lock(tmp_path, minari_store):
+    """Two processes on one run (a requeued job still running, a command started twice) would interleave
+    their checkpoints: the second is refused with who holds it; a holder killed with SIGKILL releases it."""
+    store, _ = minari_store
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom contract.files import directory_lock\n"
+         f"with directory_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)\n"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cli(["train", "--dataset", "test/hopper-random-v0", "--steps", "4", "--eval-episodes", "0",
+                          "--out", str(out)], store)
+        assert result.returncode != 0
+        assert f"is in use by another training run (process {holder.pid})" in result.stderr
+        assert "pass another --out" in result.stderr and not (out / "model.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_cli(["train", "--dataset", "test/hopper-random-v0", "--steps", "4", "--eval-episodes", "0",
+                      "--out", str(out)], store)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.pt").exists()
