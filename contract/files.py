@@ -66,12 +66,29 @@ def directory_lock(directory: str | os.PathLike, what: str = "training run") -> 
     ``fcntl`` is missing (Windows) no lock is taken.
     """
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (only whether it exists)
     except ImportError:
         yield
         return
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with _held(directory, what):
+            yield
+    except BaseException:
+        # A run that failed before writing anything (a bad option, a missing dataset) leaves no
+        # directory behind, as it would without the lock.
+        if created and [path.name for path in directory.iterdir()] == [LOCK_FILE]:
+            (directory / LOCK_FILE).unlink(missing_ok=True)
+            directory.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _held(directory: Path, what: str) -> Iterator[None]:
+    import fcntl
+
     with open(directory / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
