@@ -96,7 +96,7 @@ BEGIN, END = "<!-- quality:begin", "<!-- quality:end"
 SETTINGS_FILE = "bench.json"
 RUN_FILE = "run.json"  # a run's own settings, fixed when it starts
 RESULT_FILE = "result.json"
-DEVICES_FILE = "devices.json"  # the torch devices a run has trained on, in order
+DEVICES_FILE = "devices.json"  # the torch devices (and GPU names) a run has trained on, in order
 LOG_FILE = "bench.log"  # a --jobs child's output
 RESULT_FORMAT = 2
 # Settings that must match for finished runs to be reused.
@@ -201,23 +201,26 @@ def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bo
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(expected, run_dir / RUN_FILE)
     config = train_config(run, steps, settings)
-    record_device(run_dir, run["device"])
+    history = record_device(run_dir, run["device"])
     log(f"{run['name']}: training {steps} steps in {run_dir} on {run['device']}")
     train(config, run_dir, resume=(run_dir / RESUME_FILE).exists(), progress=progress)
-    devices = read_json(run_dir / DEVICES_FILE)
-    gpus = sorted({torch.cuda.get_device_name(torch.device(d)) for d in devices if d.startswith("cuda")})
-    result = {**summarize_run(run_dir, expected), "devices": devices, "gpus": gpus}
+    result = {**summarize_run(run_dir, expected), "devices": [entry["device"] for entry in history],
+              "gpus": sorted({entry["gpu"] for entry in history if entry["gpu"]})}
     atomic_write_json(result, run_dir / RESULT_FILE)
     log(f"{run['name']}: last {result['last']:.1f}, best checkpoint {result['best']:.1f} (step {result['best_step']}), "
         f"official {result['official']:.1f}; {result['ms_per_step']:.1f} ms/step")
     return result
 
 
-def record_device(run_dir: Path, device: str) -> None:
-    """Add ``device`` to the devices a run has trained on (a run may move: begun on a CPU, ended on a GPU)."""
-    devices = read_json(run_dir / DEVICES_FILE) or []
-    if device not in devices:
-        atomic_write_json([*devices, device], run_dir / DEVICES_FILE)
+def record_device(run_dir: Path, device: str) -> list[dict]:
+    """Add ``device`` (with the GPU's name, read here, where the run trains on it) to the devices a run has
+    trained on, and return them all (a run may move: begun on a CPU, ended on a GPU of another machine)."""
+    history = read_json(run_dir / DEVICES_FILE) or []
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    if {"device": device, "gpu": gpu} not in history:
+        history = [*history, {"device": device, "gpu": gpu}]
+        atomic_write_json(history, run_dir / DEVICES_FILE)
+    return history
 
 
 def summarize_run(run_dir: Path, settings: dict) -> dict:

@@ -66,7 +66,7 @@ def directory_lock(directory: str | os.PathLike, what: str = "training run") -> 
     ``fcntl`` is missing (Windows) no lock is taken.
     """
     try:
-        import fcntl  # noqa: F401  (only whether it exists)
+        import fcntl
     except ImportError:
         yield
         return
@@ -74,7 +74,7 @@ def directory_lock(directory: str | os.PathLike, what: str = "training run") -> 
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        with _held(directory, what):
+        with _held(directory, what, fcntl):
             yield
     except BaseException:
         # A run that failed before writing anything (a bad option, a missing dataset) leaves no
@@ -86,9 +86,7 @@ def directory_lock(directory: str | os.PathLike, what: str = "training run") -> 
 
 
 @contextlib.contextmanager
-def _held(directory: Path, what: str) -> Iterator[None]:
-    import fcntl
-
+def _held(directory: Path, what: str, fcntl) -> Iterator[None]:
     with open(directory / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -157,7 +157,6 @@ def test_print_commands_lists_one_resumable_command_per_run(tmp_path, dataset, c
         bench.main([*argv, "--run", "dmm-seed7"])
 
 
-
 def test_a_kind_can_train_on_another_device_and_the_table_says_so(tmp_path, dataset, capsys, restore_threads):
     bench = load_bench()
     argv = bench_argv(dataset, tmp_path / "bench", tmp_path / "BENCHMARKS.md", "--model-device", "dt=cuda")
