@@ -41,7 +41,8 @@ settings, the bench skips finished runs and resumes the others from their last c
 Sweeps on any scheduler: ``--print-commands`` prints one independent, resumable command per run
 (``--run NAME``: train or continue that run alone, write its result.json, touch no table), the
 dt-matched ones last (they read the finished DMM and DT runs: start them after those);
-``--jobs N`` runs N of them at once on this machine, each with ``--threads`` torch threads;
+``--jobs N`` runs N of them at once on this machine, each with ``--threads`` torch threads (carried runs
+first, then the longest);
 ``--report-only`` writes the tables from the runs directory; ``--status`` says where each run stands.
 
 A bench outlives one machine when its directory lives in the tree, ``--out
@@ -102,7 +103,7 @@ RESULT_FORMAT = 2
 # Settings that must match for finished runs to be reused.
 LOCKED = ("preset", "dataset_hash", "steps", "batch_size", "episodes", "selection_episodes", "evaluations",
           "report_seed", "selection_seed")
-# Relative cost per step, to start the longest runs first under --jobs.
+# Relative cost per step, to start the longest runs first under --jobs (after the carried ones).
 COST_PER_STEP = {"dt": 6.0, "dmm": 1.0, "dmamba": 1.0, "bc": 0.1}
 
 
@@ -580,9 +581,26 @@ def run_command(args, name: str) -> list[str]:
     return command
 
 
+def start_order(runs: list[dict], out: Path) -> list[dict]:
+    """The order --jobs starts ``runs`` in: the carried ones (a resume point, no result yet) first, then
+    the rest; the most work left first within each.
+
+    A sweep that spans machines or sessions is restarted with runs half done: finishing those first
+    turns their hours into table rows soonest, where longest-first alone would start a fresh DT run
+    (the costliest) and leave a nearly finished DMM run waiting behind it.
+    """
+    def key(run: dict) -> tuple[bool, float]:
+        run_dir = out / run["name"]
+        carried = not (run_dir / RESULT_FILE).exists() and (run_dir / RESUME_FILE).exists()
+        records = read_metrics(run_dir) if carried else []
+        done = records[-1]["step"] if records else 0
+        return not carried, -COST_PER_STEP[run["kind"]] * max(0, (run["steps"] or 0) - done)
+    return sorted(runs, key=key)
+
+
 def run_jobs(args, runs: list[dict]) -> list[str]:
     """Run ``runs`` as child commands, ``args.jobs`` at a time; returns the names of those that failed."""
-    pending = sorted(runs, key=lambda run: -COST_PER_STEP[run["kind"]] * (run["steps"] or 0))
+    pending = start_order(runs, args.out)
     running: dict[str, tuple[subprocess.Popen, Path]] = {}
     failed = []
     root = Path(__file__).resolve().parent.parent

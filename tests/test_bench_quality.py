@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +201,35 @@ def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset
         assert json.loads((run / "result.json").read_text())["seed"] == seed
         assert "bc-seed" in (run / "bench.log").read_text()  # each child's output in its own log
     assert "up to 2 run(s) at once" in benchmarks.read_text()
+
+
+@pytest.mark.slow
+def test_jobs_continue_a_carried_run_before_starting_fresh_ones(tmp_path, dataset):
+    """A sweep restarted with a run half done (as after a session ends) finishes that run first,
+    ahead of the longest fresh one (DT); the fresh ones then go longest first."""
+    bench = load_bench()
+    runs = tmp_path / "bench"
+    argv = replace_option(replace_option(bench_argv(dataset, runs, tmp_path / "BENCHMARKS.md"), "--steps", "400"),
+                          "--model-steps", "dt=400")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "bench/quality.py", *argv, "--run", "bc-seed0"], cwd=REPO_ROOT,
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record_file = runs / "bc-seed0" / "model.json"  # the last file of a resume point
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if record_file.exists() and json.loads(record_file.read_text())["step"] >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    planned = bench.plan_runs(bench.parse_args(argv))
+    order = [run["name"] for run in bench.start_order(planned, runs)]
+    assert order[0] == "bc-seed0"  # carried: first, although BC is the cheapest kind
+    assert order[1] == "dt-seed0" and order.index("bc-seed0") < order.index("dmm-seed0")
+    fresh = [run["name"] for run in bench.start_order(planned, tmp_path / "nothing")]
+    assert fresh[0] == "dt-seed0" and fresh.index("bc-seed0") > fresh.index("dmamba-seed0")
 
 
 def test_each_preset_benches_its_own_medium_dataset_in_a_folder_per_budget(
