@@ -21,16 +21,36 @@ HASH_CHUNK_BYTES = 1 << 20
 LOCK_FILE = ".lock"  # held by the one process writing a run directory
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask."""
+    # The umask can only be read by setting it; done once, at import, so that no other
+    # thread ever creates a file under the momentary value.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+NEW_FILE_MODE = _new_file_mode()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename.
+
+    The file gets the permissions of the one it replaces, or those of any new file (0666 less
+    the umask), never the temporary file's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp makes its file private (0600); the artifact takes the mode it replaces, or a new
+    # file's, so an engine or checkpoint stays readable by the service user that runs it.
+    mode = path.stat().st_mode & 0o7777 if path.exists() else NEW_FILE_MODE
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
