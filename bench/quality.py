@@ -531,7 +531,8 @@ def parse_args(argv: list[str] | None):
     mode.add_argument("--status", action="store_true",
                       help="train nothing: say where each run stands (finished, at step N of M, not started)")
     mode.add_argument("--run", action="append", default=None, metavar="NAME",
-                      help="train (or continue) only this run (repeatable), e.g. dmm-seed0; no table is written")
+                      help="train (or continue) only this run (repeatable, --jobs of them at once), e.g. dmm-seed0; "
+                           "no table is written")
     args = parser.parse_args(argv)
     unknown = [kind for kind in args.models if kind not in MODEL_KINDS]
     if unknown or len(set(args.models)) != len(args.models):
@@ -671,6 +672,12 @@ def main(argv: list[str] | None = None) -> str | None:
         unknown = [name for name in args.run if name not in by_name]
         if unknown:
             raise DMMError(f"--run {' '.join(unknown)}; expected runs of this bench: {', '.join(by_name)}")
+        if args.jobs > 1 and len(args.run) > 1:  # several chosen runs, --jobs of them at once
+            failed = run_jobs(args, [by_name[name] for name in dict.fromkeys(args.run)])
+            if failed:
+                raise DMMError(f"runs {', '.join(failed)} failed; expected every run to finish; see their "
+                               f"{LOG_FILE} under {args.out} and start them again to continue them")
+            return None
         for name in args.run:
             run_one(by_name[name], runs, settings, args.out, progress=not args.quiet)
         return None

@@ -194,7 +194,13 @@ def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset
     bench = load_bench()
     benchmarks = tmp_path / "BENCHMARKS.md"
     argv = replace_option(bench_argv(dataset, tmp_path / "bench", benchmarks, "--jobs", "2"), "--seeds", "0", "1")
+    # Chosen runs with --jobs go as child commands too (each writes its own log), and no table yet.
+    assert bench.main([*argv, "--models", "bc", "--run", "bc-seed0", "--run", "bc-seed1"]) is None
+    assert not benchmarks.exists() and len(list((tmp_path / "bench").glob("bc-seed*/bench.log"))) == 2
+    stamps = {path: path.stat().st_mtime_ns for path in (tmp_path / "bench").glob("bc-seed*/model.pt")}
+    assert len(stamps) == 2
     line = bench.main([*argv, "--models", "bc"])
+    assert stamps == {path: path.stat().st_mtime_ns for path in stamps}  # reused, not retrained
     assert "(last checkpoint, 2 seeds): BC=" in line
     for seed in (0, 1):
         run = tmp_path / "bench" / f"bc-seed{seed}"
