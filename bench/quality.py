@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from contract.errors import DMMError  # noqa: E402
-from contract.files import atomic_write_bytes, atomic_write_json  # noqa: E402
+from contract.files import atomic_write_bytes, atomic_write_json, lock_holder  # noqa: E402
 from dmm_train.baselines import DISPLAY_NAMES  # noqa: E402
 from dmm_train.checkpoint import MODEL_JSON, RESUME_FILE  # noqa: E402
 from dmm_train.config import (  # noqa: E402
@@ -145,6 +145,13 @@ def train_config(run: dict, steps: int, settings: dict) -> TrainConfig:
         eval_every=max(1, steps // settings["evaluations"]), eval_episodes=settings["selection_episodes"],
         report_episodes=settings["episodes"], checkpoint_every=settings["checkpoint_every"], device=run["device"],
     )
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step a run would continue from, or None before its first resume point."""
+    # model.json is written last at each resume point (after resume.pt and model.pt).
+    record = read_json(run_dir / MODEL_JSON) if (run_dir / RESUME_FILE).exists() else None
+    return record["step"] if record else None
 
 
 def seconds_per_step(run_dir: Path) -> float | None:
@@ -268,7 +275,8 @@ def check_result(result: dict, run_dir: Path) -> dict:
 
 
 def run_status(run: dict, run_dir: Path) -> str:
-    """One line on where a run stands: finished (its scores), at step N of M (what carries it on), not started."""
+    """One line on where a run stands: finished (its scores), running now (in which process), at step N of M
+    (what carries it on), not started."""
     result = read_json(run_dir / RESULT_FILE)
     if result is not None:
         return (f"{run['name']:<18} finished: {result['steps']:,} steps, last {result['last']:.1f}, best ckpt "
@@ -276,10 +284,13 @@ def run_status(run: dict, run_dir: Path) -> str:
     fixed = read_json(run_dir / RUN_FILE)
     steps = fixed["steps"] if fixed else run["steps"]
     budget = f"{steps:,} steps" if steps is not None else "DMM's wall time of steps"
-    records = read_metrics(run_dir)
-    if not records or not (run_dir / RESUME_FILE).exists():
+    done = resume_step(run_dir)
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        where = f"at step {done:,}" if done is not None else "before its first resume point"
+        return f"{run['name']:<18} running now (process {holder}), {where} of {budget}"
+    if done is None:
         return f"{run['name']:<18} not started ({budget})"
-    done = records[-1]["step"]
     speed = seconds_per_step(run_dir)
     left = f", about {duration(speed * (steps - done))} of training left at its speed so far" if speed and steps else ""
     return (f"{run['name']:<18} at step {done:,} of {budget}{left}; continues from {RESUME_FILE} (carry it, "
@@ -592,10 +603,9 @@ def start_order(runs: list[dict], out: Path) -> list[dict]:
     """
     def key(run: dict) -> tuple[bool, float]:
         run_dir = out / run["name"]
-        carried = not (run_dir / RESULT_FILE).exists() and (run_dir / RESUME_FILE).exists()
-        records = read_metrics(run_dir) if carried else []
-        done = records[-1]["step"] if records else 0
-        return not carried, -COST_PER_STEP[run["kind"]] * max(0, (run["steps"] or 0) - done)
+        done = None if (run_dir / RESULT_FILE).exists() else resume_step(run_dir)
+        carried = done is not None
+        return not carried, -COST_PER_STEP[run["kind"]] * max(0, (run["steps"] or 0) - (done or 0))
     return sorted(runs, key=key)
 
 

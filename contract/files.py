@@ -105,6 +105,22 @@ def directory_lock(directory: str | os.PathLike, what: str = "training run") -> 
         raise
 
 
+def lock_holder(directory: str | os.PathLike) -> int | None:
+    """The process id holding ``directory``'s lock, or None when no live process holds it.
+
+    It reads the id the holder wrote and asks whether that process still lives, rather than
+    probing the lock, since a probe could make a run that starts at that instant fail.
+    """
+    try:
+        pid = int((Path(directory) / LOCK_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:  # alive, owned by another user
+        return pid
+    except (OSError, ValueError):  # no lock file, no id in it, or no such process
+        return None
+    return pid
+
+
 @contextlib.contextmanager
 def _held(directory: Path, what: str, fcntl) -> Iterator[None]:
     with open(directory / LOCK_FILE, "a+") as handle:
@@ -123,4 +139,6 @@ def _held(directory: Path, what: str, fcntl) -> Iterator[None]:
         try:
             yield
         finally:
+            handle.seek(0)
+            handle.truncate()  # released: no holder to name (a killed holder's id names a dead process)
             fcntl.flock(handle, fcntl.LOCK_UN)

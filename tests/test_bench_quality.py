@@ -210,7 +210,7 @@ def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset
 
 
 @pytest.mark.slow
-def test_jobs_continue_a_carried_run_before_starting_fresh_ones(tmp_path, dataset):
+def test_jobs_continue_a_carried_run_before_starting_fresh_ones(tmp_path, dataset, capsys, restore_threads):
     """A sweep restarted with a run half done (as after a session ends) finishes that run first,
     ahead of the longest fresh one (DT); the fresh ones then go longest first."""
     bench = load_bench()
@@ -226,9 +226,18 @@ def test_jobs_continue_a_carried_run_before_starting_fresh_ones(tmp_path, datase
         if record_file.exists() and json.loads(record_file.read_text())["step"] >= 2:
             break
         time.sleep(0.05)
+    capsys.readouterr()
+    bench.main([*argv, "--status"])  # while it trains: said to be running, in that process
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert status["bc-seed0"].startswith(f"running now (process {process.pid}), at step ")
+    assert status["dmm-seed0"] == "not started (400 steps)"
+    bench.main([*argv, "--status"])  # killed: carried, continued from its resume point
+    status = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    carried = r"at step \d+ of 400 steps(, about .* left at its speed so far)?; continues from resume.pt"
+    assert re.match(carried, status["bc-seed0"]), status["bc-seed0"]
 
     planned = bench.plan_runs(bench.parse_args(argv))
     order = [run["name"] for run in bench.start_order(planned, runs)]

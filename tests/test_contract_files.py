@@ -1,12 +1,13 @@
 """Atomic writes leave artifacts with ordinary permissions: a checkpoint, graph or manifest written
-by the trainer is readable by the service user that runs it, and a rewrite keeps a chosen mode."""
+by the trainer is readable by the service user that runs it, and a rewrite keeps a chosen mode.
+A run directory's lock names its live holder, and nobody once released."""
 
 from __future__ import annotations
 
 import os
 import stat
 
-from contract.files import NEW_FILE_MODE, atomic_write_bytes
+from contract.files import NEW_FILE_MODE, atomic_write_bytes, directory_lock, lock_holder
 
 
 def mode_of(path) -> int:
@@ -31,3 +32,12 @@ def test_a_written_artifact_is_not_private_and_a_rewrite_keeps_its_mode(tmp_path
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second" and mode_of(target) == 0o640
     assert [path.name for path in tmp_path.iterdir()] == ["hopper.onnx"]  # no temporary file left
+
+
+def test_lock_holder_names_the_live_holder_and_nobody_once_released(tmp_path):
+    run = tmp_path / "run"
+    assert lock_holder(run) is None  # no directory, no lock file
+    with directory_lock(run):
+        (run / "metrics.jsonl").write_text("")
+        assert lock_holder(run) == os.getpid()
+    assert lock_holder(run) is None
