@@ -609,6 +609,11 @@ def start_order(runs: list[dict], out: Path) -> list[dict]:
     return sorted(runs, key=key)
 
 
+def failed_runs_error(failed: list[str], out: Path) -> DMMError:
+    return DMMError(f"runs {', '.join(failed)} failed; expected every run to finish; see their {LOG_FILE} under "
+                    f"{out} and start the bench again to continue them")
+
+
 def run_jobs(args, runs: list[dict]) -> list[str]:
     """Run ``runs`` as child commands, ``args.jobs`` at a time; returns the names of those that failed."""
     pending = start_order(runs, args.out)
@@ -685,8 +690,7 @@ def main(argv: list[str] | None = None) -> str | None:
         if args.jobs > 1 and len(args.run) > 1:  # several chosen runs, --jobs of them at once
             failed = run_jobs(args, [by_name[name] for name in dict.fromkeys(args.run)])
             if failed:
-                raise DMMError(f"runs {', '.join(failed)} failed; expected every run to finish; see their "
-                               f"{LOG_FILE} under {args.out} and start them again to continue them")
+                raise failed_runs_error(failed, args.out)
             return None
         for name in args.run:
             run_one(by_name[name], runs, settings, args.out, progress=not args.quiet)
@@ -733,8 +737,7 @@ def main(argv: list[str] | None = None) -> str | None:
               f"({len(row['seeds'])} seeds)")
     print(f"wrote the quality section of {args.benchmarks}")
     if failed:
-        raise DMMError(f"runs {', '.join(failed)} failed; expected every run to finish; see their {LOG_FILE} under "
-                       f"{args.out} and start the bench again to continue them")
+        raise failed_runs_error(failed, args.out)
     line = quality_line(rows, dataset.dataset_id, args.steps)
     print(line)
     return line
