@@ -334,9 +334,14 @@ def summarize(results: list[dict], kinds: list[str]) -> list[dict]:
 
 
 def quality_line(rows: list[dict], dataset_id: str, steps: int) -> str:
-    """The section's last line: last-checkpoint means, a kind with fewer steps labelled with its own."""
+    """The section's last line: last-checkpoint means, a kind with fewer steps labelled with its own.
+
+    N is the fewest seeds among the models the table compares with several seeds (DT may have one
+    by design), so a table with runs still to finish never claims more seeds than a model has.
+    """
     main = [row for row in rows if not row["matched"]]
-    seeds = max((len(row["seeds"]) for row in main), default=0)
+    seeded = [row for row in main if row["kind"] != "dt"] or main
+    seeds = min((len(row["seeds"]) for row in seeded), default=0)
 
     def label(row: dict) -> str:
         own = max(row["steps"])

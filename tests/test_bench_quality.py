@@ -189,6 +189,24 @@ def test_a_kind_can_train_on_another_device_and_the_table_says_so(tmp_path, data
     assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): BC=40.0 DT=50.0")
 
 
+def test_the_quality_line_counts_the_seeds_every_compared_model_has():
+    bench = load_bench()
+
+    def result(kind: str, seed: int, last: float) -> dict:
+        return {"kind": kind, "matched": False, "seed": seed, "params": 1, "context_len": 1, "steps": 4,
+                "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": last, "best": last,
+                "official": last}
+
+    # BC has three seeds, DMM one so far, DT one by design: the line claims one seed, not three.
+    results = [result("bc", seed, 40.0 + seed) for seed in range(3)] + [result("dmm", 0, 60.0), result("dt", 0, 50.0)]
+    rows = bench.summarize(results, ["dmm", "bc", "dt"])
+    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): DMM=60.0 BC=41.0 DT=50.0")
+    # Once DMM has its three seeds, DT's single seed does not lower N.
+    results += [result("dmm", seed, 60.0) for seed in (1, 2)]
+    rows = bench.summarize(results, ["dmm", "bc", "dt"])
+    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 3 seeds): DMM=60.0 BC=41.0 DT=50.0")
+
+
 @pytest.mark.slow
 def test_jobs_run_several_commands_at_once_and_build_the_table(tmp_path, dataset, restore_threads):
     bench = load_bench()
