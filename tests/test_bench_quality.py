@@ -64,6 +64,13 @@ def replace_option(argv: list[str], option: str, *values: str) -> list[str]:
 
 
 @pytest.mark.slow
+def finished_run(kind: str, seed: int, last: float, **fields) -> dict:
+    """One finished run's result as the table reads it: 4 steps, best = last unless fields say otherwise."""
+    return {"kind": kind, "matched": False, "seed": seed, "params": 1, "context_len": 1, "steps": 4,
+            "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": last, "best": last,
+            "official": last, **fields}
+
+
 def test_quality_bench_reports_last_best_and_official_and_continues_where_it_stopped(
         tmp_path, dataset, restore_threads, capsys):
     bench = load_bench()
@@ -178,12 +185,9 @@ def test_a_kind_can_train_on_another_device_and_the_table_says_so(tmp_path, data
         bench.main([*argv, "--run", "dt-matched-seed0"])
 
     # The table names a row's devices (and the GPU), and keeps the quality line's plain names.
-    results = [{"kind": "dt", "matched": False, "seed": 0, "params": 1, "context_len": 20, "steps": 4,
-                "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": 50.0, "best": 50.0,
-                "official": 60.0, "devices": ["cpu", "cuda"], "gpus": ["NVIDIA H200"]},
-               {"kind": "bc", "matched": False, "seed": 0, "params": 1, "context_len": 1, "steps": 4,
-                "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": 40.0, "best": 40.0,
-                "official": 45.0}]
+    results = [finished_run("dt", 0, 50.0, context_len=20, official=60.0, devices=["cpu", "cuda"],
+                            gpus=["NVIDIA H200"]),
+               finished_run("bc", 0, 40.0, official=45.0)]
     rows = bench.summarize(results, ["bc", "dt"])
     assert [row["name"] for row in rows] == ["BC", "DT [cpu + cuda: NVIDIA H200]"]
     assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): BC=40.0 DT=50.0")
@@ -191,18 +195,13 @@ def test_a_kind_can_train_on_another_device_and_the_table_says_so(tmp_path, data
 
 def test_the_quality_line_counts_the_seeds_every_compared_model_has():
     bench = load_bench()
-
-    def result(kind: str, seed: int, last: float) -> dict:
-        return {"kind": kind, "matched": False, "seed": seed, "params": 1, "context_len": 1, "steps": 4,
-                "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": last, "best": last,
-                "official": last}
-
     # BC has three seeds, DMM one so far, DT one by design: the line claims one seed, not three.
-    results = [result("bc", seed, 40.0 + seed) for seed in range(3)] + [result("dmm", 0, 60.0), result("dt", 0, 50.0)]
+    results = [finished_run("bc", seed, 40.0 + seed) for seed in range(3)]
+    results += [finished_run("dmm", 0, 60.0), finished_run("dt", 0, 50.0)]
     rows = bench.summarize(results, ["dmm", "bc", "dt"])
     assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): DMM=60.0 BC=41.0 DT=50.0")
     # Once DMM has its three seeds, DT's single seed does not lower N.
-    results += [result("dmm", seed, 60.0) for seed in (1, 2)]
+    results += [finished_run("dmm", seed, 60.0) for seed in (1, 2)]
     rows = bench.summarize(results, ["dmm", "bc", "dt"])
     assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 3 seeds): DMM=60.0 BC=41.0 DT=50.0")
 
