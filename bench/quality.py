@@ -26,7 +26,9 @@ Three scores per run, labelled as such (CORL reports "last" and "best" side by s
 Plus the training cost (ms per step without evaluation, hours per run with it), and a
 compute-matched row: DT trained for DMM's mean training wall time (``dt-matched`` runs, whose
 step count is DMM's seconds divided by DT's seconds per step, measured in the bench's own runs,
-and fixed when the run starts).
+and fixed when the run starts, from the DMM runs that trained on DT's CPU where there are such runs).
+Each run records the CPU (and GPU) it trained on: costs are figures of a run's own machine, so a table
+whose runs trained on several machines names each run's CPU.
 
 BENCHMARKS.md gets a section per dataset and budget between ``<!-- quality:begin ID @ STEPS -->``
 and ``<!-- quality:end ID @ STEPS -->``; the rest of the file is left alone. It ends with
@@ -97,7 +99,7 @@ BEGIN, END = "<!-- quality:begin", "<!-- quality:end"
 SETTINGS_FILE = "bench.json"
 RUN_FILE = "run.json"  # a run's own settings, fixed when it starts
 RESULT_FILE = "result.json"
-DEVICES_FILE = "devices.json"  # the torch devices (and GPU names) a run has trained on, in order
+DEVICES_FILE = "devices.json"  # the torch devices (with the GPU's and the CPU's names) a run has trained on, in order
 LOG_FILE = "bench.log"  # a --jobs child's output
 RESULT_FORMAT = 2
 # Settings that must match for finished runs to be reused.
@@ -105,6 +107,7 @@ LOCKED = ("preset", "dataset_hash", "steps", "batch_size", "episodes", "selectio
           "report_seed", "selection_seed")
 # Relative cost per step, to start the longest runs first under --jobs (after the carried ones).
 COST_PER_STEP = {"dt": 6.0, "dmm": 1.0, "dmamba": 1.0, "bc": 0.1}
+UNRECORDED_CPU = "CPU not recorded (runs from before the bench recorded it)"
 
 
 def log(message: str) -> None:
@@ -161,7 +164,10 @@ def seconds_per_step(run_dir: Path) -> float | None:
 
 
 def matched_steps(out: Path, runs: list[dict]) -> int:
-    """DMM's mean training seconds (every DMM run finished) over DT's seconds per step (its runs here)."""
+    """DMM's mean training seconds (every DMM run finished) over DT's seconds per step (its runs here).
+
+    A wall time is a figure of one machine: where the DT runs trained on one CPU and some DMM runs trained on
+    that CPU too, DMM's seconds are those runs' (a bench carried between machines mixes both otherwise)."""
     dmm = [run for run in runs if run["kind"] == "dmm" and not run["matched"]]
     devices = {run["device"] for run in runs if run["kind"] in ("dmm", "dt")}
     if len(devices) > 1:
@@ -174,12 +180,14 @@ def matched_steps(out: Path, runs: list[dict]) -> int:
         raise DMMError(f"a {MATCHED} run trains for DMM's wall time, but DMM runs {', '.join(missing) or '(none)'} "
                        f"are not finished in {str(out)!r}; expected every DMM run of the bench finished first; "
                        "run them (and a DT run) before the dt-matched ones")
-    dt_speeds = [seconds_per_step(out / run["name"]) for run in runs if run["kind"] == "dt" and not run["matched"]]
-    dt_speeds = [speed for speed in dt_speeds if speed is not None]
+    dt_dirs = [out / run["name"] for run in runs if run["kind"] == "dt" and not run["matched"]]
+    dt_speeds = [speed for speed in map(seconds_per_step, dt_dirs) if speed is not None]
     if not dt_speeds:
         raise DMMError(f"a {MATCHED} run needs DT's seconds per step, but no DT run in {str(out)!r} has trained "
                        "yet; expected a DT run started first (its first log records the speed); run it first")
-    dmm_seconds = statistics.fmean(result["train_seconds"] for result in results)
+    dt_cpus = {cpu for run_dir in dt_dirs for cpu in recorded_cpus(read_json(run_dir / DEVICES_FILE) or [])}
+    same_machine = [result for result in results if len(dt_cpus) == 1 and result.get("cpus") == sorted(dt_cpus)]
+    dmm_seconds = statistics.fmean(result["train_seconds"] for result in same_machine or results)
     return max(1, round(dmm_seconds / statistics.fmean(dt_speeds)))
 
 
@@ -213,7 +221,7 @@ def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bo
     log(f"{run['name']}: training {steps} steps in {run_dir} on {run['device']}")
     train(config, run_dir, resume=(run_dir / RESUME_FILE).exists(), progress=progress)
     result = {**summarize_run(run_dir, expected), "devices": [entry["device"] for entry in history],
-              "gpus": sorted({entry["gpu"] for entry in history if entry["gpu"]})}
+              "gpus": sorted({entry["gpu"] for entry in history if entry["gpu"]}), "cpus": recorded_cpus(history)}
     atomic_write_json(result, run_dir / RESULT_FILE)
     log(f"{run['name']}: last {result['last']:.1f}, best checkpoint {result['best']:.1f} (step {result['best_step']}), "
         f"official {result['official']:.1f}; {result['ms_per_step']:.1f} ms/step")
@@ -221,14 +229,21 @@ def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bo
 
 
 def record_device(run_dir: Path, device: str) -> list[dict]:
-    """Add ``device`` (with the GPU's name, read here, where the run trains on it) to the devices a run has
-    trained on, and return them all (a run may move: begun on a CPU, ended on a GPU of another machine)."""
+    """Add ``device`` (with the GPU's name, and the CPU's, read here, where the run trains on it) to the devices a
+    run has trained on, and return them all (a run may move: begun on a CPU, ended on a GPU of another machine).
+    The CPU is named for every device: a run's ms/step is a figure of the machine it trained on."""
     history = read_json(run_dir / DEVICES_FILE) or []
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
-    if {"device": device, "gpu": gpu} not in history:
-        history = [*history, {"device": device, "gpu": gpu}]
+    entry = {"device": device, "gpu": gpu, "cpu": cpu_model()}
+    if entry not in history:
+        history = [*history, entry]
         atomic_write_json(history, run_dir / DEVICES_FILE)
     return history
+
+
+def recorded_cpus(history: list[dict]) -> list[str]:
+    """The CPUs a run trained on, as its device history names them (runs from before CPUs were recorded: none)."""
+    return sorted({entry["cpu"] for entry in history if entry.get("cpu")})
 
 
 def summarize_run(run_dir: Path, settings: dict) -> dict:
@@ -356,18 +371,36 @@ def section_markers(dataset_id: str, steps: int) -> tuple[str, str]:
     return f"{BEGIN} {dataset_id} @ {steps} -->", f"{END} {dataset_id} @ {steps} -->"
 
 
-def machine_description(threads: int, jobs: int) -> str:
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (the platform's word for it elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(threads: int, jobs: int) -> str:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{model}, {cpus} CPUs, torch {torch.__version__} on {threads} thread(s) per run, up to {jobs} run(s) "
-            f"at once, Python {platform.python_version()}")
+    return (f"{cpu_model()}, {cpus} CPUs, torch {torch.__version__} on {threads} thread(s) per run, up to {jobs} "
+            f"run(s) at once, Python {platform.python_version()}")
+
+
+def machines_line(results: list[dict], machine: str) -> str:
+    """Where the table's costs were measured: this machine when every run trained here, else each CPU with
+    the runs it trained (a run's ms/step and hours are figures of its own machine)."""
+    by_cpu: dict[str, list[str]] = {}
+    for result in results:
+        for cpu in result.get("cpus") or [UNRECORDED_CPU]:
+            by_cpu.setdefault(cpu, []).append(result["name"])
+    here = cpu_model()
+    if set(by_cpu) == {here}:
+        return f"- Machine: {machine}"
+    trained = "; ".join(f"{cpu}: {', '.join(names)}" for cpu, names in by_cpu.items())
+    return (f"- Machines: each run's ms/step and hours were measured on the machine it trained on (a row whose "
+            f"runs trained on different CPUs mixes them): {trained}. Table written on: {machine}")
 
 
 def duration(seconds: float) -> str:
@@ -398,7 +431,7 @@ def render_section(rows: list[dict], settings: dict, command: str, machine: str,
         f"## Quality: DMM and its baselines on {settings['dataset_id']} at {settings['steps']:,} steps",
         "",
         f"- Command: `{command}`",
-        f"- Machine: {machine}",
+        machines_line([run for row in rows for run in row["runs"]], machine),
         f"- Dataset: {settings['dataset_id']} ({settings['dataset_episodes']} episodes, "
         f"{settings['dataset_steps']:,} steps, content hash {settings['dataset_hash'][:12]}), env {preset.env_id}",
         f"- Training: {settings['steps']:,} steps per run"

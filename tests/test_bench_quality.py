@@ -63,14 +63,14 @@ def replace_option(argv: list[str], option: str, *values: str) -> list[str]:
     return [*argv[:start], *values, *argv[end:]]
 
 
-@pytest.mark.slow
 def finished_run(kind: str, seed: int, last: float, **fields) -> dict:
     """One finished run's result as the table reads it: 4 steps, best = last unless fields say otherwise."""
-    return {"kind": kind, "matched": False, "seed": seed, "params": 1, "context_len": 1, "steps": 4,
-            "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0, "last": last, "best": last,
-            "official": last, **fields}
+    return {"name": f"{kind}-seed{seed}", "kind": kind, "matched": False, "seed": seed, "params": 1,
+            "context_len": 1, "steps": 4, "ms_per_step": 1.0, "train_seconds": 1.0, "eval_seconds": 1.0,
+            "last": last, "best": last, "official": last, **fields}
 
 
+@pytest.mark.slow
 def test_quality_bench_reports_last_best_and_official_and_continues_where_it_stopped(
         tmp_path, dataset, restore_threads, capsys):
     bench = load_bench()
@@ -110,6 +110,8 @@ def test_quality_bench_reports_last_best_and_official_and_continues_where_it_sto
     assert "| DT (DMM's wall time) | 726,019 | 20 |" in section
     assert "below the official 100,000" in section and "env seeds 10000 + i" in section
     assert "env seeds 20000 + i" in section
+    # Every run trained here, on this CPU: it is named once, as the machine, and recorded with each run.
+    assert f"- Machine: {bench.cpu_model()}, " in section and "- Machines:" not in section
 
     result = json.loads((runs / "dt-seed0" / "result.json").read_text())
     evaluations = result["evaluations"]
@@ -121,6 +123,9 @@ def test_quality_bench_reports_last_best_and_official_and_continues_where_it_sto
     assert result["best_step"] == best_step
     assert result["best"] == next(e for e in evaluations if e["step"] == best_step)["report"][0]["normalized_mean"]
     assert result["last"] <= result["official"] and result["best"] <= result["official"]
+    assert result["cpus"] == [bench.cpu_model()]
+    assert json.loads((runs / "dt-seed0" / "devices.json").read_text()) == [
+        {"device": "cpu", "gpu": None, "cpu": bench.cpu_model()}]
 
     # The compute-matched DT trained for DMM's training seconds at DT's measured seconds per step.
     dmm = json.loads((runs / "dmm-seed0" / "result.json").read_text())
@@ -204,6 +209,40 @@ def test_the_quality_line_counts_the_seeds_every_compared_model_has():
     results += [finished_run("dmm", seed, 60.0) for seed in (1, 2)]
     rows = bench.summarize(results, ["dmm", "bc", "dt"])
     assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 3 seeds): DMM=60.0 BC=41.0 DT=50.0")
+
+
+def test_a_table_of_runs_from_several_machines_names_each_runs_cpu():
+    """A bench carried between machines: its costs are figures of each run's own machine, so the table names
+    the CPU of every run (runs recorded before CPUs were, as such) instead of the machine that wrote it."""
+    bench = load_bench()
+    results = [finished_run("dmm", 0, 80.0, cpus=["Old CPU"]), finished_run("dmm", 1, 82.0),
+               finished_run("bc", 0, 40.0, cpus=["New CPU"]), finished_run("dmm", 2, 81.0, cpus=["New CPU"])]
+    line = bench.machines_line(results, "This CPU, 2 CPUs")
+    assert line == ("- Machines: each run's ms/step and hours were measured on the machine it trained on (a row "
+                    "whose runs trained on different CPUs mixes them): Old CPU: dmm-seed0; "
+                    f"{bench.UNRECORDED_CPU}: dmm-seed1; New CPU: bc-seed0, dmm-seed2. "
+                    "Table written on: This CPU, 2 CPUs")
+    here = [finished_run("bc", 0, 40.0, cpus=[bench.cpu_model()])]
+    assert bench.machines_line(here, "This CPU, 2 CPUs") == "- Machine: This CPU, 2 CPUs"
+
+
+def test_the_compute_matched_dt_takes_dmms_wall_time_on_dts_machine(tmp_path, dataset, restore_threads):
+    """DMM's seconds for the dt-matched run come from the DMM runs that trained on DT's CPU where there are
+    such runs (a wall time on one machine is no budget on another), else from every DMM run."""
+    bench = load_bench()
+    out = tmp_path / "bench"
+    runs = bench.plan_runs(bench.parse_args(bench_argv(dataset, out, tmp_path / "BENCHMARKS.md")))
+    runs = [*runs, {**next(run for run in runs if run["name"] == "dmm-seed0"), "name": "dmm-seed1", "seed": 1}]
+    for name, seconds, cpu in (("dmm-seed0", 600.0, "Slow CPU"), ("dmm-seed1", 200.0, "Fast CPU")):
+        (out / name).mkdir(parents=True)
+        (out / name / "result.json").write_text(json.dumps({"train_seconds": seconds, "cpus": [cpu]}))
+    dt = out / "dt-seed0"
+    dt.mkdir()
+    (dt / "metrics.jsonl").write_text(json.dumps({"step": 100, "train_seconds": 50.0}) + "\n")  # 0.5 s/step
+    (dt / "devices.json").write_text(json.dumps([{"device": "cpu", "gpu": None, "cpu": "Fast CPU"}]))
+    assert bench.matched_steps(out, runs) == 400  # dmm-seed1's 200 s at DT's 0.5 s/step, on the same CPU
+    (dt / "devices.json").write_text(json.dumps([{"device": "cpu", "gpu": None, "cpu": "Third CPU"}]))
+    assert bench.matched_steps(out, runs) == 800  # no DMM run on DT's CPU: the mean of all, 400 s
 
 
 @pytest.mark.slow
