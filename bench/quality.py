@@ -451,7 +451,8 @@ def render_section(rows: list[dict], settings: dict, command: str, machine: str,
         "reports it (optimistic: chosen on the episodes it reports). Mean ± sample std over seeds.",
         "- Cost: ms/step = training wall time without evaluation / steps; hours per run = training plus "
         "evaluation, mean over seeds. DT (DMM's wall time) trains for DMM's mean training seconds: DMM's "
-        "seconds over DT's seconds per step, both measured in this bench's runs.",
+        "seconds (those of the DMM runs on DT's CPU, where there are such runs) over DT's seconds per step, both "
+        "measured in this bench's runs.",
     ]
     if any(row["devices"] != ["cpu"] for row in rows):
         lines.append("- Devices: every row trained on the machine's CPU unless its name says otherwise: [cuda: GPU] "
