@@ -770,10 +770,10 @@ def main(argv: list[str] | None = None) -> str | None:
     if missing:
         log(f"not finished, left out of the table: {', '.join(missing)}")
     for row in rows:
+        seeds = len(row['seeds'])
         print(f"{row['name']:<22} steps {steps_cell(row['steps']):>9}  {row['ms_per_step']:6.1f} ms/step  "
-              f"last {row['last'][0]:6.1f} ± {row['last'][1]:5.1f}  best ckpt {row['best'][0]:6.1f} ± "
-              f"{row['best'][1]:5.1f}  official {row['official'][0]:6.1f} ± {row['official'][1]:5.1f}  "
-              f"({len(row['seeds'])} seeds)")
+              f"last {score_cell(row['last'], seeds)}  best ckpt {score_cell(row['best'], seeds)}  "
+              f"official {score_cell(row['official'], seeds)}" + (f"  ({seeds} seeds)" if seeds > 1 else ""))
     print(f"wrote the quality section of {args.benchmarks}")
     if failed:
         raise failed_runs_error(failed, args.out)

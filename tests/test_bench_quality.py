@@ -136,7 +136,12 @@ def test_quality_bench_reports_last_best_and_official_and_continues_where_it_sto
     # Started again with the same settings: nothing is retrained, the same line comes back.
     stamps = {path: path.stat().st_mtime_ns for path in runs.glob("*/model.pt")}
     assert len(stamps) == 5
+    capsys.readouterr()
     assert bench.main(argv) == line
+    # Its summary on stdout: one seed shows no spread (a "± 0.0" would read as a measured one).
+    summary = {row.split("  ")[0].strip(): row for row in capsys.readouterr().out.splitlines() if " ms/step " in row}
+    assert set(summary) == {"DMM", "DMamba", "BC", "DT", "DT (DMM's wall time)"}
+    assert "last " in summary["DT"] and "(one seed)" in summary["DT"] and "±" not in summary["DT"]
     assert stamps == {path: path.stat().st_mtime_ns for path in runs.glob("*/model.pt")}
 
     # --report-only with a seed never trained: the table keeps the finished runs and names the others.
