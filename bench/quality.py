@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> str | None:
     if missing:
         log(f"not finished, left out of the table: {', '.join(missing)}")
     for row in rows:
-        seeds = len(row['seeds'])
+        seeds = len(row["seeds"])
         print(f"{row['name']:<22} steps {steps_cell(row['steps']):>9}  {row['ms_per_step']:6.1f} ms/step  "
               f"last {score_cell(row['last'], seeds)}  best ckpt {score_cell(row['best'], seeds)}  "
               f"official {score_cell(row['official'], seeds)}" + (f"  ({seeds} seeds)" if seeds > 1 else ""))
