@@ -21,6 +21,7 @@ others waiting in a collective at most the group's timeout; torchrun stops them 
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,12 +86,32 @@ def start(device: str, timeout_s: float) -> RankContext:
                            f"{torch.cuda.device_count()} CUDA device(s); expected one GPU per local rank; "
                            "pass --nproc_per_node at most the GPU count (or --device cpu)")
         torch.cuda.set_device(local_rank)
+    _import_group_defaults_before_the_group()
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return RankContext(rank=rank, world_size=world_size, local_rank=local_rank, backend=backend, owns_group=True)
 
 
+def _import_group_defaults_before_the_group() -> None:
+    """Import torch.distributed.nn.functional while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated once, at import.
+    DistributedDataParallel imports it; imported after the group is made, those defaults keep
+    the group alive for the life of the process, past `stop`, and with it gloo's worker threads.
+    Such a thread can then free a tensor while the interpreter shuts down, which aborts the
+    process ("terminate called without an active exception", SIGABRT) after a run that
+    succeeded. Imported first, the defaults are None and `stop` really ends the group.
+    """
+    import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
+
+
 def stop(context: RankContext) -> None:
+    """Destroy the group `start` created, and with it the backend's threads.
+
+    The collection first frees a DistributedDataParallel wrapper that sits in a reference
+    cycle: it holds the group, which would then outlive `destroy_process_group`.
+    """
     if context.owns_group and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
