@@ -363,7 +363,8 @@ def quality_line(rows: list[dict], dataset_id: str, steps: int) -> str:
         return row["label"] if own >= steps else f"{row['label']}@{own}"
 
     scores = " ".join(f"{label(row)}={row['last'][0]:.1f}" for row in main)
-    return f"quality on {dataset_id} @ {steps} steps (last checkpoint, {seeds} seeds): {scores}"
+    seed_count = f"{seeds} seed" + ("" if seeds == 1 else "s")
+    return f"quality on {dataset_id} @ {steps} steps (last checkpoint, {seed_count}): {scores}"
 
 
 def section_markers(dataset_id: str, steps: int) -> tuple[str, str]:

@@ -98,7 +98,7 @@ def test_quality_bench_reports_last_best_and_official_and_continues_where_it_sto
 
     line = bench.main(argv)
     assert torch.get_num_threads() == 1  # --threads default
-    assert re.fullmatch(rf"quality on {re.escape(DATASET_ID)} @ 4 steps \(last checkpoint, 1 seeds\): "
+    assert re.fullmatch(rf"quality on {re.escape(DATASET_ID)} @ 4 steps \(last checkpoint, 1 seed\): "
                         r"DMM=\S+ DMamba=\S+ BC=\S+ DT@2=\S+", line), line
     assert (runs / "bc-seed0" / "model.pt").stat().st_mtime_ns == bc_stamp  # reused, not retrained
 
@@ -200,7 +200,7 @@ def test_a_kind_can_train_on_another_device_and_the_table_says_so(tmp_path, data
                finished_run("bc", 0, 40.0, official=45.0)]
     rows = bench.summarize(results, ["bc", "dt"])
     assert [row["name"] for row in rows] == ["BC", "DT [cpu + cuda: NVIDIA H200]"]
-    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): BC=40.0 DT=50.0")
+    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seed): BC=40.0 DT=50.0")
 
 
 def test_the_quality_line_counts_the_seeds_every_compared_model_has():
@@ -209,7 +209,7 @@ def test_the_quality_line_counts_the_seeds_every_compared_model_has():
     results = [finished_run("bc", seed, 40.0 + seed) for seed in range(3)]
     results += [finished_run("dmm", 0, 60.0), finished_run("dt", 0, 50.0)]
     rows = bench.summarize(results, ["dmm", "bc", "dt"])
-    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seeds): DMM=60.0 BC=41.0 DT=50.0")
+    assert bench.quality_line(rows, DATASET_ID, 4).endswith("(last checkpoint, 1 seed): DMM=60.0 BC=41.0 DT=50.0")
     # Once DMM has its three seeds, DT's single seed does not lower N.
     results += [finished_run("dmm", seed, 60.0) for seed in (1, 2)]
     rows = bench.summarize(results, ["dmm", "bc", "dt"])
