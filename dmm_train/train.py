@@ -329,18 +329,17 @@ def train(
         with directory_lock(out_dir) if context.is_main else contextlib.nullcontext():
             return _train(config, Path(out_dir), context, resume=resume, progress=progress and context.is_main,
                           log_every=log_every, on_step=on_step)
-    except distributed.process_group_error_types() as error:
-        traceback.clear_frames(error.__traceback__)
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DMMError(
-            f"rank {context.rank} of {context.world_size}: the process group failed ({message}); expected every "
-            "rank to keep training; another rank probably stopped first: see its error above"
-        ) from None
     except BaseException as error:
         if context.owns_group:
             # The failed run's frames hold the DistributedDataParallel wrapper, which holds the process
             # group: without their locals, `stop` can end the group (and its threads) before the exit.
             traceback.clear_frames(error.__traceback__)
+        if isinstance(error, distributed.process_group_error_types()):
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DMMError(
+                f"rank {context.rank} of {context.world_size}: the process group failed ({message}); expected "
+                "every rank to keep training; another rank probably stopped first: see its error above"
+            ) from None
         raise
     finally:
         distributed.stop(context)
