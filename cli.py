@@ -337,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(error, "quiet", False):  # under torchrun, an error every rank raised alike prints once
             click.echo(f"error: {error}", err=True)
         return 1
+    except OSError as error:  # an operating-system failure no stage turned into its own DMMError
+        from contract.files import file_error
+
+        click.echo(f"error: {file_error(error, action='use')}", err=True)
+        return 1
     except click.exceptions.Exit as exit_request:
         return exit_request.exit_code
     except click.exceptions.Abort:
