@@ -23,6 +23,11 @@ Three scores per run, labelled as such (CORL reports "last" and "best" side by s
 - official: the maximum over targets and over the periodic checkpoints of the report score,
   as the official script reports it (optimistic: chosen on the episodes it reports).
 
+Beside the last checkpoint, the mean of the last three periodic evaluations (steadier where scores swing).
+DMM is compared with each baseline by the difference of the means over seeds with a 95% interval
+(Welch's t; a one-seed side is taken to spread as the other side), and called ahead or behind only
+where the whole interval lies above or below zero, else level.
+
 Plus the training cost (ms per step without evaluation, hours per run with it), and a
 compute-matched row: DT trained for DMM's mean training wall time (``dt-matched`` runs, whose
 step count is DMM's seconds divided by DT's seconds per step, measured in the bench's own runs,
@@ -45,7 +50,8 @@ Sweeps on any scheduler: ``--print-commands`` prints one independent, resumable 
 dt-matched ones last (they read the finished DMM and DT runs: start them after those);
 ``--jobs N`` runs N of them at once on this machine, each with ``--threads`` torch threads (carried runs
 first, then the longest);
-``--report-only`` writes the tables from the runs directory; ``--status`` says where each run stands.
+``--report-only`` writes the tables from the runs directory (and the settings it recorded: the dataset
+need not be present); ``--status`` says where each run stands.
 
 A bench outlives one machine when its directory lives in the tree, ``--out
 bench/results/quality/<dataset>-<steps>steps``: the runs' JSON records there are tracked (.gitignore
@@ -63,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -108,6 +115,12 @@ LOCKED = ("preset", "dataset_hash", "steps", "batch_size", "episodes", "selectio
 # Relative cost per step, to start the longest runs first under --jobs (after the carried ones).
 COST_PER_STEP = {"dt": 6.0, "dmm": 1.0, "dmamba": 1.0, "bc": 0.1}
 UNRECORDED_CPU = "CPU not recorded (runs from before the bench recorded it)"
+LAST_EVALUATIONS = 3  # the steadier score beside the last checkpoint: the mean of the last periodic evaluations
+# Student's t 0.975 quantiles by degrees of freedom (the standard table); beyond 120, the normal's 1.96.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980, 1_000_000: 1.960}
 
 
 def log(message: str) -> None:
@@ -342,10 +355,92 @@ def summarize(results: list[dict], kinds: list[str]) -> list[dict]:
             "ms_per_step": statistics.fmean(r["ms_per_step"] for r in runs),
             "hours": statistics.fmean(r["train_seconds"] + r["eval_seconds"] for r in runs) / 3600,
             "last": mean_std([r["last"] for r in runs]),
+            "last3": mean_std([last_evaluations_mean(r) for r in runs]),
             "best": mean_std([r["best"] for r in runs]),
             "official": mean_std([r["official"] for r in runs]),
         })
     return rows
+
+
+def last_evaluations_mean(result: dict, count: int = LAST_EVALUATIONS) -> float:
+    """The mean of a run's last ``count`` periodic report scores at the first target (its last alone when the
+    result holds no evaluations): a steadier figure than the last checkpoint where scores swing."""
+    scores = [e["report"][0]["normalized_mean"] for e in result.get("evaluations") or []][-count:]
+    return statistics.fmean(scores) if scores else result["last"]
+
+
+def t_quantile_975(df: float) -> float:
+    """Student's t 0.975 quantile for ``df`` degrees of freedom, rounded down to the table's next entry
+    (a wider, conservative interval for Welch's fractional df)."""
+    whole = max(1, int(df))
+    if whole in T_975:
+        return T_975[whole]
+    return next(T_975[bound] for bound in sorted(T_975, reverse=True) if bound <= whole)
+
+
+def difference_interval(ours: list[float], theirs: list[float]) -> dict | None:
+    """Mean of ``ours`` minus mean of ``theirs`` with a 95% Welch t interval over seeds.
+
+    A side with one seed has no spread of its own: it is taken to spread as much as the other side
+    (a t interval on the other side's n - 1 degrees of freedom), and the record says so. None when
+    both sides have one seed: no interval can be drawn.
+    """
+    n_ours, n_theirs = len(ours), len(theirs)
+    if n_ours < 2 and n_theirs < 2:
+        return None
+    difference = statistics.fmean(ours) - statistics.fmean(theirs)
+    if n_ours > 1 and n_theirs > 1:
+        var_ours, var_theirs = statistics.variance(ours) / n_ours, statistics.variance(theirs) / n_theirs
+        spread = var_ours + var_theirs
+        # Welch-Satterthwaite; two sides with no spread at all keep the pooled count
+        denominator = var_ours ** 2 / (n_ours - 1) + var_theirs ** 2 / (n_theirs - 1)
+        df = spread ** 2 / denominator if denominator else n_ours + n_theirs - 2
+        method = "Welch's t over seeds"
+    else:
+        several = ours if n_ours > 1 else theirs
+        spread = statistics.variance(several) * (1 / n_ours + 1 / n_theirs)
+        df = len(several) - 1
+        method = "t over seeds, the one-seed side assumed to spread as the other"
+    half = t_quantile_975(df) * math.sqrt(spread)
+    low, high = difference - half, difference + half
+    word = "ahead" if low > 0 else "behind" if high < 0 else "level"
+    return {"difference": difference, "low": low, "high": high, "df": df, "method": method, "word": word}
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """DMM against every other row: the difference of the last-checkpoint means (and of the means of the
+    last evaluations) with its 95% interval, and the word the interval gives."""
+    dmm = next((row for row in rows if row["kind"] == "dmm" and not row["matched"]), None)
+    if dmm is None:
+        return []
+    found = []
+    for row in rows:
+        if row is dmm:
+            continue
+        found.append({"against": row["name"], "seeds": (len(dmm["seeds"]), len(row["seeds"])),
+                      "last": difference_interval([r["last"] for r in dmm["runs"]], [r["last"] for r in row["runs"]]),
+                      "last3": difference_interval([last_evaluations_mean(r) for r in dmm["runs"]],
+                                                   [last_evaluations_mean(r) for r in row["runs"]])})
+    return found
+
+
+def interval_cell(interval: dict | None) -> str:
+    if interval is None:
+        return "one seed each: no interval, no word"
+    return (f"{interval['difference']:+.1f} (95% interval {interval['low']:+.1f} .. {interval['high']:+.1f}): "
+            f"**{interval['word']}**")
+
+
+def comparison_lines(rows: list[dict]) -> list[str]:
+    """The section's comparison bullets, one per baseline."""
+    lines = []
+    for found in comparisons(rows):
+        methods = sorted({i["method"] for i in (found["last"], found["last3"]) if i is not None})
+        ours, theirs = found["seeds"]
+        lines.append(f"- DMM − {found['against']} ({ours} against {theirs} seed{'s' if theirs > 1 else ''}): "
+                     f"last checkpoint {interval_cell(found['last'])}; mean of the last {LAST_EVALUATIONS} "
+                     f"evaluations {interval_cell(found['last3'])}" + (f"; {methods[0]}" if methods else ""))
+    return lines
 
 
 def quality_line(rows: list[dict], dataset_id: str, steps: int) -> str:
@@ -449,7 +544,9 @@ def render_section(rows: list[dict], settings: dict, command: str, machine: str,
         f"- Scores: **last** = the final checkpoint @ {first} (the honest number); **best ckpt** = best.pt (chosen "
         f"on the selection episodes) @ {first} on the report episodes; **official** = the maximum over the targets "
         f"and the {settings['evaluations']} periodic checkpoints on the report episodes, as the official script "
-        "reports it (optimistic: chosen on the episodes it reports). Mean ± sample std over seeds.",
+        f"reports it (optimistic: chosen on the episodes it reports); **last {LAST_EVALUATIONS} evals** = the mean "
+        f"of the last {LAST_EVALUATIONS} periodic checkpoints @ {first} on the report episodes (steadier where "
+        "scores swing between checkpoints). Mean ± sample std over seeds.",
         "- Cost: ms/step = training wall time without evaluation / steps; hours per run = training plus "
         "evaluation, mean over seeds. DT (DMM's wall time) trains for DMM's mean training seconds: DMM's "
         "seconds (those of the DMM runs on DT's CPU, where there are such runs) over DT's seconds per step, both "
@@ -462,22 +559,28 @@ def render_section(rows: list[dict], settings: dict, command: str, machine: str,
         lines.append(f"- Partial: not finished and left out: {', '.join(missing)}")
     lines += [
         "",
-        f"| model | params | K | steps | seeds | ms/step | hours per run | last @ {first} | best ckpt @ {first} | "
-        "official (max) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | params | K | steps | seeds | ms/step | hours per run | last @ {first} | "
+        f"last {LAST_EVALUATIONS} evals @ {first} | best ckpt @ {first} | official (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         seeds = len(row["seeds"])
         lines.append(
             f"| {row['name']} | {row['params']:,} | {row['context_len']} | {steps_cell(row['steps'])} | {seeds} | "
             f"{row['ms_per_step']:.1f} | {row['hours']:.2f} | {score_cell(row['last'], seeds)} | "
-            f"{score_cell(row['best'], seeds)} | {score_cell(row['official'], seeds)} |"
+            f"{score_cell(row['last3'], seeds)} | {score_cell(row['best'], seeds)} | "
+            f"{score_cell(row['official'], seeds)} |"
         )
     lines += ["", "Per seed, last / best ckpt / official:", "", "| model | per seed |", "|---|---|"]
     for row in rows:
         cells = "; ".join(f"seed {r['seed']}: {r['last']:.1f} / {r['best']:.1f} / {r['official']:.1f}"
                           for r in row["runs"])
         lines.append(f"| {row['name']} | {cells} |")
+    compared = comparison_lines(rows)
+    if compared:
+        lines += ["", "DMM against each baseline: the difference of the means over seeds with a 95% interval; "
+                  "**ahead** or **behind** only where the whole interval lies above or below zero, else **level**:",
+                  "", *compared]
     lines += ["", quality_line(rows, settings["dataset_id"], settings["steps"]), end]
     return "\n".join(lines) + "\n"
 
@@ -498,9 +601,16 @@ def update_benchmarks(path: Path, section: str, markers: tuple[str, str]) -> Non
 
 def bench_settings(args, dataset, dataset_spec: str) -> dict:
     return {
-        "preset": args.preset, "dataset_id": dataset.dataset_id, "dataset_hash": dataset.content_hash,
+        "dataset_id": dataset.dataset_id, "dataset_hash": dataset.content_hash,
         "dataset_spec": dataset_spec, "dataset_episodes": len(dataset.episodes),
-        "dataset_steps": dataset.total_steps, "steps": args.steps, "batch_size": args.batch_size,
+        "dataset_steps": dataset.total_steps, **option_settings(args),
+    }
+
+
+def option_settings(args) -> dict:
+    """The settings the options give (the rest describe the dataset)."""
+    return {
+        "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size,
         "episodes": args.episodes, "selection_episodes": args.selection_episodes, "evaluations": args.evaluations,
         "report_seed": REPORT_EVAL_SEED, "selection_seed": SELECTION_EVAL_SEED,
         "checkpoint_every": args.checkpoint_every,
@@ -693,19 +803,24 @@ def main(argv: list[str] | None = None) -> str | None:
     from dmm_train.minari_reader import load_dataset
     from dmm_train.recipes import ensure_default_dataset
 
-    # The preset's own medium dataset by default: walker2d and halfcheetah never train on Hopper's data.
-    dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(args.preset))
-    dataset = load_dataset(dataset_spec)
-    preset = get_preset(args.preset)
-    if (dataset.state_dim, dataset.act_dim) != (preset.state_dim, preset.act_dim):
-        raise DMMError(f"dataset {dataset.dataset_id!r} has state/action dims {dataset.state_dim}/"
-                       f"{dataset.act_dim}; preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
-                       "pass the --preset of the dataset's environment")
-    settings = bench_settings(args, dataset, dataset_spec)
-    args.dataset_id = dataset.dataset_id
+    recorded = read_json(args.out / SETTINGS_FILE) if args.report_only and args.out is not None else None
+    if recorded is not None:
+        # A table needs only what the bench recorded of its dataset: nothing to regenerate or download.
+        settings = {**recorded, **option_settings(args)}
+    else:
+        # The preset's own medium dataset by default: walker2d and halfcheetah never train on Hopper's data.
+        dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(args.preset))
+        dataset = load_dataset(dataset_spec)
+        preset = get_preset(args.preset)
+        if (dataset.state_dim, dataset.act_dim) != (preset.state_dim, preset.act_dim):
+            raise DMMError(f"dataset {dataset.dataset_id!r} has state/action dims {dataset.state_dim}/"
+                           f"{dataset.act_dim}; preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
+                           "pass the --preset of the dataset's environment")
+        settings = bench_settings(args, dataset, dataset_spec)
+    dataset_id = args.dataset_id = settings["dataset_id"]
     if args.out is None:
         # One folder per dataset and budget: a 10k-step bench never meets the runs of a 100k-step one.
-        args.out = DEFAULT_OUT / f"{dataset.dataset_id.replace('/', '--')}-{args.steps}steps"
+        args.out = DEFAULT_OUT / f"{dataset_id.replace('/', '--')}-{args.steps}steps"
     runs = plan_runs(args)
     by_name = {run["name"]: run for run in runs}
 
@@ -747,7 +862,7 @@ def main(argv: list[str] | None = None) -> str | None:
         rows = summarize(results, args.models)
         if rows:
             section = render_section(rows, settings, command, machine, missing)
-            update_benchmarks(args.benchmarks, section, section_markers(dataset.dataset_id, args.steps))
+            update_benchmarks(args.benchmarks, section, section_markers(dataset_id, args.steps))
         return rows, missing
 
     command = "python bench/quality.py" + ("" if not argv else " " + shlex.join(argv))
@@ -775,10 +890,12 @@ def main(argv: list[str] | None = None) -> str | None:
         print(f"{row['name']:<22} steps {steps_cell(row['steps']):>9}  {row['ms_per_step']:6.1f} ms/step  "
               f"last {score_cell(row['last'], seeds)}  best ckpt {score_cell(row['best'], seeds)}  "
               f"official {score_cell(row['official'], seeds)}" + (f"  ({seeds} seeds)" if seeds > 1 else ""))
+    for compared in comparison_lines(rows):
+        print(compared.replace("**", ""))
     print(f"wrote the quality section of {args.benchmarks}")
     if failed:
         raise failed_runs_error(failed, args.out)
-    line = quality_line(rows, dataset.dataset_id, args.steps)
+    line = quality_line(rows, dataset_id, args.steps)
     print(line)
     return line
 

@@ -325,3 +325,69 @@ def test_each_preset_benches_its_own_medium_dataset_in_a_folder_per_budget(
     assert command[command.index("--preset") + 1] == "walker2d"
     expected_out = f"runs/quality/{RECIPES['walker2d-medium'].dataset_id.replace('/', '--')}-4steps"
     assert command[command.index("--out") + 1] == expected_out
+
+
+def test_each_comparison_carries_its_interval_and_the_word_follows_from_it():
+    bench = load_bench()
+    # Welch by hand: difference -3, each side's variance of the mean 1/3, df = (2/3)^2 / (2 * (1/3)^2 / 2) = 4,
+    # t(0.975, 4) = 2.776, half-width 2.776 * sqrt(2/3).
+    interval = bench.difference_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert interval["df"] == pytest.approx(4.0)
+    assert (interval["low"], interval["high"]) == pytest.approx((-3 - 2.776 * (2 / 3) ** 0.5,
+                                                                 -3 + 2.776 * (2 / 3) ** 0.5))
+    assert interval["word"] == "behind"
+    # The same means with a spread that covers zero are level, whatever the means say.
+    assert bench.difference_interval([0.0, 2.0, 7.0], [4.0, 5.0, 6.0])["word"] == "level"
+    assert bench.difference_interval([9.0, 10.0, 11.0], [4.0, 5.0, 6.0])["word"] == "ahead"
+    # One seed on one side: it is taken to spread as the other side, on that side's n - 1 degrees of freedom.
+    single = bench.difference_interval([1.0, 2.0, 3.0], [10.0])
+    assert single["df"] == 2 and single["high"] - single["difference"] == pytest.approx(4.303 * (4 / 3) ** 0.5)
+    assert bench.difference_interval([1.0], [2.0]) is None  # no spread on either side: no interval, no word
+    # A fractional df takes the table's next lower entry: a wider interval, never a narrower one.
+    assert bench.t_quantile_975(2.9) == 4.303 and bench.t_quantile_975(45.0) == 2.021
+
+
+def test_the_table_shows_the_mean_of_the_last_evaluations_and_the_comparisons():
+    bench = load_bench()
+
+    def evaluations(*scores):
+        return [{"step": i, "report": [{"target_return": 3600.0, "normalized_mean": s}]} for i, s in enumerate(scores)]
+
+    results = [finished_run("dmm", seed, 80.0 + seed, evaluations=evaluations(10.0, 70.0, 80.0, 80.0 + seed))
+               for seed in range(3)]
+    results += [finished_run("bc", seed, 40.0 + seed) for seed in range(3)]
+    rows = bench.summarize(results, ["dmm", "bc"])
+    assert rows[0]["last3"][0] == pytest.approx((70 + 80 + 81) / 3)  # the last three evaluations, not the first
+    assert rows[1]["last3"][0] == pytest.approx(41.0)  # a result without evaluations: its last checkpoint
+    lines = bench.comparison_lines(rows)
+    assert len(lines) == 1 and lines[0].startswith("- DMM − BC (3 against 3 seeds): last checkpoint +40.0 (95% "
+                                                   "interval +37.7 .. +42.3): **ahead**; mean of the last 3 ")
+
+
+def test_report_only_writes_the_table_from_the_records_without_the_dataset(tmp_path, monkeypatch, restore_threads):
+    """A bench carried to another machine: its table is rewritten from bench.json and the runs' records alone,
+    with the dataset nowhere in the store (regenerating a 1M-step dataset just to print a table is not needed)."""
+    bench = load_bench()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty-store"))
+    out, benchmarks = tmp_path / "bench", tmp_path / "BENCHMARKS.md"
+    settings = {"preset": "hopper", "dataset_id": "test/not-in-any-store-v0", "dataset_hash": "ab" * 32,
+                "dataset_spec": "test/not-in-any-store-v0", "dataset_episodes": 3, "dataset_steps": 30, "steps": 4,
+                "batch_size": 8, "episodes": 1, "selection_episodes": 1, "evaluations": 2,
+                "report_seed": bench.REPORT_EVAL_SEED, "selection_seed": bench.SELECTION_EVAL_SEED,
+                "checkpoint_every": 2}
+    for seed in (0, 1):
+        (out / f"bc-seed{seed}").mkdir(parents=True)
+        result = {**finished_run("bc", seed, 40.0 + seed), "format": bench.RESULT_FORMAT}
+        (out / f"bc-seed{seed}" / "result.json").write_text(json.dumps(result))
+    (out / "bench.json").write_text(json.dumps(settings))
+    line = bench.main(["--dataset", "test/not-in-any-store-v0", "--models", "bc", "--seeds", "0", "1", "--steps",
+                       "4", "--episodes", "1", "--selection-episodes", "1", "--evaluations", "2", "--batch-size",
+                       "8", "--checkpoint-every", "2", "--out", str(out), "--benchmarks", str(benchmarks),
+                       "--report-only"])
+    assert line == "quality on test/not-in-any-store-v0 @ 4 steps (last checkpoint, 2 seeds): BC=40.5"
+    assert "content hash abababababab" in benchmarks.read_text()
+    # Other options than the recorded ones are still refused, as for a bench that trains.
+    with pytest.raises(DMMError, match="batch_size=8"):
+        bench.main(["--dataset", "test/not-in-any-store-v0", "--models", "bc", "--seeds", "0", "1", "--steps", "4",
+                    "--episodes", "1", "--selection-episodes", "1", "--evaluations", "2", "--batch-size", "16",
+                    "--checkpoint-every", "2", "--out", str(out), "--benchmarks", str(benchmarks), "--report-only"])
