@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from calibration.accuracy import student_t_quantile  # noqa: E402
 from contract.errors import DMMError  # noqa: E402
 from contract.files import atomic_write_bytes, atomic_write_json, lock_holder  # noqa: E402
 from dmm_train.baselines import DISPLAY_NAMES  # noqa: E402
@@ -116,11 +117,6 @@ LOCKED = ("preset", "dataset_hash", "steps", "batch_size", "episodes", "selectio
 COST_PER_STEP = {"dt": 6.0, "dmm": 1.0, "dmamba": 1.0, "bc": 0.1}
 UNRECORDED_CPU = "CPU not recorded (runs from before the bench recorded it)"
 LAST_EVALUATIONS = 3  # the steadier score beside the last checkpoint: the mean of the last periodic evaluations
-# Student's t 0.975 quantiles by degrees of freedom (the standard table); beyond 120, the normal's 1.96.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980, 1_000_000: 1.960}
 
 
 def log(message: str) -> None:
@@ -369,15 +365,6 @@ def last_evaluations_mean(result: dict, count: int = LAST_EVALUATIONS) -> float:
     return statistics.fmean(scores) if scores else result["last"]
 
 
-def t_quantile_975(df: float) -> float:
-    """Student's t 0.975 quantile for ``df`` degrees of freedom, rounded down to the table's next entry
-    (a wider, conservative interval for Welch's fractional df)."""
-    whole = max(1, int(df))
-    if whole in T_975:
-        return T_975[whole]
-    return next(T_975[bound] for bound in sorted(T_975, reverse=True) if bound <= whole)
-
-
 def difference_interval(ours: list[float], theirs: list[float]) -> dict | None:
     """Mean of ``ours`` minus mean of ``theirs`` with a 95% Welch t interval over seeds.
 
@@ -401,7 +388,7 @@ def difference_interval(ours: list[float], theirs: list[float]) -> dict | None:
         spread = statistics.variance(several) * (1 / n_ours + 1 / n_theirs)
         df = len(several) - 1
         method = "t over seeds, the one-seed side assumed to spread as the other"
-    half = t_quantile_975(df) * math.sqrt(spread)
+    half = student_t_quantile(0.975, df) * math.sqrt(spread)  # Student's t holds for a fractional df too
     low, high = difference - half, difference + half
     word = "ahead" if low > 0 else "behind" if high < 0 else "level"
     return {"difference": difference, "low": low, "high": high, "df": df, "method": method, "word": word}
