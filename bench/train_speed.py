@@ -17,6 +17,28 @@ machine's load hits every path alike:
 The last line is ``speedup: X.Xx`` (reference ms / fused ms).
 
     python bench/train_speed.py [--steps 200] [--threads 1]
+
+Under load (``--load K``): the default training step (fused) quiet and with K busy processes
+(a Python busy loop, started and stopped by the bench around each timed run, each ending by
+itself after 30 x --seconds + 300 s should the bench be killed), side by side in one run, for
+four thread policies and a reference, each served by its own process (the OpenMP wait policy is read once per
+process):
+
+- default: what ``cli.py train`` does: threads from the free cores, and OpenMP waiting passively
+           when other work competes for them (`contract.threads`), measured at the start of
+           each timed run in a worker started for it, the scan pool alike;
+- 1 thread: torch and the scan pool on one thread;
+- all cores: the new pools (passive OpenMP, a scan pool that sleeps at once) on every usable
+           core whatever the load: what the passive waiting alone saves;
+- old:     before the policy: torch's default threads (spinning OpenMP team), the scan pool at
+           the same count with its 200 us spin;
+- cpu loop: not training: one thread of plain Python arithmetic, whose slowdown is the share
+           of a core the machine gives any one thread (the fair share to compare with).
+
+Rounds alternate quiet and loaded runs of every policy, so that a change in the machine's own
+background load hits them alike; each line ends ``under load: Z.Zx quiet``.
+
+    python bench/train_speed.py --load 2 [--rounds 2] [--seconds 6]
 """
 
 from __future__ import annotations
@@ -34,9 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from contract.errors import DMMError  # noqa: E402
+from contract.threads import busy_threads, usable_cores, waits_passively  # noqa: E402
 from dmm_train import fused_scan  # noqa: E402
 from dmm_train import model as model_module  # noqa: E402
 from dmm_train.config import ACTION_PAD_VALUE, ModelConfig, TrainConfig, get_preset  # noqa: E402
+from dmm_train.fused_scan import THREADS_ENV  # noqa: E402
 from dmm_train.model import DecisionMetaMamba  # noqa: E402
 from dmm_train.train import make_optimizer, train_step  # noqa: E402
 
@@ -92,6 +116,126 @@ def build(impl: str, train_config: TrainConfig, dsm_impl: str = "conv"):
     return model, optimizer, scheduler
 
 
+POLICIES = ("default", "1 thread", "all cores", "old", "cpu loop")
+BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+
+
+def worker(policy: str) -> None:
+    """Serve one policy: for each line ``SECONDS`` on stdin, print ``ms/step threads`` of the training step."""
+    from dmm_train.threads import setup_threads
+
+    if policy == "1 thread":
+        setup_threads(1)
+    elif policy == "all cores":
+        setup_threads(usable_cores())
+    elif policy == "old":  # torch's default count for both pools, the scan pool spinning as it did
+        fused_scan.set_num_threads(torch.get_num_threads())
+        fused_scan.spin_ns = lambda: fused_scan.SPIN_NS
+    train_config = TrainConfig(preset=PRESET)
+    preset = get_preset(PRESET)
+    batch = make_batch(preset, ModelConfig.from_preset(preset).context_len, torch.Generator().manual_seed(SEED))
+    model, optimizer, scheduler = build("fused", train_config)
+    step = lambda: train_step(model, optimizer, scheduler, batch, train_config.grad_clip)  # noqa: E731
+    if policy == "cpu loop":  # one thread of plain Python arithmetic: the share of a core the machine gives
+        step = lambda: sum(i * i for i in range(100_000))  # noqa: E731
+    print("ready", flush=True)
+    for line in sys.stdin:
+        seconds = float(line)
+        if policy == "default":
+            setup_threads()  # as a training started now would choose
+        warm_until = time.perf_counter() + seconds / 4
+        while time.perf_counter() < warm_until:
+            step()
+        steps, start = 0, time.perf_counter()
+        while steps < 3 or time.perf_counter() - start < seconds:
+            step()
+            steps += 1
+        print(f"{(time.perf_counter() - start) / steps * 1e3:.3f} {torch.get_num_threads()}", flush=True)
+
+
+def start_worker(policy: str):
+    """A fresh process serving ``policy`` (the OpenMP wait policy is read once per process)."""
+    import subprocess
+
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", THREADS_ENV)}
+    if policy == "default" and waits_passively(usable_cores(), busy_threads()):  # as cli.py decides it, now
+        environment["OMP_WAIT_POLICY"] = "passive"
+    if policy == "all cores":
+        environment["OMP_WAIT_POLICY"] = "passive"
+    process = subprocess.Popen([sys.executable, __file__, "--worker", policy], env=environment, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    if process.stdout.readline().strip() != "ready":
+        raise DMMError(f"the {policy!r} worker did not start (exit code {process.wait()})")
+    return process
+
+
+def timed_run(policy: str, process, seconds: float, load: int, load_seconds: float) -> tuple[float, int]:
+    """(ms/step, torch threads) of one run of a worker while ``load`` busy processes run. The default policy
+    gets a worker started for the run, as a training started then would be (its wait policy is chosen from
+    the load at its start); the others keep theirs."""
+    import subprocess
+
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=load_seconds)])
+            for _ in range(load)]
+    fresh = None
+    try:
+        time.sleep(0.5)  # the busy processes are running when the default policy measures the machine
+        if policy == "default":
+            process = fresh = start_worker(policy)
+        process.stdin.write(f"{seconds}\n")
+        process.stdin.flush()
+        reply = process.stdout.readline().split()
+    finally:
+        if fresh is not None:
+            fresh.kill()
+            fresh.wait()
+        for busy_process in busy:
+            busy_process.kill()
+        for busy_process in busy:
+            busy_process.wait()
+    if len(reply) != 2:
+        raise DMMError(f"a worker stopped (exit code {process.poll()}); see its error above")
+    return float(reply[0]), int(reply[1])
+
+
+def under_load(load: int, rounds: int, seconds: float, load_seconds: float) -> float:
+    """The table of the module docstring; returns the default policy's loaded / quiet ratio."""
+    runs: dict[tuple[str, int], list[tuple[float, int]]] = {}
+    workers = {}
+    try:
+        for policy in POLICIES:
+            if policy != "default":  # the default policy's workers start with each run
+                workers[policy] = start_worker(policy)
+        for _ in range(rounds):
+            for policy in POLICIES:
+                for busy in (0, load):
+                    runs.setdefault((policy, busy), []).append(
+                        timed_run(policy, workers.get(policy), seconds, busy, load_seconds))
+    finally:
+        for process in workers.values():
+            process.kill()
+            process.wait()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"DMM training step, {PRESET}, B={BATCH_SIZE}: quiet and with {load} busy processes; {cpus} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at the end; median of {rounds} runs of {seconds:g} s per cell")
+    ratios = {}
+    for policy in POLICIES:
+        quiet = statistics.median(ms for ms, _ in runs[policy, 0])
+        loaded = statistics.median(ms for ms, _ in runs[policy, load])
+        threads = "/".join(sorted({str(t) for _, t in runs[policy, 0]})) + " quiet, " + "/".join(
+            sorted({str(t) for _, t in runs[policy, load]})) + " under load"
+        if policy == "cpu loop":
+            threads = "1, plain Python"
+        ratios[policy] = (quiet, loaded)
+        print(f"{policy:<10}(threads {threads}): quiet {quiet:.1f} ms/step, under load {loaded:.1f} ms/step: "
+              f"under load: {loaded / quiet:.1f}x quiet")
+    default_quiet, default_loaded = ratios["default"]
+    print(f"default vs old: quiet {ratios['old'][0] / default_quiet:.2f}x faster, under load "
+          f"{ratios['old'][1] / default_loaded:.1f}x faster")
+    return default_loaded / default_quiet
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,7 +250,21 @@ def main(argv: list[str] | None = None) -> float:
         "--scan-threads", type=int, default=None,
         help="threads of the fused scan kernel (default: as --threads; see DMM_SCAN_THREADS)",
     )
+    parser.add_argument("--load", type=int, default=None,
+                        help="busy processes: time the default step quiet and under this load per thread policy")
+    parser.add_argument("--rounds", type=int, default=2, help="--load: runs per policy and condition (default 2)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="--load: timed seconds per run (default 6)")
+    parser.add_argument("--worker", choices=POLICIES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker is not None:
+        worker(args.worker)
+        return 0.0
+    if args.load is not None:
+        if args.load < 1 or args.rounds < 1 or not args.seconds > 0:
+            raise DMMError(f"--load {args.load}, --rounds {args.rounds}, --seconds {args.seconds}; expected "
+                           "positive values")
+        # Every busy process ends by itself after this, should the bench itself be killed.
+        return under_load(args.load, args.rounds, args.seconds, load_seconds=30 * args.seconds + 300)
     scan_threads = args.threads if args.scan_threads is None else args.scan_threads
     if args.steps < ROUNDS or args.threads < 1 or scan_threads < 1:
         raise DMMError(

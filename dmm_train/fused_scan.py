@@ -26,7 +26,10 @@ Threads: the kernel shares fixed work items of the batch out over its own small 
 pool (not torch's OpenMP one), by default as many threads as torch uses
 (`torch.set_num_threads` sets both), else ``$DMM_SCAN_THREADS`` or `set_num_threads`.
 Results are bitwise the same for any thread count. A second kernel thread helps only
-when a core is free (bench/train_speed.py --scan-threads measures it).
+when a core is free (bench/train_speed.py --scan-threads measures it); training chooses the
+count from the free cores (`dmm_train.threads`). The pool's threads spin briefly between
+calls only while torch runs on one thread; when torch has its own multi-threaded pool they
+sleep at once (`spin_ns`), so two pools never spin at the same time.
 
 `is_available()` never raises: when no compiler is present or the build fails it
 returns False and keeps the reason in `UNAVAILABLE_REASON`; `selective_scan(impl="auto")`
@@ -64,6 +67,8 @@ UNAVAILABLE_REASON: str | None = None
 _library: ctypes.CDLL | None = None
 _tried = False
 _num_threads: int | None = None
+SPIN_NS = 200_000  # the kernel's default (SPIN_NS in the source)
+_spin_ns_set = SPIN_NS
 
 
 def isa_level() -> str:
@@ -85,6 +90,10 @@ def _load() -> ctypes.CDLL:
     library.dmm_selective_scan_fwd.restype = ctypes.c_int
     library.dmm_selective_scan_bwd.argtypes = [pointer] * 3 + [flag] + [pointer] * 15 + [size] * 7 + [flag]
     library.dmm_selective_scan_bwd.restype = ctypes.c_int
+    library.dmm_selective_scan_set_spin_ns.argtypes = [ctypes.c_int64]
+    library.dmm_selective_scan_set_spin_ns.restype = None
+    library.dmm_selective_scan_get_spin_ns.argtypes = []
+    library.dmm_selective_scan_get_spin_ns.restype = ctypes.c_int64
     return library
 
 
@@ -167,6 +176,25 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else default_num_threads()
 
 
+def spin_ns() -> int:
+    """How long the pool's threads spin before sleeping: SPIN_NS while torch uses one thread, else 0."""
+    return SPIN_NS if torch.get_num_threads() == 1 else 0
+
+
+def _sync_spin(library: ctypes.CDLL) -> None:
+    """Tell the kernel `spin_ns` when it changed (torch's count can change between calls)."""
+    global _spin_ns_set
+    wanted = spin_ns()
+    if wanted != _spin_ns_set:
+        library.dmm_selective_scan_set_spin_ns(wanted)
+        _spin_ns_set = wanted
+
+
+def kernel_spin_ns() -> int:
+    """The spin the kernel uses now (what `_sync_spin` last told it)."""
+    return int(_require_library().dmm_selective_scan_get_spin_ns())
+
+
 def _check_status(status: int, direction: str) -> None:
     if status != 0:
         raise DMMError(f"fused selective scan {direction} failed: {_KERNEL_ERRORS.get(status, status)}")
@@ -197,6 +225,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
         # The backward needs softplus?(delta + bias); the kernel writes it on the way.
         transformed = bool(delta_softplus) or delta_bias is not None
         delta_used = torch.empty_like(delta) if transformed else delta  # (B, L, D)
+        _sync_spin(library)
         status = library.dmm_selective_scan_fwd(
             x.data_ptr(), delta.data_ptr(), _pointer(delta_bias), int(delta_softplus), A_t.data_ptr(),
             Bm.data_ptr(), Cm.data_ptr(), Dskip.data_ptr(), _pointer(z), out.data_ptr(),
@@ -227,6 +256,7 @@ class _FusedSelectiveScan(torch.autograd.Function):
         outputs = (dx, ddelta, dA_t, dBm, dCm, dDskip, dz, ddelta_bias)
         pointers = [_pointer(t) for t in (*inputs, *outputs)]
         pointers.insert(3, int(ctx.delta_softplus))  # the flag follows delta_bias in the C signature
+        _sync_spin(_library)
         status = _library.dmm_selective_scan_bwd(
             *pointers, batch, length, channels, states, *ctx.strides, get_num_threads()
         )

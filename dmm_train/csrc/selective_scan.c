@@ -534,12 +534,21 @@ typedef int (*chunk_fn)(scan_job *);
  * ticket (call generation in the high bits, next item in the low bits), so the calling
  * thread starts at once and a helper that is woken late simply finds nothing left; the
  * caller then waits only for items already claimed, and is never much slower than alone.
- * Helpers spin SPIN_NS after a call (back-to-back calls skip the wake-up), then sleep:
+ * Helpers spin spin_ns after a call (back-to-back calls skip the wake-up), then sleep:
  * spinning longer kept a core busy between the scans of a training step, which on a
  * machine shared with another job took CPU time from the calling thread itself. The
+ * caller, once its own items are done, spins as long for the items helpers still hold,
+ * then sleeps until the last one ends: a helper preempted mid-item (another process took
+ * its core) would otherwise cost the caller a whole time slice of spinning. spin_ns = 0
+ * (dmm_selective_scan_set_spin_ns) makes both sleep at once; the Python side sets it
+ * whenever torch runs its own multi-threaded pool, so two pools never spin at once. The
  * pool is re-created after fork(); threads are not pinned.
  */
 #define SPIN_NS 200000LL
+static _Atomic int64_t spin_ns = SPIN_NS;
+
+void dmm_selective_scan_set_spin_ns(int64_t ns) { atomic_store(&spin_ns, ns < 0 ? 0 : ns); }
+int64_t dmm_selective_scan_get_spin_ns(void) { return atomic_load(&spin_ns); }
 #define POOL_MAX_HELPERS (DMM_SCAN_MAX_THREADS - 1)
 /* ticket = call generation (24 bits) | item count (20 bits) | next item (20 bits): the
  * count travels with the generation, so a helper still holding an old generation can
@@ -552,6 +561,8 @@ static struct {
     pthread_mutex_t call_lock; /* one pooled call at a time; others run inline */
     pthread_mutex_t sleep_lock;
     pthread_cond_t wake;
+    pthread_cond_t done;       /* the caller sleeps on it for items helpers still hold */
+    _Atomic int caller_waiting;
     int n_helpers;
     _Atomic int active_helpers; /* helpers with an index below this take part in the call */
     _Atomic int sleeping;
@@ -562,7 +573,7 @@ static struct {
     chunk_fn fn;
     scan_job *jobs;
 } pool = {.call_lock = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
-          .wake = PTHREAD_COND_INITIALIZER};
+          .wake = PTHREAD_COND_INITIALIZER, .done = PTHREAD_COND_INITIALIZER};
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -597,7 +608,12 @@ static void run_items(uint32_t generation) {
         /* The item is ours: the caller waits for it, so fn and jobs stay valid. */
         const int status = pool.fn(&pool.jobs[item]);
         if (status != 0) atomic_store(&pool.status, status);
-        atomic_fetch_add_explicit(&pool.items_done, 1, memory_order_release);
+        /* seq_cst with the caller's store of caller_waiting: one of the two sees the other's write. */
+        if (atomic_fetch_add(&pool.items_done, 1) + 1 == n_items && atomic_load(&pool.caller_waiting)) {
+            pthread_mutex_lock(&pool.sleep_lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.sleep_lock);
+        }
     }
 }
 
@@ -607,10 +623,12 @@ static void *helper_main(void *arg) {
     for (;;) {
         uint32_t generation = atomic_load_explicit(&pool.generation, memory_order_acquire);
         const int64_t spin_start = now_ns();
+        const int64_t spin_limit = atomic_load_explicit(&spin_ns, memory_order_relaxed);
         for (int64_t spins = 0; generation == seen; ++spins) {
-            cpu_relax();
+            if (spin_limit > 0) cpu_relax();
             generation = atomic_load_explicit(&pool.generation, memory_order_acquire);
-            if (generation == seen && (spins & 1023) == 1023 && now_ns() - spin_start > SPIN_NS) {
+            if (generation == seen && (spin_limit == 0 || ((spins & 1023) == 1023 &&
+                                                           now_ns() - spin_start > spin_limit))) {
                 pthread_mutex_lock(&pool.sleep_lock);
                 atomic_fetch_add(&pool.sleeping, 1);
                 while ((generation = atomic_load(&pool.generation)) == seen) {
@@ -631,6 +649,8 @@ static void pool_after_fork_in_child(void) {
     pthread_mutex_init(&pool.call_lock, NULL);
     pthread_mutex_init(&pool.sleep_lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.done, NULL);
+    atomic_store(&pool.caller_waiting, 0);
     pool.n_helpers = 0;
     atomic_store(&pool.sleeping, 0);
 }
@@ -655,6 +675,24 @@ static int pool_grow(int wanted) {
     return pool.n_helpers;
 }
 
+/* The caller's wait for the items helpers still run: spin up to spin_ns, then sleep on `done`. */
+static void wait_for_items(int64_t n_items) {
+    const int64_t spin_limit = atomic_load_explicit(&spin_ns, memory_order_relaxed);
+    const int64_t spin_start = spin_limit > 0 ? now_ns() : 0;
+    for (int64_t spins = 1; atomic_load_explicit(&pool.items_done, memory_order_acquire) < n_items; ++spins) {
+        if (spin_limit > 0 && ((spins & 255) != 0 || now_ns() - spin_start <= spin_limit)) {
+            cpu_relax();
+            continue;
+        }
+        pthread_mutex_lock(&pool.sleep_lock);
+        atomic_store(&pool.caller_waiting, 1);
+        while (atomic_load(&pool.items_done) < n_items) pthread_cond_wait(&pool.done, &pool.sleep_lock);
+        atomic_store(&pool.caller_waiting, 0);
+        pthread_mutex_unlock(&pool.sleep_lock);
+        return;
+    }
+}
+
 /* Runs fn over jobs[0, n_items) on the calling thread and up to n_threads - 1 helpers. */
 static int run_parallel(chunk_fn fn, scan_job *jobs, int64_t n_items, int n_threads) {
     if (n_threads > 1 && n_items > 1 && n_items <= (int64_t)TICKET_MASK &&
@@ -674,7 +712,7 @@ static int run_parallel(chunk_fn fn, scan_job *jobs, int64_t n_items, int n_thre
             pthread_mutex_unlock(&pool.sleep_lock);
         }
         run_items(generation);
-        while (atomic_load_explicit(&pool.items_done, memory_order_acquire) < n_items) cpu_relax();
+        wait_for_items(n_items);
         const int status = atomic_load(&pool.status);
         pthread_mutex_unlock(&pool.call_lock);
         return status;
