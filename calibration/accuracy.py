@@ -7,19 +7,17 @@ Two figures (docs/design.md#accuracy-reports), both stored in the manifest's ``a
   caches from zero (as in deployment: the low-precision caches drift on their own);
 - the closed-loop normalised score: `runtime.Policy` on each graph driving the real env for
   the same reset seeds, through the same `runtime.loop.run_episode` as ``cli.py run``. The
-  episodes are paired (episode i of both graphs starts from seed + i), the per-episode delta is
-  candidate - fp32, and the mean delta is reported with its 95% confidence interval
-  (`paired_score_gate`).
+  episodes are paired (episode i of both graphs starts from seed + i), and the per-episode
+  delta is candidate - fp32.
 
-Why an interval: Hopper is chaotic, so an fp16 rounding of 1e-4 in one action sends the two
-graphs' episodes apart, and the per-episode delta of a trained policy has a standard deviation
-of several points (one fall ends an episode hundreds of steps early). A 5-episode mean of such
-deltas misses 0 by more than a point in about half of the exports of a graph that is as good as
-fp32, so a gate on the mean alone refused sound graphs by chance. The gate refuses only when
-the drop is significant *and* larger than the allowed one: when the whole interval of the delta
-lies below -max_score_drop. A graph as good as fp32 is then refused in at most 2.5% of exports
-(one-sided, under normal deltas; heavier tails widen the interval and refuse less), and a real
-loss of many points over consistent episodes is still refused.
+The gate on that delta is a non-inferiority test (`ScoreGate`, `sequential_score_gate`). A
+"passed" must mean "shown no worse than the allowed drop", not "not shown worse": Hopper is
+chaotic, so a rounding of 1e-4 in one action sends the two graphs' episodes apart, and a paired
+delta has a spread of many points (one fall ends an episode hundreds of steps early). The graph
+passes when the lower bound of the delta lies above -allowed drop, is refused when the upper
+bound lies below it, and otherwise plays another batch of paired episodes, up to a cap.
+Bonferroni over the planned looks keeps each error at most 5% however many looks are taken;
+inconclusive at the cap is refused unless the user accepts it explicitly.
 
 The fp32 graph runs at ONNX Runtime's default optimisation level (how the export runs it);
 the candidate with graph optimisations off (ORT_DISABLE_ALL): Q/DQ is then evaluated as
@@ -33,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -126,9 +125,6 @@ EVALUATED_AS = {
 }
 
 
-SCORE_CONFIDENCE = 0.95  # two-sided level of the reported interval of the paired score delta
-
-
 @functools.lru_cache(maxsize=256)
 def student_t_quantile(probability: float, dof: int) -> float:
     """The ``probability`` quantile of Student's t with ``dof`` degrees of freedom (numpy only).
@@ -155,43 +151,111 @@ def student_t_quantile(probability: float, dof: int) -> float:
     return (low + high) / 2
 
 
-def paired_score_gate(deltas, max_score_drop: float, confidence: float = SCORE_CONFIDENCE) -> dict:
-    """The verdict on paired per-episode score deltas (candidate - fp32, the same reset seeds).
+SCORE_ALPHA = 0.05  # each error, one-sided: passing a graph worse than the allowed drop; refusing one that is not
 
-    Returns the mean delta, its two-sided ``confidence`` interval (Student's t on the paired
-    differences) and ``refused``: True only when the whole interval lies below -max_score_drop,
-    that is when the graph loses significantly more than the allowed drop. One episode gives no
-    interval: the score is then reported and not judged.
+
+@dataclass(frozen=True)
+class ScoreGate:
+    """How the closed-loop score of a low-precision graph is judged: non-inferiority, sequentially.
+
+    The graph passes once the lower bound of the paired delta (candidate - fp32) lies above
+    ``-max_score_drop``: shown no worse than the allowed drop. It is refused once the upper bound
+    lies below it: shown worse. In between it is inconclusive and ``batch`` more paired episodes
+    are played, up to ``cap``. Every look uses one-sided bounds at ``alpha / looks`` (Bonferroni
+    over the planned looks), so however many looks are taken, a graph worse than the allowed drop
+    passes, and one within it is refused as worse, each with probability at most ``alpha``.
+    Inconclusive at the cap is refused unless ``accept_inconclusive``, which the manifest records.
     """
+
+    max_score_drop: float
+    batch: int = 10
+    cap: int = 40
+    alpha: float = SCORE_ALPHA
+    accept_inconclusive: bool = False
+
+    def __post_init__(self):
+        if not (2 <= self.batch <= self.cap):
+            raise DMMError(f"score gate | received batch {self.batch}, cap {self.cap} | expected 2 <= batch <= cap "
+                           "(a look needs two paired episodes for an interval)")
+        if not (math.isfinite(self.max_score_drop) and 0 < self.alpha < 0.5):
+            raise DMMError(f"score gate | received allowed drop {self.max_score_drop}, alpha {self.alpha} | "
+                           "expected a finite drop and 0 < alpha < 0.5")
+
+    @property
+    def looks(self) -> int:
+        return math.ceil(self.cap / self.batch)
+
+    @property
+    def bound_level(self) -> float:
+        """The one-sided level of each look's bounds."""
+        return 1 - self.alpha / self.looks
+
+    def describe(self) -> str:
+        return (f"non-inferiority, one-sided {1 - self.alpha:.0%} per error, Bonferroni over up to {self.looks} "
+                f"looks of {self.batch} paired episodes (bounds at {self.bound_level:.2%}), cap {self.cap}")
+
+
+def judge_deltas(deltas, gate: ScoreGate) -> dict:
+    """One look at paired per-episode score deltas: their mean, its bounds, and pass / refuse / continue."""
     deltas = np.asarray(deltas, dtype=np.float64)  # (n,)
     count = int(deltas.size)
-    if count == 0 or not np.isfinite(deltas).all():
-        raise DMMError(f"score deltas | received {deltas.tolist()} | expected one finite delta per paired episode")
+    if count < 2 or not np.isfinite(deltas).all():
+        raise DMMError(f"score deltas | received {deltas.tolist()} | expected two or more finite deltas, one per "
+                       "paired episode")
     mean = float(deltas.mean())
-    record = {"score_delta": mean, "score_drop": -mean, "score_confidence": confidence, "paired_episodes": count}
-    if count < 2:
-        return {**record, "score_delta_ci": None, "score_refused": False,
-                "score_verdict": "not judged: one episode gives no interval (use --score-episodes 2 or more)"}
-    half_width = student_t_quantile(1 - (1 - confidence) / 2, count - 1) * float(deltas.std(ddof=1)) / math.sqrt(count)
+    half_width = student_t_quantile(gate.bound_level, count - 1) * float(deltas.std(ddof=1)) / math.sqrt(count)
     low, high = mean - half_width, mean + half_width
-    refused = bool(high < -float(max_score_drop))
-    if refused:
-        verdict = (f"refused: the whole {confidence:.0%} interval of the delta lies below -{max_score_drop:g} "
-                   "(a significant drop larger than the allowed one)")
-    elif mean < -float(max_score_drop):
-        verdict = (f"passed: the mean drop exceeds {max_score_drop:g} but the {confidence:.0%} interval reaches "
-                   f"-{max_score_drop:g} or above, so it is not significant over {count} episodes")
+    margin = -float(gate.max_score_drop)
+    decision = "pass" if low > margin else "refuse" if high < margin else "continue"
+    return {"episodes": count, "delta": mean, "low": low, "high": high, "decision": decision}
+
+
+def sequential_score_gate(play, gate: ScoreGate) -> dict:
+    """Play paired episodes in batches until the gate decides or the cap is reached.
+
+    play(start, count) plays episodes start .. start + count - 1 of both graphs and returns their
+    paired deltas. Returns the manifest's score-gate record.
+    """
+    deltas: list[float] = []
+    looks: list[dict] = []
+    while True:
+        deltas += list(play(len(deltas), min(gate.batch, gate.cap - len(deltas))))
+        look = judge_deltas(deltas, gate)
+        looks.append(look)
+        if look["decision"] != "continue" or len(deltas) >= gate.cap:
+            break
+    drop = gate.max_score_drop
+    bounds = f"{look['low']:+.2f} .. {look['high']:+.2f}"
+    inconclusive = look["decision"] == "continue"
+    if look["decision"] == "pass":
+        verdict = f"passed: shown no worse than the allowed drop {drop:g} (lower bound {look['low']:+.2f} > -{drop:g})"
+    elif look["decision"] == "refuse":
+        verdict = f"refused: shown worse than the allowed drop {drop:g} (upper bound {look['high']:+.2f} < -{drop:g})"
+    elif gate.accept_inconclusive:
+        verdict = (f"accepted by --accept-inconclusive: after {len(deltas)} paired episodes the bounds {bounds} "
+                   f"still contain -{drop:g}: neither shown no worse nor shown worse")
     else:
-        verdict = f"passed: the mean delta is within the allowed drop of {max_score_drop:g}"
-    return {**record, "score_delta_ci": [low, high], "score_refused": refused, "score_verdict": verdict}
+        verdict = (f"refused as inconclusive: after {len(deltas)} paired episodes (the cap) the bounds {bounds} "
+                   f"still contain -{drop:g}")
+    return {
+        "score_gate": gate.describe(), "score_looks": looks, "score_deltas": deltas,
+        "score_delta": look["delta"], "score_drop": -look["delta"], "score_delta_ci": [look["low"], look["high"]],
+        "score_confidence": gate.bound_level, "paired_episodes": len(deltas), "max_score_drop": float(drop),
+        "score_inconclusive": inconclusive, "score_accepted_inconclusive": inconclusive and gate.accept_inconclusive,
+        "score_refused": look["decision"] == "refuse" or (inconclusive and not gate.accept_inconclusive),
+        "score_verdict": verdict,
+    }
 
 
 def accuracy_report(reference_proto, candidate_proto, *, manifest: Manifest, heldout, heldout_samples: int,
-                    episodes: int, seed: int, max_score_drop: float) -> dict:
+                    gate: ScoreGate, seed: int, action_limit: float) -> dict:
     """The manifest's ``accuracy`` record of ``candidate_proto`` (precision ``manifest.precision``).
 
     candidate_proto: the graph to evaluate, as `EVALUATED_AS` describes it (for fp16 the caller
-    passes `export.precision.fp16_emulation` of the deployable graph).
+    passes `export.precision.fp16_emulation` of the deployable graph). The closed-loop episodes
+    are played in the gate's batches (`sequential_score_gate`), episode i of both graphs from
+    reset seed ``seed + i``. The action RMSE is judged first, as a fraction of the mean action
+    range against ``action_limit``: a graph refused there plays no episode (``action_refused``).
     """
     reference_bytes = reference_proto.SerializeToString()
     candidate_bytes = candidate_proto.SerializeToString()
@@ -202,35 +266,54 @@ def accuracy_report(reference_proto, candidate_proto, *, manifest: Manifest, hel
         "candidate": EVALUATED_AS[manifest.precision],
         **action_errors(reference, candidate, manifest, heldout, heldout_samples, seed=seed),
     }
+    action_range = float(np.mean(np.asarray(manifest.action_high) - np.asarray(manifest.action_low)))
+    report["action_rmse_relative"] = report["action_rmse"] / action_range
+    report["max_action_error"] = float(action_limit)
+    report["action_refused"] = bool(report["action_rmse_relative"] > action_limit)
+    if report["action_refused"]:
+        return report
     fp32_manifest = dataclasses.replace(manifest, precision="fp32")
-    fp32 = closed_loop(reference_bytes, fp32_manifest, optimize=True, label="fp32", episodes=episodes, seed=seed)
-    low = closed_loop(candidate_bytes, manifest, optimize=False, label=manifest.precision, episodes=episodes,
-                      seed=seed)
-    deltas = [candidate_score - reference_score
-              for candidate_score, reference_score in zip(low["scores"], fp32["scores"], strict=True)]
+    played = {"fp32": [], "low": []}
+
+    def play(start: int, count: int) -> list[float]:
+        fp32 = closed_loop(reference_bytes, fp32_manifest, optimize=True, label="fp32", episodes=count,
+                           seed=seed + start)
+        low = closed_loop(candidate_bytes, manifest, optimize=False, label=manifest.precision, episodes=count,
+                          seed=seed + start)
+        played["fp32"].append(fp32)
+        played["low"].append(low)
+        return [candidate - reference for candidate, reference in zip(low["scores"], fp32["scores"], strict=True)]
+
+    verdict = sequential_score_gate(play, gate)
+
+    def joined(side: str, key: str) -> list:
+        return [value for batch in played[side] for value in batch[key]]
+
+    episodes = verdict["paired_episodes"]
     report.update({
         "env_id": manifest.env_id, "target_return": manifest.target_return,
         "seeds": [seed + index for index in range(episodes)],
-        "returns_fp32": fp32["returns"], "returns": low["returns"],
-        "lengths_fp32": fp32["lengths"], "lengths": low["lengths"],
-        "score_fp32": fp32["score"], "score": low["score"], "score_deltas": deltas,
-        "max_score_drop": float(max_score_drop),
-        **paired_score_gate(deltas, max_score_drop),
+        "returns_fp32": joined("fp32", "returns"), "returns": joined("low", "returns"),
+        "lengths_fp32": joined("fp32", "lengths"), "lengths": joined("low", "lengths"),
+        "score_fp32": float(np.mean(joined("fp32", "scores"))), "score": float(np.mean(joined("low", "scores"))),
+        **verdict,
     })
     return report
 
 
 def describe_delta(accuracy: dict) -> str:
-    """'delta -0.68 (95% CI -2.91 .. +1.55, 5 paired episodes)'."""
+    """'delta -0.68 (bounds -2.91 .. +1.55 at 99.4% each, 20 paired episodes)'."""
     interval = accuracy.get("score_delta_ci")
-    span = (f"{accuracy.get('score_confidence', SCORE_CONFIDENCE):.0%} CI {interval[0]:+.2f} .. {interval[1]:+.2f}, "
+    span = (f"bounds {interval[0]:+.2f} .. {interval[1]:+.2f} at {accuracy.get('score_confidence', 0.95):.1%} each, "
             if interval else "no interval, ")
     return f"delta {accuracy['score_delta']:+.2f} ({span}{len(accuracy['seeds'])} paired episodes)"
 
 
 def accuracy_summary(accuracy: dict, precision: str) -> str:
     """One line for the CLI."""
-    return (f"{precision} accuracy vs fp32 (ONNX Runtime CPU): action RMSE {accuracy['action_rmse']:.2e} "
+    relative = (f", {accuracy['action_rmse_relative']:.1e} of the action range, limit {accuracy['max_action_error']:g}"
+                if "action_rmse_relative" in accuracy else "")
+    return (f"{precision} accuracy vs fp32 (ONNX Runtime CPU): action RMSE {accuracy['action_rmse']:.2e}{relative} "
             f"(max |diff| {accuracy['action_max_abs']:.2e}) on {accuracy['heldout_samples']} held-out samples; "
             f"closed-loop normalised score {accuracy['score']:.2f} vs {accuracy['score_fp32']:.2f}, "
             f"{describe_delta(accuracy)}; allowed drop {accuracy['max_score_drop']:g}: "

@@ -1,4 +1,4 @@
-"""bench/precision_gate.py: the gate's refusals over seeds, on a real checkpoint and dataset."""
+"""bench/precision_gate.py: the gate's two error rates from pools of real paired episodes of a real checkpoint."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ def _bench():
     return module
 
 
-def test_the_gate_bench_judges_each_seed_by_both_gates(tmp_path_factory, capsys):
-    checkpoint, dataset = dataset_checkpoint(tmp_path_factory)
-    old, new = _bench().main(["--checkpoint", str(checkpoint), "--dataset", str(dataset), "--seeds", "2",
-                              "--score-episodes", "2"])
+def test_the_gate_bench_measures_both_errors_per_setting(tmp_path_factory, capsys):
+    checkpoint, _ = dataset_checkpoint(tmp_path_factory)
+    rows = _bench().main(["--checkpoint", str(checkpoint), "--pool", "10", "--drops", "1", "50", "--caps", "20",
+                          "--resamples", "100"])
     out = capsys.readouterr().out
-    assert 0 <= new <= old <= 2 and f"interval gate {new}/2" in out.splitlines()[-1]
-    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == 2
-    with pytest.raises(DMMError, match="--score-episodes 1"):
-        _bench().main(["--checkpoint", str(checkpoint), "--score-episodes", "1"])
+    assert [(row["drop"], row["cap"]) for row in rows] == [(1.0, 20), (50.0, 20)]
+    for row in rows:
+        for rate in ("good_refused", "worse_passed", "boundary_passed"):
+            assert 0.0 <= row[rate] <= 1.0
+        assert 10 <= row["episodes"] <= 20 and row["seconds"] > 0
+    # A drop of 50 points allows far more than the pools' spread: the good graph passes at the first look.
+    assert rows[1]["good_refused"] == 0.0 and rows[1]["episodes"] == 10
+    assert "paired deltas: fp16" in out and "fp32: 10 episodes" in out
+    with pytest.raises(DMMError, match="--pool 5"):
+        _bench().main(["--checkpoint", str(checkpoint), "--pool", "5"])
