@@ -17,7 +17,10 @@ import click
 # Configs only (torch-free): every option's default and help come from these dataclasses.
 from contract.errors import DMMError
 from contract.manifest import MODES
+from contract.threads import prefer_passive_waiting
 from dmm_train.config import CollectConfig, EvalConfig, TrainConfig
+from dmm_train.importing.mapping import DONE_MEANS
+from dmm_train.importing.mapping import FORMATS as IMPORT_FORMATS
 from dmm_train.recipes import RECIPES
 from export.config import TARGETS, ExportConfig
 from export.parity import ParityConfig
@@ -75,15 +78,70 @@ def path_or_none(value):
 @config_option(CollectConfig, "workers", type=int)
 def collect(**options) -> None:
     """Write Minari datasets: the embedded D4RL-style recipes, or custom rollouts of a policy."""
+    prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     from dmm_train.minari_reader import load_dataset
     from dmm_train.recipes import run_collect
 
     options["recipes"] = tuple(options["recipes"])
     options["out"] = path_or_none(options["out"])
-    for path in run_collect(from_options(CollectConfig, options), report=click.echo):
+    with _signals_interrupt():
+        try:
+            paths = run_collect(from_options(CollectConfig, options), report=click.echo)
+        except KeyboardInterrupt:
+            # The worker pool and the dataset writer clean up on the way out: nothing half-written stays.
+            raise DMMError("collect | stopped by a signal before the dataset was complete | no partial dataset "
+                           "was kept (the workers are stopped); rerun the same command to collect it") from None
+    for path in paths:
         dataset = load_dataset(path)
         click.echo(f"wrote {dataset.dataset_id}: {len(dataset.episodes)} episodes, {dataset.total_steps} steps, "
                    f"content hash {dataset.content_hash[:16]} -> {path}")
+
+
+def _signals_interrupt():
+    """SIGTERM (a scheduler, ``kill``) interrupts like Ctrl-C for the duration, so that the same cleanup runs
+    (the default action would end the process at once, leaving its worker processes running)."""
+    import signal
+
+    from contract.signals import signal_handled
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal_handled(signal.SIGTERM, interrupt)
+
+
+@cli.command(name="import")
+@click.argument("source", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS), default=None,
+              help="the log's format (or format = ... in the mapping file)")
+@click.option("--dataset-id", default=None, help="id of the Minari dataset to write, namespace/name-vN")
+@click.option("--mapping", "mapping_file", type=click.Path(), default=None,
+              help="TOML file with the mapping (keys as these options, with _); options given here override it")
+@click.option("--obs", multiple=True, help="observation key / column / TOPIC:FIELD (repeat: concatenated in order)")
+@click.option("--action", multiple=True, help="action key / column / TOPIC:FIELD (repeat: concatenated in order)")
+@click.option("--reward", default=None, help="reward key / column / TOPIC:FIELD, or sparse-success")
+@click.option("--reward-fn", default=None, help="module:function computing an episode's rewards from "
+              "(observations, actions, next_observations); only ever taken from the command line")
+@click.option("--success", default=None, help="key / column / TOPIC:FIELD saying an episode succeeded "
+              "(--reward sparse-success; default: every episode)")
+@click.option("--done-means", type=click.Choice(DONE_MEANS), default=None,
+              help="what a done flag mixing both means at an episode's end (default truncated)")
+@click.option("--period-ms", type=float, default=None, help="control period of a rosbag2 / MCAP log")
+@click.option("--episode-gap-s", type=float, default=None, help="start a new episode after a gap this long")
+@click.option("--max-episode-steps", type=click.IntRange(min=1), default=None,
+              help="cut longer episodes (rosbag2 / MCAP); the cuts are truncations")
+@click.option("--reset-topic", default=None, help="topic whose messages start a new episode (Bool: when True)")
+@click.option("--out", type=click.Path(), default=None,
+              help="Minari store to write into (default $MINARI_DATASETS_PATH or ~/.minari/datasets)")
+@click.option("--overwrite", is_flag=True, help="replace an existing dataset of that id")
+def import_logs(source, fmt, mapping_file, obs, action, reward_fn, out, overwrite, **options) -> None:
+    """Write a Minari dataset from robot logs: npz, HDF5, robomimic, rosbag2, MCAP or LeRobotDataset."""
+    from dmm_train.importing.core import run_import
+    from dmm_train.importing.mapping import ImportMapping, load_mapping
+
+    mapping = load_mapping(mapping_file) if mapping_file else ImportMapping()
+    mapping = mapping.with_overrides(format=fmt, observation=tuple(obs), action=tuple(action), **options)
+    click.echo(run_import(source, mapping, reward_fn=reward_fn, out=out, overwrite=overwrite).summary)
 
 
 @cli.command()
@@ -106,9 +164,11 @@ def collect(**options) -> None:
 @config_option(TrainConfig, "device")
 @config_option(TrainConfig, "emulate_ranks")
 @config_option(TrainConfig, "dist_timeout_s", "--dist-timeout", type=float)
+@config_option(TrainConfig, "threads", type=int)
 @click.option("--quiet", is_flag=True, help="no progress output")
 def train(out, resume, quiet, **options) -> None:
     """Train a DMM policy (or a baseline, --model) offline (official DMM hyperparameters)."""
+    prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     from dmm_train.train import train as run_training
 
     config = from_options(TrainConfig, options)
@@ -127,8 +187,12 @@ def train(out, resume, quiet, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def evaluate(as_json, **options) -> None:
     """Evaluate a checkpoint with the official sliding-window protocol."""
+    prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     from dmm_train.checkpoint import load_checkpoint
     from dmm_train.evaluate import evaluate_checkpoint
+    from dmm_train.threads import setup_threads
+
+    setup_threads()  # torch's threads from the free cores, as in training
 
     config = from_options(EvalConfig, {**options, "targets": tuple(options["targets"])})
     config.validate()
@@ -171,6 +235,7 @@ def evaluate(as_json, **options) -> None:
 @config_option(RunConfig, "realtime")
 @config_option(RunConfig, "freeze_gc", "--freeze-gc/--keep-gc")
 @config_option(RunConfig, "device")
+@config_option(RunConfig, "env_id", "--env")
 def run(as_json, **options) -> None:
     """Run an engine in the control loop on its env; report return, score, faults and per-step latency."""
     from runtime.loop import run_engine
@@ -196,6 +261,8 @@ def run(as_json, **options) -> None:
         click.echo(f"wrote {report.histogram}", err=as_json)
     if as_json:
         click.echo(json.dumps(summary))
+    if report.histogram_error:  # after the results, which stand: one line, and a failing exit status
+        raise DMMError(report.histogram_error)
 
 
 @cli.command()
@@ -242,18 +309,25 @@ def parity(as_json, **options) -> None:
 @config_option(ExportConfig, "dataset")
 @config_option(ExportConfig, "max_score_drop", type=float)
 @config_option(ExportConfig, "score_episodes", type=int)
+@config_option(ExportConfig, "score_batch", type=int)
+@config_option(ExportConfig, "accept_inconclusive", is_flag=True)
+@config_option(ExportConfig, "max_action_error", type=float)
 @click.option("--no-engine", is_flag=True, help="only the ONNX, even where TensorRT and a GPU are present")
 def export_graph(fp16, int8, no_engine, **options) -> None:
     """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime; --fp16 / --int8
     add an accuracy report against fp32; where TensorRT and a GPU are present, build NAME.plan too.
     --target c writes the stream step as C99 (NAME.c + NAME.h) instead, compiled and checked against PyTorch.
     """
+    prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     if fp16 and int8:
         raise DMMError("--fp16 with --int8; expected one precision per export (run export once per precision: "
                        "each writes its own NAME, hopper-fp16 / hopper-int8 by default)")
     config = from_options(ExportConfig, options, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                           build_engine=not no_engine)
     config.validate()
+    from dmm_train.threads import setup_threads
+
+    setup_threads()  # torch's threads (tracing, checks, scoring) from the free cores, as in training
     if config.target == "c":
         from export.c_source import c_export_summary, export_c_checkpoint
 

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contract.errors import DMMError  # noqa: E402
+from contract.files import atomic_write_text  # noqa: E402
 
 MODELS = ("dmm", "dmamba", "dt", "bc")
 WARMUP_STEPS = 20  # training steps left out of the timing (CUDA context, cuBLAS handles, allocator)
@@ -149,10 +150,8 @@ def main(argv: list[str] | None = None) -> str:
         latency = latency_rows(scratch / "dmm-cuda" / "model.pt", args.latency_steps)
         command = "bash bench/gpu_check.sh" + (f" (python bench/gpu_check.py {' '.join(argv)})" if argv else "")
         text = markdown(machine_line(), command, training, latency)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text, end="")
+    print(text, end="")  # first: the measurements are shown even if the report cannot be written
+    atomic_write_text(Path(args.out), text)
     return text
 
 

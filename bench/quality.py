@@ -156,6 +156,7 @@ def train_config(run: dict, steps: int, settings: dict) -> TrainConfig:
         batch_size=settings["batch_size"], seed=run["seed"],
         eval_every=max(1, steps // settings["evaluations"]), eval_episodes=settings["selection_episodes"],
         report_episodes=settings["episodes"], checkpoint_every=settings["checkpoint_every"], device=run["device"],
+        threads=torch.get_num_threads(),  # the bench's --threads, which main set: not the free cores
     )
 
 

@@ -5,10 +5,14 @@ S state dim, Adim action dim, nl n_layer, W DSM window, D d_model, N d_state, T 
 of one episode.
 
 Where the inputs come from (docs/design.md#calibration):
-- the dataset the checkpoint was trained on, found by the id the checkpoint records (or
-  a directory / id given explicitly) and identified by its content hash, which must equal
-  the checkpoint's: calibrating on other data would silently tune the scales to inputs
-  the policy never sees;
+- the dataset the checkpoint was trained on, found by the id the checkpoint records and
+  identified by its content hash, which must equal the checkpoint's: calibrating on other
+  data under the training data's name would silently tune the scales to inputs the policy
+  never sees; or a recording given explicitly (``--dataset``), used as given;
+- where the training dataset is not here, or the id now names other content
+  (`calibration_data`): closed-loop episodes of the fp32 graph driving its env, the inputs
+  the deployed policy itself meets, with a one-line notice saying so, and the manifest
+  recording what was used; a checkpoint never needs its training dataset to be exported;
 - its episodes split once, by a seeded shuffle, into calibration and held-out episodes,
   so that the accuracy report never scores a graph on the windows it was calibrated on;
 - window mode: windows built exactly as the official evaluation builds them
@@ -56,11 +60,12 @@ class EpisodeSplit:
         }
 
 
-def load_training_dataset(checkpoint, dataset: str | None = None):
+def load_training_dataset(checkpoint, dataset: str | None = None, *, require_hash: bool = True):
     """The dataset ``checkpoint`` was trained on (`OfflineDataset`), checked by content hash.
 
     dataset: a Minari dataset directory or id (default: the id the checkpoint records,
-    looked up in the local Minari store, never downloaded here).
+    looked up in the local Minari store, never downloaded here). require_hash: False takes
+    a dataset of other content (a recording the user chose), still of the checkpoint's dims.
     """
     from dmm_train.minari_reader import load_dataset
 
@@ -70,7 +75,7 @@ def load_training_dataset(checkpoint, dataset: str | None = None):
     except DMMError as error:
         raise DMMError(f"calibration and accuracy need the training dataset {spec!r} of the checkpoint, which "
                        f"cannot be loaded here ({error}); pass --dataset with its directory or local id") from None
-    if loaded.content_hash != checkpoint.dataset_hash:
+    if require_hash and loaded.content_hash != checkpoint.dataset_hash:
         raise DMMError(f"dataset {spec!r} | content hash {loaded.content_hash[:12]}... | the checkpoint was "
                        f"trained on {checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r}); pass "
                        "--dataset with the dataset the checkpoint was trained on")
@@ -78,6 +83,121 @@ def load_training_dataset(checkpoint, dataset: str | None = None):
         raise DMMError(f"dataset {spec!r} has state/action dims {loaded.state_dim}/{loaded.act_dim}; the "
                        f"checkpoint expects {checkpoint.model_config.state_dim}/{checkpoint.model_config.act_dim}")
     return loaded
+
+
+CLOSED_LOOP_MIN_STEPS = 1000  # closed-loop steps rolled when the training dataset is not used
+CLOSED_LOOP_SEED_OFFSET = 10_000  # their reset seeds, apart from the seeds the closed-loop score is judged on
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """The episodes a low-precision export calibrates and judges on, and what they are."""
+
+    split: EpisodeSplit
+    source: str  # for the manifest (``calibration_source``)
+    notice: str | None  # one line for the user when the training dataset is not used as recorded
+
+
+def find_training_dataset(checkpoint, dataset: str | None = None):
+    """(the dataset to calibrate on or None, why not / what to know): ``dataset`` when given (a recording the
+    user chose: an unreadable one or one of other dims is an error, other content is used with a notice);
+    else the checkpoint's training dataset from the local store when it is here with the recorded content."""
+    from dmm_train.minari_reader import load_dataset
+    from dmm_train.recipes import describe_content
+
+    trained_on = f"{checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r})"
+    if dataset is not None:
+        loaded = load_training_dataset(checkpoint, dataset, require_hash=False)
+        if loaded.content_hash != checkpoint.dataset_hash:
+            return loaded, (f"notice: --dataset {dataset!r} has content hash {loaded.content_hash[:12]}..., not the "
+                            f"training dataset's {trained_on}; calibrating and judging on it as given")
+        return loaded, None
+    spec = checkpoint.dataset_id
+    history = describe_content(spec, checkpoint.dataset_hash)
+    try:
+        loaded = load_dataset(spec, download=False)
+    except DMMError as error:
+        why = f"the training dataset {spec!r} is not found here ({str(error).split(';')[0]})"
+        return None, why + (f"; {history}" if history else "")
+    if loaded.content_hash != checkpoint.dataset_hash:
+        why = (f"the training dataset {spec!r} here has content hash {loaded.content_hash[:12]}..., not the "
+               f"{checkpoint.dataset_hash[:12]}... the checkpoint was trained on")
+        return None, why + (f"; {history}" if history else "")
+    if (loaded.state_dim, loaded.act_dim) != (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim):
+        return None, (f"the training dataset {spec!r} here has state/action dims {loaded.state_dim}/"
+                      f"{loaded.act_dim}, not the checkpoint's")
+    return loaded, None
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """Closed-loop episodes in the shape `split_episodes` takes."""
+
+    dataset_id: str
+    content_hash: str
+    episodes: tuple
+
+
+def closed_loop_episodes(model_bytes: bytes, manifest, *, steps: int, seed: int) -> tuple:
+    """Whole episodes (`dmm_train.records.Episode`) of the graph ``model_bytes`` driving ``manifest.env_id``
+    through a `runtime.Policy`, reset with seeds seed, seed + 1, ..., until ``steps`` steps and 2 episodes."""
+    from dmm_train.records import Episode
+    from runtime.ort_backend import OrtBackend
+    from runtime.plant import check_plant, make_plant
+    from runtime.policy import Policy
+
+    episodes, total = [], 0
+    with OrtBackend(model_bytes, manifest=manifest, threads=1, label="fp32 graph") as backend:
+        policy = Policy(backend)
+        plant = make_plant(manifest.env_id)
+        try:
+            check_plant(plant, manifest, manifest.env_id)
+            limit = getattr(getattr(plant, "spec", None), "max_episode_steps", None) or steps
+            while total < steps or len(episodes) < 2:
+                observation, _ = plant.reset(seed=seed + len(episodes))
+                policy.reset()
+                observations, actions, rewards, reward, terminated = [], [], [], 0.0, False
+                for _ in range(limit):
+                    observations.append(np.asarray(observation, dtype=np.float64).reshape(-1))  # (S,)
+                    action = np.array(policy.act(observation, reward), dtype=np.float32)  # (Adim,)
+                    actions.append(action)
+                    observation, reward, terminated, truncated, _ = plant.step(action)
+                    rewards.append(float(reward))
+                    if terminated or truncated:
+                        break
+                episodes.append(Episode(np.stack(observations), np.stack(actions), np.asarray(rewards),
+                                        bool(terminated)))
+                total += len(rewards)
+        finally:
+            plant.close()
+    return tuple(episodes)
+
+
+def calibration_data(fp32_proto, manifest, checkpoint, *, dataset: str | None = None,
+                     steps: int = CLOSED_LOOP_MIN_STEPS, seed: int = 0) -> CalibrationData:
+    """The episodes to calibrate and judge a low-precision graph on (see the module docstring).
+
+    fp32_proto: the fp32 graph, which drives the env where the training dataset is not used;
+    manifest: its `runtime.Manifest` (batch 1); steps: at least this many closed-loop steps then.
+    """
+    from dmm_train.records import hash_episodes
+
+    loaded, why = find_training_dataset(checkpoint, dataset)
+    if loaded is not None:
+        split = split_episodes(loaded, seed=seed)
+        return CalibrationData(split, f"the dataset {loaded.dataset_id} ({loaded.content_hash[:12]}...)"
+                               + ("" if dataset is None else f", given with --dataset {dataset}"), why)
+    first = seed + CLOSED_LOOP_SEED_OFFSET
+    episodes = closed_loop_episodes(fp32_proto.SerializeToString(), manifest, steps=steps, seed=first)
+    total = sum(len(e) for e in episodes)
+    recorded = _Recorded(f"closed-loop rollouts of the fp32 graph in {manifest.env_id}", hash_episodes(episodes),
+                         episodes)
+    source = (f"closed-loop rollouts: {len(episodes)} episodes ({total} steps) of the fp32 graph driving "
+              f"{manifest.env_id}, reset seeds {first}..{first + len(episodes) - 1}, target return "
+              f"{manifest.target_return:g} (training dataset not used: {why})")
+    notice = (f"notice: {why}; calibrating and judging on closed-loop rollouts of the policy in {manifest.env_id} "
+              "instead (or pass --dataset with a recording)")
+    return CalibrationData(split_episodes(recorded, seed=seed), source, notice)
 
 
 def split_episodes(dataset, *, heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0

@@ -56,9 +56,11 @@ _ADVICE = {
 
 def file_error(error: OSError, path: str | os.PathLike | None = None, action: str = "write") -> DMMError:
     """One line for an operating-system failure on ``path``: what failed, why, and what to do."""
-    where = path if path is not None else (error.filename or "?")
+    where = path if path is not None else error.filename
     reason = error.strerror or type(error).__name__
     advice = _ADVICE.get(error.errno, "check the path and the disk")
+    if where is None:  # a library that dropped the path: say so rather than print a placeholder
+        return DMMError(f"cannot {action} a file ({reason}; the library did not name it); {advice}")
     return DMMError(f"cannot {action} {str(where)!r} ({reason}); {advice}")
 
 
@@ -121,7 +123,7 @@ def _stage(path: Path, data: bytes) -> Path:
     except OSError:
         mode = NEW_FILE_MODE
     temporary = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
+    with _temporary_removed_on_failure(temporary, path):
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             view = memoryview(data)
@@ -131,13 +133,20 @@ def _stage(path: Path, data: bytes) -> Path:
             os.fchmod(fd, mode)
         finally:
             os.close(fd)
+    return temporary
+
+
+@contextlib.contextmanager
+def _temporary_removed_on_failure(temporary: Path, target: Path) -> Iterator[None]:
+    """Whatever stops the block (an OS error, Ctrl-C) removes ``temporary``; an OS error becomes one line."""
+    try:
+        yield
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         if isinstance(error, OSError):
-            raise file_error(error, path) from None
+            raise file_error(error, target) from None
         raise
-    return temporary
 
 
 def _sync_directory(directory: Path) -> None:
@@ -158,14 +167,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """
     path = Path(path)
     temporary = _stage(path, data)
-    try:
+    with _temporary_removed_on_failure(temporary, path):
         os.replace(temporary, path)
-    except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        if isinstance(error, OSError):
-            raise file_error(error, path) from None
-        raise
     _sync_directory(path.parent)
 
 
@@ -283,6 +286,12 @@ def exclusive_lock(lock_path: str | os.PathLike, subject: str | os.PathLike, wha
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), NEW_FILE_MODE)
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            # Refused, not replaced: a lock file swapped under a process about to lock it could let two
+            # holders in; no process of ours ever locks through a link, so removing it is safe.
+            raise DMMError(f"cannot lock {str(lock_path)!r}: a symlink stands where the lock file belongs; "
+                           "expected a regular file or none; remove the symlink (its target is left untouched)"
+                           ) from None
         raise file_error(error, lock_path, "lock") from None
     with os.fdopen(fd, "r+") as handle:
         try:
@@ -290,9 +299,12 @@ def exclusive_lock(lock_path: str | os.PathLike, subject: str | os.PathLike, wha
         except BlockingIOError:
             holder = handle.read().strip() or "unknown"
             raise DMMError(f"{str(subject)!r} is in use by another {what} (process {holder}); {advice}") from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            # Unbuffered: a buffered write that fails (full disk) would fail again, with no path, at close.
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as error:
+            raise file_error(error, lock_path, "lock") from None
         try:
             yield
         finally:

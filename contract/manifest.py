@@ -36,14 +36,16 @@ Optional fields (format version 1 reads manifests with or without them):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import DMMError
-from contract.files import atomic_write_bytes
+from contract.files import atomic_write_bytes, complete_interrupted_sets, exclusive_lock, file_error
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_KIND = "dmm-manifest"
@@ -223,16 +225,60 @@ def manifest_path_for(engine_path: str | Path) -> Path:
     return engine_path.with_suffix(".json")
 
 
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The manifest as written on disk: indented, key-sorted JSON (a member of an export's file set)."""
+    return (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     """Write atomically (temporary file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, manifest_bytes(manifest))
     return path
+
+
+def complete_export(directory: str | Path) -> None:
+    """Finish an export's file set that a kill interrupted in ``directory`` before reading from it.
+
+    A kill after an export committed its set leaves the new files staged: finishing the renames
+    gives the complete new set. A directory this process cannot write (someone else's export) is
+    read as it stands; the hashes in the manifest then refuse a mixed set.
+    """
+    with contextlib.suppress(DMMError):
+        complete_interrupted_sets(directory)
+
+
+@contextlib.contextmanager
+def export_lock(path: str | Path) -> Iterator[None]:
+    """Hold the lock of the export that writes ``path`` (NAME.onnx, NAME.c, NAME.plan...) for the duration.
+
+    Two exports to one NAME at once would interleave their files; the second is refused at
+    once with one line naming the first's process. Taken before the expensive work starts.
+    """
+    path = Path(path)
+    name = path.name[:-len(path.suffix)] if path.suffix else path.name
+    lock_path = path.parent / f".{name}.export.lock"
+    created = not path.parent.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DMMError(f"{file_error(error, path.parent, 'write an export into')}; pass --out with a writable "
+                       "NAME") from None
+    try:
+        with exclusive_lock(lock_path, path.with_name(name), "export", "wait for it to finish or pass another --out"):
+            yield
+    except BaseException:
+        # An export that failed before writing anything leaves no directory behind, as without the lock.
+        if created and [entry.name for entry in path.parent.iterdir()] == [lock_path.name]:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()
+                path.parent.rmdir()
+        raise
 
 
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
+    complete_export(path.parent)
     if not path.is_file():
         raise DMMError(f"manifest {str(path)!r} does not exist; expected the .json that 'cli.py export' "
                        "writes beside the engine; re-export, or keep the manifest next to the engine")

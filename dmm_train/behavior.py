@@ -9,6 +9,7 @@ numpy alone, so regenerating a dataset needs neither stable-baselines3 nor torch
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import zipfile
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError, describe_error
+from contract.files import atomic_write_bytes, atomic_write_set
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"  # the shipped actors and replay log
 
@@ -75,10 +77,9 @@ class MlpPolicy:
         if self.log_std_weight is not None:
             arrays["log_std_w"] = self.log_std_weight.astype(np.float32)
             arrays["log_std_b"] = self.log_std_bias.astype(np.float32)
-        path = Path(path)
-        partial = path.with_name(path.stem + ".tmp.npz")  # renamed into place: never a half-written policy
-        np.savez_compressed(partial, n_layers=len(self.weights), metadata=json.dumps(metadata), **arrays)
-        partial.replace(path)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, n_layers=len(self.weights), metadata=json.dumps(metadata), **arrays)
+        atomic_write_bytes(path, buffer.getvalue())  # never a half-written policy, nor one written through a link
 
     def _features(self, observation: np.ndarray) -> np.ndarray:
         hidden = np.asarray(observation, dtype=np.float64)  # (S,) or (n, S)
@@ -180,9 +181,9 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
         size = buffer.buffer_size if buffer.full else buffer.pos
         arrays = {name: getattr(buffer, name)[:size, 0] for name in
                   ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")}
-        partial = out_dir / "replay.tmp.npz"
-        np.savez(partial, **arrays)
-        partial.replace(out_dir / "replay.npz")
+        replay = io.BytesIO()
+        np.savez(replay, **arrays)
+        atomic_write_bytes(out_dir / "replay.npz", replay.getvalue())
 
     class Snapshot(BaseCallback):
         def _on_step(self) -> bool:
@@ -205,11 +206,16 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
                 save_latest(self.model)
 
     def save_latest(model) -> None:
-        # SB3 keeps a name ending in .zip / .pkl as given; written aside, then renamed into place.
-        model.save(out_dir / "sac_latest.tmp.zip")
-        model.save_replay_buffer(out_dir / "replay_buffer.tmp.pkl")
-        (out_dir / "sac_latest.tmp.zip").replace(out_dir / LATEST_MODEL)
-        (out_dir / "replay_buffer.tmp.pkl").replace(out_dir / LATEST_BUFFER)
+        # SB3 writes its own files (it keeps a name ending in .zip / .pkl as given): written aside, then the
+        # model and its buffer replace the previous pair as one set, so that a resume never pairs a model with
+        # another save's buffer. A kill leaves at most these two fixed names, overwritten by the next save.
+        staged = {out_dir / LATEST_MODEL: out_dir / "sac_latest.tmp.zip",
+                  out_dir / LATEST_BUFFER: out_dir / "replay_buffer.tmp.pkl"}
+        model.save(staged[out_dir / LATEST_MODEL])
+        model.save_replay_buffer(staged[out_dir / LATEST_BUFFER])
+        atomic_write_set({target: aside.read_bytes() for target, aside in staged.items()}, set_name="sac_latest")
+        for aside in staged.values():
+            aside.unlink()
 
     if resume:
         missing = [name for name in (LATEST_MODEL, LATEST_BUFFER) if not (out_dir / name).is_file()]
@@ -296,15 +302,16 @@ def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, ou
         terminations = dones & ~timeouts
         truncations[-1] |= not dones[-1]  # the episode running at the cut ends there
         ends = np.flatnonzero(terminations | truncations)
+        replay = io.BytesIO()
         np.savez_compressed(
-            out_dir / f"{prefix}_medium_replay.tmp.npz",
+            replay,
             observations=buffer["observations"][cut].astype(np.float32),
             actions=buffer["actions"][cut].astype(np.float32),
             rewards=buffer["rewards"][cut].astype(np.float32),
             terminations=terminations, truncations=truncations,
             final_observations=buffer["next_observations"][ends].astype(np.float32),
         )
-    (out_dir / f"{prefix}_medium_replay.tmp.npz").replace(out_dir / f"{prefix}_medium_replay.npz")
+    atomic_write_bytes(out_dir / f"{prefix}_medium_replay.npz", replay.getvalue())
     print(f"{prefix}_medium_replay.npz: {medium_step} transitions, {len(ends)} episodes", file=sys.stderr)
 
 

@@ -11,12 +11,18 @@ in all but name: the run's best periodic checkpoint; every loader takes either p
 RNG and sampler state of every rank, the step), so a run killed at any instant resumes
 exactly from the last one written. Both are written to a temporary file in the same directory, fsynced
 and renamed, so a reader never sees a half-written file.
+
+Loading never runs code: every file is read by :func:`load_plain_data` (``torch.load`` with
+``weights_only=True``), so a file holds tensors and plain data (dicts, lists, tuples, numbers,
+strings) only, and one whose pickle asks for anything else is refused with one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,45 @@ MODEL_JSON = "model.json"
 RESUME_FILE = "resume.pt"
 MODEL_STEM = "model"
 BEST_STEM = "best"  # best.pt / best.json: the best periodic checkpoint of a run, a model.pt in all but name
+
+
+# Resume points written before their RNG states were stored as plain data hold numpy's legacy RNG
+# key, a uint32 array. Pickled, it needs exactly these: they rebuild a uint32 ndarray and call
+# nothing else (an array of any other dtype, objects included, is still refused).
+LEGACY_NUMPY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+
+
+def load_plain_data(path: Path, what: str, advice: str, *, legacy_numpy: bool = False, map_location: str = "cpu"):
+    """``torch.load(weights_only=True)`` of ``path``; a file that needs code to load, or is damaged, is one DMMError.
+
+    what: how the message names the file ("checkpoint", "resume point"); advice: what to do about
+    a file that cannot be used. legacy_numpy: also accept `LEGACY_NUMPY_GLOBALS`.
+    """
+    try:
+        with torch.serialization.safe_globals(list(LEGACY_NUMPY_GLOBALS) if legacy_numpy else []):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refusal = _code_request(str(error))
+        if refusal is not None:
+            raise DMMError(f"{what} {str(path)!r} needs code to load ({refusal}); expected a file written by "
+                           "'cli.py train', which holds only tensors and plain data; a file that needs code to "
+                           f"load is refused; {advice}") from None
+        reason = describe_error(error)
+    except Exception as error:  # torch raises many types for a damaged file
+        reason = describe_error(error)
+    raise DMMError(f"{what} {str(path)!r} could not be read ({reason}); expected a file written by "
+                   f"'cli.py train'; {advice}")
+
+
+def _code_request(message: str) -> str | None:
+    """What a refused pickle asked for (a global, or an object of a class), from torch's message; None when
+    the refusal is about damaged bytes."""
+    detail = message.partition("WeightsUnpickler error:")[2].strip()
+    if not detail or detail.startswith("Unsupported operand") or "too long" in detail:
+        return None
+    line = detail.splitlines()[0]
+    found = re.search(r"GLOBAL (\S+)", line)
+    return f"it asks for {found.group(1)}" if found else line.split(". ")[0][:200]
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -137,13 +182,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
             f"checkpoint {str(path)!r} does not exist; expected a model.pt written by "
             "'python cli.py train' (or its run directory)"
         )
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise DMMError(
-            f"checkpoint {str(path)!r} could not be read ({describe_error(error)}); "
-            "expected a model.pt written by 'python cli.py train'; retrain or pick another file"
-        ) from None
+    payload = load_plain_data(path, "checkpoint", "retrain or pick another file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("kind") != "dmm-checkpoint":
         raise DMMError(f"{str(path)!r} is not a dmm-deploy checkpoint; expected a model.pt from 'cli.py train'")
     version = payload.get("format_version")
@@ -152,15 +191,20 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
             f"checkpoint {str(path)!r} has format version {version}; this dmm-deploy reads version "
             f"{FORMAT_VERSION}; retrain with this version or use the dmm-deploy release that wrote it"
         )
+    _require_keys(path, payload)
     kind = payload["model_config"].get("model", "dmm")  # no "model" key: a DMM checkpoint
     if kind not in MODEL_KINDS:
         raise DMMError(
             f"checkpoint {str(path)!r} holds a model of kind {kind!r}; this dmm-deploy reads "
             f"{', '.join(MODEL_KINDS)}; use the dmm-deploy release that wrote it"
         )
-    model_config = ModelConfig(**payload["model_config"])
-    model = build_policy(model_config)
-    model.load_state_dict(payload["model_state"])
+    try:
+        model_config = ModelConfig(**payload["model_config"])
+        model = build_policy(model_config)
+        model.load_state_dict(payload["model_state"])
+    except (TypeError, ValueError, RuntimeError) as error:  # unknown config fields, wrong shapes or names
+        raise DMMError(f"checkpoint {str(path)!r} does not describe a loadable model ({describe_error(error)}); "
+                       "expected a model.pt written by 'cli.py train'; retrain or pick another file") from None
     model.eval()
     metadata = {k: v for k, v in payload.items() if k != "model_state"}
     return Checkpoint(
@@ -183,6 +227,26 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         state_min=_optional_vector(payload.get("state_min")),
         state_max=_optional_vector(payload.get("state_max")),
     )
+
+
+# Every key a checkpoint must hold (``dataset`` with these sub-keys); the rest are optional.
+REQUIRED_KEYS = ("model_config", "model_state", "train_config", "preset", "env_id", "state_mean", "state_std",
+                 "rtg_scale", "target_returns", "ref_min_score", "ref_max_score", "dataset", "step")
+DICT_KEYS = {"model_config": (), "model_state": (), "train_config": (), "dataset": ("id", "content_hash")}
+
+
+def _require_keys(path: Path, payload: dict) -> None:
+    """Every required key present, the dict-valued ones dicts: else one DMMError naming what is missing."""
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    for key, subkeys in DICT_KEYS.items():
+        if key in payload:
+            if not isinstance(payload[key], dict):
+                missing.append(f"{key} as a dict (it holds a {type(payload[key]).__name__})")
+            else:
+                missing += [f"{key}.{sub}" for sub in subkeys if sub not in payload[key]]
+    if missing:
+        raise DMMError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; expected a model.pt written by "
+                       "'cli.py train', which holds them all; retrain or pick another file")
 
 
 def _optional_vector(values) -> np.ndarray | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import DMMError
+from contract.threads import check_threads
 
 # Padding conventions of the official sampler (docs/model.md#sampler-and-padding).
 ACTION_PAD_VALUE = -10.0  # left-padded actions in training windows; out of tanh's range on purpose
@@ -213,6 +214,9 @@ class TrainConfig:
     emulate_ranks: int = field(default=1, metadata={
         "help": "one process plays N ranks in turn (gradient accumulation over their shards of the batch): the "
                 "windows, dropout and parameters of an N-rank torchrun run, up to float rounding"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch and scan-kernel threads (default: the cores free at start, contract/threads.py; a run "
+                "resumes with the count its command gives)"})
     dist_timeout_s: float = field(default=1800.0, metadata={
         "help": "under torchrun: seconds a rank waits for the others before the job fails; must exceed one "
                 "periodic evaluation, which rank 0 runs while the others wait"})
@@ -251,6 +255,8 @@ class TrainConfig:
                 f"learning_rate={self.learning_rate}, grad_clip={self.grad_clip}, "
                 f"weight_decay={self.weight_decay}; expected positive lr and clip, non-negative decay"
             )
+        if self.threads is not None:
+            check_threads(self.threads)
         if self.scan not in ("auto", "fused", "loop"):
             raise DMMError(f"scan={self.scan!r}; expected auto, fused or loop")
 
@@ -313,6 +319,13 @@ class EvalConfig:
     seed: int = field(default=0, metadata={"help": "reset seed of the first episode"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
 
+    # The episodes run side by side, one env and one (episodes, 1001, S) buffer row each: bounded
+    # before anything is allocated.
+    MAX_EPISODES = 1000
+
     def validate(self) -> None:
         if self.episodes < 1:
             raise DMMError(f"--episodes {self.episodes}; expected at least 1")
+        if self.episodes > self.MAX_EPISODES:
+            raise DMMError(f"--episodes {self.episodes}; expected at most {self.MAX_EPISODES} (they run side by "
+                           "side, one env each); pass fewer, or run eval several times with other --seed")

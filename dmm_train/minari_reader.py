@@ -260,9 +260,29 @@ def _episode_from_minari(episode, spec: str) -> Episode:
             f"dataset {spec!r} episode {episode.id} has {observations.shape[0]} observations for {length} "
             "steps; expected T + 1 (Minari stores the final observation too)"
         )
+    _refuse_non_finite(spec, episode.id, observations=observations, actions=episode.actions,
+                       rewards=episode.rewards, terminations=episode.terminations)
     return Episode(
         observations=observations[:-1].reshape(length, -1),  # (T, S): drop the final observation
         actions=np.asarray(episode.actions).reshape(length, -1),  # (T, Adim)
         rewards=np.asarray(episode.rewards),  # (T,)
         terminated=bool(episode.terminations[-1]) if length else False,
     )
+
+
+def _refuse_non_finite(spec: str, episode_id, **fields) -> None:
+    """Refuse an episode holding NaN or inf in any field: one such value poisons the normalisation
+    stats and every gradient, and trains silently into a useless policy."""
+    for name, values in fields.items():
+        values = np.asarray(values)
+        if values.dtype.kind not in "fc":  # integers and booleans are always finite
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1) if values.ndim else ~np.isfinite(values)
+        if bad.any():
+            step = int(np.argmax(bad))
+            value = values[step].ravel()[~np.isfinite(values[step].ravel())][0] if values.ndim else values
+            raise DMMError(
+                f"dataset {spec!r} episode {episode_id} step {step}: {name} holds {value} ({int(bad.sum())} "
+                f"non-finite step(s) in that episode); expected finite values; regenerate the dataset or drop "
+                "that episode"
+            )

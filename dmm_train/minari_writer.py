@@ -5,13 +5,21 @@ unlike ``minari.DataCollector``). A write goes to a hidden staging store beside 
 final location and is renamed into place at the end, so an interrupted write never
 leaves a half dataset under the final id; Minari skips hidden directories when it
 lists a store.
+
+Minari writes through HDF5, which buffers its writes and, when the disk fills up mid-write,
+crashes the process at close (a segfault inside the C library, after pages of warnings). The
+write therefore runs in a forked child process (where ``fork`` exists): whatever happens to it,
+the parent turns its end into one line naming the store, and removes the staging directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import tempfile
 import uuid
 import warnings
@@ -19,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from contract.errors import DMMError
+from contract.files import file_error
 from dmm_train.minari_reader import DATASET_ID_RE
 from dmm_train.rollouts import Rollout, mujoco_warnings_once
 
@@ -74,7 +83,7 @@ def _minari_store(path: Path) -> Iterator[None]:
 def write_minari_dataset(
     dataset_id: str,
     rollouts: Sequence[Rollout],
-    env_id: str,
+    env_id: str | None,
     *,
     algorithm_name: str,
     ref_min_score: float | None = None,
@@ -82,6 +91,8 @@ def write_minari_dataset(
     description: str,
     data_path: str | os.PathLike | None = None,
     overwrite: bool = False,
+    observation_space=None,
+    action_space=None,
 ) -> Path:
     """Write ``rollouts`` as Minari dataset ``dataset_id``; return its directory.
 
@@ -90,7 +101,8 @@ def write_minari_dataset(
     scores are stored only as a pair (Minari would otherwise estimate the missing
     one with 100 random episodes). The write is atomic: staged in a hidden
     directory of the same store, then renamed. An existing dataset of the same id is
-    an error unless ``overwrite``.
+    an error unless ``overwrite``. ``env_id`` None (a log with no simulator, ``cli.py import``) needs
+    ``observation_space`` and ``action_space`` (gymnasium Boxes); the dataset then names no env.
     """
     check_dataset_id(dataset_id)
     if not rollouts:
@@ -106,21 +118,101 @@ def write_minari_dataset(
             f"dataset {dataset_id!r} already exists at {str(final)!r}; pass overwrite=True (--overwrite) to "
             "replace it, or choose another id"
         )
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
     try:
-        _write_into_store(staging, dataset_id, rollouts, env_id, algorithm_name=algorithm_name,
-                          ref_min_score=ref_min_score, ref_max_score=ref_max_score, description=description)
-        _copy_namespace_metadata(staging, root, dataset_id)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
+    except OSError as error:
+        raise file_error(error, root, "create the Minari store") from None
+    try:
+        _isolated(lambda: _write_into_store(staging, dataset_id, rollouts, env_id, algorithm_name=algorithm_name,
+                                            ref_min_score=ref_min_score, ref_max_score=ref_max_score,
+                                            description=description, observation_space=observation_space,
+                                            action_space=action_space),
+                  root, dataset_id)
+        try:
+            _copy_namespace_metadata(staging, root, dataset_id)
+        except OSError as error:
+            raise file_error(error, root, f"write dataset {dataset_id!r} into") from None
         _move_into_place(staging / dataset_id, final, overwrite=overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def _write_into_store(store: Path, dataset_id: str, rollouts: Sequence[Rollout], env_id: str, *,
+_CHILD_ERROR = "dmm-writer-error:"  # marks the child's own report among the library's stderr lines
+_CHILD_STDERR_KEPT = 1 << 16  # bytes of the child's stderr kept to explain a crash
+
+
+def _isolated(write, root: Path, dataset_id: str) -> None:
+    """Run ``write()`` in a forked child; its failure or crash becomes one DMMError naming ``root``.
+
+    The child's stderr (HDF5's warnings) is captured, not shown: the errno HDF5 reports there
+    explains a crash. Where there is no ``fork`` the write runs here.
+    """
+    what = f"write dataset {dataset_id!r} into"
+    if not hasattr(os, "fork"):
+        try:
+            write()
+        except OSError as error:
+            raise file_error(error, root, what) from None
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 1
+        try:
+            os.dup2(write_end, 2)
+            os.close(read_end)
+            try:
+                write()
+                code = 0
+            except BaseException as error:
+                number = error.errno if isinstance(error, OSError) else None
+                report = {"errno": number, "interrupted": isinstance(error, KeyboardInterrupt),
+                          "message": str(error) if isinstance(error, DMMError) else f"{type(error).__name__}: {error}"}
+                os.write(2, f"\n{_CHILD_ERROR}{json.dumps(report)}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    captured = b""
+    try:
+        with os.fdopen(read_end, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 14), b""):
+                captured = (captured + chunk)[-_CHILD_STDERR_KEPT:]
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C, SIGTERM: the child must not write on after the parent gave up
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return
+    stderr = captured.decode(errors="replace")
+    report = next((json.loads(line[len(_CHILD_ERROR):]) for line in reversed(stderr.splitlines())
+                   if line.startswith(_CHILD_ERROR)), None)
+    if report is not None and report["interrupted"]:
+        raise KeyboardInterrupt  # Ctrl-C reached the child too: an interruption, as in the parent
+    raise _child_failure(stderr, report, status, root, what)
+
+
+def _child_failure(stderr: str, report: dict | None, status: int, root: Path, what: str) -> DMMError:
+    # HDF5 names the failed system call's errno in its own messages ("errno = 28"), raised or printed.
+    number = report["errno"] if report is not None else None
+    if number is None:
+        number = next((int(n) for n in reversed(re.findall(r"errno = (\d+)", stderr))), None)
+    if number is not None:
+        return file_error(OSError(number, os.strerror(number)), root, what)
+    if report is not None:
+        return DMMError(f"cannot {what} {str(root)!r}: {report['message']}")
+    how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+           else f"exit status {os.WEXITSTATUS(status)}")
+    return DMMError(f"cannot {what} {str(root)!r}: the writer process ended without a result ({how}); expected "
+                    "a dataset written; check the free space and the store, and rerun")
+
+
+def _write_into_store(store: Path, dataset_id: str, rollouts: Sequence[Rollout], env_id: str | None, *,
                       algorithm_name: str, ref_min_score: float | None, ref_max_score: float | None,
-                      description: str) -> None:
+                      description: str, observation_space=None, action_space=None) -> None:
     import minari
     from minari.data_collector import EpisodeBuffer
 
@@ -146,6 +238,8 @@ def _write_into_store(store: Path, dataset_id: str, rollouts: Sequence[Rollout],
             buffers,
             env=env_id,
             eval_env=env_id,
+            observation_space=observation_space,
+            action_space=action_space,
             algorithm_name=algorithm_name,
             author=_AUTHOR,
             ref_min_score=ref_min_score,

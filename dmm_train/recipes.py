@@ -24,12 +24,19 @@ seed ``seed + i`` and draws its action noise from its own generator
 (``rollouts.episode_generator``), so the data does not depend on how many envs are
 stepped side by side or how many processes roll them out (``default_workers``);
 ``python cli.py collect`` twice gives the same content hash.
+
+A dataset id names one content forever: each recipe declares the content hash of its id
+(``CONTENT_HASHES``, at the recipe's budget and seed), and a recipe whose output changes gets
+a new version (``VERSIONS``: ``-v1``). Contents an id named before are in ``RETIRED``, with
+the commit of the project that made them, so that a checkpoint trained on one says how to
+regenerate it (`describe_content`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import zipfile
@@ -40,11 +47,14 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError, describe_error
+from contract.files import exclusive_lock, file_error
 from contract.scores import normalized_score
+from contract.threads import measure_machine
 from dmm_train.config import CollectConfig, get_preset
 from dmm_train.minari_reader import DATA_DIR, METADATA_FILE
 from dmm_train.minari_writer import check_dataset_id, store_root, write_minari_dataset
 from dmm_train.progress import Progress
+from dmm_train.records import Episode, hash_episodes
 from dmm_train.rollouts import Policy, Rollout, preset_for, rollout_batched, rollout_episodes
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -54,19 +64,83 @@ NAMESPACE = "dmm-deploy"
 RECIPE_PRESETS = ("hopper", "walker2d", "halfcheetah")
 
 
+# The content each recipe's id names: sha256 of the episodes (`dmm_train.records.hash_episodes`) of
+# `collect --recipe NAME` at RECIPE_STEPS and RECIPE_SEED (BENCHMARKS.md, bench/results/quality; the random,
+# expert and medium-expert ones hashed from one process's rollouts by `rollouts_content_hash`, which gave the
+# benchmarks' medium and hopper-random hashes again).
+# None: not measured yet; `collect` prints the hash it got, to be recorded here.
+CONTENT_HASHES: dict[str, str | None] = {
+    "hopper-random": "e9197e7eaed1000c620cc56badd5e6cb344eef631500a7f5bdc9ccc5d1e52f4d",
+    "hopper-medium": "aad734bf1dadee3bd3d411acaccc8ede905abd546ba73dff8b1f59a0f5da1bf6",
+    "hopper-expert": "4d75b4367d0aafdee217466c861e8336c48c894d19e271c623c55c4a9c582e15",
+    "hopper-medium-replay": "66fb20dd0dc0d4f6f87b5a54ad070c3e6b93935f264164490a18838253c454a4",
+    "hopper-medium-expert": "66d4b141a20267497ca26b7e4bcac1661a589968fef1ca337b0374ca77f2ee3f",
+    "walker2d-random": "8f0fb35534a225236df25da9d292f1f50da8df633a0e6b0000a53e5ffc1f1e10",
+    "walker2d-medium": "e565f9b3303bb9714ac468d09ff76d50b9764f752b0604eb1af73318a0ed3c23",
+    "walker2d-expert": "1c95655200cba19f131e6ec6762de1fbe3992d31ff4ee115c3c3da08cd6a9ff4",
+    "walker2d-medium-replay": "aa78781c1b7ef53fc4a8ab81be13c25e96ff4493cdcfbf26bd7673eaa1220bc6",
+    "walker2d-medium-expert": "3b3ecf591409c91a5475f2103749345c8cab6e1fe4359ccb1b93bf98eb204382",
+    "halfcheetah-random": "159b3df1d98678f48ef44e18e6a8e6f97bb4b67675afdfa7a87038bbefb0a7db",
+    "halfcheetah-medium": "10d0ba4a9e0e7f2abda2d3e9bbb4150d6f6b64dc014e95f5b3fcc8595b0c61b8",
+    "halfcheetah-expert": "6e965fccca88db9e658c95d7fd8b35228611ae555cc5c98b3a17fd13a56bcd31",
+    "halfcheetah-medium-replay": "1a81639cc8a52cf104ae38022282563f9a28ba0a989a9c8da2099cd5283aecbb",
+    "halfcheetah-medium-expert": "69e66d504a5d5af281e288bedad7744c1fa57864d6f17db37d4bc6608bc3e1ba",
+}
+# A recipe whose output changes gets the next version here, and its old content goes to RETIRED.
+VERSIONS: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A content a dataset id named before its recipe changed, and the commit of this project that made it."""
+
+    dataset_id: str
+    hash_prefix: str  # the content hash (or as much of it as the records quote)
+    recipe: str
+    commit: str  # the last commit whose `collect --recipe` made this content
+    made: str  # what it was
+
+    def matches(self, dataset_id: str, content_hash: str) -> bool:
+        return dataset_id == self.dataset_id and content_hash.startswith(self.hash_prefix)
+
+    def advice(self) -> str:
+        return (f"regenerate it with that commit: 'git checkout {self.commit} && python cli.py collect --recipe "
+                f"{self.recipe}' (into its own MINARI_DATASETS_PATH), or pass the data another way (--dataset DIR)")
+
+
+RETIRED: tuple[Retired, ...] = (
+    # Until 2eda373 the recipes were a tenth of D4RL's size (RECIPE_STEPS = 100_000); that commit made
+    # them 1M steps under the same ids (before ids were versioned), so the old content is listed here.
+    # Regenerated with 8c0f0f7 (git archive, then `cli.py collect --recipe hopper-medium`): the same hash.
+    Retired("dmm-deploy/hopper-medium-v0", "a9386828075fa2304e0b5833833522220f25045664696d7fe423945044ddf1fa",
+            "hopper-medium", "8c0f0f7",
+            "100,000 steps (280 episodes) of the shipped medium SAC policy, seed 0 (the recipe's size from "
+            "9b5e978 on)"),
+)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How one embedded dataset is made."""
 
-    name: str  # e.g. hopper-medium; the Minari id is dmm-deploy/<name>-v0
+    name: str  # e.g. hopper-medium; the Minari id is dmm-deploy/<name>-v<version>
     preset: str
     kind: str  # "policy" (rollouts), "replay" (the shipped SAC replay log), "mixture" (of other recipes), "random"
     source: tuple[str, ...]  # policy .npz files, the replay log, or the recipes mixed
     description: str
 
     @property
+    def version(self) -> int:
+        return VERSIONS.get(self.name, 0)
+
+    @property
+    def content_hash(self) -> str | None:
+        """The content hash the id names (None: not measured yet)."""
+        return CONTENT_HASHES.get(self.name)
+
+    @property
     def dataset_id(self) -> str:
-        return f"{NAMESPACE}/{self.name}-v0"
+        return f"{NAMESPACE}/{self.name}-v{self.version}"
 
     def missing_files(self) -> list[str]:
         """The shipped files the recipe needs that this checkout lacks (those of its parts, for a mixture)."""
@@ -111,6 +185,57 @@ def default_recipe(preset: str = DEFAULT_PRESET) -> str:
 
 DEFAULT_RECIPE = default_recipe()
 DEFAULT_DATASET_ID = RECIPES[DEFAULT_RECIPE].dataset_id  # what `train` uses when no --dataset is given
+
+
+def recipe_of_id(dataset_id: str) -> Recipe | None:
+    """The recipe whose id (any version) is ``dataset_id``, or None."""
+    match = re.fullmatch(rf"{NAMESPACE}/(?P<name>.+)-v\d+", dataset_id)
+    return RECIPES.get(match["name"]) if match else None
+
+
+def retired_content(dataset_id: str, content_hash: str) -> Retired | None:
+    """The retired content ``dataset_id`` named with ``content_hash``, or None."""
+    return next((entry for entry in RETIRED if entry.matches(dataset_id, content_hash)), None)
+
+
+def describe_content(dataset_id: str, content_hash: str) -> str | None:
+    """Where the content ``content_hash`` of the embedded id ``dataset_id`` came from, when it is not what the id
+    names now: a retired content (with the commit that made it) or an unknown one. None when the id is not an
+    embedded recipe's, or names this very content."""
+    recipe = recipe_of_id(dataset_id)
+    if recipe is None or (recipe.dataset_id == dataset_id and recipe.content_hash == content_hash):
+        return None
+    now = (f"the id now names {recipe.content_hash[:12]}..." if recipe.dataset_id == dataset_id and
+           recipe.content_hash else f"the recipe now makes {recipe.dataset_id}")
+    retired = retired_content(dataset_id, content_hash)
+    if retired is not None:
+        return (f"{dataset_id} @ {content_hash[:12]}... is {retired.made}, made by commit {retired.commit} of this "
+                f"project; {now}; {retired.advice()}")
+    if recipe.dataset_id == dataset_id and recipe.content_hash is None:
+        return None  # the recipe's hash is not recorded yet: this may well be the content the id names
+    return (f"{dataset_id} @ {content_hash[:12]}... is not a content this project's recipes are known to make at "
+            f"their default size and seed ({now}): it came from 'collect' with other --steps/--seed, another "
+            "machine or a modified checkout; pass that data with --dataset DIR")
+
+
+def rollouts_content_hash(rollouts) -> str:
+    """The content hash (`dmm_train.records.hash_episodes`) the dataset of ``rollouts`` has once written and
+    loaded: the loader drops the final observation and keeps float32, as here."""
+    return hash_episodes([Episode(r.observations[:-1].reshape(len(r), -1), r.actions.reshape(len(r), -1),
+                                  r.rewards, bool(r.terminations[-1])) for r in rollouts])
+
+
+def generation_lock(dataset_id: str, out: str | os.PathLike | None = None):
+    """The lock held while ``dataset_id`` is generated into the store ``out``: a second process generating it
+    is refused at once with one line naming the first (it would roll out for minutes, then find the first
+    one's result)."""
+    root = store_root(out)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise file_error(error, root, "create the directory") from None
+    return exclusive_lock(root / f".{dataset_id.replace('/', '--')}.lock", dataset_id, "dataset generation",
+                          "wait for it to finish, then run again")
 
 
 def make_policy_command(file: str) -> str:
@@ -176,12 +301,12 @@ MAX_WORKERS = 4
 
 
 def default_workers(steps: int) -> int:
-    """Rollout processes for a budget of ``steps``: one per CPU core this process may use (at most
-    MAX_WORKERS) from PARALLEL_FROM_STEPS steps on, else one. The data does not depend on it."""
+    """Rollout processes for a budget of ``steps``: one per free CPU core (`contract.threads`: the cores this
+    process may use less the busy ones, at most MAX_WORKERS) from PARALLEL_FROM_STEPS steps on, else one.
+    The data does not depend on it."""
     if steps < PARALLEL_FROM_STEPS:
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, MAX_WORKERS))
+    return measure_machine(ceiling=MAX_WORKERS).threads
 
 
 def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool,
@@ -220,11 +345,19 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
     ``steps`` is the rollout budget (per policy for a mixture; the replay log has its own
     size); ``out`` is the Minari store (default: the local one); ``workers`` the rollout
     processes (default: ``default_workers(steps)``; the data is the same for any number).
+    A second process generating the same dataset meanwhile is refused (`generation_lock`).
     """
     recipe = get_recipe(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DMMError(f"--steps {steps!r}; expected a positive integer")
-    final = recipe_dataset_dir(name, out)
+    with generation_lock(recipe.dataset_id, out):
+        return _collect_recipe_locked(recipe, steps=steps, seed=seed, out=out, overwrite=overwrite,
+                                      progress=progress, workers=workers)
+
+
+def _collect_recipe_locked(recipe: Recipe, *, steps: int, seed: int, out, overwrite: bool, progress: bool,
+                           workers: int | None) -> Path:
+    final = recipe_dataset_dir(recipe.name, out)
     if final.exists() and not overwrite:
         raise DMMError(f"dataset {recipe.dataset_id!r} already exists at {str(final)!r}; pass --overwrite to "
                        "regenerate it")
@@ -232,7 +365,7 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
     rollouts = make_rollouts(recipe, steps=steps, seed=seed, progress=progress, workers=workers)
     total = sum(len(r) for r in rollouts)
     provenance = policy_provenance(recipe)
-    return write_minari_dataset(
+    path = write_minari_dataset(
         recipe.dataset_id, rollouts, preset.env_id,
         algorithm_name=f"SAC (stable-baselines3) {provenance}" if provenance else "uniform random actions",
         ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score,
@@ -240,6 +373,19 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
                      f"seed {seed}; regenerate with 'python cli.py collect --recipe {recipe.name}'"),
         data_path=out, overwrite=overwrite,
     )
+    if (steps, seed) == (RECIPE_STEPS, RECIPE_SEED) or recipe.kind == "replay":
+        # The content the id names: say so when this one differs (a recipe changed without a new version,
+        # or this machine's simulator computes other numbers), so it is not mistaken for the named one.
+        content_hash = rollouts_content_hash(rollouts)
+        if recipe.content_hash is None:
+            print(f"{recipe.dataset_id}: content hash {content_hash} (no hash recorded for this recipe yet; "
+                  "record it in dmm_train/recipes.py CONTENT_HASHES)", file=sys.stderr, flush=True)
+        elif content_hash != recipe.content_hash:
+            print(f"notice: {recipe.dataset_id} came out with content hash {content_hash[:12]}..., not the "
+                  f"{recipe.content_hash[:12]}... the id names; checkpoints trained on it record this one; a "
+                  "recipe whose output changes needs a new version in dmm_train/recipes.py VERSIONS",
+                  file=sys.stderr, flush=True)
+    return path
 
 
 def policy_provenance(recipe: Recipe) -> str:
@@ -283,6 +429,13 @@ def collect(
     can be passed to ``load_dataset`` / ``--dataset``.
     """
     check_dataset_id(dataset_id)
+    with generation_lock(dataset_id, out):
+        return _collect_locked(env_or_preset, dataset_id, policy=policy, episodes=episodes, steps=steps, seed=seed,
+                               out=out, overwrite=overwrite)
+
+
+def _collect_locked(env_or_preset: str, dataset_id: str, *, policy, episodes, steps, seed, out,
+                    overwrite: bool) -> Path:
     preset = preset_for(env_or_preset)
     env_id = preset.env_id if preset is not None else env_or_preset
     final = store_root(out) / dataset_id
@@ -337,18 +490,18 @@ def ensure_default_dataset(preset: str = DEFAULT_PRESET, progress: bool = True, 
                        f"{missing[0]}, which this checkout does not ship; make it with "
                        f"{make_policy_command(missing[0])}, or pass --dataset ID|PATH")
     budget = RECIPE_STEPS if steps is None else steps
-    if progress:
-        print(f"generating the default dataset {recipe.dataset_id} ({budget} steps of the shipped medium "
-              f"SAC policy, seed {RECIPE_SEED}) in {str(root)!r}; this happens once ...",
-              file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    try:
-        path = collect_recipe(recipe.name, steps=budget, seed=RECIPE_SEED, progress=progress)
-    except DMMError:
-        # Another process may have generated it meanwhile; same seed, same data.
-        if (final / DATA_DIR / METADATA_FILE).is_file():
+    # Held from before the rollouts: a second process asking for the missing dataset meanwhile is refused at
+    # once, naming this one, instead of rolling out for minutes and then finding this one's result.
+    with generation_lock(recipe.dataset_id):
+        if (final / DATA_DIR / METADATA_FILE).is_file():  # made by another process while this one started
             return final
-        raise
+        if progress:
+            print(f"generating the default dataset {recipe.dataset_id} ({budget} steps of the shipped medium "
+                  f"SAC policy, seed {RECIPE_SEED}) in {str(root)!r}; this happens once ...",
+                  file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        path = _collect_recipe_locked(recipe, steps=budget, seed=RECIPE_SEED, out=None, overwrite=False,
+                                      progress=progress, workers=None)
     if progress:
         elapsed = time.perf_counter() - started
         print(f"wrote {recipe.dataset_id} in {elapsed:.1f} s", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract.errors import DMMError
+from contract.signals import signal_handled
 from dmm_train.config import PRESETS
 from runtime.plant import make_plant
 
@@ -361,6 +363,10 @@ def _resolve_batch_policy(policy: BatchPolicy | str, action_space) -> BatchPolic
 def _worker(env_id: str, policy, n_steps: int, seed: int, num_envs: int, next_index, steps_started,
             results) -> None:
     """One rollout process: its share of the episodes, sent back as (index -> Rollout) or an error line."""
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and stops this
+    # process), so no worker prints a KeyboardInterrupt traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     try:
         envs = _make_envs(env_id, num_envs)
         try:
@@ -375,6 +381,23 @@ def _worker(env_id: str, policy, n_steps: int, seed: int, num_envs: int, next_in
         results.put(("error", message))
 
 
+def _die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux): a parent killed outright
+    (SIGKILL, out of memory) runs no cleanup, and its workers would roll on as orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def _sigint_ignored():
+    """Ignore SIGINT while workers start: a spawned interpreter inherits the ignored signal from
+    its first instruction, so a Ctrl-C during its start-up prints no traceback either."""
+    return signal_handled(signal.SIGINT, signal.SIG_IGN)
+
+
 def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs: int, workers: int,
                           on_step: Callable[[int], None] | None) -> dict[int, Rollout]:
     import multiprocessing
@@ -386,8 +409,9 @@ def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs
     processes = [context.Process(target=_worker, args=(env_id, policy, n_steps, seed, num_envs, next_index,
                                                        steps_started, results), daemon=True)
                  for _ in range(workers)]
-    for process in processes:
-        process.start()
+    with _sigint_ignored():
+        for process in processes:
+            process.start()
     finished: dict[int, Rollout] = {}
     errors: list[str] = []
     try:
@@ -406,11 +430,19 @@ def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs
                 errors.append(payload)
             else:
                 finished.update(payload)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM turned into KeyboardInterrupt by the caller) or failed: stop
+        # every worker now rather than wait for them to finish their share.
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
     finally:
         for process in processes:
             process.join(timeout=5)
             if process.is_alive():
-                process.terminate()
+                process.kill()
+                process.join(timeout=5)
     if errors:
         raise DMMError(errors[0])
     if on_step is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.errors import DMMError, describe_error
+from contract.errors import DMMError
 from contract.files import directory_lock
 from dmm_train import distributed
 from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
@@ -47,11 +47,13 @@ from dmm_train.checkpoint import (
     atomic_torch_save,
     atomic_write_bytes,
     checkpoint_metadata,
+    load_plain_data,
     save_model,
 )
 from dmm_train.config import REPORT_EVAL_SEED, SELECTION_EVAL_SEED, ModelConfig, TrainConfig, get_preset
 from dmm_train.distributed import RankContext
 from dmm_train.progress import Progress
+from dmm_train.threads import setup_threads
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
@@ -164,17 +166,24 @@ def _fresh_torch_rng(seed: int, device: torch.device | str) -> dict:
 
 
 def _rng_state(device: torch.device | str = "cpu") -> dict:
+    """Every RNG's state as plain data (tensors, lists, numbers, strings): a resume point loads without code."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         **_torch_rng(device),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": [str(name), [int(v) for v in key], int(position), int(has_gauss), float(gauss)],
+        "python": [int(version), [int(v) for v in internal], gauss_next],
     }
 
 
 def _set_rng_state(state: dict) -> None:
     _set_torch_rng(state)
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    # Resume points written before the states were plain data hold numpy's key as a uint32 array and
+    # Python's state as tuples; both forms are restored alike.
+    name, key, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def _rank_states(resume_state: dict) -> list[dict]:
@@ -239,11 +248,7 @@ RESUME_KEYS = ("train_config", "dataset_hash", "model_state", "optimizer_state",
 
 def load_resume_point(path: Path) -> dict:
     """resume.pt, checked to be a resume point of this trainer; a damaged one is one DMMError."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise DMMError(f"resume point {str(path)!r} could not be read ({describe_error(error)}); expected the "
-                       "resume.pt 'cli.py train' writes; start a new run (the run's model.pt is kept)") from None
+    state = load_plain_data(path, "resume point", "start a new run (the run's model.pt is kept)", legacy_numpy=True)
     missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
     if isinstance(state, dict) and "rank_states" not in state:  # a one-process point from before ranks
         missing += [key for key in ("sampler_state", "rng_state") if key not in state]
@@ -385,6 +390,7 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
 def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: bool, progress: bool,
            log_every: int, on_step: Callable[[int], None] | None) -> Path | None:
     preset = get_preset(config.preset)
+    requested_threads = config.threads  # this command's --threads (None: choose)
     config, resume_state = distributed.on_main(context, lambda: _prepare_run(config, out_dir, context, resume))
 
     def load_here():
@@ -409,6 +415,15 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
                            f"rank 0's has {hashes[0][:12]}; expected the same dataset on every node")
 
     distributed.on_every_rank(context, same_dataset_as_rank_0)
+
+    # Torch's results depend on its thread count (its reductions split by thread), so a resumed run keeps the
+    # count it was trained with unless --threads says otherwise; a new run takes the free cores.
+    kept = config.threads if resume_state is not None and requested_threads is None else None
+    choice = setup_threads(requested_threads if kept is None else kept,
+                           source="the run's count, kept for exact resume" if kept is not None else "--threads")
+    config = dataclasses.replace(config, threads=choice.threads)
+    if progress:
+        print(choice.line(), file=sys.stderr, flush=True)
 
     from dmm_train.sampler import WindowSampler
 

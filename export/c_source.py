@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from contract.errors import DMMError
-from contract.files import atomic_write_bytes, sha256_bytes
-from contract.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
+from contract.files import atomic_write_set, sha256_bytes
+from contract.manifest import Manifest, export_lock, manifest_bytes, manifest_path_for, read_manifest
+from contract.names import check_export_name
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.model import DecisionMetaMamba
 from export.config import DEFAULT_RUNS_DIR
@@ -200,7 +201,7 @@ def generate_c_source(model: DecisionMetaMamba, manifest: Manifest, name: str) -
     if model.training:
         raise ValueError("the model is in training mode (dropout on); call model.eval() first")
     cfg = model.config
-    prefix = c_identifier(name)
+    prefix = c_identifier(check_export_name(name))  # a NAME that cannot leave a comment or #include string
     values = {
         "NAME": name, "PREFIX": prefix, "PREFIX_UPPER": prefix.upper(),
         "GUARD": f"DMM_{prefix.upper()}_H", "CHECKPOINT_SHA": manifest.checkpoint_sha256[:16],
@@ -243,10 +244,7 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     Stream mode, fp32, batch 1. Needs a C compiler: the file is compiled and checked
     against PyTorch before it is written.
     """
-    from dmm_train.manifest_builder import build_manifest
     from export.onnx_export import find_latest_checkpoint
-    from export.reference import PARITY_REFUSE_ABOVE, measure_parity
-    from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
 
     source = Path(checkpoint_path) if checkpoint_path is not None else find_latest_checkpoint(runs_dir)
     checkpoint = load_checkpoint(source)
@@ -255,6 +253,17 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
                        "export expects a 'dmm' checkpoint (cli.py train --model dmm); evaluate baselines "
                        "with 'cli.py eval'")
     c_path, h_path = c_paths_for(out if out is not None else checkpoint.preset)
+    check_export_name(c_path, ".c")  # the checkpoint's preset names the default: a file's word
+    # Held from before the source is generated and compiled: a second export to this NAME is refused at once.
+    with export_lock(c_path):
+        return _export_c_locked(checkpoint, c_path, h_path)
+
+
+def _export_c_locked(checkpoint, c_path: Path, h_path: Path) -> tuple[Path, Path, Path]:
+    from dmm_train.manifest_builder import build_manifest
+    from export.reference import PARITY_REFUSE_ABOVE, measure_parity
+    from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
+
     manifest_path = manifest_path_for(c_path)
     _refuse_foreign_manifest(manifest_path)
     model = checkpoint.model.eval()
@@ -286,14 +295,9 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
             "header_sha256": sha256_bytes(header_bytes),
         },
     )
-    try:
-        atomic_write_bytes(h_path, header_bytes)
-        atomic_write_bytes(c_path, source_bytes)
-        write_manifest(manifest, manifest_path)
-    except OSError as error:
-        raise DMMError(f"cannot write {str(c_path)!r} / {str(h_path)!r} / {str(manifest_path)!r} "
-                       f"({error.strerror or error}); expected a writable location; pass --out with a writable "
-                       "NAME") from None
+    # One set: after a kill, the complete old or new export is on disk (never a new .c with an old manifest).
+    atomic_write_set({h_path: header_bytes, c_path: source_bytes, manifest_path: manifest_bytes(manifest)},
+                     set_name=c_path.stem)
     return c_path, h_path, manifest_path
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from contract.errors import DMMError
 from contract.manifest import MODES, PRECISIONS
+from contract.names import check_export_name
 from dmm_train.config import RUNS_DIR
 
 DEFAULT_OPSET = 17
@@ -38,11 +39,18 @@ class ExportConfig:
         "help": "the training dataset (directory or local Minari id) for calibration and the held-out accuracy "
                 "(default: the id the checkpoint records)"})
     max_score_drop: float | None = field(default=None, metadata={
-        "help": "fail when the closed-loop normalised score drops significantly by more than this many points "
-                "against fp32: the whole 95% interval of the paired per-episode delta below -X (default: fp16 1, "
-                "int8 3)"})
+        "help": "the closed-loop normalised score a precision may lose against fp32, in points; the graph passes "
+                "only once the paired per-episode delta is shown no worse than -X (default 3 for fp16 and int8)"})
     score_episodes: int | None = field(default=None, metadata={
-        "help": "closed-loop episodes per graph for the accuracy report, paired by reset seed (default 5)"})
+        "help": "the most closed-loop episodes per graph, paired by reset seed, played in batches until the gate "
+                "decides (default 40)"})
+    score_batch: int | None = field(default=None, metadata={
+        "help": "paired episodes per look of the score gate (default 10)"})
+    accept_inconclusive: bool | None = field(default=None, metadata={
+        "help": "pass a graph the score gate could not judge at --score-episodes (recorded in the manifest)"})
+    max_action_error: float | None = field(default=None, metadata={
+        "help": "the largest action RMSE against fp32 on held-out inputs, as a fraction of the action range "
+                "(default: fp16 0.01, int8 0.05)"})
     build_engine: bool = field(default=True, metadata={
         "help": "where TensorRT and a GPU are present, build NAME.plan too"})
     runs_dir: Path = field(default=DEFAULT_RUNS_DIR, metadata={"help": "where the newest checkpoint is looked for"})
@@ -50,7 +58,8 @@ class ExportConfig:
     # CLI flag of each precision option, for messages.
     PRECISION_FLAGS = {"calibration": "--calibration", "calibration_samples": "--calibration-windows",
                        "dataset": "--dataset", "max_score_drop": "--max-score-drop",
-                       "score_episodes": "--score-episodes"}
+                       "score_episodes": "--score-episodes", "score_batch": "--score-batch",
+                       "accept_inconclusive": "--accept-inconclusive", "max_action_error": "--max-action-error"}
 
     @property
     def export_mode(self) -> str:
@@ -62,6 +71,8 @@ class ExportConfig:
             raise DMMError(f"--mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if self.target not in TARGETS:
             raise DMMError(f"--target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if self.out is not None:  # refused before any work: NAME becomes file names and generated code
+            check_export_name(self.out, ".c" if self.target == "c" else ".onnx")
         if self.target == "c":
             chosen = {"--mode window": self.export_mode != "stream", "--batch": self.batch != 1,
                       "--opset": self.opset != DEFAULT_OPSET, "--fp16": self.precision == "fp16",
@@ -89,5 +100,6 @@ class ExportConfig:
 
         chosen = {"calibration": self.calibration, "calibration_samples": self.calibration_samples,
                   "dataset": self.dataset, "max_score_drop": self.max_score_drop,
-                  "score_episodes": self.score_episodes}
+                  "score_episodes": self.score_episodes, "score_batch": self.score_batch,
+                  "accept_inconclusive": self.accept_inconclusive, "max_action_error": self.max_action_error}
         return PrecisionOptions(**{name: value for name, value in chosen.items() if value is not None})

@@ -6,7 +6,9 @@ The graph comes from `export.lowering` (built from the model's weights), is chec
 with ``onnx.checker`` (full check), against the TensorRT parser's op table
 (`export.trt_ops`) and, in ONNX Runtime, against the PyTorch model on real-looking
 inputs (`export.reference.measure_parity`); the figures go into the manifest. Nothing
-is written unless every check passes; both files are written atomically.
+is written unless every check passes; the graph, manifest and data loader are written as one
+set (`contract.files.atomic_write_set`): after a kill, the complete old or new export is on
+disk. A second export to the same NAME while one runs is refused (`contract.manifest.export_lock`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError
-from contract.files import atomic_write_bytes
+from contract.files import atomic_write_set
 from contract.graph_roles import linear_nodes, precision_pins
-from contract.manifest import MODES, PRECISIONS, manifest_path_for, write_manifest
+from contract.manifest import MODES, PRECISIONS, export_lock, manifest_bytes, manifest_path_for
+from contract.names import check_export_name
 from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
 from export.config import DEFAULT_OPSET, DEFAULT_RUNS_DIR
 from runtime.ort_backend import cpu_session
@@ -112,7 +115,6 @@ def export_checkpoint(
     ``precision_options`` (`export.precision.PrecisionOptions`), and its accuracy report
     goes into the manifest; a score drop beyond the limit writes nothing.
     """
-    from dmm_train.manifest_builder import build_manifest
     from export.lowering import MAX_OPSET, MIN_OPSET
 
     if precision not in PRECISIONS:
@@ -131,6 +133,19 @@ def export_checkpoint(
         raise DMMError(f"checkpoint {str(checkpoint.path)!r} is a {checkpoint.model_config.model!r} baseline; "
                        "export expects a 'dmm' checkpoint (cli.py train --model dmm); evaluate baselines "
                        "with 'cli.py eval'")
+    onnx_path = onnx_path_for(out if out is not None else default_export_name(checkpoint.preset, mode=mode,
+                                                                             precision=precision))
+    check_export_name(onnx_path, ".onnx")  # the checkpoint's preset names the default: a file's word
+    # Held from before the graph is built: a second export to this NAME is refused at once.
+    with export_lock(onnx_path):
+        return _export_locked(checkpoint, onnx_path, mode=mode, batch=batch, opset=opset, precision=precision,
+                              precision_options=precision_options)
+
+
+def _export_locked(checkpoint, onnx_path: Path, *, mode: str, batch: int, opset: int, precision: str,
+                   precision_options) -> tuple[Path, Path]:
+    from dmm_train.manifest_builder import build_manifest
+
     model = checkpoint.model.eval()
     model.set_scan_impl("loop")  # the reference the parity figures are measured against
 
@@ -153,8 +168,6 @@ def export_checkpoint(
         parity = {**parity, "graph": "the fp32 graph this one was lowered from (see accuracy)"}
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
-    onnx_path = onnx_path_for(out if out is not None else default_export_name(checkpoint.preset, mode=mode,
-                                                                             precision=precision))
     manifest = build_manifest(
         checkpoint, mode=mode, precision=precision, batch=batch,
         onnx_sha256=hashlib.sha256(model_bytes).hexdigest(), opset=opset, parity=parity, accuracy=accuracy,
@@ -166,27 +179,24 @@ def export_checkpoint(
         "precision_pins": precision_pins(proto, linears),
     })
     manifest_path = manifest_path_for(onnx_path)
-    try:
-        if batch == 1:  # the control-loop graph; real inputs come from one plant / episode at a time
-            manifest = _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path, precision_options)
-        atomic_write_bytes(onnx_path, model_bytes)
-        write_manifest(manifest, manifest_path)
-    except OSError as error:
-        raise DMMError(f"cannot write {str(onnx_path)!r} / {str(manifest_path)!r} "
-                       f"({error.strerror or error}); expected a writable location; pass --out with a "
-                       "writable NAME") from None
+    files = {onnx_path: model_bytes}
+    if batch == 1:  # the control-loop graph; real inputs come from one plant / episode at a time
+        manifest, loader_files = _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path, precision_options)
+        files.update(loader_files)
+    files[manifest_path] = manifest_bytes(manifest)
+    atomic_write_set(files, set_name=onnx_path.name[:-len(".onnx")])
     return onnx_path, manifest_path
 
 
 def _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path: Path, precision_options):
-    """The manifest with its ``exporter.polygraphy`` record, the data loader written beside the ONNX
-    (`export.polygraphy_check`)."""
-    from export.polygraphy_check import real_feeds, write_data_loader
+    """The manifest with its ``exporter.polygraphy`` record, and the data loader's files (path -> bytes) to
+    write beside the ONNX (`export.polygraphy_check`)."""
+    from export.polygraphy_check import data_loader_files, real_feeds
 
     dataset = getattr(precision_options, "dataset", None)
     feeds, source = real_feeds(fp32_proto, manifest, checkpoint, dataset=dataset)
-    record = write_data_loader(onnx_path, manifest, feeds, source)
-    return dataclasses.replace(manifest, exporter={**manifest.exporter, "polygraphy": record})
+    record, files = data_loader_files(onnx_path, manifest, feeds, source)
+    return dataclasses.replace(manifest, exporter={**manifest.exporter, "polygraphy": record}), files
 
 
 def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: int) -> dict:

@@ -14,6 +14,7 @@ mode, exporting the graphs it needs; it lives above the runtime because it expor
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ from runtime.recording import Trajectory, record_trajectory, teacher_forced_acti
 
 # Upper edges (inclusive) of the step-index bins of the drift table; the last bin is open.
 DRIFT_EDGES = (1, 10, 100, 1000)
+
+# Most recorded steps a comparison takes: every backend replays them one by one, and the
+# trajectory and each backend's actions are held in memory (a typo of a few zeros asked for
+# terabytes before this bound).
+MAX_STEPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,9 @@ class ParityConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise DMMError(f"--steps {self.steps}; expected at least 1")
+        if self.steps > MAX_STEPS:
+            raise DMMError(f"--steps {self.steps}; expected at most {MAX_STEPS} (each backend replays every step "
+                           "and all of them are held in memory); pass a smaller --steps")
 
 
 @dataclass(frozen=True)
@@ -112,12 +121,22 @@ class ParityReport:
     trajectory: Trajectory = field(repr=False)
     pairs: tuple[PairReport, ...]
     actions: dict = field(repr=False)  # label -> (T, Adim) teacher-forced actions
+    range_faults: int = 0  # recorded steps whose observation left the manifest's observation range
+    first_range_fault: int | None = None  # index of the first such step in the trajectory (0-based)
 
     def to_dict(self) -> dict:
         return {
             "checkpoint": self.checkpoint, "env_id": self.env_id, "steps": self.trajectory.steps,
             "episodes": self.trajectory.episodes, "pairs": [pair.to_dict() for pair in self.pairs],
+            "observation_range_faults": {"steps": self.range_faults, "first_step": self.first_range_fault},
         }
+
+    def range_summary(self) -> str:
+        if not self.range_faults:
+            return "observation range: every recorded observation within the engine's range"
+        return (f"observation range: {self.range_faults} of {self.trajectory.steps} recorded steps outside the "
+                f"engine's range (first at step {self.first_range_fault}); compared all the same, a control "
+                "loop would fault there")
 
     def table(self) -> str:
         """The drift table: one row per backend pair, max abs difference per step-index bin."""
@@ -128,7 +147,39 @@ class ParityReport:
         for pair in self.pairs:
             rows.append(f"{pair.reference:<14} {pair.candidate:<34} {pair.max_abs:9.2e} {pair.mean_abs:9.2e}"
                         + "".join(f" {b.max_abs:12.2e}" for b in pair.bins))
+        rows.append(self.range_summary())
         return "\n".join(rows)
+
+
+class _RangeFree:
+    """``backend`` seen through a manifest without an observation range.
+
+    Parity compares backends on identical inputs; it drives no robot. A Policy on the real
+    manifest would stop at the first observation outside the training range (a fallen hopper
+    leaves it), so the policies here take every recorded observation and the range faults are
+    counted on the trajectory instead (`ParityReport.range_faults`).
+    """
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+        self.manifest = dataclasses.replace(backend.manifest, observation_low=None, observation_high=None)
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+
+def _comparing_policy(backend: Backend, target_return: float | None) -> Policy:
+    return Policy(_RangeFree(backend), target_return)
+
+
+def _range_faults(trajectory: Trajectory, manifest) -> tuple[int, int | None]:
+    """(steps outside the manifest's observation range, the first such step or None)."""
+    if manifest.observation_low is None:
+        return 0, None
+    low = np.asarray(manifest.observation_low, dtype=np.float64)  # (S,)
+    high = np.asarray(manifest.observation_high, dtype=np.float64)  # (S,)
+    outside = ((trajectory.observations < low) | (trajectory.observations > high)).any(axis=1)  # (T,)
+    return int(outside.sum()), (int(np.argmax(outside)) if outside.any() else None)
 
 
 def _label(backend: Backend) -> str:
@@ -158,6 +209,8 @@ def run_parity(config: ParityConfig) -> ParityReport:
             for candidate, path in zip(candidates, onnx_paths, strict=True):
                 _check_same_checkpoint(candidate.manifest.checkpoint_sha256, manifest.checkpoint_sha256, path)
 
+            # The range a deployed graph enforces: its own manifest's (an edited or re-exported one may differ).
+            ranged = next((c.manifest for c in candidates if c.manifest.observation_low is not None), manifest)
             trajectory = _record(reference_window, config, manifest.env_id)
             step_index = trajectory.step_in_episode()
             actions = {}
@@ -173,18 +226,20 @@ def run_parity(config: ParityConfig) -> ParityReport:
                     actions[reference_label] = trajectory.actions
                 else:
                     actions[reference_label] = teacher_forced_actions(
-                        Policy(reference, config.target_return), trajectory)
+                        _comparing_policy(reference, config.target_return), trajectory)
                 for index, candidate in enumerate(mode_candidates):
                     label = _label(candidate) + (f"#{index}" if len(mode_candidates) > 1 else "")
                     actions[label] = teacher_forced_actions(
-                        Policy(candidate, config.target_return), trajectory)
+                        _comparing_policy(candidate, config.target_return), trajectory)
                     pairs.append(compare_actions(
                         actions[reference_label], actions[label], step_index, reference_label=reference_label,
                         candidate_label=f"{label} ({candidate.provider})", mode=mode))
         finally:
             for backend in (*candidates, *references.values()):
                 backend.close()
-    return ParityReport(str(config.checkpoint), manifest.env_id, trajectory, tuple(pairs), actions)
+    range_faults, first_range_fault = _range_faults(trajectory, ranged)
+    return ParityReport(str(config.checkpoint), manifest.env_id, trajectory, tuple(pairs), actions,
+                        range_faults, first_range_fault)
 
 
 def _check_same_checkpoint(graph_sha: str, checkpoint_sha: str, path: Path) -> None:
@@ -201,7 +256,7 @@ def _record(reference: Backend, config: ParityConfig, env_id: str) -> Trajectory
         plant = make_plant(env_id)  # no such option (not a locomotion env): episodes are concatenated
     try:
         check_plant(plant, reference.manifest, env_id)
-        return record_trajectory(Policy(reference, config.target_return), plant, steps=config.steps,
+        return record_trajectory(_comparing_policy(reference, config.target_return), plant, steps=config.steps,
                                  seed=config.seed)
     finally:
         plant.close()

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError
-from contract.files import atomic_write_bytes
 from contract.manifest import Manifest
 from contract.tolerances import tolerance
 from runtime.backend import Backend
@@ -109,16 +108,16 @@ def real_feeds(fp32_proto, manifest: Manifest, checkpoint, *, dataset: str | Non
                seed: int = 0) -> tuple[list[dict[str, np.ndarray]], str]:
     """(feeds, where they come from): held-out dataset inputs where the training dataset is here, else the
     plant's closed loop (see the module docstring)."""
-    from calibration.data import load_training_dataset, split_episodes
+    from calibration.data import find_training_dataset, split_episodes
     from calibration.qdq import calibration_feeds
 
     fp32_manifest = manifest if manifest.precision == "fp32" else _as_fp32(manifest)
-    try:
-        split = split_episodes(load_training_dataset(checkpoint, dataset), seed=seed)
-    except DMMError as why:
+    loaded, why = find_training_dataset(checkpoint, dataset)  # None where missing or of other content
+    if loaded is None:
         feeds = _plant_feeds(fp32_proto.SerializeToString(), fp32_manifest, count, seed)
         return feeds, (f"{len(feeds)} inputs a Policy fed the fp32 graph along a closed-loop {manifest.env_id} "
-                       f"episode (seed {seed}); the training dataset is not here ({str(why).split(';')[0]})")
+                       f"episode (seed {seed}); the training dataset is not used: {why}")
+    split = split_episodes(loaded, seed=seed)
     feeds = calibration_feeds(fp32_proto, fp32_manifest, split.heldout, count, seed=seed + 2)
     kind = ("windows" if manifest.mode == "window" else
             "stream steps with the caches the fp32 graph produced from zero")
@@ -129,6 +128,20 @@ def _as_fp32(manifest: Manifest) -> Manifest:
     import dataclasses
 
     return dataclasses.replace(manifest, precision="fp32")
+
+
+def docstring_text(text: str) -> str:
+    """``text`` as it may stand inside a generated triple-quoted docstring: backslashes, double quotes and
+    unprintable characters escaped, so that it reads as itself and can never end the string."""
+    escaped = []
+    for char in text:
+        if char in '\\"':
+            escaped.append("\\" + char)
+        elif not char.isprintable():
+            escaped.append(repr(char)[1:-1])  # \n, \x00, \u2028: a line break or NUL never reaches the file
+        else:
+            escaped.append(char)
+    return "".join(escaped)
 
 
 SCRIPT = '''"""Polygraphy data loader for {onnx} (written by 'cli.py export'): {count} real inputs of the graph.
@@ -155,8 +168,10 @@ def load_data():
 '''
 
 
-def write_data_loader(onnx_path: Path, manifest: Manifest, feeds: list[dict[str, np.ndarray]], source: str) -> dict:
-    """Write the data loader and its inputs beside ``onnx_path``; returns the manifest's ``polygraphy`` record."""
+def data_loader_files(onnx_path: Path, manifest: Manifest, feeds: list[dict[str, np.ndarray]],
+                      source: str) -> tuple[dict, dict[Path, bytes]]:
+    """The data loader and its inputs beside ``onnx_path``: the manifest's ``polygraphy`` record, and the
+    files (path -> bytes) that the export writes with its graph and manifest as one set."""
     import io
 
     script_path, inputs_path = data_loader_paths(onnx_path)
@@ -174,12 +189,12 @@ def write_data_loader(onnx_path: Path, manifest: Manifest, feeds: list[dict[str,
     command = " ".join(["polygraphy", "run", onnx_path.name, "--trt", "--strongly-typed", "--onnxrt",
                         "--data-loader-script", script_path.name, *options])
     head, _, tail = command.partition(" --data-loader-script ")  # two docstring lines of at most 120 columns
-    shown = f"{head} \\\n        --data-loader-script {tail}"
-    script = SCRIPT.format(onnx=onnx_path.name, count=len(feeds), command=shown,
-                           source=textwrap.fill(f"Inputs: {source}.", 110), inputs=inputs_path.name)
-    atomic_write_bytes(inputs_path, buffer.getvalue())
-    atomic_write_bytes(script_path, script.encode())
+    # Every interpolated text is escaped for the docstring: no name, env id or message can close it.
+    shown = f"{docstring_text(head)} \\\n        --data-loader-script {docstring_text(tail)}"
+    script = SCRIPT.format(onnx=docstring_text(onnx_path.name), count=len(feeds), command=shown,
+                           source=textwrap.fill(docstring_text(f"Inputs: {source}."), 110), inputs=inputs_path.name)
+    files = {inputs_path: buffer.getvalue(), script_path: script.encode()}
     return {"data_loader_script": script_path.name, "inputs": inputs_path.name, "feeds": len(feeds),
             "source": source, "command": command, "tolerance": meaning,
             "note": "run on the target GPU, in the directory of the ONNX; TensorRT and ONNX Runtime on the same "
-                    "inputs, TF32 off (Polygraphy's default), strongly typed as 'cli.py build' builds"}
+                    "inputs, TF32 off (Polygraphy's default), strongly typed as 'cli.py build' builds"}, files

@@ -54,8 +54,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contract.errors import DMMError
-from contract.files import atomic_write_bytes, sha256_bytes
-from contract.manifest import Manifest, manifest_path_for, read_manifest, write_manifest
+from contract.files import atomic_write_bytes, atomic_write_set, sha256_bytes
+from contract.manifest import Manifest, export_lock, manifest_bytes, manifest_path_for, read_manifest, write_manifest
 from runtime.tensorrt_support import PRECISION_CHECKS
 
 if TYPE_CHECKING:  # the static check of the GPU layer (scripts/typecheck_gpu.sh) reads TensorRT's stubs
@@ -277,7 +277,8 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
     manifest = _source_manifest(onnx_path)
     import_tensorrt(f"building {str(onnx_path)!r} into a TensorRT plan")
     gpu = gpu_identity(config.device)
-    with device_current(config.device):  # TensorRT builds on the current device
+    # TensorRT builds on the current device; a second build or export of this NAME at once is refused.
+    with device_current(config.device), export_lock(config.plan_path):
         return _build_on_current_device(config, onnx_path, manifest, gpu)
 
 
@@ -377,13 +378,11 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     )
     plan_manifest = dataclasses.replace(manifest, engine=engine_record)
     plan_manifest_path = manifest_path_for(plan_path)
-    try:
-        atomic_write_bytes(plan_path, plan_bytes)
-        write_manifest(plan_manifest, plan_manifest_path)
-        atomic_write_bytes(cache_path, bytes(builder_config.get_timing_cache().serialize()))
-    except OSError as error:
-        raise DMMError(f"cannot write {str(plan_path)!r} ({error.strerror or error}); expected a writable "
-                       "location; pass --out with a writable NAME.plan") from None
+    # The plan and its manifest are one set (after a kill, the old pair or the new one); the timing cache,
+    # possibly elsewhere, is only a speed-up of the next build.
+    atomic_write_set({plan_path: plan_bytes, plan_manifest_path: manifest_bytes(plan_manifest)},
+                     set_name=plan_path.name)
+    atomic_write_bytes(cache_path, bytes(builder_config.get_timing_cache().serialize()))
     return plan_path, plan_manifest_path
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from contract.errors import DMMError
-from contract.manifest import MODES
+from contract.manifest import MODES, complete_export
 from runtime.backend import DEFAULT_THREADS, Backend
 
 ENGINE_SUFFIXES = (".plan", ".onnx", ".pt", ".c")
@@ -39,6 +39,9 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     path = Path(path)
     if path.is_dir() and (path / "model.pt").is_file():
         path = path / "model.pt"  # a training run directory, as 'cli.py eval' accepts
+    # An export killed between its renames left a committed set: finish it, so that the engine and its
+    # manifest are the complete new export (not a new graph missing, or beside the old manifest).
+    complete_export(path.parent)
     suffix = path.suffix.lower()
     if mode is not None and mode not in MODES:
         raise DMMError(f"mode {mode!r}; expected one of {', '.join(MODES)}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from contract.errors import DMMError
+from contract.files import atomic_write_bytes
 
 NS_PER_MS = 1e6
 
@@ -57,7 +59,12 @@ class LatencyStats:
 
 def save_histogram(samples_ns, path: str | Path, *, deadline_ms: float | None = None,
                    title: str = "") -> Path:
-    """Write a PNG histogram of per-step latencies (ms), with the deadline and p50/p99 marked."""
+    """Write a PNG histogram of per-step latencies (ms), with the deadline and p50/p99 marked, to exactly ``path``.
+
+    The image is rendered in memory and written atomically (`contract.files.atomic_write_bytes`): a
+    symlink at ``path`` is replaced, never written through; a directory there is refused with one line
+    (matplotlib would have written PATH.png instead, under a name nobody asked for).
+    """
     try:
         import matplotlib
 
@@ -69,7 +76,6 @@ def save_histogram(samples_ns, path: str | Path, *, deadline_ms: float | None = 
     stats = LatencyStats.from_ns(samples_ns, deadline_ms)
     samples = np.asarray(samples_ns, dtype=np.float64) / NS_PER_MS  # (n,) ms
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(7, 4))
     try:
         axes.hist(samples, bins=min(100, max(10, samples.size // 10)), color="tab:blue", alpha=0.8)
@@ -84,7 +90,9 @@ def save_histogram(samples_ns, path: str | Path, *, deadline_ms: float | None = 
         axes.set_title(title or f"{stats.count} steps")
         axes.legend()
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
+        image = io.BytesIO()
+        figure.savefig(image, format="png", dpi=100)  # PNG whatever the suffix: the file is the one named
     finally:
         plt.close(figure)
+    atomic_write_bytes(path, image.getvalue())
     return path

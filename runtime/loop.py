@@ -130,6 +130,9 @@ class RunConfig:
         "help": "run the loop under SCHED_FIFO (needs CAP_SYS_NICE or an rtprio limit)"})
     freeze_gc: bool = field(default=True, metadata={
         "help": "freeze and disable the garbage collector while an episode runs (--keep-gc: leave it running)"})
+    env_id: str | None = field(default=None, metadata={
+        "help": "gymnasium env to run on instead of the manifest's (a module:Env id imports that module: "
+                "name one only from here, never from a file)"})
 
     def validate(self) -> None:
         if self.episodes < 1:
@@ -163,6 +166,7 @@ class RunReport:
     normalized_scores: tuple[float, ...]
     latency: LatencyStats
     histogram: str | None = None
+    histogram_error: str | None = None  # why the histogram could not be written (the results stand)
     on_fault: str = "raise"
     faults: dict = field(default_factory=dict)  # fault kind -> count over every episode
     timings: LoopTimings | None = None  # with a control period
@@ -184,6 +188,7 @@ class RunReport:
                            "max": self.latency.max, "mean": self.latency.mean},
             "steps": self.latency.count, "deadline_ms": self.latency.deadline_ms,
             "deadline_misses": self.latency.misses, "histogram": self.histogram,
+            "histogram_error": self.histogram_error,
             **self._control_dict(),
         }
 
@@ -213,9 +218,10 @@ def run_engine(config: RunConfig) -> RunReport:
         manifest = backend.manifest
         policy = Policy(backend, config.target_return, on_fault=config.on_fault,
                         max_consecutive_faults=config.max_consecutive_faults)
-        plant = make_plant(manifest.env_id)
+        env_id = config.env_id or manifest.env_id
+        plant = make_plant(env_id, trusted=config.env_id is not None)  # --env: the user's own choice
         try:
-            check_plant(plant, manifest, manifest.env_id)
+            check_plant(plant, manifest, env_id)
             loop = None
             if config.period_ms is not None:
                 # With a period, the deadline is measured from each tick (the period itself by default).
@@ -234,17 +240,23 @@ def run_engine(config: RunConfig) -> RunReport:
         finally:
             plant.close()
     samples = np.concatenate([e.latency_ns for e in episodes])  # (total steps,)
-    histogram = None
+    histogram = histogram_error = None
     if config.histogram is not None:
-        histogram = str(save_histogram(samples, config.histogram, deadline_ms=deadline_ms,
-                                       title=f"{Path(config.engine).name} ({backend.name}, {manifest.mode})"))
+        # A side output: the episodes are the result, and a histogram that cannot be written (a directory
+        # or a full disk at that path) must not throw them away; the caller reports both.
+        try:
+            histogram = str(save_histogram(samples, config.histogram, deadline_ms=deadline_ms,
+                                           title=f"{Path(config.engine).name} ({backend.name}, {manifest.mode})"))
+        except DMMError as error:
+            histogram_error = str(error)
     return RunReport(
         engine=str(config.engine), backend=backend.name, provider=backend.provider, mode=manifest.mode,
-        precision=manifest.precision, env_id=manifest.env_id, target_return=policy.target_return,
+        precision=manifest.precision, env_id=env_id, target_return=policy.target_return,
         episodes=episodes,
         normalized_scores=tuple(normalized_score(e.episode_return, manifest.ref_min_score,
                                                  manifest.ref_max_score) for e in episodes),
         latency=LatencyStats.from_ns(samples, None if loop is not None else deadline_ms), histogram=histogram,
+        histogram_error=histogram_error,
         on_fault=config.on_fault, faults=dict(policy.faults), timings=loop.timings() if loop is not None else None,
         realtime=applied,
     )

@@ -8,7 +8,10 @@ result, and never let a concurrent process load a half-written library.
 Cache: ``$DMM_CACHE_DIR``, else ``$XDG_CACHE_HOME/dmm-deploy``, else ``~/.cache/dmm-deploy``;
 a build lives in ``<cache>/<subdir>/<key>/`` where the key is a hash of the sources (and
 the headers they include), the compiler's path and ``--version``, every flag, the OS and
-the machine. The library is written under a temporary name and renamed into place.
+the machine. The library is written under a temporary name and renamed into place, and its
+sha256 beside it (``<library>.sha256``, written atomically). A library is loaded only when its
+bytes match that record: one that does not (planted, damaged, or from before the records) is
+rebuilt, never loaded.
 
 Instruction set: never ``-march=native`` (a cached library must not carry the build
 machine's quirks beyond a named level). On x86-64 the highest of the portable levels
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from contract.errors import DMMError
+from contract.files import atomic_write_text, sha256_bytes, sha256_file
 
 CACHE_ENV = "DMM_CACHE_DIR"
 COMPILE_TIMEOUT_S = 300
@@ -138,13 +142,15 @@ def build_shared_library(sources: Sequence[str | Path], *, library_name: str, su
     all_flags = (*flags, *link_flags)
     target_dir = cache_dir() / subdir / build_key(compiler, contents, all_flags)
     library = target_dir / library_name
-    if library.exists():
+    if _matches_record(library):
         return library
     target_dir.mkdir(parents=True, exist_ok=True)
     include_dirs = dict.fromkeys(f"-I{path.resolve().parent}" for path in (*sources, *headers))
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".build-") as work:
         staged = Path(work) / library_name
-        command = [compiler, *flags, *include_dirs, *map(str, sources), "-o", str(staged), *link_flags]
+        # Absolute source paths: a file named "-x.c" must never reach the compiler as an option.
+        command = [compiler, *flags, *include_dirs, *(str(path.absolute()) for path in sources), "-o", str(staged),
+                   *link_flags]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as error:
@@ -155,5 +161,21 @@ def build_shared_library(sources: Sequence[str | Path], *, library_name: str, su
             first = errors[0].strip() if errors else f"exit status {result.returncode}"
             raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}); expected C that "
                            f"{Path(compiler).name} accepts; command: {' '.join(command)}")
+        # The record first: a reader that sees the new library finds its hash, and one that sees a
+        # record of other bytes than the library rebuilds.
+        atomic_write_text(_record_path(library), sha256_bytes(staged.read_bytes()) + "\n")
         os.replace(staged, library)  # atomic: a reader sees no file or the whole file
     return library
+
+
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _matches_record(library: Path) -> bool:
+    """The cached library is a regular file whose sha256 is the one recorded when it was built."""
+    try:
+        recorded = _record_path(library).read_text().strip()
+        return library.is_file() and not library.is_symlink() and sha256_file(library) == recorded
+    except OSError:  # no library, or no record: build
+        return False

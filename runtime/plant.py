@@ -1,8 +1,9 @@
 """The simulated plant: a gymnasium env, created with one clear error, and checked against an engine.
 
 Only this module imports gymnasium (lazily), so a robot that drives a `Policy` from its
-own loop never needs it. Data collection, evaluation and the control loop all create
-their envs here.
+own loop never needs it. An env id read from a file is never of gymnasium's ``module:Env``
+form, which imports the module: only the user, on the command line, names one. Data
+collection, evaluation and the control loop all create their envs here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ from contract.errors import DMMError, describe_error
 INSTALL_HINT = "pip install 'gymnasium[mujoco]'"
 
 
-def make_plant(env_id: str, **kwargs):
-    """``gymnasium.make(env_id, **kwargs)`` with every failure turned into one DMMError."""
+def make_plant(env_id: str, *, trusted: bool = False, **kwargs):
+    """``gymnasium.make(env_id, **kwargs)`` with every failure turned into one DMMError.
+
+    trusted: the user named ``env_id`` on the command line. An id from a file (a manifest or a
+    checkpoint: the default) must be a registered id: ``module:Env`` would make gymnasium import
+    ``module``, and a file never decides what is imported.
+    """
+    if not trusted and ":" in str(env_id):
+        raise DMMError(f"environment {env_id!r} from the engine's manifest or checkpoint names a module for "
+                       "gymnasium to import; expected a registered gymnasium id such as Hopper-v5 (a file never "
+                       "decides what is imported); if you trust that module, name the env yourself: "
+                       "'cli.py run --env ID'")
     try:
         import gymnasium as gym
     except ImportError:

@@ -265,7 +265,7 @@ def test_checkpoint_round_trip_of_a_baseline_and_of_an_old_dmm_checkpoint(tmp_pa
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in fresh.state_dict().items())
 
     # A DMM checkpoint written before the model kinds existed has none of their keys.
-    payload = torch.load(write_checkpoint(tmp_path / "dmm"), weights_only=False)
+    payload = torch.load(write_checkpoint(tmp_path / "dmm"), weights_only=True)
     payload.pop("model")
     for key in ("model", "conv_kernel", "n_head", "max_ep_len"):
         payload["model_config"].pop(key)

@@ -153,3 +153,116 @@ def test_cli_collect_without_recipes_fills_in_only_the_missing_ones(capsys, stor
     assert "wrote dmm-deploy/hopper-medium-replay-v0" in out and "wrote dmm-deploy/hopper-medium-v0" not in out
     assert medium.stat().st_mtime_ns == written
     assert recipe_dataset_dir("hopper-medium-replay").exists()
+
+
+# -- a dataset id names one content forever ------------------------------------------------------------
+
+
+def test_every_recipe_declares_its_version_and_content():
+    for name, recipe in RECIPES.items():
+        assert isinstance(recipe.version, int) and recipe.version >= 0, name
+        assert recipe.dataset_id == f"dmm-deploy/{name}-v{recipe.version}"
+        assert recipe.content_hash is None or (len(recipe.content_hash) == 64
+                                               and set(recipe.content_hash) <= set("0123456789abcdef")), name
+        assert recipes.recipe_of_id(recipe.dataset_id) is recipe
+    assert all(recipe.content_hash for recipe in RECIPES.values())  # every recipe's content is recorded
+    assert set(recipes.CONTENT_HASHES) <= set(RECIPES) and set(recipes.VERSIONS) <= set(RECIPES)
+
+
+def test_no_retired_content_is_one_an_id_names_now():
+    current = {(recipe.dataset_id, recipe.content_hash) for recipe in RECIPES.values() if recipe.content_hash}
+    assert recipes.RETIRED
+    for entry in recipes.RETIRED:
+        assert entry.recipe in RECIPES and entry.commit and entry.made
+        assert len(entry.hash_prefix) >= 12
+        assert not any(entry.matches(dataset_id, content) for dataset_id, content in current), entry
+    # The November default: the 100k-step hopper-medium, regenerable with the commit that made it.
+    old = "a9386828075fa2304e0b5833833522220f25045664696d7fe423945044ddf1fa"
+    message = recipes.describe_content("dmm-deploy/hopper-medium-v0", old)
+    assert "100,000 steps" in message and "git checkout 8c0f0f7 && python cli.py collect --recipe hopper-medium" \
+        in message and "the id now names aad734bf1dad" in message
+    assert recipes.describe_content("dmm-deploy/hopper-medium-v0", RECIPES["hopper-medium"].content_hash) is None
+    assert recipes.describe_content("someone/else-v0", old) is None  # not an embedded id: nothing to say
+    unknown = recipes.describe_content("dmm-deploy/hopper-medium-v0", "f" * 64)
+    assert "not a content this project's recipes are known to make" in unknown and "--dataset" in unknown
+    for recipe in RECIPES.values():  # no recorded hash: nothing can be said against the content
+        if recipe.content_hash is None:
+            assert recipes.describe_content(recipe.dataset_id, "f" * 64) is None
+
+
+@pytest.mark.parametrize("preset", recipes.RECIPE_PRESETS)
+def test_replay_recipes_give_their_declared_content(preset):
+    recipe = RECIPES[f"{preset}-medium-replay"]
+    if not recipe.available():
+        pytest.skip(f"this checkout does not ship {recipe.source[0]}")
+    # The replay log is converted, not rolled out: its content is the same on any machine.
+    assert recipes.rollouts_content_hash(replay_rollouts(POLICY_DIR / recipe.source[0])) == recipe.content_hash
+
+
+def test_the_hash_collect_checks_is_the_one_the_dataset_loads_with(store):
+    rollouts = recipes.make_rollouts(RECIPES["hopper-medium"], steps=300, seed=0, progress=False, workers=1)
+    path = collect_recipe("hopper-medium", steps=300, progress=False, workers=1)
+    assert recipes.rollouts_content_hash(rollouts) == load_dataset(path).content_hash
+
+
+# -- one process generates a dataset at a time -------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from dmm_train.recipes import generation_lock
+with generation_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def generating(store):
+    """A child process holding the generation lock of the default dataset in ``store`` (as one rolling it out)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    child = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, DEFAULT_DATASET_ID, str(store)], cwd=REPO_ROOT,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_second_generation_of_a_dataset_is_refused_at_once(generating, store, capsys):
+    for attempt in (lambda: recipes.ensure_default_dataset(progress=False, steps=200),
+                    lambda: collect_recipe("hopper-medium", steps=200, progress=False)):
+        with pytest.raises(DMMError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert "\n" not in message
+        assert f"'{DEFAULT_DATASET_ID}' is in use by another dataset generation (process {generating.pid})" \
+            in message and "wait for it to finish" in message
+    assert not (store / DEFAULT_DATASET_ID).exists()  # nothing rolled out, nothing written
+    code = cli.main(["collect", "--recipe", "hopper-medium", "--steps", "200", "--quiet"])
+    assert code == 1 and f"process {generating.pid}" in capsys.readouterr().err
+
+
+def test_generation_after_the_first_finished_uses_its_result(generating, store):
+    generating.kill()
+    generating.wait()
+    made = recipes.ensure_default_dataset(progress=False, steps=200)
+    assert recipes.ensure_default_dataset(progress=False, steps=200) == made  # found, not regenerated
+    assert load_dataset(made).total_steps == 200
+
+
+def test_collect_says_when_a_recipe_no_longer_makes_the_content_its_id_names(store, monkeypatch, capsys):
+    # A recipe whose output changed: its budget is made tiny here, so its content is not the declared one.
+    monkeypatch.setattr(recipes, "RECIPE_STEPS", 200)
+    path = collect_recipe("hopper-medium", steps=200, progress=False, workers=1)
+    err = capsys.readouterr().err
+    content = load_dataset(path).content_hash
+    assert f"notice: dmm-deploy/hopper-medium-v0 came out with content hash {content[:12]}..., not the " \
+           f"{RECIPES['hopper-medium'].content_hash[:12]}... the id names" in err and "new version" in err
+    collect_recipe("hopper-medium", steps=100, progress=False, workers=1, overwrite=True)
+    assert "notice" not in capsys.readouterr().err  # not the recipe's budget: not the named content, no claim

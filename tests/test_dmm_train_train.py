@@ -122,7 +122,7 @@ def test_resume_without_a_run_is_refused(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_format_version_is_refused(tmp_path, checkpoint_path):
-    payload = torch.load(checkpoint_path, weights_only=False)
+    payload = torch.load(checkpoint_path, weights_only=True)
     payload["format_version"] = FORMAT_VERSION + 1
     torch.save(payload, tmp_path / "model.pt")
     with pytest.raises(DMMError, match="format version"):
@@ -186,7 +186,7 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_chosen_on_selection_seeds
     assert best["selection"]["env_seeds"] == [SELECTION_EVAL_SEED, SELECTION_EVAL_SEED + 2]
     loaded = load_checkpoint(run / "best.pt")
     assert loaded.step == chosen["step"] and loaded.metadata["selection"] == best["selection"]
-    assert torch.load(run / "resume.pt", weights_only=False)["best"] == {
+    assert torch.load(run / "resume.pt", weights_only=True)["best"] == {
         "step": chosen["step"], "normalized_mean": chosen["normalized_mean"]}
     if chosen["step"] != 6:  # best.pt holds other weights than the last checkpoint
         last = load_checkpoint(run).model.state_dict()
