@@ -12,23 +12,44 @@ import json
 import sys
 from pathlib import Path
 
-import click
+# The project's own packages: a missing module among them is a broken checkout, not a missing install.
+PROJECT_PACKAGES = ("calibration", "contract", "dmm_train", "export", "runtime", "cli")
 
-# Configs only (torch-free): every option's default and help come from these dataclasses.
-from contract.errors import DMMError
-from contract.manifest import MODES
-from contract.threads import prefer_passive_waiting
-from dmm_train.config import CollectConfig, EvalConfig, TrainConfig
-from dmm_train.importing.mapping import DONE_MEANS
-from dmm_train.importing.mapping import FORMATS as IMPORT_FORMATS
-from dmm_train.recipes import RECIPES
-from export.config import TARGETS, ExportConfig
-from export.parity import ParityConfig
-from export.trt_build import TYPINGS, AdoptConfig, BuildConfig
-from runtime.loop import RunConfig
-from runtime.ort_backend import PROVIDERS
-from runtime.policy import ON_FAULT
-from runtime.tensorrt_support import PRECISION_CHECKS
+
+def missing_package_line(error: ModuleNotFoundError) -> str | None:
+    """The one line for a package this Python lacks (the system Python instead of the project's .venv),
+    or None where the missing module is the project's own."""
+    package = (error.name or "").split(".")[0]
+    if not package or package in PROJECT_PACKAGES:
+        return None
+    return (f"this Python ({sys.executable}) lacks the package {package!r}; expected the project's environment, "
+            "where it is installed; set it up once with 'bash scripts/setup.sh', then run '.venv/bin/python "
+            "cli.py ...' (or 'source .venv/bin/activate' first)")
+
+
+try:
+    import click
+
+    # Configs only (torch-free): every option's default and help come from these dataclasses.
+    from contract.errors import DMMError
+    from contract.manifest import MODES
+    from contract.threads import prefer_passive_waiting
+    from dmm_train.config import CollectConfig, EvalConfig, TrainConfig
+    from dmm_train.importing.mapping import DONE_MEANS
+    from dmm_train.importing.mapping import FORMATS as IMPORT_FORMATS
+    from dmm_train.recipes import RECIPES
+    from export.config import TARGETS, ExportConfig
+    from export.parity import ParityConfig
+    from export.trt_build import TYPINGS, AdoptConfig, BuildConfig
+    from runtime.loop import RunConfig
+    from runtime.ort_backend import PROVIDERS
+    from runtime.policy import ON_FAULT
+    from runtime.tensorrt_support import PRECISION_CHECKS
+except ModuleNotFoundError as _missing:
+    if __name__ != "__main__" or missing_package_line(_missing) is None:
+        raise
+    print(f"error: {missing_package_line(_missing)}", file=sys.stderr)
+    sys.exit(1)
 
 
 @click.group()
@@ -136,8 +157,8 @@ def _signals_interrupt():
 @click.option("--overwrite", is_flag=True, help="replace an existing dataset of that id")
 def import_logs(source, fmt, mapping_file, obs, action, reward_fn, out, overwrite, **options) -> None:
     """Write a Minari dataset from robot logs: npz, HDF5, robomimic, rosbag2, MCAP or LeRobotDataset."""
-    from dmm_train.importing.core import run_import
     from dmm_train.importing.mapping import ImportMapping, load_mapping
+    from dmm_train.importing.readers import run_import
 
     mapping = load_mapping(mapping_file) if mapping_file else ImportMapping()
     mapping = mapping.with_overrides(format=fmt, observation=tuple(obs), action=tuple(action), **options)
@@ -160,6 +181,7 @@ def import_logs(source, fmt, mapping_file, obs, action, reward_fn, out, overwrit
 @config_option(TrainConfig, "eval_episodes")
 @config_option(TrainConfig, "report_episodes")
 @config_option(TrainConfig, "checkpoint_every")
+@config_option(TrainConfig, "checkpoint_minutes")
 @config_option(TrainConfig, "scan")
 @config_option(TrainConfig, "device")
 @config_option(TrainConfig, "emulate_ranks")
@@ -173,9 +195,9 @@ def train(out, resume, quiet, **options) -> None:
 
     config = from_options(TrainConfig, options)
     config.validate()
-    model_path = run_training(config, Path(out) if out else config.run_dir(), resume=resume, progress=not quiet)
-    if model_path is not None:  # None on the ranks other than 0 under torchrun, which write nothing
-        click.echo(f"wrote {model_path}")
+    # Rank 0 reports what was written (or that the run was already finished); the other ranks write nothing.
+    run_training(config, Path(out) if out else config.run_dir(), resume=resume, progress=not quiet,
+                 report=click.echo)
 
 
 @cli.command(name="eval")
@@ -200,7 +222,7 @@ def evaluate(as_json, **options) -> None:
     results = []
     for target in config.targets or loaded.target_returns:
         result = evaluate_checkpoint(loaded, target_return=target, episodes=config.episodes, seed=config.seed,
-                                     device=config.device)
+                                     device=config.device, progress_label=f"eval target {target:g}")
         results.append(result)
         click.echo(
             f"target {target:g}: return {result.return_mean:.1f} ± {result.return_std:.1f}  "
@@ -312,6 +334,7 @@ def parity(as_json, **options) -> None:
 @config_option(ExportConfig, "score_batch", type=int)
 @config_option(ExportConfig, "accept_inconclusive", is_flag=True)
 @config_option(ExportConfig, "max_action_error", type=float)
+@config_option(ExportConfig, "int8_layers")
 @click.option("--no-engine", is_flag=True, help="only the ONNX, even where TensorRT and a GPU are present")
 def export_graph(fp16, int8, no_engine, **options) -> None:
     """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime; --fp16 / --int8
@@ -325,6 +348,11 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
     config = from_options(ExportConfig, options, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                           build_engine=not no_engine)
     config.validate()
+    if config.checkpoint is None:  # say which checkpoint the export takes before the work starts
+        from export.onnx_export import describe_chosen_checkpoint, find_latest_checkpoint
+
+        config = dataclasses.replace(config, checkpoint=find_latest_checkpoint(config.runs_dir))
+        click.echo(describe_chosen_checkpoint(config.checkpoint, config.runs_dir), err=True)
     from dmm_train.threads import setup_threads
 
     setup_threads()  # torch's threads (tracing, checks, scoring) from the free cores, as in training
@@ -421,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("error: aborted", err=True)
         return 130
+    except ModuleNotFoundError as error:  # a command's own imports (torch, onnx, ...) in the wrong Python
+        line = missing_package_line(error)
+        if line is None:
+            raise
+        click.echo(f"error: {line}", err=True)
+        return 1
     except click.ClickException as error:
         command = error.ctx.command_path if getattr(error, "ctx", None) else "cli.py"
         click.echo(f"error: {error.format_message()} (see '{command} --help')", err=True)

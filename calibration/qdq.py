@@ -147,11 +147,12 @@ def calibrate_ranges(model_path: Path, feeds, tensors: list[str], method: str, s
     return thresholds
 
 
-def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", roles=None
+def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", roles=None, float_layers=()
                  ) -> tuple[onnx.ModelProto, dict]:
     """The Q/DQ graph of the fp32 graph ``proto``, calibrated on ``feeds``; returns (graph, details).
 
-    roles: the Linear roles to quantize (default `contract.graph_roles.INT8_ROLES`).
+    roles: the Linear roles to quantize (default `contract.graph_roles.INT8_ROLES`); float_layers:
+    Linear node names of those roles that stay float (no Q/DQ on their inputs, `float_linears`).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -185,6 +186,10 @@ def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", r
             )
         quantized = onnx.load(str(target), load_external_data=True)
     _confine_to_linears(quantized, set(linears))
+    unknown = sorted(set(float_layers) - set(linears))
+    if unknown:
+        raise DMMError(f"float layers {unknown}; expected int8 Linear layers: {', '.join(sorted(linears))}")
+    quantized = float_linears(quantized, proto, float_layers)
     # The oldest IR that carries the opset, as the lowering writes it (what older TensorRT parsers accept).
     quantized.ir_version = onnx.helper.find_min_ir_version_for(list(quantized.opset_import))
     quantized.producer_name = proto.producer_name
@@ -192,14 +197,16 @@ def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", r
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(proto.metadata_props)
     set_precision_metadata(quantized, "int8")
-    problems = check_qdq(quantized, set(linears))
+    int8_linears = set(linears) - set(float_layers)
+    problems = check_qdq(quantized, int8_linears)
     if problems:
         raise DMMError(f"the int8 graph breaks the Q/DQ rules ({'; '.join(problems[:3])}); this is a bug in "
                        "calibration/qdq.py, please report it with the checkpoint")
     details = {
         "method": method, "samples": len(feeds), "tool": "onnxruntime.quantization.quantize_static (QDQ)",
-        "quantized_linears": sorted(linears), "roles": list(roles),
-        "activation_thresholds": {tensor: round(t, 8) for tensor, t in thresholds.items()},
+        "quantized_linears": sorted(int8_linears), "float_linears": sorted(float_layers), "roles": list(roles),
+        "activation_thresholds": {tensor: round(t, 8) for tensor, t in thresholds.items()
+                                  if tensor in {nodes[name].input[0] for name in int8_linears}},
         "weights": "int8 per output channel, symmetric", "activations": "int8 per tensor, symmetric",
         "settings": {"entropy_bins": [ENTROPY_BINS, ENTROPY_QUANTIZED_BINS], "percentile": PERCENTILE}
         if method != "minmax" else {},
@@ -220,6 +227,44 @@ def _confine_to_linears(proto: onnx.ModelProto, linears: set[str]) -> None:
             q = producers.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[index] = q.input[0]
+    _drop_unused_qdq(proto)
+
+
+def float_linears(quantized: onnx.ModelProto, fp32: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of the Q/DQ graph ``quantized`` in which the Linears ``names`` are float again.
+
+    Each such Linear reads what it reads in ``fp32`` (the float activation, which the Q/DQ graph
+    keeps under its fp32 name as its QuantizeLinear's input, and the float32 weight) and the Q/DQ
+    nodes nothing reads any more are dropped. The other Linears' scales are untouched: ranges are
+    calibrated on the fp32 graph, per tensor, so this is the graph `quantize_qdq` would write with
+    those Linears left out, and a sweep over layer choices needs one calibration only.
+    """
+    names = set(names)
+    out = onnx.ModelProto()
+    out.CopyFrom(quantized)
+    if not names:
+        return out
+    originals = {node.name: node for node in fp32.graph.node if node.name in names}
+    missing = sorted(names - set(originals))
+    if missing:
+        raise DMMError(f"float layers {missing}; expected Linear node names of the graph")
+    fp32_inits = {init.name: init for init in fp32.graph.initializer}
+    present = {init.name for init in out.graph.initializer}
+    for node in out.graph.node:
+        if node.name not in names:
+            continue
+        del node.input[:]
+        node.input.extend(originals[node.name].input)
+        for name in node.input:
+            if name in fp32_inits and name not in present:  # the float32 weight the quantizer replaced
+                out.graph.initializer.append(fp32_inits[name])
+                present.add(name)
+    _drop_unused_qdq(out)
+    return out
+
+
+def _drop_unused_qdq(proto: onnx.ModelProto) -> None:
+    """Drop the Q/DQ nodes nothing reads any more (a DQ's Q goes next round) and unread initializers."""
     graph_outputs = {output.name for output in proto.graph.output}
     while True:  # drop Q/DQ nodes nothing reads any more (a DQ's Q goes next round)
         used = {name for node in proto.graph.node for name in node.input} | graph_outputs

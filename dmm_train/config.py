@@ -209,6 +209,9 @@ class TrainConfig:
         "help": "also evaluate every target at each periodic evaluation, this many episodes on the report "
                 "seeds 10000 + i, recorded in metrics.jsonl (bench/quality.py's official number; 0 = no)"})
     checkpoint_every: int = field(default=1_000, metadata={"help": "steps between resumable checkpoints"})
+    checkpoint_minutes: float = field(default=5.0, metadata={
+        "help": "also a resumable checkpoint at least this often, in minutes, however slow the steps "
+                "(0 = by steps only)"})
     scan: str = field(default="auto", metadata={"help": "selective-scan implementation: auto | fused | loop"})
     device: str = field(default="cpu", metadata={"help": "torch device (under torchrun, cuda = each rank's GPU)"})
     emulate_ranks: int = field(default=1, metadata={
@@ -248,6 +251,9 @@ class TrainConfig:
                 f"eval_episodes={self.eval_episodes}, report_episodes={self.report_episodes}; expected at most "
                 f"{MAX_EVAL_EPISODES} each, so the selection and report seed ranges stay disjoint"
             )
+        if not self.checkpoint_minutes >= 0:  # also refuses NaN
+            raise DMMError(f"--checkpoint-minutes {self.checkpoint_minutes}; expected a non-negative number of "
+                           "minutes (0 = checkpoints by steps only)")
         if not self.dist_timeout_s > 0:
             raise DMMError(f"--dist-timeout {self.dist_timeout_s}; expected a positive number of seconds")
         if self.learning_rate <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:

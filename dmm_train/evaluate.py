@@ -21,6 +21,7 @@ import torch
 from contract.errors import DMMError
 from contract.scores import normalized_score
 from dmm_train.baselines import policy_actions
+from dmm_train.progress import Progress
 from runtime.plant import make_plant
 
 
@@ -52,8 +53,14 @@ def evaluate_policy(
     ref_min_score: float,
     ref_max_score: float,
     device: str = "cpu",
+    progress_label: str | None = None,
 ) -> EvalResult:
-    """Run ``episodes`` episodes of the sliding-window protocol; episode i uses seed + i."""
+    """Run ``episodes`` episodes of the sliding-window protocol; episode i uses seed + i.
+
+    With ``progress_label``, a progress line on stderr: env steps (an episode that ends early counts its
+    remaining steps as done, so the eta holds) and episodes finished; the episodes run side by side, so
+    most of them finish together near the end.
+    """
     if episodes < 1:
         raise DMMError(f"--episodes {episodes}; expected at least 1")
     was_training = model.training
@@ -82,11 +89,15 @@ def evaluate_policy(
     returns = np.zeros(episodes, dtype=np.float64)
     lengths = np.zeros(episodes, dtype=np.int64)
     running = np.ones(episodes, dtype=bool)
+    tracker = Progress(progress_label or "eval", episodes * max_steps, unit="env steps",
+                       enabled=progress_label is not None)
 
     try:
         for t in range(max_steps):
             if not running.any():
                 break
+            finished = int(episodes - running.sum())
+            tracker.update(int(lengths[running].sum()) + finished * max_steps, f"{finished}/{episodes} episodes done")
             active = np.flatnonzero(running)
             start = max(0, t + 1 - context_len)
             width = t + 1 - start
@@ -117,7 +128,9 @@ def evaluate_policy(
                 lengths[index] = t + 1
                 if terminated or truncated:
                     running[index] = False
+        tracker.update(episodes * max_steps, f"{episodes}/{episodes} episodes done")
     finally:
+        tracker.close()
         for env in envs:
             env.close()
         model.train(was_training)
@@ -134,7 +147,8 @@ def evaluate_policy(
     )
 
 
-def evaluate_checkpoint(checkpoint, *, target_return: float, episodes: int, seed: int, device: str = "cpu"):
+def evaluate_checkpoint(checkpoint, *, target_return: float, episodes: int, seed: int, device: str = "cpu",
+                        progress_label: str | None = None):
     """`evaluate_policy` with everything read from a loaded `Checkpoint`."""
     return evaluate_policy(
         checkpoint.model.to(device),
@@ -148,4 +162,5 @@ def evaluate_checkpoint(checkpoint, *, target_return: float, episodes: int, seed
         ref_min_score=checkpoint.ref_min_score,
         ref_max_score=checkpoint.ref_max_score,
         device=device,
+        progress_label=progress_label,
     )

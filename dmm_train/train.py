@@ -6,8 +6,8 @@ A run directory holds:
 - model.pt / model.json: the latest weights and everything later stages need;
 - best.pt / best.json: with periodic evaluation, the checkpoint that scored best on the
   selection episodes (env seeds SELECTION_EVAL_SEED + i, disjoint from the report seeds);
-- resume.pt: the full training state (written every ``checkpoint_every`` steps and at every
-  evaluation), every rank's sampler and RNG state included;
+- resume.pt: the full training state (written every ``checkpoint_every`` steps, at least every
+  ``checkpoint_minutes`` and at every evaluation), every rank's sampler and RNG state included;
 - metrics.jsonl: one JSON record per logged step or evaluation;
 - training.png: loss and score curves.
 
@@ -57,6 +57,9 @@ from dmm_train.threads import setup_threads
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "training.png"
+# Under torchrun the ranks agree on a time-based resume point every this many steps (one all-reduce of a
+# flag): each rank's clock differs, and a resume point is a collective.
+TIME_CHECK_STEPS = 10
 
 
 def masked_action_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -321,11 +324,13 @@ def train(
     progress: bool = True,
     log_every: int = 100,
     on_step: Callable[[int], None] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> Path | None:
     """Train a policy of the kind ``config.model`` (DMM by default); returns the path of model.pt.
 
     Under torchrun every rank calls this; rank 0 returns the path and the other ranks, which
     write nothing, return None. ``on_step(step)`` is called on every rank after each step.
+    ``report(line)`` receives rank 0's outcome: what was written, or that the run was already finished.
     """
     config.validate()
     context = distributed.start(config.device, config.dist_timeout_s)
@@ -333,7 +338,7 @@ def train(
         # One process writes a run directory (rank 0; the other ranks write nothing).
         with directory_lock(out_dir) if context.is_main else contextlib.nullcontext():
             return _train(config, Path(out_dir), context, resume=resume, progress=progress and context.is_main,
-                          log_every=log_every, on_step=on_step)
+                          log_every=log_every, on_step=on_step, report=report)
     except BaseException as error:
         if context.owns_group:
             # The failed run's frames hold the DistributedDataParallel wrapper, which holds the process
@@ -374,7 +379,9 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
             )
         # The run's own config wins: resuming with other hyperparameters would not be "exact".
         saved = TrainConfig(**resume_state["train_config"])
-        config = dataclasses.replace(saved, steps=config.steps, dist_timeout_s=config.dist_timeout_s)
+        # How often to save changes no result: this command's choice applies.
+        config = dataclasses.replace(saved, steps=config.steps, dist_timeout_s=config.dist_timeout_s,
+                                     checkpoint_minutes=config.checkpoint_minutes)
         config.validate()
     else:
         config = dataclasses.replace(config, warmup_steps=config.resolved_warmup())
@@ -388,7 +395,8 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
 
 
 def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: bool, progress: bool,
-           log_every: int, on_step: Callable[[int], None] | None) -> Path | None:
+           log_every: int, on_step: Callable[[int], None] | None,
+           report: Callable[[str], None] | None) -> Path | None:
     preset = get_preset(config.preset)
     requested_threads = config.threads  # this command's --threads (None: choose)
     config, resume_state = distributed.on_main(context, lambda: _prepare_run(config, out_dir, context, resume))
@@ -500,8 +508,13 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
                 state["rng_state"] = {**state["rng_state"], **torch_state}
         return states
 
+    kept_step = int(resume_state["step"]) if resume_state is not None else None  # the resume point on disk
+    last_saved = time.perf_counter()
+
     def save_resume_point(at_step: int) -> None:
+        nonlocal kept_step, last_saved
         rank_states = [state for part in distributed.gather(context, played_rank_states()) for state in part]
+        last_saved = time.perf_counter()
         if not context.is_main:
             return
         atomic_torch_save(
@@ -521,6 +534,16 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         )
         _write_metrics(metrics_path, records)
         save_model(out_dir, model, metadata(at_step))
+        kept_step = at_step
+
+    def resume_point_due(at_step: int) -> bool:
+        """A resume point by time: at least every ``checkpoint_minutes``, so that a slow run loses little."""
+        if not config.checkpoint_minutes or (context.distributed and at_step % TIME_CHECK_STEPS):
+            return False
+        late = time.perf_counter() - last_saved >= config.checkpoint_minutes * 60.0
+        if context.distributed:  # any rank late: all save, together
+            late = bool(distributed.all_reduce_sum(context, torch.tensor([float(late)], device=device)).item())
+        return late
 
     def run_evaluation(at_step: int) -> None:
         """Rank 0: the selection evaluation (best.pt) and, if asked, the report evaluation at every target."""
@@ -528,18 +551,21 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         from dmm_train.evaluate import evaluate_policy
 
         started = time.perf_counter()
+        tracker.close()  # the training progress line ends before the evaluation's output
 
-        def evaluate(target: float, episodes: int, seed: int):
+        def evaluate(target: float, episodes: int, seed: int, label: str):
             return evaluate_policy(
                 model, env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
                 rtg_scale=preset.rtg_scale, target_return=target, episodes=episodes, seed=seed,
                 ref_min_score=ref_min, ref_max_score=ref_max, device=device,
+                progress_label=label if progress else None,
             )
 
         record: dict = {"step": at_step}
         improved = False
         if config.eval_episodes:
-            result = evaluate(preset.target_returns[0], config.eval_episodes, SELECTION_EVAL_SEED)
+            result = evaluate(preset.target_returns[0], config.eval_episodes, SELECTION_EVAL_SEED,
+                              f"eval step {at_step}")
             record.update({
                 "target_return": result.target_return, "return_mean": result.return_mean,
                 "return_std": result.return_std, "normalized_mean": result.normalized_mean,
@@ -561,7 +587,8 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         if config.report_episodes:
             record["report"] = []
             for target in preset.target_returns:
-                result = evaluate(target, config.report_episodes, REPORT_EVAL_SEED)
+                result = evaluate(target, config.report_episodes, REPORT_EVAL_SEED,
+                                  f"report step {at_step}, target {target:g}")
                 record["report"].append({
                     "target_return": result.target_return, "return_mean": result.return_mean,
                     "return_std": result.return_std, "normalized_mean": result.normalized_mean,
@@ -585,43 +612,64 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
     # A resume point at the last step is written after the final evaluation: such a run is finished.
     finished = resume_state is not None and step >= config.steps
     tracker = Progress("train", config.steps, start=step, enabled=progress and not finished)
-    model.train()
-    loss = float("nan")
-    while step < config.steps:
-        if ranks == 1:
-            batch = batch_to_tensors(samplers[0].sample(config.batch_size), device)
-            loss = train_step(network, optimizer, scheduler, batch, config.grad_clip)
-        else:
-            batches = [batch_to_tensors(sampler.sample(rank_batch), device) for sampler in samplers]
-            loss = sharded_train_step(network, optimizer, scheduler, batches, config.grad_clip, context, shard_rng)
-        if not math.isfinite(loss):  # the global loss: every rank stops here, at the same step
-            error = DMMError(
-                f"training loss became {loss} at step {step + 1}; expected a finite loss; "
-                "check the dataset for NaN/inf values or lower the learning rate"
-            )
-            raise distributed.quiet_off_main(context, error)
-        step += 1
-        if context.is_main and (step % log_every == 0 or step == config.steps):
-            records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                            "train_seconds": clock.train_seconds()})
-        tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
-        evaluated = False
-        if config.eval_every and evaluates and step % config.eval_every == 0 and step < config.steps:
-            if context.is_main:
-                run_evaluation(step)
-            evaluated = True
-        if (evaluated or step % config.checkpoint_every == 0) and step < config.steps:
-            save_resume_point(step)
-        if on_step is not None:
-            on_step(step)
+    try:
+        model.train()
+        loss = float("nan")
+        while step < config.steps:
+            if ranks == 1:
+                batch = batch_to_tensors(samplers[0].sample(config.batch_size), device)
+                loss = train_step(network, optimizer, scheduler, batch, config.grad_clip)
+            else:
+                batches = [batch_to_tensors(sampler.sample(rank_batch), device) for sampler in samplers]
+                loss = sharded_train_step(network, optimizer, scheduler, batches, config.grad_clip, context, shard_rng)
+            if not math.isfinite(loss):  # the global loss: every rank stops here, at the same step
+                error = DMMError(
+                    f"training loss became {loss} at step {step + 1}; expected a finite loss; "
+                    "check the dataset for NaN/inf values or lower the learning rate"
+                )
+                raise distributed.quiet_off_main(context, error)
+            step += 1
+            if context.is_main and (step % log_every == 0 or step == config.steps):
+                records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                                "train_seconds": clock.train_seconds()})
+            tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
+            evaluated = False
+            if config.eval_every and evaluates and step % config.eval_every == 0 and step < config.steps:
+                if context.is_main:
+                    run_evaluation(step)
+                evaluated = True
+            if (evaluated or step % config.checkpoint_every == 0 or resume_point_due(step)) and step < config.steps:
+                save_resume_point(step)
+            if on_step is not None:
+                on_step(step)
 
-    if not finished:
-        if evaluates and context.is_main:
-            run_evaluation(step)
-        tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
+        if not finished:
+            if evaluates and context.is_main:
+                run_evaluation(step)
+            tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
+            tracker.close()
+            save_resume_point(step)
+    except KeyboardInterrupt:
         tracker.close()
-        save_resume_point(step)
+        raise DMMError(_interrupted_message(step, kept_step, out_dir, config)) from None
     if not context.is_main:
         return None
+    if finished:  # nothing was trained or written
+        if report is not None:
+            report(f"{out_dir} already finished at step {step}; nothing to do (pass a larger --steps with "
+                   "--resume to train further)")
+        return out_dir / MODEL_FILE
     plot_metrics(records, out_dir / PLOT_FILE)
+    if report is not None:
+        report(f"wrote {out_dir / MODEL_FILE}")
     return out_dir / MODEL_FILE
+
+
+def _interrupted_message(step: int, kept_step: int | None, out_dir: Path, config: TrainConfig) -> str:
+    """Ctrl-C (or SIGTERM) during training: where it stopped, what is kept, and how to go on."""
+    if kept_step is None:
+        return (f"training interrupted at step {step}, before its first resume point (written every "
+                f"{config.checkpoint_every} steps or {config.checkpoint_minutes:g} minutes); nothing was kept; "
+                "rerun the same command to start again")
+    return (f"training interrupted at step {step}; {str(out_dir / RESUME_FILE)!r} holds step {kept_step}; "
+            "continue with the same command plus --resume")

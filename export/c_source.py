@@ -196,12 +196,16 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return text
 
 
-def generate_c_source(model: DecisionMetaMamba, manifest: Manifest, name: str) -> CSource:
-    """NAME.c and NAME.h of ``model`` (eval mode) with the runtime figures of ``manifest`` (stream, batch 1)."""
+def generate_c_source(model: DecisionMetaMamba, manifest: Manifest, name: str, prefix: str | None = None) -> CSource:
+    """NAME.c and NAME.h of ``model`` (eval mode) with the runtime figures of ``manifest`` (stream, batch 1).
+
+    ``prefix``: the API's identifier prefix (default: from NAME, `c_identifier`).
+    """
     if model.training:
         raise ValueError("the model is in training mode (dropout on); call model.eval() first")
     cfg = model.config
-    prefix = c_identifier(check_export_name(name))  # a NAME that cannot leave a comment or #include string
+    check_export_name(name)  # a NAME that cannot leave a comment or #include string
+    prefix = c_identifier(prefix if prefix is not None else name)
     values = {
         "NAME": name, "PREFIX": prefix, "PREFIX_UPPER": prefix.upper(),
         "GUARD": f"DMM_{prefix.upper()}_H", "CHECKPOINT_SHA": manifest.checkpoint_sha256[:16],
@@ -240,7 +244,10 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     """Export a checkpoint to NAME.c, NAME.h and the manifest NAME.json; returns their paths.
 
     checkpoint_path: a model.pt or its run directory (None: the newest model.pt under
-    ``runs_dir``). out: NAME or NAME.c (default: the checkpoint's preset, e.g. "hopper").
+    ``runs_dir``). out: NAME or NAME.c (default: the checkpoint's preset + "-c", e.g. "hopper-c",
+    beside the ONNX export's hopper.onnx + hopper.json). The API prefix comes from NAME
+    (--out hopper-v2: hopper_v2_), except for the default NAME, whose prefix is the preset's
+    (hopper-c: hopper_, as in the README and examples/c_loop).
     Stream mode, fp32, batch 1. Needs a C compiler: the file is compiled and checked
     against PyTorch before it is written.
     """
@@ -252,14 +259,20 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
         raise DMMError(f"checkpoint {str(checkpoint.path)!r} is a {checkpoint.model_config.model!r} baseline; "
                        "export expects a 'dmm' checkpoint (cli.py train --model dmm); evaluate baselines "
                        "with 'cli.py eval'")
-    c_path, h_path = c_paths_for(out if out is not None else checkpoint.preset)
+    c_path, h_path = c_paths_for(out if out is not None else default_c_name(checkpoint.preset))
     check_export_name(c_path, ".c")  # the checkpoint's preset names the default: a file's word
+    prefix = checkpoint.preset if c_path.stem == default_c_name(checkpoint.preset) else None
     # Held from before the source is generated and compiled: a second export to this NAME is refused at once.
     with export_lock(c_path):
-        return _export_c_locked(checkpoint, c_path, h_path)
+        return _export_c_locked(checkpoint, c_path, h_path, prefix)
 
 
-def _export_c_locked(checkpoint, c_path: Path, h_path: Path) -> tuple[Path, Path, Path]:
+def default_c_name(preset: str) -> str:
+    """The NAME of ``export --target c`` without --out: hopper-c, apart from the ONNX export's hopper."""
+    return f"{preset}-c"
+
+
+def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None) -> tuple[Path, Path, Path]:
     from dmm_train.manifest_builder import build_manifest
     from export.reference import PARITY_REFUSE_ABOVE, measure_parity
     from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
@@ -269,7 +282,7 @@ def _export_c_locked(checkpoint, c_path: Path, h_path: Path) -> tuple[Path, Path
     model = checkpoint.model.eval()
     model.set_scan_impl("loop")  # the reference the parity figures are measured against
     base = build_manifest(checkpoint, mode="stream", precision="fp32", batch=1)
-    generated = generate_c_source(model, base, c_path.stem)
+    generated = generate_c_source(model, base, c_path.stem, prefix)
 
     with tempfile.TemporaryDirectory(prefix="dmm-c-export-") as scratch:
         staged_c, staged_h = Path(scratch) / c_path.name, Path(scratch) / h_path.name

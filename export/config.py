@@ -50,7 +50,11 @@ class ExportConfig:
         "help": "pass a graph the score gate could not judge at --score-episodes (recorded in the manifest)"})
     max_action_error: float | None = field(default=None, metadata={
         "help": "the largest action RMSE against fp32 on held-out inputs, as a fraction of the action range "
-                "(default: fp16 0.01, int8 0.05)"})
+                "(default: fp16 0.01, int8 0.02; --int8-layers auto keeps Linears in fp32 until it is met)"})
+    int8_layers: str | None = field(default=None, metadata={
+        "help": "which Linear layers --int8 quantizes: auto (the default: the ones the action error allows, the "
+                "most sensitive stay fp32 until --max-action-error is met) | all (every projection) | a "
+                "comma-separated list of Linear names as the manifest names them (e.g. layer0/ssm/in_proj)"})
     build_engine: bool = field(default=True, metadata={
         "help": "where TensorRT and a GPU are present, build NAME.plan too"})
     runs_dir: Path = field(default=DEFAULT_RUNS_DIR, metadata={"help": "where the newest checkpoint is looked for"})
@@ -59,7 +63,8 @@ class ExportConfig:
     PRECISION_FLAGS = {"calibration": "--calibration", "calibration_samples": "--calibration-windows",
                        "dataset": "--dataset", "max_score_drop": "--max-score-drop",
                        "score_episodes": "--score-episodes", "score_batch": "--score-batch",
-                       "accept_inconclusive": "--accept-inconclusive", "max_action_error": "--max-action-error"}
+                       "accept_inconclusive": "--accept-inconclusive", "max_action_error": "--max-action-error",
+                       "int8_layers": "--int8-layers"}
 
     @property
     def export_mode(self) -> str:
@@ -88,7 +93,7 @@ class ExportConfig:
         if self.precision == "fp32" and given:
             raise DMMError(f"{', '.join(given)} without --fp16 or --int8; expected them only with a low "
                            "precision, which they calibrate and judge")
-        for flag in ("--calibration", "--calibration-windows"):
+        for flag in ("--calibration", "--calibration-windows", "--int8-layers"):
             if self.precision == "fp16" and flag in given:
                 raise DMMError(f"{flag} with --fp16; expected it only with --int8 (fp16 needs no calibration)")
 
@@ -101,5 +106,6 @@ class ExportConfig:
         chosen = {"calibration": self.calibration, "calibration_samples": self.calibration_samples,
                   "dataset": self.dataset, "max_score_drop": self.max_score_drop,
                   "score_episodes": self.score_episodes, "score_batch": self.score_batch,
-                  "accept_inconclusive": self.accept_inconclusive, "max_action_error": self.max_action_error}
+                  "accept_inconclusive": self.accept_inconclusive, "max_action_error": self.max_action_error,
+                  "int8_layers": self.int8_layers}
         return PrecisionOptions(**{name: value for name, value in chosen.items() if value is not None})

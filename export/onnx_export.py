@@ -40,6 +40,20 @@ def find_latest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
+def describe_chosen_checkpoint(path: Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> str:
+    """The line an export without --checkpoint prints first: which model.pt it took (path, step, dataset),
+    so that a run trained later, or elsewhere under runs/, is never exported unnoticed."""
+    import json
+
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        details = f" (step {int(record['step'])}, dataset {record['dataset']['id']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        details = ""  # no readable model.json beside it: loading the checkpoint will say what is wrong
+    return (f"exporting {path}{details}: the newest model.pt under {str(runs_dir)!r}/; "
+            "pass --checkpoint to choose another")
+
+
 def onnx_path_for(out: str | Path) -> Path:
     """NAME or NAME.onnx -> NAME.onnx (a dotted NAME like 'hopper.v2' keeps its dot)."""
     out = Path(out)

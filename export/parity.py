@@ -141,11 +141,12 @@ class ParityReport:
     def table(self) -> str:
         """The drift table: one row per backend pair, max abs difference per step-index bin."""
         labels = [b.label for b in self.pairs[0].bins] if self.pairs else []
-        header = f"{'reference':<14} {'candidate':<34} {'max abs':>9} {'mean abs':>9}" + "".join(
+        width = max([34, *(len(pair.candidate) for pair in self.pairs)])  # candidates named by file vary
+        header = f"{'reference':<14} {'candidate':<{width}} {'max abs':>9} {'mean abs':>9}" + "".join(
             f" {'max@' + label:>12}" for label in labels)
         rows = [header]
         for pair in self.pairs:
-            rows.append(f"{pair.reference:<14} {pair.candidate:<34} {pair.max_abs:9.2e} {pair.mean_abs:9.2e}"
+            rows.append(f"{pair.reference:<14} {pair.candidate:<{width}} {pair.max_abs:9.2e} {pair.mean_abs:9.2e}"
                         + "".join(f" {b.max_abs:12.2e}" for b in pair.bins))
         rows.append(self.range_summary())
         return "\n".join(rows)
@@ -208,6 +209,9 @@ def run_parity(config: ParityConfig) -> ParityReport:
             manifest = reference_window.manifest
             for candidate, path in zip(candidates, onnx_paths, strict=True):
                 _check_same_checkpoint(candidate.manifest.checkpoint_sha256, manifest.checkpoint_sha256, path)
+            names = [path.name for path in onnx_paths]
+            file_names = {id(candidate): path.name if names.count(path.name) == 1 else str(path)
+                          for candidate, path in zip(candidates, onnx_paths, strict=True)}
 
             # The range a deployed graph enforces: its own manifest's (an edited or re-exported one may differ).
             ranged = next((c.manifest for c in candidates if c.manifest.observation_low is not None), manifest)
@@ -227,8 +231,9 @@ def run_parity(config: ParityConfig) -> ParityReport:
                 else:
                     actions[reference_label] = teacher_forced_actions(
                         _comparing_policy(reference, config.target_return), trajectory)
-                for index, candidate in enumerate(mode_candidates):
-                    label = _label(candidate) + (f"#{index}" if len(mode_candidates) > 1 else "")
+                for candidate in mode_candidates:
+                    # Several graphs of one mode (fp32, fp16, int8, C) are told apart by their files.
+                    label = _label(candidate) + (f" {file_names[id(candidate)]}" if len(mode_candidates) > 1 else "")
                     actions[label] = teacher_forced_actions(
                         _comparing_policy(candidate, config.target_return), trajectory)
                     pairs.append(compare_actions(

@@ -24,7 +24,13 @@ accuracy report therefore evaluates `fp16_emulation`: the same arithmetic in flo
 keeps (fp16-rounded inputs, weights and outputs of each Linear, fp32 accumulation, which is
 what TensorRT's fp16 GEMMs compute up to the order of the accumulation).
 
-int8: see `calibration.qdq` (Q/DQ on Linear inputs only).
+int8: see `calibration.qdq` (Q/DQ on Linear inputs only). Which Linears get Q/DQ is
+``--int8-layers`` (`PrecisionOptions.int8_layers`): ``all`` the quantizable ones (the roles of
+`contract.graph_roles.INT8_ROLES`), a LIST exactly those, ``auto`` (the default) as many as the
+action error allows (`choose_int8_layers`): each Linear's share of the action error is measured
+by quantizing it alone, and the most sensitive ones stay fp32 until the held-out action RMSE
+meets the int8 action-error limit. The manifest records the choice per layer
+(``exporter.precision_pass.int8_layers``) with the fraction of the Linear multiply-adds in int8.
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 DEFAULT_MAX_SCORE_DROP = {"fp16": 3.0, "int8": 3.0}
 # The largest action RMSE against fp32 on held-out inputs, as a fraction of the mean action range
 # (cli.py --max-action-error): fp16 rounding of the Linear layers stays far below its limit.
-DEFAULT_MAX_ACTION_ERROR = {"fp16": 1e-2, "int8": 5e-2}
+# --int8-layers auto keeps Linears in fp32 until the int8 graph meets its limit on the same held-out inputs,
+# so the int8 limit is also auto's target.
+DEFAULT_MAX_ACTION_ERROR = {"fp16": 1e-2, "int8": 2e-2}
+INT8_LAYER_CHOICES = ("auto", "all")  # besides a comma-separated list of Linear names
+MAX_PRECISION_SAMPLES = 100_000  # calibration windows, held-out samples, paired episodes: checked before any work
 DEFAULT_SCORE_BATCH = 10  # paired episodes per look of the score gate
 DEFAULT_SCORE_CAP = 40  # the most paired episodes the score gate plays
 
@@ -187,6 +197,151 @@ def precision_summary(proto: onnx.ModelProto, precision: str) -> dict:
             "dequantize_linear": ops.get("DequantizeLinear", 0)}
 
 
+# -- which Linears are int8 ---------------------------------------------------------------
+
+
+def linear_macs(proto: onnx.ModelProto) -> dict[str, int]:
+    """Linear node name -> its multiply-adds per call of the graph: rows it runs on x K x N.
+
+    Rows are the product of the activation's leading dimensions (batch x tokens: a window
+    graph's Linears run on every token of the window, a stream graph's on one step), K x N
+    the weight initializer's shape (a Gemm's transposed weight has the same product).
+    """
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {info.name: [dim.dim_value for dim in info.type.tensor_type.shape.dim]
+              for info in (*inferred.graph.input, *inferred.graph.value_info)}
+    weights = {init.name: list(init.dims) for init in proto.graph.initializer}
+    nodes = {node.name: node for node in proto.graph.node}
+    macs = {}
+    for name in linear_nodes(proto):
+        node = nodes[name]
+        rows = shapes.get(node.input[0], [])[:-1]
+        if not rows or not all(rows):
+            raise DMMError(f"Linear {name!r} | activation shape {shapes.get(node.input[0])} | expected static "
+                           "shapes from export.lowering (a static batch); this is a bug, please report it")
+        macs[name] = int(np.prod(rows)) * int(np.prod(weights[node.input[1]]))
+    return macs
+
+
+def int8_mac_fraction(macs: dict[str, int], int8_layers) -> float:
+    """The fraction of all Linear multiply-adds (``macs``, `linear_macs`) that run in int8."""
+    return sum(macs[name] for name in int8_layers) / sum(macs.values())
+
+
+def listed_int8_layers(choice: str, candidates: list[str]) -> list[str] | None:
+    """The Linears an ``--int8-layers`` value puts in int8: ``all`` every candidate, a comma-separated
+    LIST exactly those (in graph order); None for ``auto`` (`choose_int8_layers` measures)."""
+    choice = choice.strip()
+    if choice == "auto":
+        return None
+    if choice == "all":
+        return list(candidates)
+    names = [name.strip() for name in choice.split(",") if name.strip()]
+    unknown = [name for name in names if name not in candidates]
+    if unknown:
+        raise DMMError(f"--int8-layers | unknown Linear layer(s) {', '.join(unknown)} | expected auto, all or "
+                       f"names among {','.join(candidates)}; pick from those")
+    return [name for name in candidates if name in names]
+
+
+def choose_int8_layers(proto: onnx.ModelProto, quantized: onnx.ModelProto, manifest, heldout, *, count: int,
+                       seed: int, target: float, sensitivity: bool | None = None) -> dict:
+    """``--int8-layers auto``: which quantized Linears of ``quantized`` (all of them int8) stay fp32.
+
+    Measured as the accuracy report measures (`calibration.accuracy.action_errors`, the fp32 graph
+    at full optimisation against the candidate at ORT_DISABLE_ALL, ``count`` held-out inputs, seed
+    ``seed``), relative to the mean action range. If the all-int8 graph meets ``target`` it is kept
+    whole. Otherwise each Linear's share of the action error is measured by quantizing it alone
+    (one Linear in int8, the rest fp32: its own error, free of interactions with the others' rounding),
+    and the Linears stay fp32 one by one, most sensitive first, each step measured, until the
+    relative RMSE meets ``target``. ``sensitivity`` True measures the shares even when the
+    all-int8 graph meets the target (the bench's curve).
+
+    Returns {"fp32_layers", "int8_layers", "rmse_relative" (of the chosen graph), "steps" (each
+    step's fp32 layers, relative RMSE and int8 MAC fraction), "sensitivity" (name -> relative RMSE
+    alone, its share of the summed squared errors, MACs; absent when not measured), "macs"}.
+    """
+    from calibration.accuracy import action_errors
+    from calibration.qdq import float_linears
+    from runtime.ort_backend import cpu_session
+
+    candidates = _int8_linears(quantized)
+    macs = linear_macs(proto)
+    action_range = float(np.mean(np.asarray(manifest.action_high) - np.asarray(manifest.action_low)))
+    reference = cpu_session(proto.SerializeToString(), optimize=True)
+
+    def relative_rmse(fp32_layers) -> float:
+        graph = float_linears(quantized, proto, fp32_layers)
+        candidate = cpu_session(graph.SerializeToString(), optimize=False)
+        return action_errors(reference, candidate, manifest, heldout, count, seed=seed)["action_rmse"] / action_range
+
+    def step(fp32_layers: list[str]) -> dict:
+        int8 = [name for name in candidates if name not in fp32_layers]
+        return {"fp32_layers": list(fp32_layers), "rmse_relative": relative_rmse(fp32_layers),
+                "int8_mac_fraction": int8_mac_fraction(macs, int8)}
+
+    steps = [step([])]
+    result: dict = {"macs": macs}
+    if steps[0]["rmse_relative"] > target or sensitivity:
+        alone = {name: relative_rmse([other for other in candidates if other != name]) for name in candidates}
+        total = sum(value ** 2 for value in alone.values()) or 1.0
+        result["sensitivity"] = {name: {"rmse_relative_alone": alone[name], "share": alone[name] ** 2 / total,
+                                        "macs": macs[name]} for name in candidates}
+        order = sorted(candidates, key=lambda name: (-alone[name], candidates.index(name)))
+        while steps[-1]["rmse_relative"] > target and len(steps) <= len(order):
+            steps.append(step(order[:len(steps)]))
+    fp32_layers = steps[-1]["fp32_layers"]
+    result.update({"fp32_layers": fp32_layers, "int8_layers": [n for n in candidates if n not in fp32_layers],
+                   "rmse_relative": steps[-1]["rmse_relative"], "steps": steps})
+    return result
+
+
+def _int8_linears(quantized: onnx.ModelProto) -> list[str]:
+    """The Linears of a Q/DQ graph whose activation input is dequantized, in graph order."""
+    producers = {output: node for node in quantized.graph.node for output in node.output}
+    return [node.name for node in quantized.graph.node if node.op_type in ("MatMul", "Gemm")
+            and getattr(producers.get(node.input[0]), "op_type", None) == "DequantizeLinear"]
+
+
+def _lower_int8(proto: onnx.ModelProto, manifest, split, options: PrecisionOptions) -> tuple[onnx.ModelProto, dict]:
+    """The int8 graph of ``--int8-layers`` and its ``calibration`` and ``int8_*`` details."""
+    from calibration.qdq import calibration_feeds, float_linears, quantize_qdq
+    from contract.graph_roles import INT8_ROLES
+
+    candidates = [name for name, role in linear_nodes(proto).items() if role in INT8_ROLES]
+    listed = listed_int8_layers(options.int8_layers, candidates)  # before the calibration: a typo fails fast
+    feeds = calibration_feeds(proto, manifest, split.calibration, options.calibration_samples, seed=options.seed)
+    target = options.action_error_limit("int8")
+    details: dict = {}
+    if listed is None:
+        quantized, calibration = quantize_qdq(proto, feeds, method=options.calibration)
+        chosen = choose_int8_layers(proto, quantized, manifest, split.heldout, count=options.heldout_samples,
+                                    seed=options.seed, target=target)
+        if not chosen["int8_layers"]:
+            raise DMMError(
+                f"--int8-layers auto | the action RMSE met {target:g} of the action range only with every Linear in "
+                f"fp32 (all int8: {chosen['steps'][0]['rmse_relative']:.2e}) | expected at least one int8 Linear "
+                "within --max-action-error; nothing was written; export fp32 or --fp16, or raise --max-action-error")
+        lowered = float_linears(quantized, proto, chosen["fp32_layers"])
+        calibration.update(quantized_linears=chosen["int8_layers"], float_linears=sorted(chosen["fp32_layers"]))
+        details.update(int8_layers_target=target, int8_selection=chosen["steps"])
+        if "sensitivity" in chosen:
+            details["int8_sensitivity"] = chosen["sensitivity"]
+        int8 = chosen["int8_layers"]
+    else:
+        int8 = listed
+        lowered, calibration = quantize_qdq(proto, feeds, method=options.calibration,
+                                            float_layers=[name for name in candidates if name not in listed])
+    details.update(
+        calibration=calibration,
+        int8_layers_choice=options.int8_layers.strip() if options.int8_layers.strip() in INT8_LAYER_CHOICES
+        else "list",
+        int8_layers={name: "int8" if name in int8 else "fp32" for name in candidates},
+        int8_mac_fraction=int8_mac_fraction(linear_macs(proto), int8),
+    )
+    return lowered, details
+
+
 # -- the export step ----------------------------------------------------------------------
 
 
@@ -203,6 +358,7 @@ class PrecisionOptions:
     max_score_drop: float | None = None  # None: DEFAULT_MAX_SCORE_DROP of the precision
     accept_inconclusive: bool = False  # pass a graph the gate could not judge at the cap (recorded)
     max_action_error: float | None = None  # None: DEFAULT_MAX_ACTION_ERROR of the precision
+    int8_layers: str = "auto"  # auto | all | comma-separated Linear names to quantize (see the module docstring)
     seed: int = 0
 
     def validate(self, precision: str) -> None:
@@ -216,13 +372,17 @@ class PrecisionOptions:
                  "score_episodes": "--score-episodes"}
         for name, flag in flags.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DMMError(f"{flag} {value!r}; expected a positive integer")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PRECISION_SAMPLES:
+                raise DMMError(f"{flag} {value!r}; expected a positive integer of at most {MAX_PRECISION_SAMPLES:,} "
+                               "(the samples and episodes are held in memory)")
         if self.max_score_drop is not None and not np.isfinite(self.max_score_drop):
             raise DMMError(f"--max-score-drop {self.max_score_drop}; expected a finite number of points")
         if self.max_action_error is not None and not (np.isfinite(self.max_action_error) and self.max_action_error > 0):
             raise DMMError(f"--max-action-error {self.max_action_error}; expected a positive fraction of the action "
                            "range (e.g. 0.02)")
+        if not isinstance(self.int8_layers, str) or not self.int8_layers.strip(" ,"):
+            raise DMMError(f"--int8-layers {self.int8_layers!r}; expected auto, all or a comma-separated list of "
+                           "Linear layer names (e.g. layer0/ssm/in_proj,layer1/dsm/dense)")
         if not 2 <= self.look_size <= self.score_episodes:
             raise DMMError(f"--score-batch {self.look_size} with --score-episodes {self.score_episodes}; expected "
                            "2 <= batch <= episodes (each look of the gate needs two paired episodes)")
@@ -274,10 +434,8 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     if precision == "fp16":
         lowered = to_fp16(proto)
     else:
-        from calibration.qdq import calibration_feeds, quantize_qdq
-
-        feeds = calibration_feeds(proto, manifest, split.calibration, options.calibration_samples, seed=options.seed)
-        lowered, details["calibration"] = quantize_qdq(proto, feeds, method=options.calibration)
+        lowered, int8_details = _lower_int8(proto, manifest, split, options)
+        details.update(int8_details)
     details.update(precision_summary(lowered, precision))
     evaluated = fp16_emulation(lowered) if precision == "fp16" else lowered
     lowered_manifest = dataclasses.replace(manifest, precision=precision)
@@ -288,12 +446,14 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     accuracy["calibration_source"] = data.source
     if precision == "int8":
         accuracy["calibration_method"] = options.calibration
+        details["int8_action_rmse_relative"] = accuracy["action_rmse_relative"]
     if accuracy["action_refused"]:
+        layers = ", --int8-layers auto" if precision == "int8" and details["int8_layers_choice"] != "auto" else ""
         raise DMMError(
             f"--{precision} accuracy | action RMSE {accuracy['action_rmse']:.2e} against fp32 on held-out inputs, "
             f"{accuracy['action_rmse_relative']:.2e} of the action range | expected at most --max-action-error "
             f"{action_limit:g}; nothing was written (no episode was played); export fp32/fp16, try another "
-            "--calibration, or raise --max-action-error")
+            f"--calibration{layers}, or raise --max-action-error")
     if accuracy["score_refused"]:
         from calibration.accuracy import describe_delta
 

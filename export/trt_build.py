@@ -16,7 +16,10 @@ How the network is built (docs/deployment.md#building-an-engine):
   or when asked (``typing="weak"``), a weakly typed network with the FP16 / INT8 builder
   flags (both removed in 11.x); for fp16 the Linear MatMuls are then pinned to fp16 and
   every other layer to float32 with OBEY_PRECISION_CONSTRAINTS, so the recurrence, exp,
-  softplus and LayerNorm stay fp32 as in the graph. The manifest records which typing was used and why;
+  softplus and LayerNorm stay fp32 as in the graph; for int8 the Linears the graph keeps in float
+  (``--int8-layers``, the manifest's ``precision_pass.int8_layers``) are pinned to float32 the same way.
+  The manifest records which typing was used and why. Either way those Linears count as fp32 pins
+  in the plan's per-layer precision check;
 - TF32 is cleared (it is on by default) unless ``tf32``: fp32 parity with ONNX Runtime
   needs true fp32 GEMMs (TF32 keeps 10 mantissa bits), and the recurrence's fp32 parts
   must stay fp32 in the fp16 and int8 graphs too;
@@ -146,6 +149,24 @@ def _low_precision_linears(manifest: Manifest) -> list[str]:
     return list(manifest.exporter.get("precision_pass", {}).get("low_precision_linears", []))
 
 
+def _fp32_linears(manifest: Manifest) -> list[str]:
+    """The Linears an int8 graph keeps in float (``--int8-layers``: "fp32" in ``precision_pass.int8_layers``)."""
+    layers = manifest.exporter.get("precision_pass", {}).get("int8_layers", {})
+    return sorted(name for name, precision in layers.items() if precision == "fp32")
+
+
+def _with_fp32_linears_pinned(manifest: Manifest) -> Manifest:
+    """The manifest whose fp32 pins also name the Linears the int8 graph keeps in float, for checking a plan's
+    layer precisions: such a Linear running in int8 is then caught like any other fp32 node in reduced precision.
+    A manifest without pins (an older export) is left as it is (its pins stay unknown, and say so)."""
+    kept = _fp32_linears(manifest)
+    pins = manifest.exporter.get("precision_pins", {})
+    if not kept or not pins.get("fp32"):
+        return manifest
+    pins = {**pins, "fp32": [*pins["fp32"], *(name for name in kept if name not in pins["fp32"])]}
+    return dataclasses.replace(manifest, exporter={**manifest.exporter, "precision_pins": pins})
+
+
 def _network_flags(strong: bool) -> int:
     import tensorrt as trt
 
@@ -205,6 +226,23 @@ def _pin_precisions(network: tensorrt.INetworkDefinition, linears: list[str]) ->
             layer.set_output_type(i, dtype)
 
 
+def _pin_fp32_linears(network: tensorrt.INetworkDefinition, linears: list[str]) -> None:
+    """Weak typing, int8 (with OBEY_PRECISION_CONSTRAINTS): the Linear MatMuls the graph keeps in float
+    (``--int8-layers``) compute and output float32, so that the INT8 flag cannot pick int8 kernels for them;
+    the Q/DQ'd Linears and everything else are left to the graph as before."""
+    import tensorrt as trt
+
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type != trt.LayerType.MATRIX_MULTIPLY or not any(
+                layer.name == name or layer.name.startswith(name + "_") for name in linears):
+            continue
+        layer.precision = trt.float32
+        for i in range(layer.num_outputs):
+            if layer.get_output(i).dtype in (trt.float32, trt.float16):
+                layer.set_output_type(i, trt.float32)
+
+
 TIMING_CACHE_STATUS = {
     "new": "no cache file yet: a new cache",
     "reused": "reused",
@@ -253,6 +291,9 @@ def _configure(builder: tensorrt.Builder, config: BuildConfig, manifest: Manifes
         elif manifest.precision == "int8":
             builder_config.set_flag(trt.BuilderFlag.INT8)  # needed for Q/DQ in a weakly typed network
             flags.append("INT8")
+            if _fp32_linears(manifest):  # the Linears --int8-layers kept in float stay float32
+                builder_config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+                flags.append("OBEY_PRECISION_CONSTRAINTS")
     return builder_config, flags, _timing_cache(builder_config, cache_bytes)
 
 
@@ -264,7 +305,7 @@ def inspect_layers(engine: tensorrt.ICudaEngine, manifest: Manifest) -> dict:
 
     inspector = engine.create_engine_inspector()
     information = inspector.get_engine_information(trt.LayerInformationFormat.JSON) if inspector else ""
-    return layer_summary(information or "", manifest)
+    return layer_summary(information or "", _with_fp32_linears_pinned(manifest))
 
 
 def build_engine(config: BuildConfig) -> tuple[Path, Path]:
@@ -330,6 +371,8 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
             network, _parser = _parse(builder, logger, onnx_path, strong)
             if not strong and manifest.precision == "fp16":
                 _pin_precisions(network, _low_precision_linears(manifest))
+            elif not strong and manifest.precision == "int8" and _fp32_linears(manifest):
+                _pin_fp32_linears(network, _fp32_linears(manifest))
             builder_config, flags, cache_status = _configure(builder, config, manifest, strong=strong,
                                                              cache_bytes=cache_bytes)
             plan = builder.build_serialized_network(network, builder_config)

@@ -40,9 +40,9 @@ import numpy as np
 from contract.errors import DMMError
 
 CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")  # cuda-python >= 12.6, then older releases
-INSTALL_HINT = ("install the GPU extra where the NVIDIA GPU is (pip install 'dmm-deploy[gpu]'; on a Jetson, "
-                "JetPack's TensorRT through a venv with --system-site-packages and pycuda built with the CUDA "
-                "toolkit on PATH, see docs/jetson.md)")
+INSTALL_HINT = ("install the GPU extra where the NVIDIA GPU is (pip install -e '.[gpu]' in the checkout; "
+                "on a Jetson, JetPack's TensorRT through a venv with --system-site-packages and pycuda built with the "
+                "CUDA toolkit on PATH, see docs/jetson.md)")
 
 
 class CudaUnavailable(Exception):

@@ -51,8 +51,8 @@ def install_hints(driver_cuda_major: int | None = None) -> dict[str, str]:
         tensorrt = ("JetPack's TensorRT: sudo apt install python3-libnvinfer, in a venv made with "
                     "--system-site-packages (docs/jetson.md)")
     else:
-        tensorrt = ("pip install 'dmm-deploy[gpu]' (TensorRT 11.x for a CUDA 13 driver; tensorrt-cu12==10.* for "
-                    "CUDA 12)")
+        tensorrt = ("pip install -e '.[gpu]' in the checkout (TensorRT 11.x for a CUDA 13 driver; "
+                    "tensorrt-cu12==10.* for CUDA 12)")
     return {
         "numpy": "pip install numpy",
         "onnxruntime": "pip install onnxruntime (or onnxruntime-gpu for the CUDA / TensorRT providers, in its place)",

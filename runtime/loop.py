@@ -33,6 +33,9 @@ from runtime.policy import DEFAULT_MAX_CONSECUTIVE_FAULTS, ON_FAULT, Policy
 DEFAULT_WARMUP = 10
 
 
+MAX_RUN_EPISODES = 100_000  # a bound checked before any work: every step's latency is kept in memory
+
+
 @dataclass(frozen=True)
 class EpisodeResult:
     seed: int
@@ -135,8 +138,9 @@ class RunConfig:
                 "name one only from here, never from a file)"})
 
     def validate(self) -> None:
-        if self.episodes < 1:
-            raise DMMError(f"--episodes {self.episodes}; expected at least 1")
+        if not 1 <= self.episodes <= MAX_RUN_EPISODES:
+            raise DMMError(f"--episodes {self.episodes}; expected 1 to {MAX_RUN_EPISODES:,} (each episode's latency "
+                           "samples are kept for the report); run longer campaigns as several runs")
         if self.deadline_ms is not None and not self.deadline_ms > 0:
             raise DMMError(f"--deadline-ms {self.deadline_ms}; expected a positive number of milliseconds")
         if self.warmup < 0:

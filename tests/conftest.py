@@ -27,5 +27,5 @@ def engines(checkpoint_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def c_export(checkpoint_path, tmp_path_factory):
-    """hopper.c of ``checkpoint_path`` (export --target c; hopper.h and hopper.json beside it)."""
+    """hopper-c.c of ``checkpoint_path`` (export --target c; hopper-c.h and hopper-c.json beside it)."""
     return export_c(checkpoint_path, tmp_path_factory.mktemp("c-export"))

@@ -141,13 +141,14 @@ _C_EXPORTS: dict[str, Path] = {}
 
 
 def export_c(checkpoint_path: Path, directory: Path) -> Path:
-    """hopper.c (hopper.h and hopper.json beside it) of ``checkpoint_path``, exported once per test session."""
+    """hopper-c.c (hopper-c.h and hopper-c.json beside it; API prefix hopper_) of ``checkpoint_path``, exported
+    once per test session under the default NAME."""
     from export.c_source import export_c_checkpoint
 
     c_compiler()
     key = str(checkpoint_path)
     if key not in _C_EXPORTS:
-        _C_EXPORTS[key] = export_c_checkpoint(checkpoint_path, out=directory / "hopper")[0]
+        _C_EXPORTS[key] = export_c_checkpoint(checkpoint_path, out=directory / "hopper-c")[0]
     return _C_EXPORTS[key]
 
 

@@ -86,7 +86,7 @@ def test_api_prefix_is_a_c_identifier():
 
 def test_cli_export_is_deterministic(c_export, checkpoint_path, tmp_path, capsys):
     """'cli.py export --target c' writes the same bytes as the fixture's export of the same checkpoint."""
-    out = tmp_path / "hopper"
+    out = tmp_path / "hopper-c"
     assert cli.main(["export", "--checkpoint", str(checkpoint_path), "--target", "c", "--out", str(out)]) == 0
     assert "API prefix hopper_" in capsys.readouterr().out
     for suffix in (".c", ".h"):
@@ -103,13 +103,14 @@ def test_native_equals_torch_teacher_forced_over_a_whole_episode(parity_report):
     trajectory = parity_report.trajectory
     assert (trajectory.steps, trajectory.episodes) == (EPISODE_STEPS, 1)
     print(parity_report.table())
-    labels = [pair.candidate.split(" ")[0] for pair in parity_report.pairs]
-    assert labels == ["ort/stream#0", "native/stream#1"]
+    labels = [pair.candidate.split(" (")[0] for pair in parity_report.pairs]
+    assert labels == ["ort/stream hopper-stream.onnx", "native/stream hopper-c.c"]  # told apart by file
     native = parity_report.pairs[1]
     assert native.reference == "torch/stream"
     assert [b.label for b in native.bins] == ["1", "2-10", "11-100", "101-1000"]
     assert native.max_abs < FP32_TOLERANCE and all(b.max_abs < FP32_TOLERANCE for b in native.bins)
-    both = np.abs(parity_report.actions["native/stream#1"] - parity_report.actions["ort/stream#0"]).max()
+    both = np.abs(parity_report.actions["native/stream hopper-c.c"]
+                  - parity_report.actions["ort/stream hopper-stream.onnx"]).max()
     assert both < 2 * FP32_TOLERANCE
 
 def test_closed_loop_return_equals_the_onnx_stream_graph(c_export, engines):
@@ -195,7 +196,7 @@ int main(void) {
 def test_elementary_functions_are_accurate_and_keep_nan_and_inf(c_export, tmp_path):
     """exp, the scan's exp and softplus within a few ulp of libm in double; NaN and inf as libm has them."""
     check = tmp_path / "check.c"
-    check.write_text(ELEMENTARY_CHECK.replace("@NAME@", "hopper"))
+    check.write_text(ELEMENTARY_CHECK.replace("@NAME@", c_export.stem))
     binary = tmp_path / "check"
     flags = [flag for flag in compile_flags() if flag != "-fPIC"]
     result = subprocess.run([c_compiler(), *flags, f"-I{c_export.parent}", str(check), "-o", str(binary), "-lm"],
@@ -241,7 +242,7 @@ def run_example(command: list[str], steps_file: Path, expected: np.ndarray, labe
     assert difference <= 1e-6
 
 def test_example_c_program_matches_the_python_runtime(c_export, recorded_steps, tmp_path):
-    """examples/c_loop/hopper_loop.c, linked with hopper.c, reads the recorded observations and rewards and
+    """examples/c_loop/hopper_loop.c, linked with hopper-c.c, reads the recorded observations and rewards and
     writes the actions the Python runtime's Policy returned for them."""
     binary = tmp_path / "hopper_loop"
     flags = [flag for flag in compile_flags() if flag != "-fPIC"]

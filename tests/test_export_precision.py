@@ -24,7 +24,7 @@ from contract.tolerances import tolerance
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph, check_graph
-from export.precision import fp16_emulation, tensor_types, to_fp16
+from export.precision import DEFAULT_MAX_SCORE_DROP, fp16_emulation, tensor_types, to_fp16
 from runtime import Policy, load_backend
 from runtime.ort_backend import cpu_session
 from tests.helpers import assert_one_line_error, dataset_checkpoint
@@ -195,8 +195,7 @@ def test_cli_export_writes_the_precision_graph_with_its_accuracy(capsys, trained
     assert manifest.precision == precision and manifest.mode == mode
     assert manifest.onnx_sha256 == sha256_file(onnx_path)
     accuracy = manifest.accuracy
-    limit = {"fp16": 1.0, "int8": 3.0}[precision]
-    assert accuracy["max_score_drop"] == limit and not accuracy["score_refused"]
+    assert accuracy["max_score_drop"] == DEFAULT_MAX_SCORE_DROP[precision] and not accuracy["score_refused"]
     assert accuracy["score_delta"] == pytest.approx(accuracy["score"] - accuracy["score_fp32"])
     assert accuracy["score_deltas"] == pytest.approx([a - b for a, b in zip(
         [100 * (r - manifest.ref_min_score) / (manifest.ref_max_score - manifest.ref_min_score)

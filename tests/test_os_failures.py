@@ -158,6 +158,11 @@ def test_huge_counts_are_one_line(capsys, checkpoint_path, engines):
     assert_one_line_error(capsys, code, "--steps 1000000000000", "at most")
     code = cli.main(["eval", "--checkpoint", str(checkpoint_path), "--episodes", str(10**12)])
     assert_one_line_error(capsys, code, "--episodes 1000000000000", "at most")
+    code = cli.main(["run", "--engine", str(engines["stream"]), "--episodes", str(10**12)])
+    assert_one_line_error(capsys, code, "--episodes 1000000000000", "expected 1 to 100,000")
+    code = cli.main(["export", "--checkpoint", str(checkpoint_path), "--int8", "--calibration-windows",
+                     str(10**12), "--out", str(checkpoint_path.parent / "huge")])
+    assert_one_line_error(capsys, code, "--calibration-windows 1000000000000", "at most 100,000")
 
 
 def test_parity_reports_observation_range_faults_instead_of_stopping(capsys, checkpoint_path, engines, tmp_path):

@@ -46,7 +46,7 @@ def test_without_bindings_the_gpu_identity_is_one_clear_line():
         gpu_name_and_capability(0)
     message = str(caught.value)
     assert "\n" not in message and ("neither is installed" in message or "no usable CUDA GPU 0" in message)
-    assert "dmm-deploy[gpu]" in message
+    assert "pip install -e '.[gpu]'" in message
 
 
 def test_versions_are_read_without_importing():

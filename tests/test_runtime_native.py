@@ -123,7 +123,7 @@ def test_library_is_built_once_per_content(c_export, tmp_path, monkeypatch):
 def test_run_and_parity_errors_are_one_line(capsys, c_export, checkpoint_path, engines, tmp_path):
     tampered = copy_c_export(c_export, tmp_path)
     tampered.write_text(tampered.read_text().replace("0x", "-0x", 1))
-    assert_one_line_error(capsys, cli.main(["run", "--engine", str(tampered)]), "sha256 of hopper.c", "re-export")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(tampered)]), "sha256 of hopper-c.c", "re-export")
     assert_one_line_error(capsys, cli.main(["run", "--engine", str(tmp_path / "none.c")]), "does not exist")
     foreign = tmp_path / "foreign"
     foreign.mkdir()

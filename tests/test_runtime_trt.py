@@ -119,7 +119,7 @@ def test_build_and_plans_need_no_torch_onnx_or_onnxruntime(engines, tmp_path):
 @without_tensorrt
 def test_build_without_tensorrt_says_what_to_install(capsys, engines):
     code = cli.main(["build", str(engines["window"])])
-    assert_one_line_error(capsys, code, "'tensorrt' package, which is not installed", "dmm-deploy[gpu]",
+    assert_one_line_error(capsys, code, "'tensorrt' package, which is not installed", "pip install -e '.[gpu]'",
                           "docs/jetson.md")
     assert not engines["window"].with_suffix(".plan").exists()
 
@@ -176,7 +176,7 @@ def test_random_and_truncated_plans_are_refused_before_tensorrt(capsys, engines,
     intact = write_plan(engines["window"], tmp_path / "intact.plan", data)
     if not TRT_INSTALLED:
         assert_one_line_error(capsys, cli.main(["run", "--engine", str(intact)]), "'tensorrt' package",
-                              "dmm-deploy[gpu]")
+                              "pip install -e '.[gpu]'")
 
 
 def test_a_plan_for_another_tensorrt_or_gpu_is_refused():
@@ -243,7 +243,7 @@ def test_a_foreign_cuda_namespace_is_not_taken_for_cuda_python(tmp_path):
     cudart, identity = result.stdout.strip().splitlines()
     assert "cuda-python is not installed" in cudart and "without cuda.bindings or cuda.cudart" in cudart
     assert identity.startswith("identity: no usable CUDA GPU 0 here (pycuda is not installed; cuda-python is not")
-    assert "dmm-deploy[gpu]" in identity
+    assert "pip install -e '.[gpu]'" in identity
 
 
 def test_a_trt_backend_device_must_be_an_index():
@@ -274,7 +274,7 @@ def test_adopt_argument_errors_come_before_tensorrt(capsys, engines, tmp_path):
                           "--precision-check")
     if not TRT_INSTALLED:
         assert_one_line_error(capsys, cli.main(["adopt", str(plan), "--force"]), "'tensorrt' package",
-                              "dmm-deploy[gpu]")
+                              "pip install -e '.[gpu]'")
         assert manifest_path_for(plan).read_text() == "{}"
 
 

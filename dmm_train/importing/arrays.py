@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError, describe_error
-from dmm_train.importing.core import LoggedEpisode, check_finite, check_time
+from dmm_train.importing.core import LoggedEpisode, ReadLog, check_finite, check_time, require_library
 from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
-from dmm_train.importing.readers import ReadLog, require_library
 
 Getter = Callable[[str], "np.ndarray | None"]
 

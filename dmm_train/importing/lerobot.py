@@ -22,8 +22,8 @@ import numpy as np
 
 from contract.errors import DMMError, describe_error
 from dmm_train.importing.arrays import build_episode
+from dmm_train.importing.core import ReadLog, require_library
 from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
-from dmm_train.importing.readers import ReadLog, require_library
 
 INFO_FILE = Path("meta") / "info.json"
 

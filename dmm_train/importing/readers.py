@@ -1,38 +1,13 @@
-"""Which reader reads a log, and what every reader hands back."""
+"""Which reader reads a log, and the import from a source to a written dataset."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 from contract.errors import DMMError
-from dmm_train.importing.core import LoggedEpisode
-from dmm_train.importing.mapping import ImportMapping
-
-_INSTALL = "pip install -e '.[robot]' (rosbags, pyarrow, h5py)"
-
-
-@dataclass
-class ReadLog:
-    """A reader's result: the episodes, the files it read (hashed into the metadata), the mapping with
-    the format's defaults filled in, where the final observations came from, and notes for the summary."""
-
-    episodes: list[LoggedEpisode]
-    files: list[Path]
-    mapping: ImportMapping
-    final_note: str
-    notes: list[str] = field(default_factory=list)
-
-
-def require_library(name: str, fmt: str):
-    """Import an optional reader library, or say in one line how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise DMMError(f"importing {fmt} needs the {name.split('.')[0]!r} package; install it with {_INSTALL}") \
-            from None
+from dmm_train.importing.core import ImportResult, ReadLog, finish_episodes, sha256_sources, write_import
+from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
 
 
 def read_log(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) -> ReadLog:
@@ -47,3 +22,39 @@ def read_log(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) ->
     from dmm_train.importing.lerobot import read_lerobot
 
     return read_lerobot(source, mapping, rewards_from_log=rewards_from_log)
+
+
+def run_import(source: str | os.PathLike, mapping: ImportMapping, *, reward_fn: str | None = None,
+               out: str | os.PathLike | None = None, overwrite: bool = False) -> ImportResult:
+    """Read ``source`` per ``mapping``, write the Minari dataset, and summarise it in one line."""
+    from dmm_train.minari_reader import load_dataset
+
+    mapping = mapping.validate()
+    source = Path(source)
+    if not source.exists():
+        raise DMMError(f"import source {str(source)!r} does not exist; expected a {mapping.format} file or "
+                       "directory")
+    if reward_fn and mapping.reward not in (None, SPARSE_SUCCESS) and mapping.origin.get("reward") == "option":
+        raise DMMError(f"--reward {mapping.reward!r} with --reward-fn {reward_fn!r}; expected one source of rewards")
+    read = read_log(source, mapping, rewards_from_log=not reward_fn)
+    rollouts, dropped, reward_note = finish_episodes(read.episodes, read.mapping, reward_fn)
+    provenance = {
+        "format": mapping.format,
+        "source": source.name,
+        "sources_sha256": sha256_sources(read.files, source),
+        "mapping": read.mapping.to_record(),
+        "reward_fn": reward_fn,
+        "final_observation": read.final_note if not dropped else
+        f"not in the log: last transition dropped in {dropped} of {len(rollouts)} episodes",
+    }
+    path = write_import(rollouts, read.mapping, provenance, out=out, overwrite=overwrite)
+    dataset = load_dataset(path)  # read back through the project's reader: what training will see
+    final = (f"final observation {read.final_note}" if not dropped else
+             f"dropped the last transition of {dropped} of {len(rollouts)} episodes (no observation after it)")
+    notes = "; ".join([final, reward_note, *read.notes])
+    summary = (f"imported {dataset.dataset_id}: {len(dataset.episodes)} episodes, {dataset.total_steps} steps, "
+               f"obs dim {dataset.state_dim}, action dim {dataset.act_dim} ({notes}), content hash "
+               f"{dataset.content_hash[:16]} -> {path}")
+    return ImportResult(path=path, episodes=len(dataset.episodes), steps=dataset.total_steps,
+                        state_dim=dataset.state_dim, act_dim=dataset.act_dim, content_hash=dataset.content_hash,
+                        summary=summary)

@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError, describe_error
-from dmm_train.importing.core import LoggedEpisode, check_finite
+from dmm_train.importing.core import LoggedEpisode, ReadLog, check_finite, require_library
 from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
-from dmm_train.importing.readers import ReadLog, require_library
 
 
 @dataclasses.dataclass

@@ -1,12 +1,12 @@
 /*
  * A control loop in C around a policy exported with
  *
- *     python cli.py export --checkpoint runs/hopper-seed0 --target c --out hopper
+ *     python cli.py export --checkpoint runs/hopper-seed0 --target c
  *
- * which writes hopper.c, hopper.h and hopper.json. Build and run (any C99 compiler, libm only):
+ * which writes hopper-c.c, hopper-c.h and hopper-c.json (API prefix hopper_). Build and run (any C99 compiler, libm only):
  *
  *     cc -std=c99 -O3 -fno-math-errno -fno-trapping-math -ffp-contract=fast -I. \
- *        examples/c_loop/hopper_loop.c hopper.c -lm -o hopper_loop
+ *        examples/c_loop/hopper_loop.c hopper-c.c -lm -o hopper_loop
  *     ./hopper_loop steps.txt actions.txt
  *
  * Here the "plant" is a file: each line of steps.txt is one env step,
@@ -17,11 +17,11 @@
  * reward = the reward received for the previous action, o = the raw observation. Each line of
  * actions.txt is the action the policy returned for that step ("%.9g": float32 exactly). On a
  * robot the loop is the same with the sensors in place of fscanf and the actuators in place of
- * fprintf. A policy exported under another NAME has the prefix NAME_ in place of hopper_.
+ * fprintf. A policy exported with --out NAME has the prefix NAME_ in place of hopper_.
  */
 #include <stdio.h>
 
-#include "hopper.h"
+#include "hopper-c.h"
 
 int main(int argc, char **argv) {
     if (argc != 3) {
