@@ -333,11 +333,16 @@ def test_act_allocates_nothing_that_grows_over_1000_steps(mode, ranged_engines, 
         tracemalloc.start()
         try:
             steps(10)
-            start = tracemalloc.get_traced_memory()[0]
+            before = tracemalloc.take_snapshot()
             steps(1000)
-            growth = tracemalloc.get_traced_memory()[0] - start
+            after = tracemalloc.take_snapshot()
         finally:
             tracemalloc.stop()
+    # ONNX Runtime's binding keeps a few small buffers of its own now and then (about 1.5 kB over 1000
+    # steps, allocated at its run call): the policy's own allocations are what must not grow.
+    ours = [tracemalloc.Filter(False, "*/onnxruntime/*"), tracemalloc.Filter(False, tracemalloc.__file__)]
+    growth = sum(stat.size_diff for stat in after.filter_traces(ours).compare_to(before.filter_traces(ours),
+                                                                                   "filename"))
     assert policy.t > 2000 and policy.faults["observation_nonfinite"] > 10
     # Anything kept per step (a list entry, an array) would be 8 bytes x 2000 steps at the least.
     assert growth < 2048, growth
