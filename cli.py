@@ -200,6 +200,32 @@ def train(out, resume, quiet, **options) -> None:
                  report=click.echo)
 
 
+@cli.command()
+@config_option(TrainConfig, "steps")
+@click.option("--out", default=None, type=click.Path(),
+              help="run directory, which also receives the exports (default: runs/<preset>-seed<S>, with "
+              "-<N>steps for a shorter --steps)")
+@click.option("--episodes", type=click.IntRange(min=1), default=3, show_default=True,
+              help="episodes of each engine in the control loop")
+@config_option(TrainConfig, "dataset")
+@config_option(TrainConfig, "preset")
+@config_option(TrainConfig, "seed")
+@config_option(TrainConfig, "threads", type=int)
+@click.option("--quiet", is_flag=True, help="no progress bars (the phases and the summary still print)")
+def tour(out, episodes, quiet, **options) -> None:
+    """The whole path in one command: train DMM (resumable), export the fp16 graph and the C step, run each
+    in the control loop and print a summary (score, latency p50/p99, files, next commands)."""
+    prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
+    from export.tour import default_tour_dir
+    from export.tour import tour as run_tour
+
+    config = from_options(TrainConfig, options)
+    config.validate()
+    result = run_tour(config, Path(out) if out else default_tour_dir(config), episodes=episodes, progress=not quiet,
+                      report=click.echo)
+    click.echo(result.summary())
+
+
 @cli.command(name="eval")
 @config_option(EvalConfig, "checkpoint", required=True, type=click.Path())
 @config_option(EvalConfig, "episodes")

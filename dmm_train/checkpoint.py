@@ -49,7 +49,8 @@ BEST_STEM = "best"  # best.pt / best.json: the best periodic checkpoint of a run
 # Resume points written before their RNG states were stored as plain data hold numpy's legacy RNG
 # key, a uint32 array. Pickled, it needs exactly these: they rebuild a uint32 ndarray and call
 # nothing else (an array of any other dtype, objects included, is still refused).
-LEGACY_NUMPY_GLOBALS = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
+_NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
+LEGACY_NUMPY_GLOBALS = (_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)
 
 
 def load_plain_data(path: Path, what: str, advice: str, *, legacy_numpy: bool = False, map_location: str = "cpu"):
