@@ -245,22 +245,43 @@ def evaluate(as_json, **options) -> None:
     config = from_options(EvalConfig, {**options, "targets": tuple(options["targets"])})
     config.validate()
     loaded = load_checkpoint(config.checkpoint)
+    if not loaded.facts.has_simulator:
+        _evaluate_offline(loaded, config, as_json)
+        return
     results = []
     for target in config.targets or loaded.target_returns:
         result = evaluate_checkpoint(loaded, target_return=target, episodes=config.episodes, seed=config.seed,
                                      device=config.device, progress_label=f"eval target {target:g}")
         results.append(result)
-        click.echo(
-            f"target {target:g}: return {result.return_mean:.1f} ± {result.return_std:.1f}  "
-            f"normalised {result.normalized_mean:.1f} ± {result.normalized_std:.1f}  ({config.episodes} episodes)",
-            err=as_json,
-        )
+        score = ("" if result.normalized_mean is None
+                 else f"  normalised {result.normalized_mean:.1f} ± {result.normalized_std:.1f}")
+        click.echo(f"target {target:g}: return {result.return_mean:.1f} ± {result.return_std:.1f}{score}  "
+                   f"({config.episodes} episodes)", err=as_json)
     if as_json:
         click.echo(json.dumps({
             "checkpoint": str(loaded.path), "model": loaded.model_config.model, "step": loaded.step,
             "env_id": loaded.env_id,
             "results": [r.to_dict() for r in results],
         }))
+
+
+def _evaluate_offline(loaded, config, as_json: bool) -> None:
+    """`eval` of a policy with no simulator: its training run's held-out episodes (dmm_train/offline_eval.py)."""
+    import numpy as np
+
+    from calibration.data import load_training_dataset
+    from dmm_train.offline_eval import evaluate_offline, heldout_split
+
+    dataset = load_training_dataset(loaded)
+    returns = np.asarray([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
+    _, heldout = heldout_split(dataset.episodes)
+    result = evaluate_offline(loaded.model.to(config.device), loaded.facts, heldout, low_target=float(returns.min()),
+                              median_return=float(np.median(returns)), device=config.device)
+    click.echo(f"no simulator ({loaded.dataset_id} names no env): offline on the episodes its training held out; "
+               f"{result.line()}", err=as_json)
+    if as_json:
+        click.echo(json.dumps({"checkpoint": str(loaded.path), "model": loaded.model_config.model,
+                               "step": loaded.step, "env_id": None, "offline": result.to_dict()}))
 
 
 @cli.command()
@@ -284,6 +305,14 @@ def evaluate(as_json, **options) -> None:
 @config_option(RunConfig, "freeze_gc", "--freeze-gc/--keep-gc")
 @config_option(RunConfig, "device")
 @config_option(RunConfig, "env_id", "--env")
+@config_option(RunConfig, "record", type=click.Path())
+@config_option(RunConfig, "record_chunk_steps", type=click.IntRange(min=1))
+@config_option(RunConfig, "limits_file", "--limits", type=click.Path())
+@config_option(RunConfig, "action_lower")
+@config_option(RunConfig, "action_upper")
+@config_option(RunConfig, "action_rate_limit")
+@config_option(RunConfig, "ramp_steps", type=int)
+@config_option(RunConfig, "ramp_start")
 def run(as_json, **options) -> None:
     """Run an engine in the control loop on its env; report return, score, faults and per-step latency."""
     from runtime.loop import run_engine
@@ -292,7 +321,8 @@ def run(as_json, **options) -> None:
         raise DMMError(f"--threads {options['threads']}; expected 0 (library default) or a positive count")
     config = from_options(RunConfig, {**options, "engine": Path(options["engine"]),
                                       "threads": options["threads"] or None,
-                                      "histogram": path_or_none(options["histogram"])})
+                                      "histogram": path_or_none(options["histogram"]),
+                                      "record": path_or_none(options["record"])})
     report = run_engine(config)
     for episode, score in zip(report.episodes, report.normalized_scores, strict=True):
         click.echo(f"episode seed {episode.seed}: return {episode.episode_return:.2f}  "
@@ -305,6 +335,9 @@ def run(as_json, **options) -> None:
     if report.timings is not None:
         click.echo(report.timings.summary(), err=as_json)
     click.echo(report.fault_summary(), err=as_json)
+    click.echo(report.limit_summary(), err=as_json)
+    if report.record:
+        click.echo(f"recorded {report.record_rows} rows -> {report.record}", err=as_json)
     if report.histogram:
         click.echo(f"wrote {report.histogram}", err=as_json)
     if as_json:
@@ -314,16 +347,45 @@ def run(as_json, **options) -> None:
 
 
 @cli.command()
-@config_option(ParityConfig, "checkpoint", required=True, type=click.Path())
+@config_option(ParityConfig, "checkpoint", type=click.Path())
 @config_option(ParityConfig, "onnx", "--onnx", multiple=True, type=click.Path())
+@click.option("--replay", type=click.Path(), default=None,
+              help="a step record (run --record): teacher-force --onnx engines (.onnx, .c, .plan) and --checkpoint "
+                   "on it and report their drift from the recorded engine per step")
 @config_option(ParityConfig, "steps")
 @config_option(ParityConfig, "seed")
 @config_option(ParityConfig, "target_return", "--target", type=float)
 @config_option(ParityConfig, "atol", type=float)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
-def parity(as_json, **options) -> None:
+def parity(as_json, replay, **options) -> None:
     """Compare the actions of PyTorch and ONNX Runtime, teacher-forced on a real trajectory, per step bin."""
     from export.parity import run_parity
+
+    if replay is not None:
+        from export.parity import ParityReport, compare_actions
+        from runtime.recording import replay_record
+
+        engines = [*options["onnx"], *([options["checkpoint"]] if options["checkpoint"] else [])]
+        replayed = replay_record(replay, engines)
+        step_index = replayed.trajectory.step_in_episode()
+        pairs = tuple(compare_actions(replayed.reference, actions, step_index, reference_label="recorded",
+                                      candidate_label=label, mode=replayed.mode)
+                      for label, actions in replayed.actions.items())
+        report = ParityReport(str(replay), replayed.env_id, replayed.trajectory, pairs, replayed.actions)
+        click.echo(f"{replay}: {replayed.trajectory.steps} good steps in {replayed.trajectory.episodes} episode(s) of "
+                   f"{replayed.describe}, teacher-forced; |action difference| from the recorded engine's (before "
+                   "its limits) per step-in-episode bin", err=as_json)
+        click.echo(report.table(), err=as_json)
+        if as_json:
+            click.echo(json.dumps({**report.to_dict(), "replay": str(replay)}))
+        worst = max(pairs, key=lambda pair: pair.max_abs, default=None)
+        if options["atol"] is not None and worst is not None and worst.max_abs > options["atol"]:
+            raise DMMError(f"parity --replay | {worst.candidate} differs from the record by up to {worst.max_abs:.2e} "
+                           f"| expected at most --atol {options['atol']:g}; inspect that engine")
+        return
+    if options["checkpoint"] is None:
+        raise DMMError("parity | received no --checkpoint | expected --checkpoint model.pt (the PyTorch reference), "
+                       "or --replay RECORD with the engines to check on it")
 
     config = from_options(ParityConfig, {**options, "checkpoint": Path(options["checkpoint"]),
                                          "onnx": tuple(Path(p) for p in options["onnx"])})
@@ -360,7 +422,14 @@ def parity(as_json, **options) -> None:
 @config_option(ExportConfig, "score_batch", type=int)
 @config_option(ExportConfig, "accept_inconclusive", is_flag=True)
 @config_option(ExportConfig, "max_action_error", type=float)
+@config_option(ExportConfig, "int8_target", type=float)
 @config_option(ExportConfig, "int8_layers")
+@config_option(ExportConfig, "limits_file", "--limits", type=click.Path())
+@config_option(ExportConfig, "action_lower")
+@config_option(ExportConfig, "action_upper")
+@config_option(ExportConfig, "action_rate_limit")
+@config_option(ExportConfig, "ramp_steps", type=int)
+@config_option(ExportConfig, "ramp_start")
 @click.option("--no-engine", is_flag=True, help="only the ONNX, even where TensorRT and a GPU are present")
 def export_graph(fp16, int8, no_engine, **options) -> None:
     """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime; --fp16 / --int8
@@ -386,7 +455,7 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
         from export.c_source import c_export_summary, export_c_checkpoint
 
         click.echo(c_export_summary(*export_c_checkpoint(config.checkpoint, out=config.out,
-                                                         runs_dir=config.runs_dir)))
+                                                         runs_dir=config.runs_dir, limits=config.limits_options())))
         return
     from export.onnx_export import export_checkpoint, export_summary
     from export.trt_build import engine_after_export
@@ -394,7 +463,8 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
     onnx_path, manifest_path = export_checkpoint(config.checkpoint, mode=config.export_mode, out=config.out,
                                                  batch=config.batch, opset=config.opset, runs_dir=config.runs_dir,
                                                  precision=config.precision,
-                                                 precision_options=config.precision_options())
+                                                 precision_options=config.precision_options(),
+                                                 limits=config.limits_options())
     click.echo(export_summary(onnx_path, manifest_path))
     if config.precision != "fp32":
         from calibration.accuracy import accuracy_summary

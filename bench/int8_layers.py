@@ -5,14 +5,18 @@ For each calibration method the checkpoint's graph is quantized once (every proj
 it alone, and the Linears are then returned to fp32 one by one, most sensitive first, as
 ``--int8-layers auto`` does (`export.precision.choose_int8_layers`), here all the way to none. Each row
 is one step of that curve: the relative action RMSE (against fp32, on held-out inputs, as a fraction
-of the action range) and the fraction of the Linear multiply-adds still in int8.
+of the action range) and the fraction of the Linear multiply-adds still in int8. With
+``--closed-loop N`` the steps keeping 0, 1, 2, 3 and 6 Linears in fp32 also play N episodes each,
+paired by reset seed with the fp32 graph's N (played once), and report the mean paired delta of the
+normalised score with a 95% t interval, as the export's gate computes its deltas.
 
-    python bench/int8_layers.py --checkpoint runs/hopper-seed0/best.pt
+    python bench/int8_layers.py --checkpoint runs/hopper-seed0/best.pt [--closed-loop 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -49,14 +53,54 @@ def curves(checkpoint_path: Path, *, mode: str, methods: list[str], dataset: str
     return results
 
 
+CLOSED_LOOP_STEPS = (0, 1, 2, 3, 6)  # Linears in fp32 at the curve's points that play episodes
+
+
+def closed_loop_deltas(checkpoint_path: Path, results: dict[str, dict], *, mode: str, dataset: str | None,
+                       calibration_samples: int, episodes: int, seed: int) -> None:
+    """Adds ``closed_loop`` (mean paired delta, 95% interval, episodes) to the curve's CLOSED_LOOP_STEPS."""
+    import numpy as np
+
+    from calibration.accuracy import closed_loop, student_t_quantile
+    from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
+    from calibration.qdq import calibration_feeds, float_linears, quantize_qdq
+    from dmm_train.checkpoint import load_checkpoint
+    from dmm_train.manifest_builder import build_manifest
+    from export.onnx_export import build_graph
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    proto = build_graph(checkpoint.model.eval(), mode=mode, precision="int8")
+    manifest = build_manifest(checkpoint, mode=mode)
+    data = calibration_data(proto, manifest, checkpoint, dataset=dataset, steps=CLOSED_LOOP_MIN_STEPS, seed=seed)
+    feeds = calibration_feeds(proto, manifest, data.split.calibration, calibration_samples, seed=seed)
+    reference = closed_loop(proto.SerializeToString(), manifest, optimize=True, label="fp32", episodes=episodes,
+                            seed=seed)["scores"]  # (N,)
+    int8_manifest = dataclasses.replace(manifest, precision="int8")
+    for method, record in results.items():
+        quantized, _ = quantize_qdq(proto, feeds, method=method)
+        for step in record["steps"]:
+            if len(step["fp32_layers"]) not in CLOSED_LOOP_STEPS:
+                continue
+            graph = float_linears(quantized, proto, step["fp32_layers"])
+            scores = closed_loop(graph.SerializeToString(), int8_manifest, optimize=False, label="int8",
+                                 episodes=episodes, seed=seed)["scores"]
+            deltas = np.asarray(scores) - np.asarray(reference)  # (N,) paired by reset seed
+            half = student_t_quantile(0.975, episodes - 1) * deltas.std(ddof=1) / np.sqrt(episodes)
+            step["closed_loop"] = {"delta": float(deltas.mean()), "low": float(deltas.mean() - half),
+                                   "high": float(deltas.mean() + half), "episodes": episodes}
+
+
 def table(results: dict[str, dict]) -> str:
-    lines = ["| method | Linears in fp32 | last returned to fp32 | int8 MAC fraction | action RMSE / range |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | Linears in fp32 | last returned to fp32 | int8 MAC fraction | action RMSE / range | "
+             "closed-loop delta (95%) |", "|---|---|---|---|---|---|"]
     for method, record in results.items():
         for step in record["steps"]:
             kept = step["fp32_layers"]
+            played = step.get("closed_loop")
+            delta = (f"{played['delta']:+.2f} ({played['low']:+.2f} .. {played['high']:+.2f}, "
+                     f"{played['episodes']} pairs)" if played else "")
             lines.append(f"| {method} | {len(kept)} | {kept[-1] if kept else '-'} | "
-                         f"{step['int8_mac_fraction']:.3f} | {step['rmse_relative']:.2e} |")
+                         f"{step['int8_mac_fraction']:.3f} | {step['rmse_relative']:.2e} | {delta} |")
     shares = ["", "| method | Linear | RMSE / range alone | share of squared error | MACs |", "|---|---|---|---|---|"]
     for method, record in results.items():
         ranked = sorted(record["sensitivity"].items(), key=lambda item: -item[1]["rmse_relative_alone"])
@@ -77,11 +121,17 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-windows", type=int, default=512)
     parser.add_argument("--heldout", type=int, default=256, help="held-out inputs for the action RMSE")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--closed-loop", type=int, default=0, metavar="N",
+                        help="also play N paired episodes at the curve's first points (0: none)")
     args = parser.parse_args(argv)
     try:
         results = curves(args.checkpoint, mode=args.mode, methods=[m.strip() for m in args.methods.split(",")],
                          dataset=args.dataset, calibration_samples=args.calibration_windows,
                          heldout_samples=args.heldout, seed=args.seed)
+        if args.closed_loop:
+            closed_loop_deltas(args.checkpoint, results, mode=args.mode, dataset=args.dataset,
+                               calibration_samples=args.calibration_windows, episodes=args.closed_loop,
+                               seed=args.seed)
     except DMMError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -27,6 +27,14 @@ steps so that a change in the machine's load hits every path alike. Informationa
 `runtime.Policy.act` on (b), (c) and (d): the runtime's input checks and clipping on top. torch runs
 with one thread, each ONNX Runtime session with one intra-op thread, the C step on one thread.
 
+Limits at the actuator and the step record, on and off side by side (issue: their cost on the C
+stream step): (d) again with the manifest's limits compiled into the C step, and ``Policy.act``
+on (d) with limits, then with limits and a step record (`Policy(record=)`, into the scratch
+directory; its chunks written by the recorder's thread while the bench runs). The limits are a
+rate limit of 2 per step (the whole action range: it never bites, so every path still computes
+the same actions, and it is computed on every step, which is what costs); a ramp costs the same
+on its first N steps and nothing after. The line ``limits + record`` gives the p50 added.
+
 It then runs the window and the stream Policy closed loop on Hopper-v5 for a few episodes:
 stream mode is a different policy by design (its state sees the whole episode,
 docs/design.md#stream-mode), so its return is reported beside window mode's.
@@ -70,7 +78,11 @@ EAGER = "(a) eager torch window, loop scan"
 PATH_AGREEMENT = {EAGER: max_abs("step-vs-sequence"), "(b) ORT window": max_abs("export-gate"),
                   "(c) ORT stream": float("inf"), "(d) native C stream": float("inf"),
                   "    Policy.act on (b)": max_abs("export-gate"), "    Policy.act on (c)": float("inf"),
-                  "    Policy.act on (d)": float("inf")}
+                  "    Policy.act on (d)": float("inf"), "(d) native C stream + limits": float("inf"),
+                  "    Policy.act on (d) + limits": float("inf"),
+                  "    Policy.act on (d) + limits + record": float("inf")}
+# Limits that are computed on every step and never change an action (see the module docstring).
+BENCH_RATE_LIMIT = "2"
 # The stream paths are held to each other instead: the C step against (c), both fp32.
 STREAM_AGREEMENT = max_abs("c-vs-torch")
 
@@ -291,9 +303,11 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     from export.onnx_export import export_checkpoint
     from runtime import Policy, load_backend
     from runtime.latency import LatencyStats
+    from runtime.limits import LimitsOptions
     from runtime.native_backend import NativeLibrary, compile_flags
     from runtime.plant import make_plant
     from runtime.recording import record_trajectory
+    from runtime.step_record import read_record
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="dmm-step-latency-") as scratch:
@@ -311,8 +325,14 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
             manifests[mode] = read_manifest(manifest_path)
         c_path, _, c_manifest_path = export_c_checkpoint(checkpoint.path, out=scratch / "native")
         manifests["native"] = read_manifest(c_manifest_path)
+        limit_options = LimitsOptions(action_rate_limit=BENCH_RATE_LIMIT)
+        c_limited_path = export_c_checkpoint(checkpoint.path, out=scratch / "native-limited", limits=limit_options)[0]
+        limits = limit_options.resolve(manifests["native"])
         backends = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
         backends["native"] = load_backend(c_path)
+        backends["native limited"] = load_backend(c_limited_path)
+        # The limited and recording Policy rows get backends of their own, as every Policy row does.
+        backends["native 2"], backends["native 3"] = load_backend(c_path), load_backend(c_path)
         # (b) and (c) get backends of their own: a Policy's feeds must not share their bound inputs.
         timed = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
         for backend in backends.values():
@@ -335,6 +355,10 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                 "    Policy.act on (b)": PolicyPath(Policy(backends["window"])),
                 "    Policy.act on (c)": PolicyPath(Policy(backends["stream"])),
                 "    Policy.act on (d)": PolicyPath(Policy(backends["native"])),
+                "(d) native C stream + limits": NativeStream(backends["native limited"].library, manifests["native"]),
+                "    Policy.act on (d) + limits": PolicyPath(Policy(backends["native 2"], limits=limits)),
+                "    Policy.act on (d) + limits + record": PolicyPath(
+                    Policy(backends["native 3"], limits=limits, record=scratch / "record")),
             }
             # Warm-up, and a check that the paths compute the same policy on the same inputs.
             warm = {}
@@ -348,7 +372,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                     raise DMMError(f"{name.strip()} | differs from {EAGER} by {difference:.2e} over the first "
                                    f"{WARMUP_STEPS} steps | expected below {PATH_AGREEMENT[name]:g}; the benchmark "
                                    "would compare different computations")
-            for name in ("(d) native C stream", "    Policy.act on (d)"):
+            for name in ("(d) native C stream", "    Policy.act on (d)", "(d) native C stream + limits",
+                         "    Policy.act on (d) + limits", "    Policy.act on (d) + limits + record"):
                 difference = float(np.abs(np.asarray(warm[name]) - np.asarray(warm["(c) ORT stream"])).max())
                 if not difference < STREAM_AGREEMENT:
                     raise DMMError(f"{name.strip()} | differs from (c) ORT stream by {difference:.2e} over the "
@@ -365,6 +390,9 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
 
             returns = {mode: closed_loop(backends[mode], checkpoint.env_id, args.episodes, SEED)
                        for mode in ("window", "stream", "native")}
+            recording = paths["    Policy.act on (d) + limits + record"].policy
+            recording.close()
+            recorded_rows = read_record(scratch / "record").rows
         finally:
             for backend in (*backends.values(), *timed.values()):
                 backend.close()
@@ -403,6 +431,17 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     window_speedup = reference / stats["(b) ORT window"].p50
     stream_speedup = reference / stats["(c) ORT stream"].p50
     native_speedup = stats["(c) ORT stream"].p50 / stats["(d) native C stream"].p50
+    def added(base: str, row: str) -> tuple[float, float]:
+        """(wall p50, cpu p50) that ``row`` adds to ``base``, in us."""
+        return (stats[row].p50 - stats[base].p50) * 1e3, cpu_p50[row] - cpu_p50[base]
+
+    c_limits = added("(d) native C stream", "(d) native C stream + limits")
+    policy_limits = added("    Policy.act on (d)", "    Policy.act on (d) + limits")
+    policy_both = added("    Policy.act on (d)", "    Policy.act on (d) + limits + record")
+    print(f"limits + record, p50 added to the C stream step (wall / cpu us): C env-step API with limits "
+          f"{c_limits[0]:+.2f} / {c_limits[1]:+.2f}; Policy.act on (d) with limits {policy_limits[0]:+.1f} / "
+          f"{policy_limits[1]:+.1f}, with limits + record {policy_both[0]:+.1f} / {policy_both[1]:+.1f} "
+          f"({recorded_rows} rows recorded)")
     print(f"speedup window: {window_speedup:.1f}x stream: {stream_speedup:.1f}x native vs ORT stream: "
           f"{native_speedup:.1f}x")
     return window_speedup, stream_speedup

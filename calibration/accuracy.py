@@ -97,7 +97,6 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
 def closed_loop(model_bytes: bytes, manifest: Manifest, *, optimize: bool, label: str, episodes: int,
                 seed: int) -> dict:
     """Returns and normalised scores of ``episodes`` episodes (seeds seed + i) of one graph in the real env."""
-    from contract.scores import normalized_score
     from runtime.loop import run_episode
     from runtime.plant import check_plant, make_plant
     from runtime.policy import Policy
@@ -112,7 +111,7 @@ def closed_loop(model_bytes: bytes, manifest: Manifest, *, optimize: bool, label
         finally:
             plant.close()
     returns = [r.episode_return for r in results]
-    scores = [normalized_score(r, manifest.ref_min_score, manifest.ref_max_score) for r in returns]
+    scores = [manifest.facts.score(r) for r in returns]
     return {"returns": returns, "lengths": [r.length for r in results], "scores": scores,
             "score": float(np.mean(scores))}
 
@@ -272,6 +271,13 @@ def accuracy_report(reference_proto, candidate_proto, *, manifest: Manifest, hel
     report["action_refused"] = bool(report["action_rmse_relative"] > action_limit)
     if report["action_refused"]:
         return report
+    if not (manifest.facts.has_simulator and manifest.facts.normalises):
+        # A policy from a robot's logs: no simulator to play episodes in, and no reference scores that make
+        # a drop in points comparable. The held-out action error is the whole judgement, and the report says so.
+        why = "no simulator" if not manifest.facts.has_simulator else "no reference scores"
+        report.update({"score_refused": False, "score_verdict": f"not played ({why}): judged by the held-out "
+                       "action error alone", "closed_loop": False})
+        return report
     fp32_manifest = dataclasses.replace(manifest, precision="fp32")
     played = {"fp32": [], "low": []}
 
@@ -313,6 +319,10 @@ def accuracy_summary(accuracy: dict, precision: str) -> str:
     """One line for the CLI."""
     relative = (f", {accuracy['action_rmse_relative']:.1e} of the action range, limit {accuracy['max_action_error']:g}"
                 if "action_rmse_relative" in accuracy else "")
+    if accuracy.get("closed_loop") is False:
+        return (f"{precision} accuracy vs fp32 (ONNX Runtime CPU): action RMSE {accuracy['action_rmse']:.2e}{relative} "
+                f"(max |diff| {accuracy['action_max_abs']:.2e}) on {accuracy['heldout_samples']} held-out samples; "
+                f"closed loop {accuracy['score_verdict']}")
     return (f"{precision} accuracy vs fp32 (ONNX Runtime CPU): action RMSE {accuracy['action_rmse']:.2e}{relative} "
             f"(max |diff| {accuracy['action_max_abs']:.2e}) on {accuracy['heldout_samples']} held-out samples; "
             f"closed-loop normalised score {accuracy['score']:.2f} vs {accuracy['score_fp32']:.2f}, "

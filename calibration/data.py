@@ -187,6 +187,10 @@ def calibration_data(fp32_proto, manifest, checkpoint, *, dataset: str | None = 
         split = split_episodes(loaded, seed=seed)
         return CalibrationData(split, f"the dataset {loaded.dataset_id} ({loaded.content_hash[:12]}...)"
                                + ("" if dataset is None else f", given with --dataset {dataset}"), why)
+    if not manifest.env_id:
+        raise DMMError(f"low-precision export | received no training dataset ({why}) and a policy "
+                       "with no simulator to roll out | expected the dataset it was trained on; pass --dataset with "
+                       "its directory or local id")
     first = seed + CLOSED_LOOP_SEED_OFFSET
     episodes = closed_loop_episodes(fp32_proto.SerializeToString(), manifest, steps=steps, seed=first)
     total = sum(len(e) for e in episodes)

@@ -32,6 +32,10 @@ Optional fields (format version 1 reads manifests with or without them):
         training states' per-dimension min/max widened by the margin of
         `dmm_train.manifest_builder.observation_range`; null for a checkpoint that recorded no
         range, and then `runtime.policy.Policy` skips the range check.
+    actuator_limits   what `runtime.limits` applies at the actuator (docs/deployment.md#limits-at-the-actuator):
+        {"lower": (Adim,), "upper": (Adim,) within action_low/high, "max_change": (Adim,) > 0 or null,
+        "ramp_steps": N >= 0, "ramp_start": (Adim,) within lower/upper or null}; null: the action
+        bounds alone, as before.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contract.deployment import PolicyFacts
 from contract.errors import DMMError
 from contract.files import atomic_write_bytes, complete_interrupted_sets, exclusive_lock, file_error
 
@@ -58,7 +63,8 @@ STREAM_INPUTS = ("prev_action", "prev_action_valid", "rtg", "state", "dsm_cache"
 STREAM_OUTPUTS = ("action", "dsm_cache_next", "ssm_state_next")
 # Fields a manifest may lack (older exports): they take their defaults.
 OPTIONAL_FIELDS = ("exporter", "parity", "accuracy", "engine", "format_version", "observation_low",
-                   "observation_high")
+                   "observation_high", "actuator_limits")
+ACTUATOR_LIMIT_KEYS = ("lower", "upper", "max_change", "ramp_steps", "ramp_start")
 # Which output feeds which input on the next stream step.
 STREAM_CACHE_PAIRS = (("dsm_cache_next", "dsm_cache"), ("ssm_state_next", "ssm_state"))
 
@@ -132,10 +138,10 @@ class Manifest:
     target_returns: tuple[float, ...]
     action_low: tuple[float, ...]
     action_high: tuple[float, ...]
-    env_id: str
+    env_id: str | None  # None: no simulator (a policy trained from a robot's logs)
     preset: str
-    ref_min_score: float
-    ref_max_score: float
+    ref_min_score: float | None  # None: scores are raw returns
+    ref_max_score: float | None
     checkpoint_sha256: str
     onnx_sha256: str
     opset: int
@@ -146,6 +152,7 @@ class Manifest:
     format_version: int = MANIFEST_FORMAT_VERSION
     observation_low: tuple[float, ...] | None = None  # (S,) raw; None: no range recorded
     observation_high: tuple[float, ...] | None = None  # (S,)
+    actuator_limits: dict | None = None  # see `check_actuator_limits`; None: the action bounds alone
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -197,6 +204,8 @@ class Manifest:
             raise DMMError(f"{source}: state_mean/std have {len(self.state_mean)}/{len(self.state_std)} "
                            f"entries; expected state_dim={self.state_dim}")
         self._validate_observation_range(source)
+        if self.actuator_limits is not None:
+            check_actuator_limits(self.actuator_limits, self.action_low, self.action_high, f"{source}: actuator_limits")
 
     def _validate_observation_range(self, source: str) -> None:
         low, high = self.observation_low, self.observation_high
@@ -210,11 +219,53 @@ class Manifest:
             raise DMMError(f"{source}: observation_low/high | received a bound that is not finite or low > high "
                            "| expected finite low <= high per dimension; re-export the engine")
 
+    @property
+    def facts(self) -> PolicyFacts:
+        """The policy's deployment facts (`contract.deployment`), as the checkpoint recorded them."""
+        return PolicyFacts(
+            preset=self.preset, env_id=self.env_id, state_dim=self.state_dim, act_dim=self.act_dim,
+            context_len=self.context_len, state_mean=self.state_mean, state_std=self.state_std,
+            rtg_scale=self.rtg_scale, target_returns=self.target_returns, ref_min_score=self.ref_min_score,
+            ref_max_score=self.ref_max_score)
+
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
 
     def output(self, name: str) -> TensorSpec:
         return next(spec for spec in self.outputs if spec.name == name)
+
+
+def check_actuator_limits(limits, action_low, action_high, source: str = "actuator limits") -> None:
+    """Refuse actuator limits that are not of `ACTUATOR_LIMIT_KEYS` shape, or lie outside the action bounds."""
+    act_dim = len(action_low)
+
+    def vector(key: str, optional: bool) -> list[float] | None:
+        value = limits.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) != act_dim or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise DMMError(f"{source}: {key} | received {value!r} | expected {act_dim} finite numbers (one per action "
+                           "dimension)" + ("" if not optional else " or null"))
+        return [float(v) for v in value]
+
+    if not isinstance(limits, dict) or sorted(limits) != sorted(ACTUATOR_LIMIT_KEYS):
+        keys = sorted(limits) if isinstance(limits, dict) else type(limits).__name__
+        raise DMMError(f"{source} | received keys {keys} | expected exactly {', '.join(ACTUATOR_LIMIT_KEYS)}")
+    lower, upper = vector("lower", False), vector("upper", False)
+    if not all(a <= lo <= hi <= b for a, lo, hi, b in zip(action_low, lower, upper, action_high, strict=True)):
+        raise DMMError(f"{source}: lower/upper | received {lower} / {upper} | expected action_low <= lower <= upper "
+                       f"<= action_high per dimension ({list(action_low)} / {list(action_high)}); narrow them")
+    max_change = vector("max_change", True)
+    if max_change is not None and not all(v > 0 for v in max_change):
+        raise DMMError(f"{source}: max_change | received {max_change} | expected a positive change per step in every "
+                       "dimension (null for no rate limit)")
+    steps = limits["ramp_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise DMMError(f"{source}: ramp_steps | received {steps!r} | expected a whole number >= 0 (0: no ramp)")
+    start = vector("ramp_start", True)
+    if start is not None and not all(lo <= v <= hi for lo, v, hi in zip(lower, start, upper, strict=True)):
+        raise DMMError(f"{source}: ramp_start | received {start} | expected values within lower / upper")
 
 
 def manifest_path_for(engine_path: str | Path) -> Path:

@@ -1,8 +1,9 @@
 """Checkpoints: the atomic `model.pt` (+ readable `model.json`) and the resume state.
 
-`model.pt` is everything later stages need (weights, configs, the model kind,
-normalisation, rtg scale, env, targets, dataset identity, versions) and nothing about
-the optimizer. The kind (dmm, dmamba, dt, bc) is ``model_config["model"]``, also shown at
+`model.pt` is everything later stages need (weights, configs, the model kind, the policy's
+facts (`contract.deployment.PolicyFacts`: normalisation, rtg scale, targets, env and reference
+scores or none), dataset identity, versions) and nothing about the optimizer. The kind
+(dmm, dmamba, dt, bc) is ``model_config["model"]``, also shown at
 the top level as ``"model"``; a checkpoint without it is a DMM checkpoint (written before
 the baselines existed), so format version 1 covers both.
 `best.pt` (+ `best.json`, which adds the ``selection`` score it was chosen on) is a model.pt
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from contract.deployment import PolicyFacts
 from contract.errors import DMMError, describe_error
 from contract.files import atomic_write_bytes, atomic_write_json
 from contract.versions import CHECKPOINT_PACKAGES, library_versions
@@ -94,53 +96,83 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A loaded `model.pt`: the model plus everything a later stage needs."""
+    """A loaded `model.pt`: the model, its deployment facts and where it came from."""
 
     model: nn.Module  # DecisionMetaMamba, or the baseline that model_config.model names
     model_config: ModelConfig
     train_config: dict
-    preset: str
-    env_id: str
-    state_mean: np.ndarray  # (S,) float32
-    state_std: np.ndarray  # (S,) float32, eps already added
-    rtg_scale: float
-    target_returns: tuple[float, ...]
-    ref_min_score: float
-    ref_max_score: float
+    facts: PolicyFacts  # dims, normalisation, rtg scale, targets, env or none, references or none
     dataset_id: str
     dataset_hash: str
     step: int
     path: Path
     metadata: dict
+
+    # The facts by name, for the stages that read one or two of them.
+    @property
+    def preset(self) -> str:
+        return self.facts.preset
+
+    @property
+    def env_id(self) -> str | None:
+        return self.facts.env_id
+
+    @property
+    def state_mean(self) -> np.ndarray:  # (S,) float32
+        return np.asarray(self.facts.state_mean, dtype=np.float32)
+
+    @property
+    def state_std(self) -> np.ndarray:  # (S,) float32, eps already added
+        return np.asarray(self.facts.state_std, dtype=np.float32)
+
+    @property
+    def rtg_scale(self) -> float:
+        return self.facts.rtg_scale
+
+    @property
+    def target_returns(self) -> tuple[float, ...]:
+        return self.facts.target_returns
+
+    @property
+    def ref_min_score(self) -> float | None:
+        return self.facts.ref_min_score
+
+    @property
+    def ref_max_score(self) -> float | None:
+        return self.facts.ref_max_score
+
     # (S,) float32 per-dimension extremes of the training states; None in checkpoints written
     # before they were recorded (their exports carry no observation range).
-    state_min: np.ndarray | None = None
-    state_max: np.ndarray | None = None
+    @property
+    def state_min(self) -> np.ndarray | None:
+        return _optional_vector(self.facts.state_min)
+
+    @property
+    def state_max(self) -> np.ndarray | None:
+        return _optional_vector(self.facts.state_max)
 
 
-def checkpoint_metadata(
-    *,
-    model: nn.Module,
-    train_config: dict,
-    preset: str,
-    env_id: str,
-    state_mean: np.ndarray,
-    state_std: np.ndarray,
-    rtg_scale: float,
-    target_returns: tuple[float, ...],
-    ref_min_score: float,
-    ref_max_score: float,
-    dataset_id: str,
-    dataset_hash: str,
-    step: int,
-    world_size: int = 1,
-    state_min: np.ndarray | None = None,
-    state_max: np.ndarray | None = None,
-) -> dict:
+def policy_facts(model_config: ModelConfig, preset, dataset) -> PolicyFacts:
+    """The facts of a policy of ``model_config`` trained with ``preset`` (an EnvPreset) on ``dataset``."""
+    references = (dataset.ref_min_score, dataset.ref_max_score)
+    if references[0] is None or references[1] is None:
+        references = (preset.ref_min_score, preset.ref_max_score)  # None for a preset derived from the data
+    return PolicyFacts(
+        preset=preset.name, env_id=preset.env_id, state_dim=model_config.state_dim, act_dim=model_config.act_dim,
+        context_len=model_config.context_len, state_mean=dataset.state_mean, state_std=dataset.state_std,
+        rtg_scale=preset.rtg_scale, target_returns=preset.target_returns, ref_min_score=references[0],
+        ref_max_score=references[1], state_min=dataset.state_min, state_max=dataset.state_max,
+    )
+
+
+def checkpoint_metadata(*, model: nn.Module, train_config: dict, facts: PolicyFacts, dataset_id: str,
+                        dataset_hash: str, step: int, world_size: int = 1) -> dict:
     """The JSON-able description stored in model.pt and model.json."""
-    state_range = {}
-    if state_min is not None and state_max is not None:
-        state_range = {"state_min": [float(v) for v in state_min], "state_max": [float(v) for v in state_max]}
+    stored = facts.to_dict()
+    for name in ("state_min", "state_max"):  # absent, not null, when not recorded (older readers)
+        if stored[name] is None:
+            del stored[name]
+    del stored["state_dim"], stored["act_dim"], stored["context_len"]  # the model config holds them
     return {
         "format_version": FORMAT_VERSION,
         "kind": "dmm-checkpoint",
@@ -148,15 +180,7 @@ def checkpoint_metadata(
         "model_config": dataclasses.asdict(model.config),
         "train_config": train_config,
         "n_params": count_parameters(model),
-        "preset": preset,
-        "env_id": env_id,
-        "state_mean": [float(v) for v in state_mean],
-        "state_std": [float(v) for v in state_std],
-        **state_range,
-        "rtg_scale": float(rtg_scale),
-        "target_returns": [float(v) for v in target_returns],
-        "ref_min_score": float(ref_min_score),
-        "ref_max_score": float(ref_max_score),
+        **stored,
         "dataset": {"id": dataset_id, "content_hash": dataset_hash},
         "step": int(step),
         "world_size": int(world_size),  # training processes (torchrun ranks) that took each step
@@ -208,25 +232,18 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
                        "expected a model.pt written by 'cli.py train'; retrain or pick another file") from None
     model.eval()
     metadata = {k: v for k, v in payload.items() if k != "model_state"}
+    facts = PolicyFacts.from_dict({**payload, "state_dim": model_config.state_dim, "act_dim": model_config.act_dim,
+                                   "context_len": model_config.context_len}, source=f"checkpoint {str(path)!r}")
     return Checkpoint(
         model=model,
         model_config=model_config,
         train_config=payload["train_config"],
-        preset=payload["preset"],
-        env_id=payload["env_id"],
-        state_mean=np.asarray(payload["state_mean"], dtype=np.float32),
-        state_std=np.asarray(payload["state_std"], dtype=np.float32),
-        rtg_scale=float(payload["rtg_scale"]),
-        target_returns=tuple(payload["target_returns"]),
-        ref_min_score=float(payload["ref_min_score"]),
-        ref_max_score=float(payload["ref_max_score"]),
+        facts=facts,
         dataset_id=payload["dataset"]["id"],
         dataset_hash=payload["dataset"]["content_hash"],
         step=int(payload["step"]),
         path=path,
         metadata=metadata,
-        state_min=_optional_vector(payload.get("state_min")),
-        state_max=_optional_vector(payload.get("state_max")),
     )
 
 

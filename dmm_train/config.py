@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,15 +37,16 @@ WARMUP_SHARE = 0.1  # the official warmup's share of that budget, kept by shorte
 class EnvPreset:
     """Everything that depends on the environment rather than on the run."""
 
-    name: str = field(metadata={"help": "preset name (hopper, walker2d, ...)"})
-    env_id: str = field(metadata={"help": "gymnasium id of the plant"})
+    name: str = field(metadata={"help": "preset name (hopper, walker2d, ...; data: derived from a dataset)"})
+    env_id: str | None = field(metadata={"help": "gymnasium id of the plant; None: no simulator"})
     state_dim: int = field(metadata={"help": "observation size S"})
     act_dim: int = field(metadata={"help": "action size Adim"})
     d_model: int = field(metadata={"help": "model width D"})
     target_returns: tuple[float, ...] = field(metadata={"help": "evaluation targets; the first is the default"})
     rtg_scale: float = field(default=1000.0, metadata={"help": "return-to-go divisor"})
-    ref_min_score: float = field(default=0.0, metadata={"help": "D4RL random-policy return"})
-    ref_max_score: float = field(default=1.0, metadata={"help": "D4RL expert return"})
+    ref_min_score: float | None = field(default=0.0, metadata={
+        "help": "D4RL random-policy return; None: scores are raw returns"})
+    ref_max_score: float | None = field(default=1.0, metadata={"help": "D4RL expert return"})
     max_episode_steps: int = field(default=1000, metadata={"help": "episode cap of the plant"})
     share_dsm_across_layers: bool = field(
         default=False,
@@ -79,6 +81,19 @@ PRESETS: dict[str, EnvPreset] = {
 }
 
 
+# `train --preset` beyond the named presets: auto (the default) takes the preset whose env the
+# dataset names, else derives one from the data; data always derives one (`derived_preset`).
+AUTO_PRESET = "auto"
+DATA_PRESET = "data"
+DEFAULT_PRESET_NAME = "hopper"  # the embedded default dataset's preset
+PRESET_CHOICES = (AUTO_PRESET, DATA_PRESET)
+# A derived preset's width: the locomotion presets' D, which fits their 11-17 observation dims.
+DERIVED_D_MODEL = 64
+# Target returns a derived preset conditions on: the best episode's return (the default target),
+# then these quantiles of the episode returns (docs/model.md#a-preset-from-the-data).
+DERIVED_TARGET_QUANTILES = (0.75, 0.5)
+
+
 def get_preset(name: str) -> EnvPreset:
     """Return the preset called ``name`` or raise a DMMError listing the known ones."""
     if name not in PRESETS:
@@ -87,6 +102,79 @@ def get_preset(name: str) -> EnvPreset:
             "pass --preset with one of those names"
         )
     return PRESETS[name]
+
+
+def check_preset_choice(name: str) -> str:
+    """``name`` if `train --preset` accepts it (a named preset, auto or data), else a DMMError."""
+    if name not in PRESETS and name not in PRESET_CHOICES:
+        raise DMMError(f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}, auto (the preset "
+                       "of the dataset's env, else one derived from the data) or data; pass --preset with one")
+    return name
+
+
+def preset_for_dataset(name: str, dataset) -> EnvPreset:
+    """The preset a run of ``--preset name`` trains ``dataset`` (an `OfflineDataset`) with.
+
+    A named preset is taken as named; ``data`` derives one from the dataset; ``auto`` takes the
+    named preset whose env the dataset records, else derives one (a robot's logs name no env).
+    """
+    check_preset_choice(name)
+    if name == AUTO_PRESET:
+        # By the env's name without its version: Hopper-v4 data trains with the hopper preset (played in v5).
+        matching = [preset for preset in PRESETS.values()
+                    if dataset.env_id and _unversioned(preset.env_id) == _unversioned(dataset.env_id)]
+        return matching[0] if matching else derived_preset(dataset)
+    if name == DATA_PRESET:
+        return derived_preset(dataset)
+    return get_preset(name)
+
+
+def _unversioned(env_id: str) -> str:
+    return re.sub(r"-v\d+$", "", env_id)
+
+
+def derived_preset(dataset) -> EnvPreset:
+    """A preset from the data alone: dims from its arrays, the return scale and targets from its returns.
+
+    rtg_scale is the power of ten at or below the largest |episode return| (hopper's 1000 for
+    returns in the thousands), so the conditioning return is of order one, as with the named
+    presets. The targets are the best episode's return (the default: ask for the best behaviour
+    the data shows), then the DERIVED_TARGET_QUANTILES of the episode returns. No reference
+    scores: a dataset of a robot's logs has no D4RL random and expert returns, so its scores
+    are raw returns. The env id is the dataset's own, when it records one.
+    """
+    import numpy as np
+
+    returns = np.asarray([float(np.sum(episode.rewards)) for episode in dataset.episodes])  # (E,)
+    largest = float(np.max(np.abs(returns))) if returns.size else 0.0
+    rtg_scale = 10.0 ** math.floor(math.log10(largest)) if largest > 0 else 1.0
+    targets = [float(returns.max())] + [float(np.quantile(returns, q)) for q in DERIVED_TARGET_QUANTILES]
+    unique_targets = tuple(dict.fromkeys(round(value, 6) for value in targets))
+    return EnvPreset(
+        DATA_PRESET, dataset.env_id or None, dataset.state_dim, dataset.act_dim, DERIVED_D_MODEL, unique_targets,
+        rtg_scale=rtg_scale, ref_min_score=None, ref_max_score=None,
+        max_episode_steps=max(len(episode) for episode in dataset.episodes),
+    )
+
+
+def run_name(preset: str, dataset: str | None) -> str:
+    """The name of a run's default directory: the preset, else the preset the dataset's id names, else the id.
+
+    ``auto`` and ``data`` are resolved from the loaded dataset only later; the directory is chosen
+    before, from the id alone: the embedded default is hopper's, an id naming a preset word
+    (``mujoco/hopper/medium-v0``) takes that preset's name, any other id its last part without
+    the version (``robot/reacher-bag-v0`` -> ``reacher-bag``).
+    """
+    if preset not in PRESET_CHOICES:
+        return preset
+    if dataset is None:
+        return DEFAULT_PRESET_NAME
+    words = set(re.split(r"[/\\_.\-]+", dataset.lower()))
+    named = [name for name in PRESETS if name in words]
+    if preset == AUTO_PRESET and named:
+        return named[0]
+    last = re.sub(r"-v\d+$", "", Path(dataset.rstrip("/\\")).name) or "data"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", last).strip("-.") or "data"
 
 
 # The policies one harness trains and evaluates (dmm_train/baselines.py has the baselines):
@@ -190,7 +278,9 @@ class ModelConfig:
 class TrainConfig:
     """Official DMM training hyperparameters (docs/model.md#training), the same for every model kind."""
 
-    preset: str = field(default="hopper", metadata={"help": "environment preset"})
+    preset: str = field(default=AUTO_PRESET, metadata={
+        "help": "environment preset: hopper, walker2d, ...; auto (default): the dataset's env's preset, else one "
+                "derived from the data; data: always derived (dims, return scale and targets from its episodes)"})
     model: str = field(default="dmm", metadata={"help": "policy kind: dmm | dmamba | dt | bc (MODEL_KINDS)"})
     dataset: str | None = field(default=None, metadata={"help": "Minari id or path; None = embedded default"})
     steps: int = field(default=100_000, metadata={"help": "gradient steps"})
@@ -231,7 +321,7 @@ class TrainConfig:
         return min(OFFICIAL_WARMUP_STEPS, int(self.steps * WARMUP_SHARE))
 
     def validate(self) -> None:
-        get_preset(self.preset)
+        check_preset_choice(self.preset)
         check_model_kind(self.model)
         positive = {
             "steps": self.steps, "batch_size": self.batch_size,
@@ -267,9 +357,9 @@ class TrainConfig:
             raise DMMError(f"scan={self.scan!r}; expected auto, fused or loop")
 
     def run_dir(self) -> Path:
-        """The default run directory: runs/<preset>-seed<S> (runs/<preset>-<model>-seed<S> for a baseline)."""
+        """The default run directory: runs/<name>-seed<S> (runs/<name>-<model>-seed<S> for a baseline), `run_name`."""
         kind = "" if self.model == "dmm" else f"-{self.model}"
-        name = f"{self.preset}{kind}-seed{self.seed}"
+        name = f"{run_name(self.preset, self.dataset)}{kind}-seed{self.seed}"
         return RUNS_DIR / name
 
 

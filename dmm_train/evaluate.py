@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from contract.deployment import PolicyFacts
 from contract.errors import DMMError
-from contract.scores import normalized_score
 from dmm_train.baselines import policy_actions
 from dmm_train.progress import Progress
 from runtime.plant import make_plant
@@ -32,8 +32,13 @@ class EvalResult:
     lengths: tuple[int, ...]
     return_mean: float
     return_std: float
-    normalized_mean: float
-    normalized_std: float
+    normalized_mean: float | None  # None: the policy has no reference scores (`PolicyFacts.normalises`)
+    normalized_std: float | None
+
+    @property
+    def score_mean(self) -> float:
+        """What selection compares: the normalised score, else the raw return."""
+        return self.return_mean if self.normalized_mean is None else self.normalized_mean
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,16 +47,11 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_policy(
     model: torch.nn.Module,
+    facts: PolicyFacts,
     *,
-    env_id: str,
-    state_mean: np.ndarray,
-    state_std: np.ndarray,
-    rtg_scale: float,
     target_return: float,
     episodes: int,
     seed: int,
-    ref_min_score: float,
-    ref_max_score: float,
     device: str = "cpu",
     progress_label: str | None = None,
 ) -> EvalResult:
@@ -63,6 +63,10 @@ def evaluate_policy(
     """
     if episodes < 1:
         raise DMMError(f"--episodes {episodes}; expected at least 1")
+    if not facts.has_simulator:
+        raise DMMError("closed-loop evaluation | received a policy with no simulator (its dataset names no env) | "
+                       "expected an env to play episodes in; evaluate offline (cli.py eval does so by itself)")
+    env_id, rtg_scale = facts.env_id, facts.rtg_scale
     was_training = model.training
     model.eval()
     envs = [make_plant(env_id) for _ in range(episodes)]
@@ -75,8 +79,8 @@ def evaluate_policy(
             f"environment {env_id} has obs/act dims {state_dim}/{act_dim}; the model expects "
             f"{model.config.state_dim}/{model.config.act_dim}; evaluate on the env the model was trained for"
         )
-    mean = np.asarray(state_mean, dtype=np.float32)
-    std = np.asarray(state_std, dtype=np.float32)
+    mean = np.asarray(facts.state_mean, dtype=np.float32)  # (S,)
+    std = np.asarray(facts.state_std, dtype=np.float32)  # (S,)
 
     # Per-episode histories; index t holds s_t, a_t, rtg_t. a_t stays 0 until acted (placeholder).
     states = np.zeros((episodes, max_steps + 1, state_dim), dtype=np.float32)  # (E, Tmax+1, S)
@@ -135,32 +139,20 @@ def evaluate_policy(
             env.close()
         model.train(was_training)
 
-    scores = normalized_score(returns, ref_min_score, ref_max_score)
+    scores = facts.score(returns) if facts.normalises else None
     return EvalResult(
         target_return=float(target_return),
         returns=tuple(float(r) for r in returns),
         lengths=tuple(int(n) for n in lengths),
         return_mean=float(returns.mean()),
         return_std=float(returns.std()),
-        normalized_mean=float(scores.mean()),
-        normalized_std=float(scores.std()),
+        normalized_mean=None if scores is None else float(scores.mean()),
+        normalized_std=None if scores is None else float(scores.std()),
     )
 
 
 def evaluate_checkpoint(checkpoint, *, target_return: float, episodes: int, seed: int, device: str = "cpu",
                         progress_label: str | None = None):
-    """`evaluate_policy` with everything read from a loaded `Checkpoint`."""
-    return evaluate_policy(
-        checkpoint.model.to(device),
-        env_id=checkpoint.env_id,
-        state_mean=checkpoint.state_mean,
-        state_std=checkpoint.state_std,
-        rtg_scale=checkpoint.rtg_scale,
-        target_return=target_return,
-        episodes=episodes,
-        seed=seed,
-        ref_min_score=checkpoint.ref_min_score,
-        ref_max_score=checkpoint.ref_max_score,
-        device=device,
-        progress_label=progress_label,
-    )
+    """`evaluate_policy` of a loaded `Checkpoint`."""
+    return evaluate_policy(checkpoint.model.to(device), checkpoint.facts, target_return=target_return,
+                           episodes=episodes, seed=seed, device=device, progress_label=progress_label)

@@ -46,7 +46,8 @@ def build_manifest(
 ) -> Manifest:
     """The manifest of a graph of ``mode`` exported from ``checkpoint``."""
     config = checkpoint.model_config
-    observation_low, observation_high = observation_range(checkpoint.state_min, checkpoint.state_max)
+    facts = checkpoint.facts  # what the policy needs to be fed and judged, as training recorded it
+    observation_low, observation_high = observation_range(facts.state_min, facts.state_max)
     inputs, outputs = tensor_specs(
         mode, batch=batch, context_len=config.context_len, state_dim=config.state_dim,
         act_dim=config.act_dim, n_layer=config.n_layer, dsm_window=config.dsm_window,
@@ -65,17 +66,17 @@ def build_manifest(
         d_model=config.d_model,
         d_state=config.d_state,
         dsm_window=config.dsm_window,
-        state_mean=tuple(float(v) for v in checkpoint.state_mean),
-        state_std=tuple(float(v) for v in checkpoint.state_std),
-        rtg_scale=checkpoint.rtg_scale,
-        target_return=float(checkpoint.target_returns[0]),
-        target_returns=tuple(float(v) for v in checkpoint.target_returns),
+        state_mean=facts.state_mean,
+        state_std=facts.state_std,
+        rtg_scale=facts.rtg_scale,
+        target_return=facts.target_returns[0],
+        target_returns=facts.target_returns,
         action_low=(-DEFAULT_ACTION_BOUND,) * config.act_dim,
         action_high=(DEFAULT_ACTION_BOUND,) * config.act_dim,
-        env_id=checkpoint.env_id,
-        preset=checkpoint.preset,
-        ref_min_score=checkpoint.ref_min_score,
-        ref_max_score=checkpoint.ref_max_score,
+        env_id=facts.env_id,
+        preset=facts.preset,
+        ref_min_score=facts.ref_min_score,
+        ref_max_score=facts.ref_max_score,
         checkpoint_sha256=sha256_file(checkpoint.path),
         onnx_sha256=onnx_sha256,
         opset=opset,

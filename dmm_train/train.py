@@ -48,9 +48,18 @@ from dmm_train.checkpoint import (
     atomic_write_bytes,
     checkpoint_metadata,
     load_plain_data,
+    policy_facts,
     save_model,
 )
-from dmm_train.config import REPORT_EVAL_SEED, SELECTION_EVAL_SEED, ModelConfig, TrainConfig, get_preset
+from dmm_train.config import (
+    DEFAULT_PRESET_NAME,
+    PRESET_CHOICES,
+    REPORT_EVAL_SEED,
+    SELECTION_EVAL_SEED,
+    ModelConfig,
+    TrainConfig,
+    preset_for_dataset,
+)
 from dmm_train.distributed import RankContext
 from dmm_train.progress import Progress
 from dmm_train.threads import setup_threads
@@ -227,14 +236,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_dataset(spec: str | None, progress: bool = True, preset: str = "hopper"):
+def resolve_dataset(spec: str | None, progress: bool = True, preset: str = DEFAULT_PRESET_NAME):
     """Load the dataset named by ``spec``, or the embedded default of ``preset`` (generated on first use)."""
     from dmm_train.minari_reader import load_dataset
     from dmm_train.recipes import ensure_default_dataset
 
     if spec is None:
-        spec = str(ensure_default_dataset(preset, progress=progress))
+        spec = str(ensure_default_dataset(DEFAULT_PRESET_NAME if preset in PRESET_CHOICES else preset,
+                                          progress=progress))
     return load_dataset(spec)
+
+
+# The policy's tanh head acts in [-1, 1]; logged actions beyond it (by more than float rounding)
+# could never be imitated.
+ACTION_BOUND_TOLERANCE = 1e-6
+
+
+def _check_actions_in_range(dataset) -> None:
+    actions = np.concatenate([e.actions for e in dataset.episodes])  # (N, Adim)
+    low, high = float(actions.min()), float(actions.max())
+    if low < -1.0 - ACTION_BOUND_TOLERANCE or high > 1.0 + ACTION_BOUND_TOLERANCE:
+        raise DMMError(
+            f"dataset {dataset.dataset_id!r} actions | received values in [{low:.4g}, {high:.4g}] | expected "
+            "[-1, 1], the range of the policy's tanh head; rescale the actions to [-1, 1] when importing them "
+            "(and scale the policy's actions back on the robot)")
 
 
 def _check_dataset_matches(dataset, preset) -> None:
@@ -397,13 +422,12 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
 def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: bool, progress: bool,
            log_every: int, on_step: Callable[[int], None] | None,
            report: Callable[[str], None] | None) -> Path | None:
-    preset = get_preset(config.preset)
     requested_threads = config.threads  # this command's --threads (None: choose)
     config, resume_state = distributed.on_main(context, lambda: _prepare_run(config, out_dir, context, resume))
 
     def load_here():
-        dataset = resolve_dataset(config.dataset, progress=progress, preset=preset.name)
-        _check_dataset_matches(dataset, preset)
+        dataset = resolve_dataset(config.dataset, progress=progress, preset=config.preset)
+        _check_dataset_matches(dataset, preset_for_dataset(config.preset, dataset))
         if resume_state is not None and resume_state["dataset_hash"] != dataset.content_hash:
             raise DMMError(
                 f"dataset {dataset.dataset_id!r} has content hash {dataset.content_hash[:12]}; the run in "
@@ -423,6 +447,22 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
                            f"rank 0's has {hashes[0][:12]}; expected the same dataset on every node")
 
     distributed.on_every_rank(context, same_dataset_as_rank_0)
+    preset = preset_for_dataset(config.preset, dataset)
+    # Without a simulator, evaluation is offline, on episodes held out of training (dmm_train/offline_eval.py).
+    offline = preset.env_id is None
+    training_dataset, heldout, returns = dataset, (), np.zeros(0)
+    if offline:
+        from dmm_train.offline_eval import heldout_split
+
+        _check_actions_in_range(dataset)
+        if config.report_episodes:
+            raise DMMError(f"--report-episodes {config.report_episodes} | received a dataset with no simulator "
+                           f"({dataset.dataset_id!r} names no env) | expected 0: report evaluations play episodes; "
+                           "the periodic evaluation is offline")
+        if config.eval_episodes:
+            kept, heldout = heldout_split(dataset.episodes)
+            training_dataset = dataclasses.replace(dataset, episodes=kept)
+        returns = np.asarray([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
 
     # Torch's results depend on its thread count (its reductions split by thread), so a resumed run keeps the
     # count it was trained with unless --threads says otherwise; a new run takes the free cores.
@@ -447,7 +487,8 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
     set_scan_impl(model, config.scan)
     optimizer, scheduler = make_optimizer(model, config)
     samplers = [
-        WindowSampler(dataset, model_config.context_len, preset.rtg_scale, seed=distributed.rank_seed(config.seed, r))
+        WindowSampler(training_dataset, model_config.context_len, preset.rtg_scale,
+                      seed=distributed.rank_seed(config.seed, r))
         for r in played
     ]
     if context.rank > 0:
@@ -487,19 +528,13 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    ref_min = dataset.ref_min_score if dataset.ref_min_score is not None else preset.ref_min_score
-    ref_max = dataset.ref_max_score if dataset.ref_max_score is not None else preset.ref_max_score
+    facts = policy_facts(model_config, preset, dataset)
     train_config_dict = dataclasses.asdict(config)
 
     def metadata(at_step: int) -> dict:
-        return checkpoint_metadata(
-            model=model, train_config=train_config_dict, preset=preset.name, env_id=preset.env_id,
-            state_mean=dataset.state_mean, state_std=dataset.state_std, rtg_scale=preset.rtg_scale,
-            target_returns=preset.target_returns, ref_min_score=ref_min, ref_max_score=ref_max,
-            dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=at_step,
-            world_size=context.world_size,
-            state_min=dataset.state_min, state_max=dataset.state_max,
-        )
+        return checkpoint_metadata(model=model, train_config=train_config_dict, facts=facts,
+                                   dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=at_step,
+                                   world_size=context.world_size)
 
     def played_rank_states() -> list[dict]:
         states = [{"sampler_state": sampler.get_state(), "rng_state": _rng_state(device)} for sampler in samplers]
@@ -554,16 +589,27 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         tracker.close()  # the training progress line ends before the evaluation's output
 
         def evaluate(target: float, episodes: int, seed: int, label: str):
-            return evaluate_policy(
-                model, env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
-                rtg_scale=preset.rtg_scale, target_return=target, episodes=episodes, seed=seed,
-                ref_min_score=ref_min, ref_max_score=ref_max, device=device,
-                progress_label=label if progress else None,
-            )
+            return evaluate_policy(model, facts, target_return=target, episodes=episodes, seed=seed, device=device,
+                                   progress_label=label if progress else None)
 
         record: dict = {"step": at_step}
         improved = False
-        if config.eval_episodes:
+        if config.eval_episodes and offline:
+            from dmm_train.offline_eval import evaluate_offline
+
+            result = evaluate_offline(model, facts, heldout, low_target=float(returns.min()),
+                                      median_return=float(np.median(returns)), device=device)
+            record["offline"] = result.to_dict()
+            # Lower is better: best.pt is the checkpoint that imitates the held-out episodes best.
+            improved = best is None or result.action_rmse < best["action_rmse"]
+            if improved:
+                best = {"step": at_step, "action_rmse": result.action_rmse}
+                save_model(out_dir, model, {**metadata(at_step), "selection": {"offline": result.to_dict()}},
+                           stem=BEST_STEM)
+            if progress:
+                print(f"eval step {at_step} (offline): {result.line()}" + ("  (best so far: best.pt)" if improved
+                                                                              else ""), file=sys.stderr, flush=True)
+        elif config.eval_episodes:
             result = evaluate(preset.target_returns[0], config.eval_episodes, SELECTION_EVAL_SEED,
                               f"eval step {at_step}")
             record.update({
@@ -571,17 +617,18 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
                 "return_std": result.return_std, "normalized_mean": result.normalized_mean,
                 "eval_seed": SELECTION_EVAL_SEED, "eval_episodes": config.eval_episodes,
             })
-            improved = best is None or result.normalized_mean > best["normalized_mean"]
+            improved = best is None or result.score_mean > _best_score(best)
             if improved:
-                best = {"step": at_step, "normalized_mean": result.normalized_mean}
+                best = {"step": at_step, "score": result.score_mean}
                 selection = {"target_return": result.target_return, "normalized_mean": result.normalized_mean,
                              "return_mean": result.return_mean, "episodes": config.eval_episodes,
                              "env_seeds": [SELECTION_EVAL_SEED, SELECTION_EVAL_SEED + config.eval_episodes]}
                 save_model(out_dir, model, {**metadata(at_step), "selection": selection}, stem=BEST_STEM)
             if progress:
+                score = ("" if result.normalized_mean is None else f"  normalised {result.normalized_mean:.1f}")
                 print(
-                    f"eval step {at_step}: return {result.return_mean:.1f} ± {result.return_std:.1f}  "
-                    f"normalised {result.normalized_mean:.1f}" + ("  (best so far: best.pt)" if improved else ""),
+                    f"eval step {at_step}: return {result.return_mean:.1f} ± {result.return_std:.1f}{score}"
+                    + ("  (best so far: best.pt)" if improved else ""),
                     file=sys.stderr, flush=True,
                 )
         if config.report_episodes:
@@ -609,6 +656,8 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
             f"out {out_dir}",
             file=sys.stderr, flush=True,
         )
+        if preset.name != preset_name_given(config.preset) or offline:
+            print(_preset_line(preset, len(heldout)), file=sys.stderr, flush=True)
     # A resume point at the last step is written after the final evaluation: such a run is finished.
     finished = resume_state is not None and step >= config.steps
     tracker = Progress("train", config.steps, start=step, enabled=progress and not finished)
@@ -663,6 +712,27 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
     if report is not None:
         report(f"wrote {out_dir / MODEL_FILE}")
     return out_dir / MODEL_FILE
+
+
+def preset_name_given(name: str) -> str | None:
+    """The preset a command named (None for auto and data, which the data decides)."""
+    return None if name in PRESET_CHOICES else name
+
+
+def _preset_line(preset, heldout_episodes: int) -> str:
+    """How a preset the data decided was chosen, and how the run will be evaluated."""
+    if preset.name != "data":
+        return f"preset {preset.name} (the dataset's env {preset.env_id})"
+    evaluation = (f"closed-loop evaluation in {preset.env_id}, raw returns (no reference scores)" if preset.env_id
+                  else f"no simulator: evaluation offline on {heldout_episodes} held-out episodes")
+    targets = ", ".join(f"{value:g}" for value in preset.target_returns)
+    return (f"preset derived from the data: dims {preset.state_dim}/{preset.act_dim}, rtg_scale {preset.rtg_scale:g}, "
+            f"target returns {targets} (best episode, then its 75th percentile and median); {evaluation}")
+
+
+def _best_score(best: dict) -> float:
+    """The closed-loop score best.pt was chosen on (the normalised score, else the raw return)."""
+    return float(best["score"] if "score" in best else best["normalized_mean"])  # the key of older resume points
 
 
 def _interrupted_message(step: int, kept_step: int | None, out_dir: Path, config: TrainConfig) -> str:

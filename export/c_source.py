@@ -219,10 +219,27 @@ def generate_c_source(model: DecisionMetaMamba, manifest: Manifest, name: str, p
         "STATE_STD": ", ".join(_double(v) for v in manifest.state_std),
         "ACTION_LOW": ", ".join(_hex_float(np.float32(v)) for v in manifest.action_low),
         "ACTION_HIGH": ", ".join(_hex_float(np.float32(v)) for v in manifest.action_high),
+        **_limit_values(manifest),
     }
     header = _fill((TEMPLATE_DIR / "policy.h.in").read_text(), values)
     source = _fill((TEMPLATE_DIR / "policy.c.in").read_text(), {**values, "WEIGHTS": _weights(model)})
     return CSource(name=name, prefix=prefix, source=source, header=header)
+
+
+def _limit_values(manifest: Manifest) -> dict[str, str]:
+    """The template fields of the manifest's actuator limits (the action bounds alone when it has none)."""
+    from runtime.limits import ActuatorLimits
+
+    limits = ActuatorLimits.from_manifest(manifest)
+
+    def floats(values) -> str:
+        return ", ".join(_hex_float(np.float32(v)) for v in values)
+
+    rate = limits.max_change is not None
+    return {"LIMIT_LOWER": floats(limits.lower), "LIMIT_UPPER": floats(limits.upper),
+            "LIMIT_MAX_CHANGE": floats(limits.max_change if rate else [0.0] * manifest.act_dim),
+            "LIMIT_RAMP_START": floats(limits.start_action()), "LIMIT_RAMP_STEPS": f"{limits.ramp_steps}L",
+            "LIMIT_RATE_LIMITED": "1" if rate else "0"}
 
 
 def _refuse_foreign_manifest(manifest_path: Path) -> None:
@@ -240,7 +257,7 @@ def _refuse_foreign_manifest(manifest_path: Path) -> None:
 
 
 def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str | Path | None = None,
-                        runs_dir: str | Path = DEFAULT_RUNS_DIR) -> tuple[Path, Path, Path]:
+                        runs_dir: str | Path = DEFAULT_RUNS_DIR, limits=None) -> tuple[Path, Path, Path]:
     """Export a checkpoint to NAME.c, NAME.h and the manifest NAME.json; returns their paths.
 
     checkpoint_path: a model.pt or its run directory (None: the newest model.pt under
@@ -249,7 +266,8 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     (--out hopper-v2: hopper_v2_), except for the default NAME, whose prefix is the preset's
     (hopper-c: hopper_, as in the README and examples/c_loop).
     Stream mode, fp32, batch 1. Needs a C compiler: the file is compiled and checked
-    against PyTorch before it is written.
+    against PyTorch before it is written. limits: a `runtime.limits.LimitsOptions`: the actuator
+    limits recorded in the manifest and compiled into the step (default: the action bounds alone).
     """
     from export.onnx_export import find_latest_checkpoint
 
@@ -264,7 +282,7 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     prefix = checkpoint.preset if c_path.stem == default_c_name(checkpoint.preset) else None
     # Held from before the source is generated and compiled: a second export to this NAME is refused at once.
     with export_lock(c_path):
-        return _export_c_locked(checkpoint, c_path, h_path, prefix)
+        return _export_c_locked(checkpoint, c_path, h_path, prefix, limits)
 
 
 def default_c_name(preset: str) -> str:
@@ -272,7 +290,8 @@ def default_c_name(preset: str) -> str:
     return f"{preset}-c"
 
 
-def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None) -> tuple[Path, Path, Path]:
+def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None,
+                     limits=None) -> tuple[Path, Path, Path]:
     from dmm_train.manifest_builder import build_manifest
     from export.reference import PARITY_REFUSE_ABOVE, measure_parity
     from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
@@ -282,6 +301,8 @@ def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None)
     model = checkpoint.model.eval()
     model.set_scan_impl("loop")  # the reference the parity figures are measured against
     base = build_manifest(checkpoint, mode="stream", precision="fp32", batch=1)
+    if limits is not None and limits.given():
+        base = dataclasses.replace(base, actuator_limits=limits.resolve(base).to_dict())
     generated = generate_c_source(model, base, c_path.stem, prefix)
 
     with tempfile.TemporaryDirectory(prefix="dmm-c-export-") as scratch:
@@ -316,6 +337,9 @@ def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None)
 
 def c_export_summary(c_path: Path, h_path: Path, manifest_path: Path) -> str:
     """One line for the CLI: what was written, and how it checked out."""
+    from runtime.limits import ActuatorLimits
+
     manifest = read_manifest(manifest_path)
+    limits = f"; {ActuatorLimits.from_manifest(manifest).summary()}" if manifest.actuator_limits else ""
     return (f"wrote {c_path} and {h_path} (C99, stream, fp32, API prefix {manifest.engine['symbol_prefix']}_, "
-            f"C vs PyTorch max |diff| {manifest.parity['max_abs']:.1e}) and {manifest_path}")
+            f"C vs PyTorch max |diff| {manifest.parity['max_abs']:.1e}) and {manifest_path}{limits}")

@@ -116,6 +116,7 @@ def export_checkpoint(
     runs_dir: str | Path = DEFAULT_RUNS_DIR,
     precision: str = "fp32",
     precision_options=None,
+    limits=None,
 ) -> tuple[Path, Path]:
     """Export a checkpoint to ``out``.onnx + ``out``.json; returns (onnx_path, manifest_path).
 
@@ -151,13 +152,18 @@ def export_checkpoint(
                                                                              precision=precision))
     check_export_name(onnx_path, ".onnx")  # the checkpoint's preset names the default: a file's word
     # Held from before the graph is built: a second export to this NAME is refused at once.
+    actuator_limits = None
+    if limits is not None and limits.given():  # checked before any work: the graph does not depend on them
+        from dmm_train.manifest_builder import build_manifest
+
+        actuator_limits = limits.resolve(build_manifest(checkpoint, mode=mode, batch=batch), base=None).to_dict()
     with export_lock(onnx_path):
         return _export_locked(checkpoint, onnx_path, mode=mode, batch=batch, opset=opset, precision=precision,
-                              precision_options=precision_options)
+                              precision_options=precision_options, actuator_limits=actuator_limits)
 
 
 def _export_locked(checkpoint, onnx_path: Path, *, mode: str, batch: int, opset: int, precision: str,
-                   precision_options) -> tuple[Path, Path]:
+                   precision_options, actuator_limits: dict | None = None) -> tuple[Path, Path]:
     from dmm_train.manifest_builder import build_manifest
 
     model = checkpoint.model.eval()
@@ -191,7 +197,7 @@ def _export_locked(checkpoint, onnx_path: Path, *, mode: str, batch: int, opset:
         "graph_nodes_ort_optimized": optimized_node_count(model_bytes),
         **({"precision_pass": precision_pass} if precision_pass else {}),
         "precision_pins": precision_pins(proto, linears),
-    })
+    }, actuator_limits=actuator_limits)
     manifest_path = manifest_path_for(onnx_path)
     files = {onnx_path: model_bytes}
     if batch == 1:  # the control-loop graph; real inputs come from one plant / episode at a time

@@ -215,7 +215,10 @@ def run_parity(config: ParityConfig) -> ParityReport:
 
             # The range a deployed graph enforces: its own manifest's (an edited or re-exported one may differ).
             ranged = next((c.manifest for c in candidates if c.manifest.observation_low is not None), manifest)
-            trajectory = _record(reference_window, config, manifest.env_id)
+            # No simulator (a policy from a robot's logs): the logged episodes of its training dataset instead.
+            rolled_out = bool(manifest.env_id)
+            trajectory = (_record(reference_window, config, manifest.env_id) if rolled_out
+                          else _logged(config))
             step_index = trajectory.step_in_episode()
             actions = {}
             pairs = []
@@ -224,7 +227,7 @@ def run_parity(config: ParityConfig) -> ParityReport:
                 if not mode_candidates:
                     continue
                 reference_label = _label(reference)
-                if mode == "window":
+                if mode == "window" and rolled_out:
                     # The trajectory was rolled out by this very policy, so teacher forcing it on its own
                     # executed actions reproduces the recorded actions exactly: no second pass needed.
                     actions[reference_label] = trajectory.actions
@@ -243,7 +246,8 @@ def run_parity(config: ParityConfig) -> ParityReport:
             for backend in (*candidates, *references.values()):
                 backend.close()
     range_faults, first_range_fault = _range_faults(trajectory, ranged)
-    return ParityReport(str(config.checkpoint), manifest.env_id, trajectory, tuple(pairs), actions,
+    source = manifest.env_id or "logged episodes (no simulator)"
+    return ParityReport(str(config.checkpoint), source, trajectory, tuple(pairs), actions,
                         range_faults, first_range_fault)
 
 
@@ -265,6 +269,26 @@ def _record(reference: Backend, config: ParityConfig, env_id: str) -> Trajectory
                                  seed=config.seed)
     finally:
         plant.close()
+
+
+def _logged(config: ParityConfig) -> Trajectory:
+    """The first ``config.steps`` steps of the checkpoint's training episodes, as a Trajectory."""
+    from calibration.data import load_training_dataset
+    from dmm_train.checkpoint import load_checkpoint
+
+    dataset = load_training_dataset(load_checkpoint(config.checkpoint))
+    observations, actions, rewards, starts, total = [], [], [], [], 0
+    for episode in dataset.episodes:
+        take = min(len(episode), config.steps - total)
+        observations.append(episode.observations[:take])  # (take, S)
+        actions.append(episode.actions[:take])  # (take, Adim)
+        rewards.append(episode.rewards[:take])  # (take,)
+        starts.append(np.arange(take) == 0)  # (take,)
+        total += take
+        if total >= config.steps:
+            break
+    return Trajectory(np.concatenate(observations).astype(np.float64), np.concatenate(actions).astype(np.float32),
+                      np.concatenate(rewards).astype(np.float64), np.concatenate(starts))
 
 
 def _export_both_modes(checkpoint: Path, directory: Path) -> tuple[Path, ...]:

@@ -113,6 +113,10 @@ def real_feeds(fp32_proto, manifest: Manifest, checkpoint, *, dataset: str | Non
 
     fp32_manifest = manifest if manifest.precision == "fp32" else _as_fp32(manifest)
     loaded, why = find_training_dataset(checkpoint, dataset)  # None where missing or of other content
+    if loaded is None and not manifest.env_id:
+        raise DMMError(f"export | received a policy with no simulator whose training dataset is not here ({why}) | "
+                       "expected that dataset, whose held-out inputs check the exported graph; pass --dataset with "
+                       "its directory or local id")
     if loaded is None:
         feeds = _plant_feeds(fp32_proto.SerializeToString(), fp32_manifest, count, seed)
         return feeds, (f"{len(feeds)} inputs a Policy fed the fp32 graph along a closed-loop {manifest.env_id} "
@@ -197,4 +201,14 @@ def data_loader_files(onnx_path: Path, manifest: Manifest, feeds: list[dict[str,
     return {"data_loader_script": script_path.name, "inputs": inputs_path.name, "feeds": len(feeds),
             "source": source, "command": command, "tolerance": meaning,
             "note": "run on the target GPU, in the directory of the ONNX; TensorRT and ONNX Runtime on the same "
-                    "inputs, TF32 off (Polygraphy's default), strongly typed as 'cli.py build' builds"}, files
+                    "inputs, TF32 off (Polygraphy's default), strongly typed as 'cli.py build' builds"
+                    + (INT8_ORT_NOTE if manifest.precision == "int8" else "")}, files
+
+
+# Polygraphy runs ONNX Runtime at full graph optimisation, which fuses the Q/DQ pairs into integer kernels;
+# on an x86 CPU without VNNI those kernels saturate (u8 x s8 pairs overflow int16), so the ONNX Runtime side
+# itself can be off by more than the tolerance there.
+INT8_ORT_NOTE = ("; int8: ONNX Runtime runs the Q/DQ graph with integer kernels that saturate on x86 CPUs without "
+                 "VNNI (AVX512-VNNI / AVX-VNNI), so on such a host this command can fail for that reason alone: run "
+                 "it on the target (ARM CPUs and VNNI x86 are exact), or compare TensorRT against the fp32 graph's "
+                 "outputs instead (polygraphy run NAME-fp32.onnx --onnxrt --save-outputs, then --load-outputs)")

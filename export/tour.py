@@ -90,11 +90,11 @@ def measure_speeds(config, dataset, *, train: bool = True) -> tuple[float, float
     import torch
 
     from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
-    from dmm_train.config import ModelConfig, get_preset
+    from dmm_train.config import ModelConfig, preset_for_dataset
     from dmm_train.sampler import WindowSampler
     from dmm_train.train import batch_to_tensors, make_optimizer, train_step
 
-    preset = get_preset(config.preset)
+    preset = preset_for_dataset(config.preset, dataset)
     model_config = ModelConfig.from_preset(preset, model=config.model)
     rng_state = torch.get_rng_state()  # the estimate leaves the training's random streams as they were
     try:
@@ -354,9 +354,9 @@ def tour(config, out_dir: Path, *, episodes: int = 3, progress: bool = True,
             raise DMMError(str(error).replace("continue with the same command plus --resume",
                                               "continue with the same command")) from None
 
-    from dmm_train.config import get_preset
+    from dmm_train.config import run_name
 
-    preset = get_preset(run_config.preset).name
+    preset = run_name(run_config.preset, run_config.dataset)
     backends = [export_graph(checkpoint, out_dir, preset, run_config.dataset, report),
                 export_c_step(checkpoint, out_dir, preset, report)]
     for backend in backends:

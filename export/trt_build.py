@@ -34,8 +34,9 @@ How the network is built (docs/deployment.md#building-an-engine):
 - detailed profiling verbosity, so that the engine inspector reports each layer's I/O types: the
   plan manifest records what each layer runs in (``engine.layers``), and a layer the graph keeps
   in fp32 that runs in fp16 / int8 fails the build (``--precision-check warn`` records it instead);
-- a timing cache TensorRT cannot read (``create_timing_cache`` returns None for a corrupt or
-  foreign file) or refuses (another version or device) is replaced by an empty one, and the
+- a timing cache TensorRT cannot read (``create_timing_cache`` returns None or raises for a corrupt
+  or foreign file) or refuses (``set_timing_cache``: another version or device, or corrupt bytes that
+  did make a cache) is replaced by an empty one, and the
   manifest says so (``engine.timing_cache_status``).
 
 `adopt_plan` (``cli.py adopt``) gives a plan built elsewhere on this GPU, by trtexec for
@@ -261,7 +262,10 @@ def _timing_cache(builder_config: tensorrt.IBuilderConfig, cache_bytes: bytes) -
     if not cache_bytes:
         builder_config.set_timing_cache(builder_config.create_timing_cache(b""), ignore_mismatch=False)
         return "new"
-    cache = builder_config.create_timing_cache(cache_bytes)
+    try:
+        cache = builder_config.create_timing_cache(cache_bytes)
+    except (RuntimeError, TypeError, ValueError):  # some releases raise for bytes they cannot read
+        cache = None
     status = "unreadable" if cache is None else (
         "reused" if builder_config.set_timing_cache(cache, ignore_mismatch=False) else "mismatch")
     if status != "reused":
@@ -330,6 +334,7 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
         capturing_logger,
         check_io,
         check_layer_precisions,
+        create_runtime,
         engine_io,
         logged_errors,
         tensorrt_major,
@@ -393,7 +398,7 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     warnings = [message for level, message in logger.messages if level == "warning"]
 
     # What the engine really has, checked against the manifest before anything is written.
-    runtime = trt.Runtime(logger)
+    runtime = create_runtime(trt, logger, f"checking the plan built from {str(onnx_path)!r}")
     engine = runtime.deserialize_cuda_engine(plan_bytes)
     if engine is None:
         raise DMMError(f"TensorRT built {str(onnx_path)!r} but cannot deserialise the plan "
@@ -477,6 +482,7 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
         capturing_logger,
         check_io,
         check_layer_precisions,
+        create_runtime,
         engine_io,
         gpu_identity,
         import_tensorrt,
@@ -503,7 +509,7 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
     with device_current(config.device):
         logger = capturing_logger()
         logger.messages.clear()
-        runtime = trt.Runtime(logger)
+        runtime = create_runtime(trt, logger, source)
         engine = runtime.deserialize_cuda_engine(plan_bytes)
         if engine is None:
             raise DMMError(f"{source}: TensorRT {version} cannot deserialise it on {gpu.describe()} "

@@ -31,6 +31,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,14 +72,30 @@ def import_pycuda():
     try:
         import pycuda.driver as cuda  # pyright: ignore[reportMissingImports] - pycuda ships no type information
     except (ImportError, OSError) as error:  # built against a CUDA toolkit that is not here
-        raise CudaUnavailable(f"pycuda {distribution_version('pycuda') or ''} does not import "
-                              f"({first_line(error)}); it was built for another CUDA") from None
+        raise CudaUnavailable(pycuda_import_failure(first_line(error))) from None
     try:
         cuda.init()
     except (cuda.Error, RuntimeError) as error:  # pycuda's own error family; no driver at all
         raise CudaUnavailable(f"pycuda finds no usable CUDA driver ({type(error).__name__}: "
                               f"{first_line(error)})") from None
     return cuda
+
+
+def pycuda_import_failure(message: str) -> str:
+    """Why pycuda does not import, with the fix: a missing shared library is named (libcurand.so.10 of a
+    toolkit without curand is one), not taken for a pycuda built for another CUDA."""
+    version = distribution_version("pycuda") or ""
+    missing = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", message)
+    if missing:
+        library = missing.group(1)
+        if library.startswith("libcurand"):
+            return (f"pycuda {version} does not import: {library} is missing ({message}); this CUDA has no curand: "
+                    "put the toolkit's lib64 on LD_LIBRARY_PATH, or rebuild pycuda with CUDA_ENABLE_CURAND = False "
+                    "in its siteconf.py (bench/gpu_check.sh does)")
+        return (f"pycuda {version} does not import: {library} is missing ({message}); put the CUDA library folder "
+                "that holds it on LD_LIBRARY_PATH, or rebuild pycuda against the CUDA toolkit here")
+    return (f"pycuda {version} does not import ({message}); it was built for another CUDA: rebuild it here "
+            "(pip install --no-binary pycuda --force-reinstall pycuda with nvcc on PATH)")
 
 
 def _module_present(name: str) -> bool:
@@ -177,7 +194,7 @@ class PrimaryContext:
             if self.index >= count:
                 raise CudaUnavailable(f"pycuda sees {count} CUDA device(s), no device {self.index}")
             self.device = cuda.Device(self.index)
-            self._context = self.device.retain_primary_context()
+            self._context = _retained_primary_context(self.device, self.index)
         except cuda.Error as error:
             raise CudaUnavailable(f"pycuda: {type(error).__name__}: {first_line(error)}") from None
         self._lock = threading.RLock()
@@ -205,9 +222,24 @@ class PrimaryContext:
             self._lock.release()
 
     def release(self) -> None:
-        """Drop this handle; pycuda releases the primary context when its last handle goes (as
-        pycuda.autoprimaryctx leaves it), and the driver keeps it while others retain it."""
+        """Drop this handle. The primary context itself stays retained for the rest of the process
+        (`_retained_primary_context`): releasing its last pycuda handle would reset it, freeing memory
+        that TensorRT objects still alive (an error path's, a traceback's) point at."""
         self._context = None
+
+
+# device index -> pycuda's handle on its primary context, retained once and never released: the driver
+# resets a primary context when its retain count drops to zero, and that must not happen while any
+# TensorRT object or buffer of this process may still use it. The driver frees it at process exit.
+_RETAINED: dict[int, Any] = {}
+_RETAINED_LOCK = threading.Lock()
+
+
+def _retained_primary_context(device, index: int):
+    with _RETAINED_LOCK:
+        if index not in _RETAINED:
+            _RETAINED[index] = device.retain_primary_context()
+        return _RETAINED[index]
 
 
 @contextlib.contextmanager
@@ -327,9 +359,16 @@ class DeviceBuffers:
             self.resident[input_name] = np.zeros_like(self.host[input_name])
 
     def free(self) -> None:
+        """Every buffer freed, each one even when another fails; then the first failure is raised."""
+        first = None
         for buffer in (*self.device.values(), *self.spare.values()):
-            buffer.free()
+            try:
+                buffer.free()
+            except Exception as error:  # pycuda's error family
+                first = first or error
         self.device.clear()
         self.spare.clear()
         self.host.clear()
         self.resident.clear()
+        if first is not None:
+            raise first

@@ -38,6 +38,10 @@ DEFAULT_STEPS = 300  # recorded plant steps for the comparison and the latency f
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
 
 
+class _NoDriver(CudaUnavailable):
+    """cuda-python answers, and says there is no CUDA driver."""
+
+
 def _is_jetson() -> bool:
     return JETSON_RELEASE.is_file()
 
@@ -85,6 +89,7 @@ def probe_environment() -> dict:
     components: dict = {}
     driver: dict = {"driver_cuda": None, "runtime_cuda": None, "pycuda_built_for": None}
     gpus: list[dict] = []
+    no_driver = False
 
     components["numpy"] = _component(np.__version__, True, "imports")
 
@@ -109,7 +114,8 @@ def probe_environment() -> dict:
 
     try:
         cuda = import_pycuda()
-        driver["driver_cuda"] = _decode_cuda_version(int(cuda.get_driver_version()))
+        driver_number = int(cuda.get_driver_version())
+        driver["driver_cuda"] = _decode_cuda_version(driver_number) if driver_number > 0 else None
         built_for = cuda.get_version()  # (major, minor, patch) of the CUDA pycuda was compiled against
         driver["pycuda_built_for"] = ".".join(str(part) for part in built_for[:2])
         for index in range(cuda.Device.count()):
@@ -128,6 +134,8 @@ def probe_environment() -> dict:
     try:
         cudart = import_cudart()
         driver_number = int(cudart_call(cudart, "cudaDriverGetVersion"))
+        if driver_number <= 0:  # what the runtime answers when no driver is installed, not a driver "0.0"
+            raise _NoDriver("cuda-python imports, but no CUDA driver is installed (cudaDriverGetVersion gives 0)")
         driver["driver_cuda"] = driver["driver_cuda"] or _decode_cuda_version(driver_number)
         driver["runtime_cuda"] = _decode_cuda_version(int(cudart_call(cudart, "cudaRuntimeGetVersion")))
         count = int(cudart_call(cudart, "cudaGetDeviceCount"))
@@ -140,6 +148,9 @@ def probe_environment() -> dict:
                              "memory_mib": int(props.totalGlobalMem) >> 20, "via": "cuda-python"})
         components["cuda-python"] = _component(cuda_python_version(), True,
                                                f"runtime bindings for CUDA {driver['runtime_cuda']}")
+    except _NoDriver as why:
+        components["cuda-python"] = _component(cuda_python_version(), False, str(why))
+        no_driver = True
     except CudaUnavailable as why:
         components["cuda-python"] = _component(cuda_python_version(), False, str(why))
 
@@ -150,6 +161,8 @@ def probe_environment() -> dict:
                                          "installed" if distribution_version("gymnasium") else "not installed")
     major = int(driver["driver_cuda"].split(".")[0]) if driver["driver_cuda"] else None
     hints = install_hints(major)
+    if no_driver:  # the bindings are fine: the driver is what is missing
+        hints["cuda-python"] = hints["gpu"]
     for name, component in components.items():
         if not component["usable"] and name in hints:
             component["install"] = hints[name]
@@ -163,8 +176,16 @@ def probe_environment() -> dict:
 
 
 def _candidates(engine: Path) -> list[tuple[str, Path, dict]]:
-    """(label, path, load_backend options) of every backend that could run this engine or its twin."""
+    """(label, path, load_backend options) of every backend that could run this engine or its twin: every
+    engine kind `runtime.backends.load_backend` (what 'cli.py run' uses) opens."""
+    from runtime.backends import ENGINE_SUFFIXES
+
+    if engine.is_dir() and (engine / "model.pt").is_file():
+        engine = engine / "model.pt"  # a training run directory, as 'cli.py run' accepts
     suffix = engine.suffix.lower()
+    if suffix not in ENGINE_SUFFIXES:
+        raise DMMError(f"--engine {str(engine)!r}: unknown engine kind {engine.suffix or '(none)'!r}; expected one "
+                       f"of {', '.join(ENGINE_SUFFIXES)} (what 'cli.py run' runs) or a training run directory")
     found: list[tuple[str, Path, dict]] = []
     if suffix == ".plan":
         found.append(("trt", engine, {}))
@@ -178,8 +199,10 @@ def _candidates(engine: Path) -> list[tuple[str, Path, dict]]:
         found.append(("trt", plan, {}))
         if plan.is_file():
             found.append(("trt (CUDA graph)", plan, {"cuda_graph": True}))
-    elif suffix == ".pt" or engine.is_dir():
+    elif suffix == ".pt":
         found.append(("torch", engine, {}))
+    elif suffix == ".c":
+        found.append(("c", engine, {}))
     return found
 
 
@@ -210,21 +233,23 @@ def timed_teacher_forced(policy, trajectory) -> tuple[np.ndarray, np.ndarray]:
 def diagnose_engine(engine: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0) -> dict:
     """Which backends load ``engine``, their actions against ONNX Runtime CPU, their latency."""
     from runtime.latency import LatencyStats
+    from runtime.limits import ActuatorLimits
     from runtime.plant import check_plant, make_plant
     from runtime.policy import Policy
     from runtime.recording import record_trajectory
 
     engine = Path(engine)
     if not engine.exists():
-        raise DMMError(f"--engine {str(engine)!r} does not exist; expected a .plan, .onnx or model.pt")
+        raise DMMError(f"--engine {str(engine)!r} does not exist; expected a .plan, .onnx, .c (export --target c) "
+                       "or model.pt")
     report: dict = {"engine": str(engine), "backends": [], "comparison": None, "trajectory": None}
     loaded = {}
     for label, path, options in _candidates(engine):
         try:
             backend = _load(path, options)
-        except DMMError as error:
-            report["backends"].append({"backend": label, "path": str(path), "loads": False,
-                                       "detail": str(error)})
+        except Exception as error:  # one backend's failure, whatever its kind, must not hide the others
+            detail = str(error) if isinstance(error, DMMError) else f"{type(error).__name__}: {first_line(error)}"
+            report["backends"].append({"backend": label, "path": str(path), "loads": False, "detail": detail})
             continue
         loaded[label] = backend
         report["backends"].append({"backend": label, "path": str(path), "loads": True,
@@ -238,6 +263,7 @@ def diagnose_engine(engine: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0) 
         reference_label = next((label for label in loaded if label == "ort cpu"), None)
         first = loaded[reference_label or next(iter(loaded))]
         manifest = first.manifest
+        report["limits"] = ActuatorLimits.from_manifest(manifest).summary()  # what a Policy applies at the actuator
         try:
             plant = make_plant(manifest.env_id)
             try:
@@ -262,7 +288,11 @@ def diagnose_engine(engine: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0) 
             if hasattr(backend, "graph_launches"):
                 entry["cuda_graph_launches"] = backend.graph_launches
                 entry["warnings"] = list(backend.warnings)
-        if reference_label is None:
+        if reference_label is None and len(loaded) == 1:
+            report["comparison"] = (f"only the {next(iter(loaded))} backend runs a {engine.suffix or 'run directory'}"
+                                    " engine: nothing to compare with (doctor the .onnx exported from it to compare "
+                                    "backends)")
+        elif reference_label is None:
             report["comparison"] = "not compared: ONNX Runtime on the CPU does not load this engine's ONNX here"
         else:
             reference = actions[reference_label].astype(np.float64)
@@ -297,7 +327,7 @@ def describe(report: dict) -> str:
             line += f"  -> install: {component['install']}"
         lines.append(line)
     cuda = environment["cuda"]
-    lines.append(f"cuda         driver {cuda['driver_cuda'] or 'unknown'}, runtime bindings "
+    lines.append(f"cuda         driver {cuda['driver_cuda'] or 'none found'}, runtime bindings "
                  f"{cuda['runtime_cuda'] or 'unknown'}, pycuda built for {cuda['pycuda_built_for'] or 'unknown'}")
     if environment["gpus"]:
         lines += [f"gpu {gpu['index']}        {gpu['name']} (compute capability {gpu['compute_capability']}, "
@@ -306,7 +336,7 @@ def describe(report: dict) -> str:
         lines.append(f"gpu          none found  -> {environment.get('gpu_install', '')}")
     engine = report.get("engine")
     if engine:
-        lines.append(f"engine       {engine['engine']}")
+        lines.append(f"engine       {engine['engine']}" + (f"; {engine['limits']}" if engine.get("limits") else ""))
         for item in engine["backends"]:
             text = f"  {item['backend']:<18} " + ("loads: " + item["detail"] if item["loads"] else
                                                  "does not load: " + item["detail"])

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError
-from contract.scores import normalized_score
 from runtime.backend import DEFAULT_THREADS, zero_feeds
 from runtime.backends import load_backend
 from runtime.clock import DEFAULT_SPIN_US, ControlLoop, LoopTimings, RealtimeOptions, gc_paused, realtime
 from runtime.latency import LatencyStats, save_histogram
+from runtime.limits import limit_option_field, limits_options_of
 from runtime.plant import check_plant, make_plant
 from runtime.policy import DEFAULT_MAX_CONSECUTIVE_FAULTS, ON_FAULT, Policy
+from runtime.step_record import DEFAULT_CHUNK_STEPS
 
 # Calls of the engine before the first timed episode: first runs allocate and pick kernels.
 DEFAULT_WARMUP = 10
@@ -81,6 +82,7 @@ def run_episode(policy: Policy, plant, *, seed: int, loop: ControlLoop | None = 
             episode_return += float(reward)
             steps += 1
             if terminated or truncated:
+                policy.end_episode(observation, reward, terminated=bool(terminated))  # a record's last transition
                 break
     faults = {kind: count - faults_before[kind] for kind, count in policy.faults.items()}
     return EpisodeResult(seed=seed, episode_return=episode_return, length=steps,
@@ -136,6 +138,17 @@ class RunConfig:
     env_id: str | None = field(default=None, metadata={
         "help": "gymnasium env to run on instead of the manifest's (a module:Env id imports that module: "
                 "name one only from here, never from a file)"})
+    record: Path | None = field(default=None, metadata={
+        "help": "write every step to this new directory (a step record: docs/deployment.md#the-step-record)"})
+    record_chunk_steps: int = field(default=DEFAULT_CHUNK_STEPS, metadata={
+        "help": "rows per chunk file of --record (a kill loses at most this many)"})
+    # Limits at the actuator, overriding the manifest's (runtime/limits.py).
+    limits_file: Path | None = limit_option_field("limits_file")
+    action_lower: str | None = limit_option_field("action_lower")
+    action_upper: str | None = limit_option_field("action_upper")
+    action_rate_limit: str | None = limit_option_field("action_rate_limit")
+    ramp_steps: int | None = limit_option_field("ramp_steps")
+    ramp_start: str | None = limit_option_field("ramp_start")
 
     def validate(self) -> None:
         if not 1 <= self.episodes <= MAX_RUN_EPISODES:
@@ -155,6 +168,8 @@ class RunConfig:
             raise DMMError(f"--spin-us {self.spin_us}; expected 0 or more microseconds")
         if self.cpu is not None and self.cpu < 0:
             raise DMMError(f"--cpu {self.cpu}; expected a core number (0 or more)")
+        if self.ramp_steps is not None and self.ramp_steps < 0:
+            raise DMMError(f"--ramp-steps {self.ramp_steps}; expected 0 or more steps")
 
 
 @dataclass(frozen=True)
@@ -175,6 +190,11 @@ class RunReport:
     faults: dict = field(default_factory=dict)  # fault kind -> count over every episode
     timings: LoopTimings | None = None  # with a control period
     realtime: dict = field(default_factory=dict)  # what `runtime.clock.realtime` applied
+    limits: dict = field(default_factory=dict)  # the actuator limits in force (`ActuatorLimits.to_dict`)
+    limit_counts: dict = field(default_factory=dict)  # limit kind -> per-dimension count of steps it bit
+    limits_summary: str = ""
+    record: str | None = None  # the step record's directory
+    record_rows: int = 0
 
     @property
     def returns(self) -> tuple[float, ...]:
@@ -198,6 +218,8 @@ class RunReport:
 
     def _control_dict(self) -> dict:
         data = {"on_fault": self.on_fault, "faults": dict(self.faults),
+                "limits": {**self.limits, "counts": {kind: list(c) for kind, c in self.limit_counts.items()}},
+                "record": self.record, "record_rows": self.record_rows,
                 "episode_faults": [e.faults for e in self.episodes], "realtime": self.realtime,
                 "period_ms": None, "tick_lateness_ms": None, "skipped_ticks": None}
         if self.timings is not None:
@@ -206,6 +228,11 @@ class RunReport:
                         skipped_ticks=timing["skipped_ticks"], deadline_ms=timing["deadline_ms"],
                         deadline_misses=timing["deadline_misses"], max_ready_ms=timing["max_ready_ms"])
         return data
+
+    def limit_summary(self) -> str:
+        """The limits in force and how often each bit, per dimension."""
+        counts = "; ".join(f"{kind} {list(c)}" for kind, c in self.limit_counts.items())
+        return f"{self.limits_summary}; steps changed per dimension: {counts}"
 
     def fault_summary(self) -> str:
         counted = {kind: count for kind, count in self.faults.items() if count}
@@ -220,8 +247,12 @@ def run_engine(config: RunConfig) -> RunReport:
                            cuda_graph=config.cuda_graph, device=config.device)
     with backend:
         manifest = backend.manifest
+        limit_options = limits_options_of(config)
         policy = Policy(backend, config.target_return, on_fault=config.on_fault,
-                        max_consecutive_faults=config.max_consecutive_faults)
+                        max_consecutive_faults=config.max_consecutive_faults,
+                        limits=limit_options.resolve(manifest) if limit_options.given() else None,
+                        record=config.record, record_chunk_steps=config.record_chunk_steps)
+        recorder = policy.recorder
         env_id = config.env_id or manifest.env_id
         plant = make_plant(env_id, trusted=config.env_id is not None)  # --env: the user's own choice
         try:
@@ -237,12 +268,14 @@ def run_engine(config: RunConfig) -> RunReport:
             # The collector is paused per episode (run_episode), not over the whole run.
             options = RealtimeOptions(cpu=config.cpu, fifo=config.realtime, freeze_gc=False)
             with realtime(options) as applied:
-                warm_up(policy, config.warmup)
+                warm_up(policy, config.warmup)  # engine calls and a reset: nothing is recorded
                 episodes = tuple(run_episode(policy, plant, seed=config.seed + index, loop=loop,
                                              freeze_gc=config.freeze_gc) for index in range(config.episodes))
             applied = {**applied, "gc": "frozen per episode" if config.freeze_gc else "running"}
         finally:
             plant.close()
+            policy.close()  # a run stopped before its episodes still leaves a readable record
+        record_rows = recorder.rows if recorder is not None else 0
     samples = np.concatenate([e.latency_ns for e in episodes])  # (total steps,)
     histogram = histogram_error = None
     if config.histogram is not None:
@@ -257,10 +290,11 @@ def run_engine(config: RunConfig) -> RunReport:
         engine=str(config.engine), backend=backend.name, provider=backend.provider, mode=manifest.mode,
         precision=manifest.precision, env_id=env_id, target_return=policy.target_return,
         episodes=episodes,
-        normalized_scores=tuple(normalized_score(e.episode_return, manifest.ref_min_score,
-                                                 manifest.ref_max_score) for e in episodes),
+        normalized_scores=tuple(manifest.facts.score(e.episode_return) for e in episodes),
         latency=LatencyStats.from_ns(samples, None if loop is not None else deadline_ms), histogram=histogram,
         histogram_error=histogram_error,
         on_fault=config.on_fault, faults=dict(policy.faults), timings=loop.timings() if loop is not None else None,
-        realtime=applied,
+        realtime=applied, limits=policy.limits.to_dict(), limit_counts=policy.limit_counts,
+        limits_summary=policy.limits.summary(), record=str(config.record) if config.record is not None else None,
+        record_rows=record_rows,
     )

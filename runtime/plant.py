@@ -15,13 +15,18 @@ from contract.errors import DMMError, describe_error
 INSTALL_HINT = "pip install 'gymnasium[mujoco]'"
 
 
-def make_plant(env_id: str, *, trusted: bool = False, **kwargs):
+def make_plant(env_id: str | None, *, trusted: bool = False, **kwargs):
     """``gymnasium.make(env_id, **kwargs)`` with every failure turned into one DMMError.
 
     trusted: the user named ``env_id`` on the command line. An id from a file (a manifest or a
     checkpoint: the default) must be a registered id: ``module:Env`` would make gymnasium import
-    ``module``, and a file never decides what is imported.
+    ``module``, and a file never decides what is imported. None (or ""): the policy was trained
+    from logs that name no simulator; only a simulation needs one.
     """
+    if not env_id:
+        raise DMMError("simulated plant | received a policy with no simulator (its training data names no env) | "
+                       "expected an env to simulate; drive runtime.Policy from your robot's own loop, or name a "
+                       "simulator yourself: 'cli.py run --env ID'")
     if not trusted and ":" in str(env_id):
         raise DMMError(f"environment {env_id!r} from the engine's manifest or checkpoint names a module for "
                        "gymnasium to import; expected a registered gymnasium id such as Hopper-v5 (a file never "

@@ -41,19 +41,33 @@ nothing, its reward included: a caller that retries passes that reward again.
 ``faults`` counts faults per kind since construction; more than ``max_consecutive_faults``
 faults in a row raise even under "hold" or "safe": a plant driven blind for that long must
 be stopped by its operator, not by the policy.
+
+Limits at the actuator (`runtime.limits`): the engine's action goes through the bounds, the
+start-up ramp and the rate limit of ``limits`` (default: the manifest's ``actuator_limits``,
+else the action bounds alone). The limited action is the one returned AND the one that enters
+the history (window / caches), as it is the one the plant executes; ``limit_counts`` counts
+each limit per dimension. ``engine_action`` is the engine's own action of the last good step.
+
+Recording (`runtime.step_record`): with ``record=PATH`` every ``act`` call is written to a step
+record (observation, reward, return-to-go, the action before and after the limits, the fault,
+the step time); ``end_episode`` adds the final observation and reward, ``close`` finishes it.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
 
 from contract.errors import DMMError
-from contract.manifest import STREAM_CACHE_PAIRS
+from contract.files import sha256_bytes
+from contract.manifest import STREAM_CACHE_PAIRS, manifest_bytes
 from runtime.backend import Backend
+from runtime.limits import ActuatorLimiter, ActuatorLimits
+from runtime.step_record import DEFAULT_CHUNK_STEPS, EVENT_TERMINATED, EVENT_TRUNCATED, StepRecorder
 
 FAULT_KINDS = ("observation_shape", "observation_nonfinite", "observation_range", "reward_nonfinite", "backend",
                "action_nonfinite")
@@ -77,11 +91,14 @@ class Policy:
 
     target_return: the return to condition on (default: the manifest's default target).
     on_fault, safe_action, max_consecutive_faults: see the module docstring.
+    limits: an `ActuatorLimits` in place of the manifest's (see `runtime.limits.LimitsOptions`).
+    record: a new directory to write the step record into; record_chunk_steps: rows per chunk file.
     Only batch-1 engines: one Policy drives one plant.
     """
 
     def __init__(self, backend: Backend, target_return: float | None = None, *, on_fault: str = "raise",
-                 safe_action=None, max_consecutive_faults: int = DEFAULT_MAX_CONSECUTIVE_FAULTS):
+                 safe_action=None, max_consecutive_faults: int = DEFAULT_MAX_CONSECUTIVE_FAULTS,
+                 limits: ActuatorLimits | None = None, record=None, record_chunk_steps: int = DEFAULT_CHUNK_STEPS):
         manifest = backend.manifest
         if manifest.batch != 1:
             raise DMMError(f"engine batch | received {manifest.batch} | expected 1; a Policy drives one "
@@ -111,6 +128,9 @@ class Policy:
         if manifest.observation_low is not None:
             self._observation_low = np.asarray(manifest.observation_low, dtype=np.float64)  # (S,)
             self._observation_high = np.asarray(manifest.observation_high, dtype=np.float64)  # (S,)
+        self.limits = (ActuatorLimits.from_manifest(manifest) if limits is None else
+                       limits.check(manifest, "limits"))
+        self._limiter = ActuatorLimiter(self.limits)
         self._safe = self._check_safe_action(safe_action)  # (Adim,) float32
 
         # Scratch and state, all allocated here: act() writes into them in place.
@@ -120,6 +140,9 @@ class Policy:
         self._action_ok = np.empty(manifest.act_dim, dtype=bool)  # (Adim,)
         self._action = np.empty(manifest.act_dim, dtype=np.float32)  # (Adim,) the last good action
         self._held = np.empty(manifest.act_dim, dtype=np.float32)  # (Adim,) what "hold" repeats
+        self._engine_action = np.full(manifest.act_dim, np.nan, dtype=np.float32)  # (Adim,) before the limits
+        self._start = self._limiter.start.copy()  # (Adim,) the ramp's start of this episode
+        self._sent = np.empty(manifest.act_dim, dtype=np.float32)  # (Adim,) the rate limit's reference
         self._feeds = {spec.name: np.zeros(spec.shape, dtype=np.float32) for spec in manifest.inputs}
         if self.mode == "window":
             # The window's committed history lives apart from the feeds: a step builds its feeds
@@ -140,7 +163,12 @@ class Policy:
         self.last_fault: Fault | None = None
         self._t = 0
         self._rtg = np.float32(0.0)
+        self._recorder = None
+        self._episode_start = True
         self.reset()
+        if record is not None:  # last: a refused argument above leaves no record directory behind
+            self._recorder = StepRecorder(record, self._record_header(), state_dim=manifest.state_dim,
+                                          act_dim=manifest.act_dim, chunk_steps=record_chunk_steps)
 
     @property
     def t(self) -> int:
@@ -165,8 +193,26 @@ class Policy:
     def consecutive_faults(self) -> int:
         return self._consecutive_faults
 
-    def reset(self) -> None:
-        """Start an episode: zero window / caches, return-to-go back to the target (fault counts stay)."""
+    @property
+    def limit_counts(self) -> dict[str, tuple[int, ...]]:
+        """Limit kind (`runtime.limits.LIMIT_KINDS`) -> per-dimension count of the steps it changed the action."""
+        return self._limiter.counts
+
+    @property
+    def engine_action(self) -> np.ndarray:
+        """(Adim,) the engine's action of the last good step within the action bounds, before the limits."""
+        return np.minimum(np.maximum(self._engine_action, self._low), self._high)
+
+    @property
+    def recorder(self) -> StepRecorder | None:
+        return self._recorder
+
+    def reset(self, start_action=None) -> None:
+        """Start an episode: zero window / caches, return-to-go back to the target (fault counts stay).
+
+        start_action: (Adim,) where the actuators are now (the robot's current command): the start of
+        the ramp and the rate limit's reference at the first step; default: the limits' ramp_start.
+        """
         for array in self._feeds.values():
             array.fill(0.0)
         if self.mode == "window":
@@ -179,6 +225,18 @@ class Policy:
         self._has_good_action = False
         self._last_faulted = False
         self.last_fault = None
+        if start_action is None:
+            np.copyto(self._start, self._limiter.start)
+        else:
+            start = np.asarray(start_action, dtype=np.float32)
+            if start.shape != self._start.shape or not np.isfinite(start).all() \
+                    or (start < self._limiter.lower).any() or (start > self._limiter.upper).any():
+                raise DMMError(f"start_action | received {np.asarray(start_action).tolist()} | expected "
+                               f"{self._start.shape[0]} finite values within the limits [{self.limits.lower}, "
+                               f"{self.limits.upper}]; pass the actuators' current command")
+            np.copyto(self._start, start)
+        np.copyto(self._sent, self._start)
+        self._episode_start = True
         self.backend.reset()
 
     def act(self, observation, reward: float = 0.0, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -187,13 +245,29 @@ class Policy:
         bounds: a new array, or ``out`` (a float32 (Adim,) array) filled in place.
         On a fault it raises, or returns the held / safe action, as ``on_fault`` says.
         """
+        recorder = self._recorder
+        started = time.perf_counter_ns() if recorder is not None else 0
+        t = self._t
         kind = self._step(observation, reward)
         if kind is None:
             self._consecutive_faults = 0
             self._last_faulted = False
             action = self._action
         else:
-            action = self._handle_fault(kind)
+            try:
+                action = self._handle_fault(kind)
+            except DMMError:
+                if recorder is not None:
+                    self._record_row(observation, reward, kind, None, started, t)
+                raise
+            np.copyto(self._sent, action)  # the rate limit starts from what the plant got
+        if recorder is not None:
+            if kind is None:  # the good step written inline: this is the common path on every step
+                recorder.add_step(observation, reward, self._rtg, self._engine_action, action, 0,
+                                  time.perf_counter_ns() - started, t, self._episode_start)
+                self._episode_start = False
+            else:
+                self._record_row(observation, reward, kind, action, started, t)
         if out is None:
             return action.copy()
         np.copyto(out, action)
@@ -215,6 +289,47 @@ class Policy:
             raise DMMError(f"action | received {action.dtype} {action.shape} (finite: "
                            f"{bool(np.isfinite(action).all())}) | expected {self._action.shape} finite")
         self._record(action)
+        np.copyto(self._sent, action)
+        if self._recorder is not None:
+            self._recorder.replace_last_action(action)
+
+    def end_episode(self, observation, reward: float, *, terminated: bool) -> None:
+        """The episode ended (terminated, or truncated: a time limit, the operator): with a record, write the
+        final observation and the last action's reward, which make the last step a transition; else nothing."""
+        if self._recorder is None:
+            return
+        self._recorder.add_step(observation, reward, math.nan, None, None, 0, 0, self._t, False,
+                                EVENT_TERMINATED if terminated else EVENT_TRUNCATED)
+
+    def close(self) -> None:
+        """Finish the step record (writes the buffered rows); the Policy still acts, unrecorded. Idempotent."""
+        if self._recorder is not None:
+            recorder, self._recorder = self._recorder, None
+            recorder.close()
+
+    def __enter__(self) -> Policy:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _record_header(self) -> dict:
+        manifest = self.manifest
+        return {"manifest_sha256": sha256_bytes(manifest_bytes(manifest)),
+                "checkpoint_sha256": manifest.checkpoint_sha256, "engine": str(self.backend.path),
+                "backend": self.backend.name, "provider": self.backend.provider, "mode": manifest.mode,
+                "precision": manifest.precision, "env_id": manifest.env_id, "state_dim": manifest.state_dim,
+                "act_dim": manifest.act_dim, "rtg_scale": manifest.rtg_scale, "target_return": self.target_return,
+                "action_low": list(manifest.action_low), "action_high": list(manifest.action_high),
+                "on_fault": self.on_fault, "fault_kinds": list(FAULT_KINDS), "limits": self.limits.to_dict()}
+
+    def _record_row(self, observation, reward, kind, action, started: int, t: int) -> None:
+        elapsed = time.perf_counter_ns() - started
+        good = kind is None
+        self._recorder.add_step(observation, reward, float(self._rtg) if good else math.nan,
+                                self._engine_action if good else None, action,
+                                0 if good else FAULT_KINDS.index(kind) + 1, elapsed, t, self._episode_start)
+        self._episode_start = False
 
     # -- one step -------------------------------------------------------------------------
 
@@ -271,7 +386,8 @@ class Policy:
                                    "overflowed (check its precision); stop the plant")
             return "action_nonfinite"
 
-        np.clip(predicted, self._low, self._high, out=self._action)
+        np.copyto(self._engine_action, predicted)
+        self._limiter.apply(predicted, self._action, self._t, self._start, self._sent)
         if self.mode == "stream":
             # Copied, not aliased: a backend may reuse its output buffers on the next call.
             for output_name, input_name in STREAM_CACHE_PAIRS:
@@ -281,6 +397,7 @@ class Policy:
             np.copyto(self._history_actions, self._actions)
             np.copyto(self._history_rtgs, self._rtgs)
         self._record(self._action)
+        np.copyto(self._sent, self._action)
         self._rtg = rtg
         self._pending_reward = 0.0
         self._has_good_action = True
@@ -296,7 +413,7 @@ class Policy:
         return True
 
     def _record(self, action: np.ndarray) -> None:
-        # The executed action (clipped) enters the history: the plant's a_t, not the raw prediction.
+        # The executed action (limited) enters the history: the plant's a_t, not the raw prediction.
         if self.mode == "window":
             self._actions[-1] = action
             self._history_actions[-1] = action
@@ -363,8 +480,8 @@ class Policy:
         return "observation_range"
 
     def _check_safe_action(self, safe_action) -> np.ndarray:
-        if safe_action is None:
-            return np.clip(np.zeros_like(self._low), self._low, self._high)  # (Adim,)
+        if safe_action is None:  # zeros within the limits' bounds (the action bounds unless narrowed)
+            return np.minimum(np.maximum(np.zeros_like(self._low), self._limiter.lower), self._limiter.upper)
         action = np.asarray(safe_action, dtype=np.float64)
         if action.shape != self._low.shape or not np.isfinite(action).all() \
                 or (action < self._low).any() or (action > self._high).any():

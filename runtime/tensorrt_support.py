@@ -157,6 +157,19 @@ def capturing_logger():
     return _LOGGER
 
 
+def create_runtime(trt, logger, source: str) -> tensorrt.Runtime:
+    """``trt.Runtime(logger)``, or a DMMError. Like the Builder's constructor, it raises TypeError
+    ("factory function returned nullptr") when CUDA cannot initialise, e.g. TensorRT 11 (CUDA 13) on a
+    CUDA 12 driver."""
+    try:
+        return trt.Runtime(logger)
+    except TypeError:
+        raise DMMError(f"{source}: TensorRT {trt.__version__} could not create its runtime ({logged_errors(logger)}); "
+                       "expected a CUDA driver as new as this TensorRT's CUDA (TensorRT 11.x needs CUDA 13, "
+                       "tensorrt-cu12 10.x CUDA 12); install the TensorRT build for this driver or update the "
+                       "driver (python cli.py doctor shows both)") from None
+
+
 def logged_errors(logger, limit: int = 3) -> str:
     errors = [message for level, message in logger.messages if level == "error"]
     if not errors:
@@ -192,6 +205,13 @@ def layer_precision(precisions: list[str]) -> str:
         if candidate in precisions:
             return candidate
     return "none"  # shapes, indices, booleans only
+
+
+def is_opaque_region(layer: dict) -> bool:
+    """A fused Myelin region ("{ForeignNode[first...last]}") whose inner layers the inspector does not show:
+    its I/O types are its boundaries' only (TensorRT 10.3 reports fp32 boundaries around fp16 / int8 inside)."""
+    name = str(layer.get("Name", ""))
+    return (name.startswith("{") or "ForeignNode" in name) and not ONNX_LAYER.search(str(layer.get("Metadata", "")))
 
 
 def layer_onnx_nodes(layer: dict) -> list[str]:
@@ -236,7 +256,7 @@ def layer_summary(engine_information: str, manifest: Manifest) -> dict:
                      "layers": len(layers), "by_precision": {}, "tf32_kernels": 0, "per_layer": [],
                      "pinned_fp32_checked": 0, "pinned_fp32_unverifiable": 0,
                      "pinned_fp32_in_reduced_precision": [],
-                     "pins_known": all_pinned or bool(pinned)}
+                     "pins_known": all_pinned or bool(pinned), "opaque_regions": 0}
     for layer in layers:
         if not isinstance(layer, dict):
             summary["per_layer"].append({"name": str(layer)[:300]})
@@ -247,6 +267,7 @@ def layer_summary(engine_information: str, manifest: Manifest) -> dict:
                    if isinstance(t, dict)]
         precision = layer_precision(inputs + outputs)
         nodes = layer_onnx_nodes(layer)
+        summary["opaque_regions"] += is_opaque_region(layer)
         tactic = str(layer.get("TacticName", layer.get("TacticValue", "")))
         summary["by_precision"][precision] = summary["by_precision"].get(precision, 0) + 1
         summary["tf32_kernels"] += "tf32" in tactic.lower()
@@ -268,6 +289,12 @@ def layer_summary(engine_information: str, manifest: Manifest) -> dict:
                     {"layer": str(layer.get("Name", ""))[:300], "precision": precision, "onnx_nodes": nodes})
     summary["reduced_precision_layers"] = sum(count for name, count in summary["by_precision"].items()
                                               if name in REDUCED_PRECISIONS)
+    # Which precision the plan computes in cannot be told when no layer shows a reduced type and fused
+    # regions hide their inside: "fp32 only" would be a guess (recorded, not warned about).
+    summary["reduced_precision_unverifiable"] = (
+        f"{summary['opaque_regions']} fused Myelin region(s) show only their fp32 boundaries; the precision inside "
+        "them is not reported by this TensorRT's inspector"
+        if summary["opaque_regions"] and not summary["reduced_precision_layers"] else None)
     return summary
 
 
@@ -297,7 +324,8 @@ def check_layer_precisions(source: str, summary: dict, manifest: Manifest, *, pr
                            "--typing strong (weak typing may ignore the pins inside fused regions), or pass "
                            "--precision-check warn to keep the plan anyway")
         warnings.append(message)
-    if manifest.precision in ("fp16", "int8") and not summary["by_precision"].get(manifest.precision):
+    if (manifest.precision in ("fp16", "int8") and not summary["by_precision"].get(manifest.precision)
+            and not summary.get("reduced_precision_unverifiable")):
         warnings.append(f"{source}: a {manifest.precision} graph, but no layer of the plan runs in "
                         f"{manifest.precision} (TensorRT kept those layers in fp32: "
                         + ("Q/DQ run as fake-quant)" if manifest.precision == "int8" else "the casts were folded)"))

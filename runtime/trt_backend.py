@@ -75,6 +75,7 @@ from runtime.tensorrt_support import (
     check_plan_bytes,
     check_plan_manifest,
     check_plan_target,
+    create_runtime,
     engine_io,
     import_tensorrt,
     logged_errors,
@@ -151,26 +152,48 @@ class TrtBackend(Backend):
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.manifest, feeds)
-        assert self._gpu is not None
-        with self._gpu:
+        with self._current():
             return self._infer(feeds)
 
     def reset(self) -> None:
         """Episode start: both cache buffers zeroed on the device, in stream order (stream mode)."""
         if self.loaded and self._buffers is not None and self._buffers.spare:
-            assert self._gpu is not None
-            with self._gpu:
+            with self._current():
                 self._buffers.zero_caches()
                 self._bind()
 
+    def _current(self) -> PrimaryContext:
+        if self._gpu is None or self._context is None or self._buffers is None:
+            raise DMMError(f"engine {str(self.path)!r}: this TensorRT backend is closed (or its close failed part "
+                           "way); expected a loaded backend; load it again")
+        return self._gpu
+
     def close(self) -> None:
+        """Free everything, each part even when an earlier one fails; a failure is one DMMError after it all."""
         gpu, self._gpu = self._gpu, None
-        if gpu is not None:
-            with gpu:
-                self._close()
-            gpu.release()
-        _OPEN.discard(self)
-        self._manifest = None
+        errors: list[str] = []
+        try:
+            if gpu is not None:
+                try:
+                    with gpu:
+                        self._close(errors)
+                except DMMError:
+                    raise
+                except Exception as error:  # pushing / popping the context: a driver error
+                    errors.append(f"the CUDA context: {type(error).__name__}: {first_line(error)}")
+                finally:
+                    gpu.release()
+        finally:
+            # Whatever failed, nothing of this load is reachable any more: later calls say "closed".
+            self._context = self._engine = self._runtime = None
+            self._buffers = self._stream = None
+            self._graphs.clear()
+            _OPEN.discard(self)
+            self._manifest = None
+        if errors:
+            raise DMMError(f"engine {str(self.path)!r}: closing the TensorRT backend failed ({'; '.join(errors)}); "
+                           "expected a working CUDA driver; the backend is closed regardless, and the GPU memory "
+                           "is freed at process exit")
 
     # -- load -----------------------------------------------------------------------------
 
@@ -215,9 +238,18 @@ class TrtBackend(Backend):
         self._cuda, self._cudart, self._gpu = cuda, cudart, gpu
         try:
             with gpu:
-                self._open_engine(source, manifest, plan)
+                try:
+                    self._open_engine(source, manifest, plan)
+                except BaseException:
+                    # TensorRT objects of this failed load freed now, while the context is current, not
+                    # whenever the traceback that refers to them goes.
+                    self._close([])
+                    raise
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except DMMError:
+                pass  # the load's own error is the one to report
             raise
         self.provider = f"TensorRT {trt.__version__} on {name}" + (" (CUDA graph)" if self.cuda_graph else "")
         _register_for_exit(self)
@@ -228,18 +260,17 @@ class TrtBackend(Backend):
 
         logger = capturing_logger()
         logger.messages.clear()
-        self._runtime = trt.Runtime(logger)
-        engine = self._runtime.deserialize_cuda_engine(plan)
-        if engine is None:
+        # Only attributes hold TensorRT objects (no locals): `_close` can free them all on an error path.
+        self._runtime = create_runtime(trt, logger, source)
+        self._engine = self._runtime.deserialize_cuda_engine(plan)
+        if self._engine is None:
             raise DMMError(f"{source}: TensorRT could not deserialise the plan ({logged_errors(logger)}); "
                            f"{REBUILD_HINT}")
-        self._engine = engine
-        check_io(source, manifest, engine_io(engine))
-        context = engine.create_execution_context()
-        if context is None:
+        check_io(source, manifest, engine_io(self._engine))
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
             raise DMMError(f"{source}: TensorRT could not create an execution context ({logged_errors(logger)}); "
                            "expected enough free GPU memory; close other GPU users and retry")
-        self._context = context
         cuda = self._cuda
         assert cuda is not None
         self._stream = cuda.Stream()
@@ -351,14 +382,24 @@ class TrtBackend(Backend):
 
     # -- close ----------------------------------------------------------------------------
 
-    def _close(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
+    def _close(self, errors: list[str]) -> None:
+        """Free in order, every step attempted whatever the previous one did; what failed goes to ``errors``."""
+
+        def attempt(what: str, action) -> None:
+            try:
+                action()
+            except Exception as error:  # pycuda / cuda-python raise their own types
+                errors.append(f"{what}: {type(error).__name__}: {first_line(error)}")
+
+        stream = self._stream
+        if stream is not None:
+            attempt("synchronising the stream", stream.synchronize)
         if self._graphs:
-            self._destroy_graphs()
+            attempt("destroying the CUDA graphs", self._destroy_graphs)
+            self._graphs.clear()
         # TensorRT objects before the memory they point at, all while the context is current.
         self._context = self._engine = self._runtime = None
-        if self._buffers is not None:
-            self._buffers.free()
-            self._buffers = None
+        buffers, self._buffers = self._buffers, None
+        if buffers is not None:
+            attempt("freeing the device buffers", buffers.free)
         self._stream = None

@@ -15,12 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract.deployment import PolicyFacts
 from contract.manifest import MODES, manifest_path_for
 from dmm_train.baselines import build_policy
 from dmm_train.checkpoint import checkpoint_metadata, save_model
 from dmm_train.config import ModelConfig, TrainConfig, get_preset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def preset_facts(preset, model, state_mean, state_std) -> PolicyFacts:
+    """The deployment facts of ``model`` with a named preset's env, targets and references."""
+    return PolicyFacts(preset=preset.name, env_id=preset.env_id, state_dim=model.config.state_dim,
+                       act_dim=model.config.act_dim, context_len=model.config.context_len, state_mean=state_mean,
+                       state_std=state_std, rtg_scale=preset.rtg_scale, target_returns=preset.target_returns,
+                       ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score)
 
 
 def write_checkpoint(directory, *, seed: int = 0, preset: str = "hopper", model_kind: str = "dmm"):
@@ -33,10 +42,8 @@ def write_checkpoint(directory, *, seed: int = 0, preset: str = "hopper", model_
     state_mean = rng.normal(0.0, 0.5, env_preset.state_dim).astype(np.float32)
     state_std = rng.uniform(0.2, 2.0, env_preset.state_dim).astype(np.float32)
     metadata = checkpoint_metadata(
-        model=model, train_config=dataclasses.asdict(TrainConfig(preset=preset, model=model_kind)), preset=preset,
-        env_id=env_preset.env_id, state_mean=state_mean, state_std=state_std,
-        rtg_scale=env_preset.rtg_scale, target_returns=env_preset.target_returns,
-        ref_min_score=env_preset.ref_min_score, ref_max_score=env_preset.ref_max_score,
+        model=model, train_config=dataclasses.asdict(TrainConfig(preset=preset, model=model_kind)),
+        facts=preset_facts(env_preset, model, state_mean, state_std),
         dataset_id="fixture/untrained", dataset_hash="0" * 64, step=0,
     )
     return save_model(directory, model, metadata)
@@ -104,10 +111,8 @@ def dataset_checkpoint(tmp_path_factory):
         torch.manual_seed(0)
         model = DecisionMetaMamba(ModelConfig.from_preset(preset)).eval()
         metadata = checkpoint_metadata(
-            model=model, train_config=dataclasses.asdict(TrainConfig(preset="hopper")), preset="hopper",
-            env_id=preset.env_id, state_mean=dataset.state_mean, state_std=dataset.state_std,
-            rtg_scale=preset.rtg_scale, target_returns=preset.target_returns,
-            ref_min_score=preset.ref_min_score, ref_max_score=preset.ref_max_score,
+            model=model, train_config=dataclasses.asdict(TrainConfig(preset="hopper")),
+            facts=preset_facts(preset, model, dataset.state_mean, dataset.state_std),
             dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=0,
         )
         _CACHE["pair"] = (save_model(root / "run", model, metadata), dataset_dir)

@@ -187,7 +187,7 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_chosen_on_selection_seeds
     loaded = load_checkpoint(run / "best.pt")
     assert loaded.step == chosen["step"] and loaded.metadata["selection"] == best["selection"]
     assert torch.load(run / "resume.pt", weights_only=True)["best"] == {
-        "step": chosen["step"], "normalized_mean": chosen["normalized_mean"]}
+        "step": chosen["step"], "score": chosen["normalized_mean"]}
     if chosen["step"] != 6:  # best.pt holds other weights than the last checkpoint
         last = load_checkpoint(run).model.state_dict()
         assert any(not torch.equal(tensor, last[name]) for name, tensor in loaded.model.state_dict().items())

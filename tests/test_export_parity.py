@@ -101,12 +101,8 @@ def test_torch_policy_reproduces_the_official_evaluation(checkpoint_path):
     with load_backend(checkpoint_path) as backend:
         policy = Policy(backend, target_return=7200.0)
         for seed in (3, 4):
-            official = evaluate_policy(
-                checkpoint.model, env_id=checkpoint.env_id, state_mean=checkpoint.state_mean,
-                state_std=checkpoint.state_std, rtg_scale=checkpoint.rtg_scale, target_return=7200.0,
-                episodes=1, seed=seed, ref_min_score=checkpoint.ref_min_score,
-                ref_max_score=checkpoint.ref_max_score,
-            )
+            official = evaluate_policy(checkpoint.model, checkpoint.facts, target_return=7200.0, episodes=1,
+                                       seed=seed)
             episode = run_episode(policy, plant, seed=seed)
             assert (episode.episode_return, episode.length) == (official.returns[0], official.lengths[0])
     plant.close()

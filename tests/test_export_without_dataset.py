@@ -21,6 +21,7 @@ from dmm_train.baselines import build_policy
 from dmm_train.checkpoint import checkpoint_metadata, save_model
 from dmm_train.config import ModelConfig, TrainConfig, get_preset
 from dmm_train.recipes import collect
+from tests.helpers import preset_facts
 
 RETIRED_ID = "dmm-deploy/hopper-medium-v0"
 RETIRED_HASH = "a9386828075fa2304e0b5833833522220f25045664696d7fe423945044ddf1fa"  # 100k steps, commit 8c0f0f7
@@ -34,12 +35,11 @@ def november_checkpoint(tmp_path_factory):
     preset = get_preset("hopper")
     model = build_policy(ModelConfig.from_preset(preset, model="dmm")).eval()
     rng = np.random.default_rng(0)
+    facts = preset_facts(preset, model, rng.normal(0.0, 0.5, preset.state_dim),
+                         rng.uniform(0.2, 2.0, preset.state_dim))
     metadata = checkpoint_metadata(
-        model=model, train_config=dataclasses.asdict(TrainConfig(preset="hopper")), preset="hopper",
-        env_id=preset.env_id, state_mean=rng.normal(0.0, 0.5, preset.state_dim),
-        state_std=rng.uniform(0.2, 2.0, preset.state_dim), rtg_scale=preset.rtg_scale,
-        target_returns=preset.target_returns, ref_min_score=preset.ref_min_score,
-        ref_max_score=preset.ref_max_score, dataset_id=RETIRED_ID, dataset_hash=RETIRED_HASH, step=0,
+        model=model, train_config=dataclasses.asdict(TrainConfig(preset="hopper")), facts=facts,
+        dataset_id=RETIRED_ID, dataset_hash=RETIRED_HASH, step=0,
     )
     return save_model(tmp_path_factory.mktemp("november"), model, metadata)
 

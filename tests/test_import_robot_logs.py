@@ -234,45 +234,15 @@ def test_alignment_never_takes_a_later_message(tmp_path):
 
 
 def _write_lerobot(root, rollouts, *, timestamps=None) -> None:
-    """LeRobotDataset v3.0 files as LeRobot writes them (huggingface/lerobot, CODEBASE_VERSION "v3.0",
-    src/lerobot/datasets/utils.py: meta/info.json and data/chunk-000/file-000.parquet with fixed-size list
-    columns for vector features); no videos."""
-    rows = {"observation.state": [], "action": [], "timestamp": [], "frame_index": [], "episode_index": [],
-            "index": [], "task_index": [], "next.reward": [], "next.done": []}
-    for e, r in enumerate(rollouts):
-        for k in range(len(r)):
-            rows["observation.state"].append(r.observations[k].astype(np.float32))
-            rows["action"].append(r.actions[k])
-            rows["timestamp"].append(np.float32(k * 0.02))
-            rows["frame_index"].append(k)
-            rows["episode_index"].append(e)
-            rows["index"].append(len(rows["index"]))
-            rows["task_index"].append(0)
-            rows["next.reward"].append(np.float32(r.rewards[k]))
-            rows["next.done"].append(k == len(r) - 1)
-    if timestamps is not None:
-        rows["timestamp"] = timestamps
-    state_dim, act_dim = rollouts[0].observations.shape[1], rollouts[0].actions.shape[1]
-    table = pa.table({
-        "observation.state": pa.array(rows["observation.state"], type=pa.list_(pa.float32(), state_dim)),
-        "action": pa.array(rows["action"], type=pa.list_(pa.float32(), act_dim)),
-        "timestamp": pa.array(rows["timestamp"], type=pa.float32()),
-        **{k: pa.array(rows[k], type=pa.int64()) for k in ("frame_index", "episode_index", "index", "task_index")},
-        "next.reward": pa.array(rows["next.reward"], type=pa.float32()),
-        "next.done": pa.array(rows["next.done"], type=pa.bool_()),
-    })
-    (root / "data/chunk-000").mkdir(parents=True)
-    (root / "meta").mkdir()
-    pq.write_table(table, root / "data/chunk-000/file-000.parquet")
-    features = {"observation.state": {"dtype": "float32", "shape": [state_dim], "names": None},
-                "action": {"dtype": "float32", "shape": [act_dim], "names": None},
-                "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-                "next.reward": {"dtype": "float32", "shape": [1], "names": None},
-                "next.done": {"dtype": "bool", "shape": [1], "names": None}}
-    info = {"codebase_version": "v3.0", "robot_type": "reacher", "fps": 50, "total_episodes": len(rollouts),
-            "total_frames": len(rows["index"]), "chunks_size": 1000,
-            "data_path": "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet", "features": features}
-    (root / "meta/info.json").write_text(json.dumps(info))
+    """The example's LeRobotDataset v3.0 writer (examples/robot_logs/make_logs.py), so the test checks it too."""
+    import importlib.util
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("make_logs", REPO_ROOT / "examples/robot_logs/make_logs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_lerobot(root, rollouts, fps=50, timestamps=timestamps)
 
 
 def test_lerobot_v3_drops_the_last_transition_and_says_how_done_is_read(tmp_path, rollouts, capsys):

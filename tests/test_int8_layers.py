@@ -116,10 +116,10 @@ def test_auto_keeps_every_layer_int8_when_the_target_is_met(capsys, trained_on, 
     proto, manifest = export_int8(capsys, trained_on, tmp_path / "auto")
     record, accuracy = manifest.exporter["precision_pass"], manifest.accuracy
     names = candidates_of(graphs["window"])  # the fp32 graph's names: the int8 graph reads DQ'd weights
-    assert record["int8_layers_choice"] == "auto" and record["int8_layers_target"] == 0.02
-    assert accuracy["max_action_error"] == 0.02  # the int8 default limit is auto's target
+    assert record["int8_layers_choice"] == "auto" and record["int8_layers_target"] == 0.005  # DEFAULT_INT8_TARGET
+    assert accuracy["max_action_error"] == 0.02  # the int8 limit: a quarter of it is auto's default target
     [step] = record["int8_selection"]  # the all-int8 graph met it: no layer kept, no sweep needed
-    assert step["fp32_layers"] == [] and step["rmse_relative"] <= 0.02 and "int8_sensitivity" not in record
+    assert step["fp32_layers"] == [] and step["rmse_relative"] <= 0.005 and "int8_sensitivity" not in record
     assert record["int8_layers"] == {name: "int8" for name in names}
     assert quantized_linears(proto) == sorted(names)
     assert record["int8_action_rmse_relative"] == accuracy["action_rmse_relative"] == pytest.approx(
@@ -202,3 +202,33 @@ def test_a_kept_linear_running_int8_in_a_plan_is_caught(capsys, trained_on, tmp_
     # An all-int8 manifest pins nothing more.
     assert _with_fp32_linears_pinned(dataclasses.replace(manifest, exporter={
         **manifest.exporter, "precision_pass": {}})).exporter == {**manifest.exporter, "precision_pass": {}}
+
+
+def test_auto_aims_below_the_int8_limit_and_never_above_it():
+    from export.precision import DEFAULT_INT8_TARGET, PrecisionOptions
+
+    assert PrecisionOptions().int8_layers_target() == DEFAULT_INT8_TARGET < PrecisionOptions().action_error_limit(
+        "int8")
+    assert PrecisionOptions(int8_target=0.05).int8_layers_target() == 0.02  # capped at the limit it is judged by
+    assert PrecisionOptions(int8_target=0.05, max_action_error=0.1).int8_layers_target() == 0.05
+    with pytest.raises(DMMError, match=r"--int8-target -1.0; expected a positive fraction"):
+        PrecisionOptions(int8_target=-1.0).validate("int8")
+
+
+def test_the_bench_curve_plays_paired_episodes_at_its_first_points(trained_on, capsys):
+    import importlib.util
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("int8_layers_bench", REPO_ROOT / "bench/int8_layers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    checkpoint, dataset = trained_on
+    assert bench.main(["--checkpoint", str(checkpoint), "--dataset", str(dataset), "--methods", "minmax",
+                       "--calibration-windows", "32", "--heldout", "32", "--closed-loop", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| minmax | ")
+            and line.count("|") == 7]
+    played = [row for row in rows if "pairs)" in row]
+    # Every point with 0, 1, 2, 3 or 6 Linears in fp32 played its 2 pairs; the others did not.
+    assert [int(row.split("|")[2]) for row in played] == list(bench.CLOSED_LOOP_STEPS)
+    assert all("2 pairs" in row for row in played) and len(rows) > len(played)

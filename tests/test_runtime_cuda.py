@@ -3,7 +3,8 @@
 The buffer tests need pycuda and an NVIDIA GPU but no TensorRT (bench/gpu_check.sh runs them on a
 GPU machine without TensorRT): a device-to-device copy stands in for the engine, which is enough to
 see the double-buffered caches, the skipped uploads, the stream-ordered zeroing and the context
-made current on another thread. They skip with the reason elsewhere.
+made current on another thread; with cuda-python too, the TensorRT backend's CUDA-graph capture and replay on a
+pycuda stream and its failed-capture fallback. They skip with the reason elsewhere.
 """
 
 from __future__ import annotations
@@ -135,3 +136,97 @@ def test_the_context_is_made_current_on_another_thread():
     with context:
         buffers.free()
         stream = None
+
+
+# -- CUDA graphs on a pycuda stream (the TensorRT backend's capture, without TensorRT) -----------------
+
+
+def _cudart_answering():
+    """cuda-python's runtime bindings, when they import and see a device: importing alone succeeds
+    without a driver, so a device count is what tells."""
+    from runtime.cuda_support import cudart_call, import_cudart
+
+    try:
+        cudart = import_cudart()
+        count = int(cudart_call(cudart, "cudaGetDeviceCount"))
+    except CudaUnavailable as why:
+        return None, str(why)
+    return (cudart, "") if count > 0 else (None, "cuda-python sees no CUDA device")
+
+
+CUDART, NO_CUDART_WHY = _cudart_answering()
+needs_cuda_graphs = pytest.mark.skipif(CUDA is None or CUDART is None,
+                                       reason=f"needs pycuda and cuda-python answering a GPU ({WHY or NO_CUDART_WHY})")
+
+
+class CopyContext:
+    """Stands in for TensorRT's IExecutionContext (TensorRT is not on the GPU check's machine): its enqueue is
+    CopyEngine's copies on the given stream, or a failure, as the backend's capture code must handle."""
+
+    def __init__(self, engine: CopyEngine, fail_in_capture: bool = False):
+        self.engine, self.fail_in_capture, self.calls = engine, fail_in_capture, 0
+
+    def execute_async_v3(self, handle) -> bool:
+        self.calls += 1
+        if self.fail_in_capture and self.calls == 2:  # the uncaptured run before the capture works
+            raise RuntimeError("enqueue failed during capture")
+        self.engine.run()
+        return True
+
+
+def _graph_backend(tmp_path, engine: CopyEngine, context: CopyContext):
+    from runtime.trt_backend import TrtBackend
+
+    backend = TrtBackend(tmp_path / "copy.plan", cuda_graph=True)
+    backend._cuda, backend._cudart, backend._stream = CUDA, CUDART, engine.stream
+    backend._buffers, backend._context = engine.buffers, context
+    backend.provider = "copy (CUDA graph)"
+    return backend
+
+
+@needs_cuda_graphs
+def test_cuda_graphs_capture_and_replay_on_a_pycuda_stream(tmp_path):
+    cuda = CUDA
+    with PrimaryContext(cuda, 0):
+        stream = cuda.Stream()
+        buffers = DeviceBuffers(cuda, SPECS, ["state", "cache"], [("cache_next", "cache")], stream)
+        engine = CopyEngine(cuda, buffers, stream)
+        backend = _graph_backend(tmp_path, engine, CopyContext(engine))
+        rng = np.random.default_rng(1)
+        cache = rng.normal(size=CACHE_SHAPE).astype(np.float32)
+        for step in range(4):  # parity 0, 1, 0, 1: one graph per parity, then replays
+            state = rng.normal(size=(1, 11)).astype(np.float32)
+            buffers.upload({"state": state, "cache": cache})
+            backend._enqueue()
+            outputs = buffers.download()
+            buffers.advance()
+            np.testing.assert_array_equal(outputs["action"], state[:, :3])
+            np.testing.assert_array_equal(outputs["cache_next"], cache)
+            cache = outputs["cache_next"]
+            assert backend.graph_launches == step + 1
+        assert backend.graphs_in_use == 2 and not backend.warnings
+        backend._destroy_graphs()
+        buffers.free()
+
+
+@needs_cuda_graphs
+def test_a_failed_capture_falls_back_and_leaves_the_stream_usable(tmp_path):
+    cuda = CUDA
+    with PrimaryContext(cuda, 0):
+        stream = cuda.Stream()
+        buffers = DeviceBuffers(cuda, SPECS, ["state", "cache"], [("cache_next", "cache")], stream)
+        engine = CopyEngine(cuda, buffers, stream)
+        backend = _graph_backend(tmp_path, engine, CopyContext(engine, fail_in_capture=True))
+        state = np.full((1, 11), 3.0, np.float32)
+        buffers.upload({"state": state, "cache": np.ones(CACHE_SHAPE, np.float32)})
+        backend._enqueue()  # the capture fails: ended, its error cleared, plain enqueue from now on
+        outputs = buffers.download()
+        assert backend.graphs_in_use == 0 and backend.graph_launches == 0
+        assert "CUDA graph capture failed (execute_async_v3 raised RuntimeError" in backend.warnings[0]
+        assert "capture failed: plain enqueue" in backend.provider
+        np.testing.assert_array_equal(outputs["cache_next"], 1.0)  # the stream still works: not left capturing
+        backend.cuda_graph = True
+        backend._enqueue()  # no second capture after a failure
+        buffers.download()
+        assert backend.graph_launches == 0 and len(backend.warnings) == 1
+        buffers.free()

@@ -26,9 +26,9 @@ from contract.errors import DMMError
 from contract.files import sha256_bytes
 from contract.manifest import manifest_path_for, read_manifest, write_manifest
 from contract.tolerances import max_abs, tolerance
-from export.trt_build import BuildConfig, engine_after_export, tensorrt_status
+from export.trt_build import TIMING_CACHE_STATUS, BuildConfig, engine_after_export, tensorrt_status
 from runtime import Policy, load_backend
-from runtime.cuda_support import CudaUnavailable, import_cudart
+from runtime.cuda_support import CudaUnavailable, cudart_call, import_cudart
 from runtime.tensorrt_support import (
     PLAN_KIND,
     GpuIdentity,
@@ -50,11 +50,12 @@ needs_gpu = pytest.mark.skipif(not USABLE, reason=f"needs TensorRT, pycuda and a
 
 
 def _cuda_graphs_usable() -> tuple[bool, str]:
+    """cuda-python that imports and answers the driver: importing alone succeeds without a driver."""
     try:
-        import_cudart()
+        count = cudart_call(import_cudart(), "cudaGetDeviceCount")
     except CudaUnavailable as unavailable:
         return False, str(unavailable)
-    return True, ""
+    return (True, "") if int(count) > 0 else (False, "cuda-python sees no CUDA device")
 
 
 GRAPHS, NO_GRAPHS_WHY = _cuda_graphs_usable()
@@ -550,8 +551,10 @@ def test_a_corrupt_timing_cache_is_replaced_by_an_empty_one(plans, tmp_path):
     cache.write_bytes(b"not a timing cache" * 64)
     _, manifest_path = build_engine(BuildConfig(onnx=onnx_path, timing_cache=cache))
     engine = read_manifest(manifest_path).engine
-    assert engine["timing_cache_reused"] is False and engine["timing_cache_status"].startswith("rejected: TensorRT "
-                                                                                              "could not read")
+    # TensorRT either cannot read the bytes (create_timing_cache returns None or raises) or reads a cache
+    # that set_timing_cache refuses: both are a rejection, and the build starts from an empty cache.
+    assert engine["timing_cache_reused"] is False
+    assert engine["timing_cache_status"] in (TIMING_CACHE_STATUS["unreadable"], TIMING_CACHE_STATUS["mismatch"])
     assert cache.read_bytes() != b"not a timing cache" * 64  # the new cache was written back
     _, manifest_path = build_engine(BuildConfig(onnx=onnx_path, timing_cache=cache, out=tmp_path / "again.plan"))
     assert read_manifest(manifest_path).engine["timing_cache_status"] == "reused"

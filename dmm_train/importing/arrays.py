@@ -19,6 +19,7 @@ import numpy as np
 from contract.errors import DMMError, describe_error
 from dmm_train.importing.core import LoggedEpisode, ReadLog, check_finite, check_time, require_library
 from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
+from runtime.step_record import is_record, read_record
 
 Getter = Callable[[str], "np.ndarray | None"]
 
@@ -226,11 +227,16 @@ def _hdf5_arrays(node, prefix: str = "") -> dict[str, np.ndarray]:
 def read_arrays(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) -> ReadLog:
     file = str(source)
     if mapping.format == "npz":
-        arrays = _read_npz(source)
+        files = [source]
+        if is_record(source):  # a step record of a deployed policy (runtime/recording.py): its transitions
+            record = read_record(source)
+            arrays, files = record.transition_arrays(), list(record.files)
+        else:
+            arrays = _read_npz(source)
         mapping = with_defaults(mapping, arrays.__contains__, rewards_from_log=rewards_from_log,
                                 success=("success", "successes"))
         episodes, how = _flat_episodes(arrays, file, mapping)
-        return ReadLog(episodes, [source], mapping, _final_note(mapping), [how])
+        return ReadLog(episodes, files, mapping, _final_note(mapping), [how])
     h5py = require_library("h5py", mapping.format)
     try:
         handle = h5py.File(source, "r")

@@ -79,7 +79,11 @@ def write_bag(path: Path, rollouts) -> None:
             writer.write(connections[topic], time, store.serialize_cdr(message, message.__msgtype__))
 
 
-def write_lerobot(root: Path, rollouts, fps: int = 50) -> None:
+def write_lerobot(root: Path, rollouts, fps: int = 50, timestamps=None) -> None:
+    """LeRobotDataset v3.0 files as LeRobot writes them (huggingface/lerobot, CODEBASE_VERSION "v3.0",
+    src/lerobot/datasets/utils.py: meta/info.json and data/chunk-000/file-000.parquet with fixed-size list
+    columns for vector features); no videos. timestamps: one per frame in place of k / fps (a logger's
+    irregular clock)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -97,6 +101,8 @@ def write_lerobot(root: Path, rollouts, fps: int = 50) -> None:
             columns["task_index"].append(0)
             columns["next.reward"].append(float(rollout.rewards[k]))
             columns["next.done"].append(k == len(rollout) - 1)
+    if timestamps is not None:
+        columns["timestamp"] = list(timestamps)
     table = pa.table({
         "observation.state": pa.array(columns["observation.state"], type=pa.list_(pa.float32(), state_dim)),
         "action": pa.array(columns["action"], type=pa.list_(pa.float32(), act_dim)),
