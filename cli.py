@@ -325,12 +325,15 @@ def run(as_json, **options) -> None:
                                       "record": path_or_none(options["record"])})
     report = run_engine(config)
     for episode, score in zip(report.episodes, report.normalized_scores, strict=True):
-        click.echo(f"episode seed {episode.seed}: return {episode.episode_return:.2f}  "
-                   f"normalised {score:.2f}  ({episode.length} steps)", err=as_json)
+        stopped = f"; ended by a fault at {episode.stopped_by}" if episode.stopped_by else ""
+        scored = f"  normalised {score:.2f}" if report.score_name == "normalised score" else ""
+        click.echo(f"episode seed {episode.seed}: return {episode.episode_return:.2f}{scored}  "
+                   f"({episode.length} steps{stopped})", err=as_json)
     summary = report.to_dict()
     click.echo(f"{report.backend} ({report.provider}, {report.mode}, {report.precision}) on {report.env_id}, "
                f"target {report.target_return:g}: return {summary['return']:.2f} ± "
-               f"{summary['return_std']:.2f}  normalised {summary['normalized_score']:.2f}", err=as_json)
+               f"{summary['return_std']:.2f}" + (f"  normalised {summary['normalized_score']:.2f}"
+                                                 if report.score_name == "normalised score" else ""), err=as_json)
     click.echo(report.latency.summary(), err=as_json)
     if report.timings is not None:
         click.echo(report.timings.summary(), err=as_json)

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from contract.errors import DMMError
 from contract.manifest import Manifest
+
+AnyBackend = TypeVar("AnyBackend", bound="Backend")  # load() and `with` give back the backend's own class
 
 
 def describe(array) -> str:
@@ -80,7 +83,7 @@ class Backend:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def load(self) -> Backend:
+    def load(self: AnyBackend) -> AnyBackend:
         """Do the heavy work (idempotent); returns self so that ``Backend(p).load()`` chains."""
         if self._manifest is None:
             self._manifest = self._load()
@@ -100,7 +103,7 @@ class Backend:
         self._close()
         self._manifest = None
 
-    def __enter__(self) -> Backend:
+    def __enter__(self: AnyBackend) -> AnyBackend:
         return self.load()
 
     def __exit__(self, *exc_info) -> None:

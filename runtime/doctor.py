@@ -94,7 +94,7 @@ def probe_environment() -> dict:
     components["numpy"] = _component(np.__version__, True, "imports")
 
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # pyright: ignore[reportMissingImports]  (not in the type-check environment)
 
         providers = list(ort.get_available_providers())
         components["onnxruntime"] = _component(ort.__version__, True, "providers: " + ", ".join(providers))

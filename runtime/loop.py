@@ -44,15 +44,19 @@ class EpisodeResult:
     length: int
     latency_ns: np.ndarray = field(repr=False)  # (length,) int64, policy.act per step
     faults: dict = field(default_factory=dict)  # fault kind -> count in this episode
+    stopped_by: str | None = None  # the fault that ended the episode early (`run_episode(end_on_fault=True)`)
 
 
 def run_episode(policy: Policy, plant, *, seed: int, loop: ControlLoop | None = None,
-                freeze_gc: bool = True) -> EpisodeResult:
+                freeze_gc: bool = True, end_on_fault: bool = False) -> EpisodeResult:
     """One episode from ``plant.reset(seed=seed)`` until terminated or truncated.
 
     loop: a `ControlLoop` of ``policy``: each step waits for its tick (the loop's clock restarts
     here) and is timed against it; None: as fast as the plant answers.
     freeze_gc: freeze and disable the garbage collector for the episode (`runtime.clock.gc_paused`).
+    end_on_fault: a fault the policy raises (``on_fault="raise"``) ends this episode, recorded in
+    ``stopped_by``, instead of the run: in simulation a weak policy's fallen robot leaves the
+    observation range, and its results still count. A robot's own loop stops at the first.
     """
     if loop is not None and loop.policy is not policy:
         raise DMMError("run_episode | received a ControlLoop of another Policy | expected the loop of this one")
@@ -63,18 +67,26 @@ def run_episode(policy: Policy, plant, *, seed: int, loop: ControlLoop | None = 
     latency = np.empty(getattr(spec, "max_episode_steps", None) or 1024, dtype=np.int64)  # grown if needed
     action = np.empty(policy.manifest.act_dim, dtype=np.float32)  # (Adim,) refilled by every act
     episode_return, reward, steps = 0.0, 0.0, 0
+    stopped_by = None
     with gc_paused(freeze_gc):
         if loop is not None:
             loop.start()
         while True:
-            if loop is None:
-                start = time.perf_counter_ns()
-                policy.act(observation, reward, out=action)
-                elapsed = time.perf_counter_ns() - start
-            else:
-                loop.wait()
-                loop.act(observation, reward, out=action)
-                elapsed = loop.last_compute_ns
+            faulted = sum(policy.faults.values())
+            try:
+                if loop is None:
+                    start = time.perf_counter_ns()
+                    policy.act(observation, reward, out=action)
+                    elapsed = time.perf_counter_ns() - start
+                else:
+                    loop.wait()
+                    loop.act(observation, reward, out=action)
+                    elapsed = loop.last_compute_ns
+            except DMMError as error:
+                if not end_on_fault or sum(policy.faults.values()) == faulted:  # not a fault: a real error
+                    raise
+                stopped_by = f"step {steps}: {error}"
+                break
             if steps == latency.size:
                 latency = np.concatenate([latency, np.empty_like(latency)])
             latency[steps] = elapsed
@@ -86,7 +98,7 @@ def run_episode(policy: Policy, plant, *, seed: int, loop: ControlLoop | None = 
                 break
     faults = {kind: count - faults_before[kind] for kind, count in policy.faults.items()}
     return EpisodeResult(seed=seed, episode_return=episode_return, length=steps,
-                         latency_ns=latency[:steps].copy(), faults=faults)
+                         latency_ns=latency[:steps].copy(), faults=faults, stopped_by=stopped_by)
 
 
 def warm_up(policy: Policy, calls: int = DEFAULT_WARMUP) -> None:
@@ -182,7 +194,7 @@ class RunReport:
     env_id: str
     target_return: float
     episodes: tuple[EpisodeResult, ...]
-    normalized_scores: tuple[float, ...]
+    normalized_scores: tuple[float, ...]  # raw returns where the policy has no reference scores (score_name)
     latency: LatencyStats
     histogram: str | None = None
     histogram_error: str | None = None  # why the histogram could not be written (the results stand)
@@ -195,6 +207,7 @@ class RunReport:
     limits_summary: str = ""
     record: str | None = None  # the step record's directory
     record_rows: int = 0
+    score_name: str = "normalised score"  # or "return": a policy with no reference scores
 
     @property
     def returns(self) -> tuple[float, ...]:
@@ -208,6 +221,7 @@ class RunReport:
             "normalized_score": float(np.mean(self.normalized_scores)),
             "returns": list(self.returns), "lengths": [e.length for e in self.episodes],
             "seeds": [e.seed for e in self.episodes], "normalized_scores": list(self.normalized_scores),
+            "score_name": self.score_name, "stopped_by": [e.stopped_by for e in self.episodes],
             "latency_ms": {"p50": self.latency.p50, "p99": self.latency.p99, "p99.9": self.latency.p999,
                            "max": self.latency.max, "mean": self.latency.mean},
             "steps": self.latency.count, "deadline_ms": self.latency.deadline_ms,
@@ -237,7 +251,12 @@ class RunReport:
     def fault_summary(self) -> str:
         counted = {kind: count for kind, count in self.faults.items() if count}
         listed = ", ".join(f"{kind} {count}" for kind, count in counted.items()) or "none"
-        return f"faults (on-fault {self.on_fault}): {listed}"
+        stopped = sum(e.stopped_by is not None for e in self.episodes)
+        if not stopped:
+            return f"faults (on-fault {self.on_fault}): {listed}"
+        return (f"faults (on-fault {self.on_fault}): {listed}; {stopped} of {len(self.episodes)} episode(s) ended "
+                "early by a fault (in simulation a fault ends its episode and the run goes on; a Policy on the "
+                "robot raises at the first, or rides through with --on-fault hold|safe)")
 
 
 def run_engine(config: RunConfig) -> RunReport:
@@ -269,8 +288,10 @@ def run_engine(config: RunConfig) -> RunReport:
             options = RealtimeOptions(cpu=config.cpu, fifo=config.realtime, freeze_gc=False)
             with realtime(options) as applied:
                 warm_up(policy, config.warmup)  # engine calls and a reset: nothing is recorded
+                # A fault ends its episode, not the simulation: the results of a weak policy still count.
                 episodes = tuple(run_episode(policy, plant, seed=config.seed + index, loop=loop,
-                                             freeze_gc=config.freeze_gc) for index in range(config.episodes))
+                                             freeze_gc=config.freeze_gc, end_on_fault=config.on_fault == "raise")
+                                 for index in range(config.episodes))
             applied = {**applied, "gc": "frozen per episode" if config.freeze_gc else "running"}
         finally:
             plant.close()
@@ -296,5 +317,5 @@ def run_engine(config: RunConfig) -> RunReport:
         on_fault=config.on_fault, faults=dict(policy.faults), timings=loop.timings() if loop is not None else None,
         realtime=applied, limits=policy.limits.to_dict(), limit_counts=policy.limit_counts,
         limits_summary=policy.limits.summary(), record=str(config.record) if config.record is not None else None,
-        record_rows=record_rows,
+        record_rows=record_rows, score_name=manifest.facts.score_name,
     )

@@ -176,7 +176,7 @@ class TrtBackend(Backend):
             if gpu is not None:
                 try:
                     with gpu:
-                        self._close(errors)
+                        self._free_parts(errors)
                 except DMMError:
                     raise
                 except Exception as error:  # pushing / popping the context: a driver error
@@ -243,7 +243,7 @@ class TrtBackend(Backend):
                 except BaseException:
                     # TensorRT objects of this failed load freed now, while the context is current, not
                     # whenever the traceback that refers to them goes.
-                    self._close([])
+                    self._free_parts([])
                     raise
         except BaseException:
             try:
@@ -260,7 +260,7 @@ class TrtBackend(Backend):
 
         logger = capturing_logger()
         logger.messages.clear()
-        # Only attributes hold TensorRT objects (no locals): `_close` can free them all on an error path.
+        # Only attributes hold TensorRT objects (no locals): `_free_parts` can free them all on an error path.
         self._runtime = create_runtime(trt, logger, source)
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
@@ -382,7 +382,10 @@ class TrtBackend(Backend):
 
     # -- close ----------------------------------------------------------------------------
 
-    def _close(self, errors: list[str]) -> None:
+    def _close(self) -> None:  # the Backend interface; close() above is what frees a TrtBackend
+        self._free_parts([])
+
+    def _free_parts(self, errors: list[str]) -> None:
         """Free in order, every step attempted whatever the previous one did; what failed goes to ``errors``."""
 
         def attempt(what: str, action) -> None:

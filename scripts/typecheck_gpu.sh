@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LINT_ENV=.venv-lint
-REQUIREMENTS="basedpyright>=1.20,<2 numpy>=1.26"
+REQUIREMENTS="basedpyright>=1.20,<2 numpy>=1.26 pytest>=8"
 STUBS="tensorrt-stubs>=10.8,<10.14"
 STAMP="$LINT_ENV/.installed $REQUIREMENTS $STUBS"
 if [ ! -x "$LINT_ENV/bin/python" ]; then

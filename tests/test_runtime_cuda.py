@@ -79,6 +79,7 @@ def _step(engine: CopyEngine, feeds) -> dict[str, np.ndarray]:
 @needs_pycuda_gpu
 def test_caches_stay_on_the_device_and_alternate_buffers():
     cuda = CUDA
+    assert cuda is not None  # the module skips without pycuda
     with PrimaryContext(cuda, 0) as context:
         stream = cuda.Stream()
         buffers = DeviceBuffers(cuda, SPECS, ["state", "cache"], [("cache_next", "cache")], stream)
@@ -113,6 +114,7 @@ def test_caches_stay_on_the_device_and_alternate_buffers():
 @needs_pycuda_gpu
 def test_the_context_is_made_current_on_another_thread():
     cuda = CUDA
+    assert cuda is not None  # the module skips without pycuda
     context = PrimaryContext(cuda, 0)
     with context:
         stream = cuda.Stream()
@@ -179,7 +181,7 @@ def _graph_backend(tmp_path, engine: CopyEngine, context: CopyContext):
 
     backend = TrtBackend(tmp_path / "copy.plan", cuda_graph=True)
     backend._cuda, backend._cudart, backend._stream = CUDA, CUDART, engine.stream
-    backend._buffers, backend._context = engine.buffers, context
+    backend._buffers, backend._context = engine.buffers, context  # pyright: ignore[reportAttributeAccessIssue]
     backend.provider = "copy (CUDA graph)"
     return backend
 
@@ -187,6 +189,7 @@ def _graph_backend(tmp_path, engine: CopyEngine, context: CopyContext):
 @needs_cuda_graphs
 def test_cuda_graphs_capture_and_replay_on_a_pycuda_stream(tmp_path):
     cuda = CUDA
+    assert cuda is not None  # the module skips without pycuda
     with PrimaryContext(cuda, 0):
         stream = cuda.Stream()
         buffers = DeviceBuffers(cuda, SPECS, ["state", "cache"], [("cache_next", "cache")], stream)
@@ -212,6 +215,7 @@ def test_cuda_graphs_capture_and_replay_on_a_pycuda_stream(tmp_path):
 @needs_cuda_graphs
 def test_a_failed_capture_falls_back_and_leaves_the_stream_usable(tmp_path):
     cuda = CUDA
+    assert cuda is not None  # the module skips without pycuda
     with PrimaryContext(cuda, 0):
         stream = cuda.Stream()
         buffers = DeviceBuffers(cuda, SPECS, ["state", "cache"], [("cache_next", "cache")], stream)

@@ -483,8 +483,19 @@ def test_run_on_fault_hold_reports_the_counts(capsys, narrow_engine):
     assert len(report["episode_faults"]) == 2
     for kind in FAULT_KINDS:
         assert sum(episode[kind] for episode in report["episode_faults"]) == faults[kind]
-    code = cli.main(["run", "--engine", str(narrow_engine), "--episodes", "1"])  # --on-fault raise
-    assert_one_line_error(capsys, code, "outside the engine's observation range: [0]")
+    # --on-fault raise, the default: in simulation a fault ends its episode, and the results still count.
+    report = run_json(capsys, "--engine", str(narrow_engine), "--episodes", "2")
+    assert report["faults"]["observation_range"] == 2 and len(report["stopped_by"]) == 2
+    assert all("outside the engine's observation range: [0]" in stopped for stopped in report["stopped_by"])
+    assert all(0 < length < 1000 for length in report["lengths"]) and len(report["returns"]) == 2
+    code = cli.main(["run", "--engine", str(narrow_engine), "--episodes", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "ended by a fault at step" in printed and "1 of 1 episode(s) ended early" in printed
+    # On the robot the same Policy raises at the first fault: the strict default of the API.
+    with load_backend(narrow_engine) as backend:
+        policy = Policy(backend)
+        with pytest.raises(DMMError, match=r"outside the engine's observation range: \[0\]"):
+            policy.act(np.zeros(11))
     code = cli.main(["run", "--engine", str(narrow_engine), "--episodes", "1", "--on-fault", "safe",
                      "--max-consecutive-faults", "0"])
     assert_one_line_error(capsys, code, "1 consecutive faults", "max_consecutive_faults=0")

@@ -250,7 +250,7 @@ def test_a_foreign_cuda_namespace_is_not_taken_for_cuda_python(tmp_path):
 def test_a_trt_backend_device_must_be_an_index():
     for device in (-1, "0", True):
         with pytest.raises(DMMError, match=r"device \| received"):
-            TrtBackend("x.plan", device=device)
+            TrtBackend("x.plan", device=device)  # pyright: ignore[reportArgumentType]  (refused on purpose)
 
 
 def test_adopt_argument_errors_come_before_tensorrt(capsys, engines, tmp_path):
@@ -464,9 +464,10 @@ def test_reset_zeroes_the_device_caches_from_either_buffer_parity(plans, cuda_gr
     with TrtBackend(plans["stream"], cuda_graph=cuda_graph).load() as backend:
         policy = Policy(backend)
         first = [policy.act(o, 1.0) for o in observations]
-        assert backend._buffers.parity == 1
+        buffers = backend._buffers
+        assert buffers is not None and buffers.parity == 1
         policy.reset()
-        assert backend._buffers.parity == 0
+        assert buffers.parity == 0
         again = [policy.act(o, 1.0) for o in observations]
         if cuda_graph:
             assert backend.graphs_in_use == 2 and backend.graph_launches > 0, backend.warnings
@@ -562,7 +563,7 @@ def test_a_corrupt_timing_cache_is_replaced_by_an_empty_one(plans, tmp_path):
 
 @needs_gpu
 def test_build_on_another_device_makes_it_current(engines, tmp_path):
-    import pycuda.driver as cuda
+    import pycuda.driver as cuda  # pyright: ignore[reportMissingImports]  (source-only: no type information)
 
     from export.trt_build import build_engine
 

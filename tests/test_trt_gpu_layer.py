@@ -136,8 +136,9 @@ class _Buffers:
 def test_a_close_that_fails_part_way_frees_the_rest_and_says_so(tmp_path):
     backend = TrtBackend(tmp_path / "p.plan")
     gpu, buffers = _Context(), _Buffers()
-    backend._gpu, backend._stream, backend._buffers = gpu, _FailingStream(), buffers
-    backend._context = backend._engine = backend._runtime = object()
+    # Stand-ins where no TensorRT or CUDA exists: only the order and completeness of freeing is tested.
+    backend._gpu, backend._stream, backend._buffers = gpu, _FailingStream(), buffers  # pyright: ignore
+    backend._context = backend._engine = backend._runtime = object()  # pyright: ignore
     with pytest.raises(DMMError) as caught:
         backend.close()
     message = str(caught.value)
