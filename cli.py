@@ -73,6 +73,21 @@ def config_option(config_class, name: str, *decls: str, **overrides):
     return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, **settings)
 
 
+def limit_options(config_class):
+    """The actuator-limit options (runtime/limits.py) of ``config_class``: export records them, run overrides."""
+    options = [config_option(config_class, "limits_file", "--limits", type=click.Path()),
+               config_option(config_class, "action_lower"), config_option(config_class, "action_upper"),
+               config_option(config_class, "action_rate_limit"),
+               config_option(config_class, "ramp_steps", type=int), config_option(config_class, "ramp_start")]
+
+    def apply(command):
+        for option in reversed(options):  # as stacked decorators: the first listed shows first in --help
+            command = option(command)
+        return command
+
+    return apply
+
+
 def from_options(config_class, options: dict, **fixed):
     """``config_class`` from the parsed options that are its fields (plus ``fixed`` values)."""
     names = {f.name for f in dataclasses.fields(config_class)}
@@ -213,8 +228,10 @@ def train(out, resume, quiet, **options) -> None:
 @config_option(TrainConfig, "threads", type=int)
 @click.option("--quiet", is_flag=True, help="no progress bars (the phases and the summary still print)")
 def tour(out, episodes, quiet, **options) -> None:
-    """The whole path in one command: train DMM (resumable), export the fp16 graph and the C step, run each
-    in the control loop and print a summary (score, latency p50/p99, files, next commands)."""
+    """The whole path in one command, the quick start.
+
+    Train DMM (resumable), export the fp16 graph and the C step, run each in the control loop and
+    print a summary (score, latency p50/p99, files, next commands)."""
     prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     from export.tour import default_tour_dir
     from export.tour import tour as run_tour
@@ -307,12 +324,7 @@ def _evaluate_offline(loaded, config, as_json: bool) -> None:
 @config_option(RunConfig, "env_id", "--env")
 @config_option(RunConfig, "record", type=click.Path())
 @config_option(RunConfig, "record_chunk_steps", type=click.IntRange(min=1))
-@config_option(RunConfig, "limits_file", "--limits", type=click.Path())
-@config_option(RunConfig, "action_lower")
-@config_option(RunConfig, "action_upper")
-@config_option(RunConfig, "action_rate_limit")
-@config_option(RunConfig, "ramp_steps", type=int)
-@config_option(RunConfig, "ramp_start")
+@limit_options(RunConfig)
 def run(as_json, **options) -> None:
     """Run an engine in the control loop on its env; report return, score, faults and per-step latency."""
     from runtime.loop import run_engine
@@ -361,7 +373,9 @@ def run(as_json, **options) -> None:
 @config_option(ParityConfig, "atol", type=float)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def parity(as_json, replay, **options) -> None:
-    """Compare the actions of PyTorch and ONNX Runtime, teacher-forced on a real trajectory, per step bin."""
+    """Compare every backend's actions with PyTorch's, teacher-forced on a real trajectory.
+
+    The drift is reported per step-in-episode bin; --replay DIR compares along a run's step record."""
     from export.parity import run_parity
 
     if replay is not None:
@@ -427,17 +441,14 @@ def parity(as_json, replay, **options) -> None:
 @config_option(ExportConfig, "max_action_error", type=float)
 @config_option(ExportConfig, "int8_target", type=float)
 @config_option(ExportConfig, "int8_layers")
-@config_option(ExportConfig, "limits_file", "--limits", type=click.Path())
-@config_option(ExportConfig, "action_lower")
-@config_option(ExportConfig, "action_upper")
-@config_option(ExportConfig, "action_rate_limit")
-@config_option(ExportConfig, "ramp_steps", type=int)
-@config_option(ExportConfig, "ramp_start")
+@limit_options(ExportConfig)
 @click.option("--no-engine", is_flag=True, help="only the ONNX, even where TensorRT and a GPU are present")
 def export_graph(fp16, int8, no_engine, **options) -> None:
-    """Export a checkpoint to ONNX (+ manifest), checked against PyTorch in ONNX Runtime; --fp16 / --int8
-    add an accuracy report against fp32; where TensorRT and a GPU are present, build NAME.plan too.
-    --target c writes the stream step as C99 (NAME.c + NAME.h) instead, compiled and checked against PyTorch.
+    """Export a checkpoint to ONNX or C, checked against PyTorch.
+
+    The ONNX graph (+ manifest) is checked in ONNX Runtime; --fp16 / --int8 add an accuracy report
+    against fp32; where TensorRT and a GPU are present, NAME.plan is built too. --target c writes the
+    stream step as C99 (NAME.c + NAME.h) instead, compiled and checked against PyTorch.
     """
     prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     if fp16 and int8:
@@ -487,7 +498,7 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
 @config_option(BuildConfig, "device")
 @config_option(BuildConfig, "precision_check", type=click.Choice(PRECISION_CHECKS))
 def build(onnx_file, **options) -> None:
-    """Build the TensorRT engine NAME.plan (+ NAME.plan.json) of an exported NAME.onnx on this machine's GPU."""
+    """Build the TensorRT engine NAME.plan (+ NAME.plan.json) of an exported NAME.onnx on this GPU."""
     from export.trt_build import build_engine, build_summary
 
     config = from_options(BuildConfig, {**options, "out": path_or_none(options["out"]),
@@ -503,8 +514,10 @@ def build(onnx_file, **options) -> None:
 @config_option(AdoptConfig, "precision_check", type=click.Choice(PRECISION_CHECKS))
 @config_option(AdoptConfig, "force")
 def adopt(plan_file, **options) -> None:
-    """Write NAME.plan.json for a plan built on this GPU by another tool (trtexec --saveEngine=NAME.plan):
-    its I/O checked against NAME.onnx's manifest, TensorRT version, GPU and per-layer precisions recorded.
+    """Write NAME.plan.json for a plan another tool built on this GPU (trtexec).
+
+    The plan (trtexec --saveEngine=NAME.plan) has its I/O checked against NAME.onnx's manifest; its
+    TensorRT version, GPU and per-layer precisions are recorded.
     """
     from export.trt_build import adopt_plan, build_summary
 
@@ -521,8 +534,10 @@ def adopt(plan_file, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="reset seed of the recorded trajectory")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON record (to attach to a bug report)")
 def doctor(engine, steps, seed, as_json) -> None:
-    """What is installed and usable here (numpy, ONNX Runtime, TensorRT, pycuda, cuda-python, driver, GPU),
-    and with --engine how it runs here; for what is missing, the one thing to install.
+    """What is installed and usable here, and with --engine which backends run it.
+
+    Covers numpy, ONNX Runtime, TensorRT, pycuda, cuda-python, the driver and the GPU; for what is
+    missing, the one thing to install.
     """
     from runtime.doctor import describe, diagnose
 

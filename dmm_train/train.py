@@ -422,8 +422,58 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
 def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: bool, progress: bool,
            log_every: int, on_step: Callable[[int], None] | None,
            report: Callable[[str], None] | None) -> Path | None:
+    # Set-up: the run's config (its own when resumed), the data, the threads, the learner and the run's records.
     requested_threads = config.threads  # this command's --threads (None: choose)
     config, resume_state = distributed.on_main(context, lambda: _prepare_run(config, out_dir, context, resume))
+    dataset = _load_dataset(config, out_dir, context, resume_state, progress)
+    preset = preset_for_dataset(config.preset, dataset)
+    training_dataset, heldout, returns = _hold_out(config, dataset, preset)
+    config = _choose_threads(config, requested_threads, resume_state, progress)
+    learner = Learner(config, preset, training_dataset, context)
+    step = 0
+    if resume_state is not None:
+        learner.restore(resume_state)
+        step = int(resume_state["step"])
+    run = TrainingRun(config, out_dir, context, learner, dataset=dataset, preset=preset, heldout=heldout,
+                      returns=returns, resume_state=resume_state, progress=progress, log_every=log_every)
+    learner.distribute()
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # A resume point at the last step is written after the final evaluation: such a run is finished.
+    finished = resume_state is not None and step >= config.steps
+    run.begin(step, finished)
+    try:
+        learner.model.train()
+        loss = float("nan")
+        while step < config.steps:
+            loss = learner.gradient_step()
+            _require_finite(loss, step + 1, context)
+            step += 1
+            run.after_step(step, loss)
+            if on_step is not None:
+                on_step(step)
+        if not finished:
+            run.finish(step, loss)
+    except KeyboardInterrupt:
+        run.tracker.close()
+        raise DMMError(_interrupted_message(step, run.kept_step, out_dir, config)) from None
+    if not context.is_main:
+        return None
+    if finished:  # nothing was trained or written
+        if report is not None:
+            report(f"{out_dir} already finished at step {step}; nothing to do (pass a larger --steps with "
+                   "--resume to train further)")
+        return out_dir / MODEL_FILE
+    plot_metrics(run.records, out_dir / PLOT_FILE)
+    if report is not None:
+        report(f"wrote {out_dir / MODEL_FILE}")
+    return out_dir / MODEL_FILE
+
+
+def _load_dataset(config: TrainConfig, out_dir: Path, context: RankContext, resume_state: dict | None,
+                  progress: bool):
+    """The run's dataset on every rank, checked against the preset, the resume point and rank 0's copy."""
 
     def load_here():
         dataset = resolve_dataset(config.dataset, progress=progress, preset=config.preset)
@@ -447,271 +497,329 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
                            f"rank 0's has {hashes[0][:12]}; expected the same dataset on every node")
 
     distributed.on_every_rank(context, same_dataset_as_rank_0)
-    preset = preset_for_dataset(config.preset, dataset)
-    # Without a simulator, evaluation is offline, on episodes held out of training (dmm_train/offline_eval.py).
-    offline = preset.env_id is None
-    training_dataset, heldout, returns = dataset, (), np.zeros(0)
-    if offline:
-        from dmm_train.offline_eval import heldout_split
+    return dataset
 
-        _check_actions_in_range(dataset)
-        if config.report_episodes:
-            raise DMMError(f"--report-episodes {config.report_episodes} | received a dataset with no simulator "
-                           f"({dataset.dataset_id!r} names no env) | expected 0: report evaluations play episodes; "
-                           "the periodic evaluation is offline")
-        if config.eval_episodes:
-            kept, heldout = heldout_split(dataset.episodes)
-            training_dataset = dataclasses.replace(dataset, episodes=kept)
-        returns = np.asarray([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
 
+def _hold_out(config: TrainConfig, dataset, preset):
+    """(the episodes to train on, the held-out episodes, every episode's return (E,)).
+
+    Without a simulator, evaluation is offline, on episodes held out of training (dmm_train/offline_eval.py);
+    with one, nothing is held out and the returns are not needed (empty).
+    """
+    if preset.env_id is not None:
+        return dataset, (), np.zeros(0)
+    from dmm_train.offline_eval import heldout_split
+
+    _check_actions_in_range(dataset)
+    if config.report_episodes:
+        raise DMMError(f"--report-episodes {config.report_episodes} | received a dataset with no simulator "
+                       f"({dataset.dataset_id!r} names no env) | expected 0: report evaluations play episodes; "
+                       "the periodic evaluation is offline")
+    training_dataset, heldout = dataset, ()
+    if config.eval_episodes:
+        kept, heldout = heldout_split(dataset.episodes)
+        training_dataset = dataclasses.replace(dataset, episodes=kept)
+    returns = np.asarray([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
+    return training_dataset, heldout, returns
+
+
+def _choose_threads(config: TrainConfig, requested_threads: int | None, resume_state: dict | None,
+                    progress: bool) -> TrainConfig:
+    """The config with the torch thread count this process now uses."""
     # Torch's results depend on its thread count (its reductions split by thread), so a resumed run keeps the
     # count it was trained with unless --threads says otherwise; a new run takes the free cores.
     kept = config.threads if resume_state is not None and requested_threads is None else None
     choice = setup_threads(requested_threads if kept is None else kept,
                            source="the run's count, kept for exact resume" if kept is not None else "--threads")
-    config = dataclasses.replace(config, threads=choice.threads)
     if progress:
         print(choice.line(), file=sys.stderr, flush=True)
+    return dataclasses.replace(config, threads=choice.threads)
 
-    from dmm_train.sampler import WindowSampler
 
-    device = context.device(config.device)
-    ranks = context.world_size * config.emulate_ranks  # ranks taking a share of the global batch
-    rank_batch = distributed.split_batch(config.batch_size, ranks)
-    # The ranks this process draws windows for: its own, or all of them when it plays every rank.
-    played = list(range(config.emulate_ranks)) if config.emulate_ranks > 1 else [context.rank]
+def _require_finite(loss: float, at_step: int, context: RankContext) -> None:
+    if not math.isfinite(loss):  # the global loss: every rank stops here, at the same step
+        error = DMMError(
+            f"training loss became {loss} at step {at_step}; expected a finite loss; "
+            "check the dataset for NaN/inf values or lower the learning rate"
+        )
+        raise distributed.quiet_off_main(context, error)
 
-    _seed_everything(config.seed)  # every rank builds the same initial model
-    model_config = ModelConfig.from_preset(preset, model=config.model)
-    model = build_policy(model_config).to(device)
-    set_scan_impl(model, config.scan)
-    optimizer, scheduler = make_optimizer(model, config)
-    samplers = [
-        WindowSampler(training_dataset, model_config.context_len, preset.rtg_scale,
-                      seed=distributed.rank_seed(config.seed, r))
-        for r in played
-    ]
-    if context.rank > 0:
-        _seed_everything(distributed.rank_seed(config.seed, context.rank))  # this rank's dropout stream
-    shard_rng = None
-    if len(played) > 1:
-        shard_rng = [_torch_rng(device)] + [
-            _fresh_torch_rng(distributed.rank_seed(config.seed, r), device) for r in played[1:]
+
+class Learner:
+    """What a gradient step reads and changes on this process: the model, its optimizer and schedule, and one
+    window sampler per rank it plays (its own rank, or every rank under --emulate-ranks). When it plays several
+    ranks, ``shard_rng`` holds each one's torch RNG state (that rank's dropout stream).
+
+    Built in a fixed order, since the global RNGs are seeded and drawn from on the way: every rank builds the
+    same initial model, then takes its own dropout stream.
+    """
+
+    def __init__(self, config: TrainConfig, preset, training_dataset, context: RankContext):
+        from dmm_train.sampler import WindowSampler
+
+        self.context = context
+        self.batch_size, self.grad_clip = config.batch_size, config.grad_clip
+        self.device = context.device(config.device)
+        self.ranks = context.world_size * config.emulate_ranks  # ranks taking a share of the global batch
+        self.rank_batch = distributed.split_batch(config.batch_size, self.ranks)
+        # The ranks this process draws windows for: its own, or all of them when it plays every rank.
+        self.played = list(range(config.emulate_ranks)) if config.emulate_ranks > 1 else [context.rank]
+
+        _seed_everything(config.seed)  # every rank builds the same initial model
+        self.model_config = ModelConfig.from_preset(preset, model=config.model)
+        self.model = build_policy(self.model_config).to(self.device)
+        set_scan_impl(self.model, config.scan)
+        self.network = self.model  # what the step runs: the model, under torchrun wrapped by `distribute`
+        self.optimizer, self.scheduler = make_optimizer(self.model, config)
+        self.samplers = [
+            WindowSampler(training_dataset, self.model_config.context_len, preset.rtg_scale,
+                          seed=distributed.rank_seed(config.seed, r))
+            for r in self.played
         ]
-    step = 0
-    metrics_path = out_dir / METRICS_FILE
-    records: list[dict] = []
-    best: dict | None = None  # the best selection evaluation so far: step and score
-    clock = RunClock()
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model_state"])
-        optimizer.load_state_dict(resume_state["optimizer_state"])
-        scheduler.load_state_dict(resume_state["scheduler_state"])
+        if context.rank > 0:
+            _seed_everything(distributed.rank_seed(config.seed, context.rank))  # this rank's dropout stream
+        self.shard_rng = None
+        if len(self.played) > 1:
+            self.shard_rng = [_torch_rng(self.device)] + [
+                _fresh_torch_rng(distributed.rank_seed(config.seed, r), self.device) for r in self.played[1:]
+            ]
+
+    def restore(self, resume_state: dict) -> None:
+        """Back to a resume point: the weights, optimizer and schedule, and the played ranks' samplers and RNGs."""
+        self.model.load_state_dict(resume_state["model_state"])
+        self.optimizer.load_state_dict(resume_state["optimizer_state"])
+        self.scheduler.load_state_dict(resume_state["scheduler_state"])
         rank_states = _rank_states(resume_state)
-        for sampler, rank in zip(samplers, played, strict=True):
+        for sampler, rank in zip(self.samplers, self.played, strict=True):
             sampler.set_state(rank_states[rank]["sampler_state"])
-        _set_rng_state(rank_states[played[0]]["rng_state"])
-        if shard_rng is not None:
-            shard_rng = [rank_states[rank]["rng_state"] for rank in played]
-        step = int(resume_state["step"])
-        best = resume_state.get("best")
-        clock = RunClock(resume_state.get("clock"))
-        if context.is_main:
-            # Records written after the last resume point belong to the lost tail of the run.
-            records = [r for r in _read_metrics(metrics_path) if r["step"] <= step]
-    network = model
-    if context.distributed:
+        _set_rng_state(rank_states[self.played[0]]["rng_state"])
+        if self.shard_rng is not None:
+            self.shard_rng = [rank_states[rank]["rng_state"] for rank in self.played]
+
+    def distribute(self) -> None:
+        """Under torchrun, wrap the model in DistributedDataParallel (which starts from rank 0's weights)."""
+        if not self.context.distributed:
+            return
         from torch.nn.parallel import DistributedDataParallel
 
-        network = DistributedDataParallel(model, device_ids=[context.local_rank] if device.startswith("cuda")
-                                          else None)
-    if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        self.network = DistributedDataParallel(
+            self.model, device_ids=[self.context.local_rank] if self.device.startswith("cuda") else None)
 
-    facts = policy_facts(model_config, preset, dataset)
-    train_config_dict = dataclasses.asdict(config)
+    def gradient_step(self) -> float:
+        """One gradient step on the global batch, each played rank's share drawn from its sampler; the global loss."""
+        if self.ranks == 1:
+            batch = batch_to_tensors(self.samplers[0].sample(self.batch_size), self.device)
+            return train_step(self.network, self.optimizer, self.scheduler, batch, self.grad_clip)
+        batches = [batch_to_tensors(sampler.sample(self.rank_batch), self.device) for sampler in self.samplers]
+        return sharded_train_step(self.network, self.optimizer, self.scheduler, batches, self.grad_clip,
+                                  self.context, self.shard_rng)
 
-    def metadata(at_step: int) -> dict:
-        return checkpoint_metadata(model=model, train_config=train_config_dict, facts=facts,
-                                   dataset_id=dataset.dataset_id, dataset_hash=dataset.content_hash, step=at_step,
-                                   world_size=context.world_size)
-
-    def played_rank_states() -> list[dict]:
-        states = [{"sampler_state": sampler.get_state(), "rng_state": _rng_state(device)} for sampler in samplers]
-        if shard_rng is not None:
-            for state, torch_state in zip(states, shard_rng, strict=True):
+    def rank_states(self) -> list[dict]:
+        """The played ranks' sampler and RNG states, for a resume point."""
+        states = [{"sampler_state": sampler.get_state(), "rng_state": _rng_state(self.device)}
+                  for sampler in self.samplers]
+        if self.shard_rng is not None:
+            for state, torch_state in zip(states, self.shard_rng, strict=True):
                 state["rng_state"] = {**state["rng_state"], **torch_state}
         return states
 
-    kept_step = int(resume_state["step"]) if resume_state is not None else None  # the resume point on disk
-    last_saved = time.perf_counter()
 
-    def save_resume_point(at_step: int) -> None:
-        nonlocal kept_step, last_saved
-        rank_states = [state for part in distributed.gather(context, played_rank_states()) for state in part]
-        last_saved = time.perf_counter()
-        if not context.is_main:
+class TrainingRun:
+    """The periodic work around the steps: the metrics records, the progress line, resume points (every
+    ``checkpoint_every`` steps, at least every ``checkpoint_minutes``, at every evaluation and at the end),
+    the periodic evaluation (closed-loop, or offline without a simulator) and best.pt.
+
+    Every rank holds one, since a resume point is a collective; only rank 0 keeps records, evaluates and writes.
+    """
+
+    def __init__(self, config: TrainConfig, out_dir: Path, context: RankContext, learner: Learner, *, dataset,
+                 preset, heldout: tuple, returns: np.ndarray, resume_state: dict | None, progress: bool,
+                 log_every: int):
+        self.config, self.out_dir, self.context, self.learner = config, out_dir, context, learner
+        self.dataset, self.preset, self.heldout, self.returns = dataset, preset, heldout, returns
+        self.offline = preset.env_id is None
+        self.resumed, self.progress, self.log_every = resume_state is not None, progress, log_every
+        self.evaluates = bool(config.eval_episodes or config.report_episodes)
+        self.metrics_path = out_dir / METRICS_FILE
+        self.records: list[dict] = []
+        self.best: dict | None = None  # the best selection evaluation so far: step and score
+        self.clock = RunClock()
+        self.kept_step: int | None = None  # the step of the resume point on disk
+        if resume_state is not None:
+            self.best = resume_state.get("best")
+            self.clock = RunClock(resume_state.get("clock"))
+            self.kept_step = int(resume_state["step"])
+            if context.is_main:
+                # Records written after the last resume point belong to the lost tail of the run.
+                self.records = [r for r in _read_metrics(self.metrics_path) if r["step"] <= self.kept_step]
+        self.facts = policy_facts(learner.model_config, preset, dataset)
+        self.train_config_dict = dataclasses.asdict(config)
+        self.last_saved = 0.0  # when the last resume point was written, or training began (`begin`)
+        self.tracker: Progress | None = None  # the progress line, opened by `begin`
+
+    def begin(self, step: int, finished: bool) -> None:
+        """Say what is trained on what, and open the progress line."""
+        self.last_saved = time.perf_counter()  # time-based resume points count from here
+        config, preset, dataset, learner = self.config, self.preset, self.dataset, self.learner
+        if self.progress:
+            origin = "resuming at step " + str(step) if self.resumed else "training"
+            sharing = (f", {learner.ranks} ranks x {learner.rank_batch} windows" if learner.ranks > 1 else "")
+            print(
+                f"{origin}: {config.model} on {preset.name}, {dataset.dataset_id} ({len(dataset.episodes)} episodes, "
+                f"{dataset.total_steps} steps), {config.steps} steps, batch {config.batch_size}{sharing}, "
+                f"out {self.out_dir}",
+                file=sys.stderr, flush=True,
+            )
+            if preset.name != preset_name_given(config.preset) or self.offline:
+                print(_preset_line(preset, len(self.heldout)), file=sys.stderr, flush=True)
+        self.tracker = Progress("train", config.steps, start=step, enabled=self.progress and not finished)
+
+    def after_step(self, step: int, loss: float) -> None:
+        """After each step: the log record, the progress line, and an evaluation or resume point when due.
+
+        The last step's evaluation and resume point are `finish`'s.
+        """
+        config = self.config
+        if self.context.is_main and (step % self.log_every == 0 or step == config.steps):
+            self.records.append({"step": step, "loss": loss, "lr": self.learner.scheduler.get_last_lr()[0],
+                                 "train_seconds": self.clock.train_seconds()})
+        self.tracker.update(step, self._progress_text(loss))
+        last = step >= config.steps
+        evaluation_due = bool(config.eval_every) and self.evaluates and step % config.eval_every == 0 and not last
+        if evaluation_due and self.context.is_main:
+            self.evaluate(step)
+        if (evaluation_due or step % config.checkpoint_every == 0 or self.resume_point_due(step)) and not last:
+            self.save_resume_point(step)
+
+    def finish(self, step: int, loss: float) -> None:
+        """After the last step: the final evaluation, the last progress line and the final resume point."""
+        if self.evaluates and self.context.is_main:
+            self.evaluate(step)
+        self.tracker.update(step, self._progress_text(loss), force=True)
+        self.tracker.close()
+        self.save_resume_point(step)
+
+    def _progress_text(self, loss: float) -> str:
+        return f"loss {loss:.4f}  lr {self.learner.scheduler.get_last_lr()[0]:.2e}"
+
+    def metadata(self, at_step: int) -> dict:
+        return checkpoint_metadata(model=self.learner.model, train_config=self.train_config_dict, facts=self.facts,
+                                   dataset_id=self.dataset.dataset_id, dataset_hash=self.dataset.content_hash,
+                                   step=at_step, world_size=self.context.world_size)
+
+    def resume_point_due(self, at_step: int) -> bool:
+        """A resume point by time: at least every ``checkpoint_minutes``, so that a slow run loses little."""
+        context = self.context
+        if not self.config.checkpoint_minutes or (context.distributed and at_step % TIME_CHECK_STEPS):
+            return False
+        late = time.perf_counter() - self.last_saved >= self.config.checkpoint_minutes * 60.0
+        if context.distributed:  # any rank late: all save, together
+            late = bool(distributed.all_reduce_sum(context, torch.tensor([float(late)], device=self.learner.device))
+                        .item())
+        return late
+
+    def save_resume_point(self, at_step: int) -> None:
+        """Every rank's sampler and RNG state gathered; rank 0 writes resume.pt, metrics.jsonl and model.pt."""
+        learner = self.learner
+        rank_states = [state for part in distributed.gather(self.context, learner.rank_states()) for state in part]
+        self.last_saved = time.perf_counter()
+        if not self.context.is_main:
             return
         atomic_torch_save(
             {
                 "step": at_step,
-                "train_config": train_config_dict,
-                "dataset_hash": dataset.content_hash,
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict(),
-                "world_size": context.world_size,
+                "train_config": self.train_config_dict,
+                "dataset_hash": self.dataset.content_hash,
+                "model_state": learner.model.state_dict(),
+                "optimizer_state": learner.optimizer.state_dict(),
+                "scheduler_state": learner.scheduler.state_dict(),
+                "world_size": self.context.world_size,
                 "rank_states": rank_states,
-                "best": best,
-                "clock": clock.state(),
+                "best": self.best,
+                "clock": self.clock.state(),
             },
-            out_dir / RESUME_FILE,
+            self.out_dir / RESUME_FILE,
         )
-        _write_metrics(metrics_path, records)
-        save_model(out_dir, model, metadata(at_step))
-        kept_step = at_step
+        _write_metrics(self.metrics_path, self.records)
+        save_model(self.out_dir, learner.model, self.metadata(at_step))
+        self.kept_step = at_step
 
-    def resume_point_due(at_step: int) -> bool:
-        """A resume point by time: at least every ``checkpoint_minutes``, so that a slow run loses little."""
-        if not config.checkpoint_minutes or (context.distributed and at_step % TIME_CHECK_STEPS):
-            return False
-        late = time.perf_counter() - last_saved >= config.checkpoint_minutes * 60.0
-        if context.distributed:  # any rank late: all save, together
-            late = bool(distributed.all_reduce_sum(context, torch.tensor([float(late)], device=device)).item())
-        return late
-
-    def run_evaluation(at_step: int) -> None:
+    def evaluate(self, at_step: int) -> None:
         """Rank 0: the selection evaluation (best.pt) and, if asked, the report evaluation at every target."""
-        nonlocal best
-        from dmm_train.evaluate import evaluate_policy
-
         started = time.perf_counter()
-        tracker.close()  # the training progress line ends before the evaluation's output
-
-        def evaluate(target: float, episodes: int, seed: int, label: str):
-            return evaluate_policy(model, facts, target_return=target, episodes=episodes, seed=seed, device=device,
-                                   progress_label=label if progress else None)
-
+        self.tracker.close()  # the training progress line ends before the evaluation's output
         record: dict = {"step": at_step}
-        improved = False
-        if config.eval_episodes and offline:
-            from dmm_train.offline_eval import evaluate_offline
+        if self.config.eval_episodes and self.offline:
+            self._select_offline(at_step, record)
+        elif self.config.eval_episodes:
+            self._select_closed_loop(at_step, record)
+        if self.config.report_episodes:
+            self._report(at_step, record)
+        seconds = time.perf_counter() - started
+        self.clock.add_eval(seconds)
+        record["eval_seconds"] = seconds
+        self.records.append(record)
 
-            result = evaluate_offline(model, facts, heldout, low_target=float(returns.min()),
-                                      median_return=float(np.median(returns)), device=device)
-            record["offline"] = result.to_dict()
-            # Lower is better: best.pt is the checkpoint that imitates the held-out episodes best.
-            improved = best is None or result.action_rmse < best["action_rmse"]
-            if improved:
-                best = {"step": at_step, "action_rmse": result.action_rmse}
-                save_model(out_dir, model, {**metadata(at_step), "selection": {"offline": result.to_dict()}},
-                           stem=BEST_STEM)
-            if progress:
-                print(f"eval step {at_step} (offline): {result.line()}" + ("  (best so far: best.pt)" if improved
-                                                                              else ""), file=sys.stderr, flush=True)
-        elif config.eval_episodes:
-            result = evaluate(preset.target_returns[0], config.eval_episodes, SELECTION_EVAL_SEED,
-                              f"eval step {at_step}")
-            record.update({
+    def _select_offline(self, at_step: int, record: dict) -> None:
+        """The held-out action error; best.pt when it is the lowest so far."""
+        from dmm_train.offline_eval import evaluate_offline
+
+        result = evaluate_offline(self.learner.model, self.facts, self.heldout, low_target=float(self.returns.min()),
+                                  median_return=float(np.median(self.returns)), device=self.learner.device)
+        record["offline"] = result.to_dict()
+        # Lower is better: best.pt is the checkpoint that imitates the held-out episodes best.
+        improved = self.best is None or result.action_rmse < self.best["action_rmse"]
+        if improved:
+            self.best = {"step": at_step, "action_rmse": result.action_rmse}
+            save_model(self.out_dir, self.learner.model,
+                       {**self.metadata(at_step), "selection": {"offline": result.to_dict()}}, stem=BEST_STEM)
+        if self.progress:
+            print(f"eval step {at_step} (offline): {result.line()}" + ("  (best so far: best.pt)" if improved else ""),
+                  file=sys.stderr, flush=True)
+
+    def _select_closed_loop(self, at_step: int, record: dict) -> None:
+        """The selection episodes at the first target; best.pt when they score the best so far."""
+        episodes = self.config.eval_episodes
+        result = self._play(self.preset.target_returns[0], episodes, SELECTION_EVAL_SEED, f"eval step {at_step}")
+        record.update({
+            "target_return": result.target_return, "return_mean": result.return_mean,
+            "return_std": result.return_std, "normalized_mean": result.normalized_mean,
+            "eval_seed": SELECTION_EVAL_SEED, "eval_episodes": episodes,
+        })
+        improved = self.best is None or result.score_mean > _best_score(self.best)
+        if improved:
+            self.best = {"step": at_step, "score": result.score_mean}
+            selection = {"target_return": result.target_return, "normalized_mean": result.normalized_mean,
+                         "return_mean": result.return_mean, "episodes": episodes,
+                         "env_seeds": [SELECTION_EVAL_SEED, SELECTION_EVAL_SEED + episodes]}
+            save_model(self.out_dir, self.learner.model, {**self.metadata(at_step), "selection": selection},
+                       stem=BEST_STEM)
+        if self.progress:
+            score = ("" if result.normalized_mean is None else f"  normalised {result.normalized_mean:.1f}")
+            print(
+                f"eval step {at_step}: return {result.return_mean:.1f} ± {result.return_std:.1f}{score}"
+                + ("  (best so far: best.pt)" if improved else ""),
+                file=sys.stderr, flush=True,
+            )
+
+    def _report(self, at_step: int, record: dict) -> None:
+        """The report episodes (seeds disjoint from the selection's) at every target return."""
+        record["report"] = []
+        for target in self.preset.target_returns:
+            result = self._play(target, self.config.report_episodes, REPORT_EVAL_SEED,
+                                f"report step {at_step}, target {target:g}")
+            record["report"].append({
                 "target_return": result.target_return, "return_mean": result.return_mean,
                 "return_std": result.return_std, "normalized_mean": result.normalized_mean,
-                "eval_seed": SELECTION_EVAL_SEED, "eval_episodes": config.eval_episodes,
             })
-            improved = best is None or result.score_mean > _best_score(best)
-            if improved:
-                best = {"step": at_step, "score": result.score_mean}
-                selection = {"target_return": result.target_return, "normalized_mean": result.normalized_mean,
-                             "return_mean": result.return_mean, "episodes": config.eval_episodes,
-                             "env_seeds": [SELECTION_EVAL_SEED, SELECTION_EVAL_SEED + config.eval_episodes]}
-                save_model(out_dir, model, {**metadata(at_step), "selection": selection}, stem=BEST_STEM)
-            if progress:
-                score = ("" if result.normalized_mean is None else f"  normalised {result.normalized_mean:.1f}")
-                print(
-                    f"eval step {at_step}: return {result.return_mean:.1f} ± {result.return_std:.1f}{score}"
-                    + ("  (best so far: best.pt)" if improved else ""),
-                    file=sys.stderr, flush=True,
-                )
-        if config.report_episodes:
-            record["report"] = []
-            for target in preset.target_returns:
-                result = evaluate(target, config.report_episodes, REPORT_EVAL_SEED,
-                                  f"report step {at_step}, target {target:g}")
-                record["report"].append({
-                    "target_return": result.target_return, "return_mean": result.return_mean,
-                    "return_std": result.return_std, "normalized_mean": result.normalized_mean,
-                })
-            record["report_seed"], record["report_episodes"] = REPORT_EVAL_SEED, config.report_episodes
-        seconds = time.perf_counter() - started
-        clock.add_eval(seconds)
-        record["eval_seconds"] = seconds
-        records.append(record)
+        record["report_seed"], record["report_episodes"] = REPORT_EVAL_SEED, self.config.report_episodes
 
-    evaluates = bool(config.eval_episodes or config.report_episodes)
-    if progress:
-        origin = "resuming at step " + str(step) if resume_state is not None else "training"
-        sharing = (f", {ranks} ranks x {rank_batch} windows" if ranks > 1 else "")
-        print(
-            f"{origin}: {config.model} on {preset.name}, {dataset.dataset_id} ({len(dataset.episodes)} episodes, "
-            f"{dataset.total_steps} steps), {config.steps} steps, batch {config.batch_size}{sharing}, "
-            f"out {out_dir}",
-            file=sys.stderr, flush=True,
-        )
-        if preset.name != preset_name_given(config.preset) or offline:
-            print(_preset_line(preset, len(heldout)), file=sys.stderr, flush=True)
-    # A resume point at the last step is written after the final evaluation: such a run is finished.
-    finished = resume_state is not None and step >= config.steps
-    tracker = Progress("train", config.steps, start=step, enabled=progress and not finished)
-    try:
-        model.train()
-        loss = float("nan")
-        while step < config.steps:
-            if ranks == 1:
-                batch = batch_to_tensors(samplers[0].sample(config.batch_size), device)
-                loss = train_step(network, optimizer, scheduler, batch, config.grad_clip)
-            else:
-                batches = [batch_to_tensors(sampler.sample(rank_batch), device) for sampler in samplers]
-                loss = sharded_train_step(network, optimizer, scheduler, batches, config.grad_clip, context, shard_rng)
-            if not math.isfinite(loss):  # the global loss: every rank stops here, at the same step
-                error = DMMError(
-                    f"training loss became {loss} at step {step + 1}; expected a finite loss; "
-                    "check the dataset for NaN/inf values or lower the learning rate"
-                )
-                raise distributed.quiet_off_main(context, error)
-            step += 1
-            if context.is_main and (step % log_every == 0 or step == config.steps):
-                records.append({"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                                "train_seconds": clock.train_seconds()})
-            tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
-            evaluated = False
-            if config.eval_every and evaluates and step % config.eval_every == 0 and step < config.steps:
-                if context.is_main:
-                    run_evaluation(step)
-                evaluated = True
-            if (evaluated or step % config.checkpoint_every == 0 or resume_point_due(step)) and step < config.steps:
-                save_resume_point(step)
-            if on_step is not None:
-                on_step(step)
+    def _play(self, target: float, episodes: int, seed: int, label: str):
+        """Closed-loop episodes of the model at ``target``; env seeds seed + i."""
+        from dmm_train.evaluate import evaluate_policy
 
-        if not finished:
-            if evaluates and context.is_main:
-                run_evaluation(step)
-            tracker.update(step, f"loss {loss:.4f}  lr {scheduler.get_last_lr()[0]:.2e}", force=True)
-            tracker.close()
-            save_resume_point(step)
-    except KeyboardInterrupt:
-        tracker.close()
-        raise DMMError(_interrupted_message(step, kept_step, out_dir, config)) from None
-    if not context.is_main:
-        return None
-    if finished:  # nothing was trained or written
-        if report is not None:
-            report(f"{out_dir} already finished at step {step}; nothing to do (pass a larger --steps with "
-                   "--resume to train further)")
-        return out_dir / MODEL_FILE
-    plot_metrics(records, out_dir / PLOT_FILE)
-    if report is not None:
-        report(f"wrote {out_dir / MODEL_FILE}")
-    return out_dir / MODEL_FILE
+        return evaluate_policy(self.learner.model, self.facts, target_return=target, episodes=episodes, seed=seed,
+                               device=self.learner.device, progress_label=label if self.progress else None)
 
 
 def preset_name_given(name: str) -> str | None:

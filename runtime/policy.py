@@ -51,6 +51,10 @@ each limit per dimension. ``engine_action`` is the engine's own action of the la
 Recording (`runtime.step_record`): with ``record=PATH`` every ``act`` call is written to a step
 record (observation, reward, return-to-go, the action before and after the limits, the fault,
 the step time); ``end_episode`` adds the final observation and reward, ``close`` finishes it.
+
+Classes: ``Policy(backend, ...)`` builds the class of the engine's mode, `WindowPolicy` or
+`StreamPolicy`, both Policies. `Policy` holds the step, the checks, the faults, the limits and
+the record; a mode class holds only what that mode feeds and keeps between steps.
 """
 
 from __future__ import annotations
@@ -59,12 +63,13 @@ import math
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 
 from contract.errors import DMMError
 from contract.files import sha256_bytes
-from contract.manifest import STREAM_CACHE_PAIRS, manifest_bytes
+from contract.manifest import STREAM_CACHE_PAIRS, Manifest, manifest_bytes
 from runtime.backend import Backend
 from runtime.limits import ActuatorLimiter, ActuatorLimits
 from runtime.step_record import DEFAULT_CHUNK_STEPS, EVENT_TERMINATED, EVENT_TRUNCATED, StepRecorder
@@ -75,6 +80,9 @@ ON_FAULT = ("raise", "hold", "safe")
 # 10 steps: 80 ms of Hopper-v5 (8 ms period) held blind before the loop gives up.
 DEFAULT_MAX_CONSECUTIVE_FAULTS = 10
 _LISTED = 5  # offending indices named in a fault message
+# Observation dtypes (float64, float32) numpy normalises and compares in float64 arithmetic, exactly as
+# the normalised range check assumes; others (ints, float16, longdouble) take the raw check.
+_EXACT_IN_FLOAT64 = "fd"
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,26 @@ class Fault:
     message: str
 
 
+class _Refusal(NamedTuple):
+    """Why a step did not advance the state: the fault kind, its one-line message, and the reward the
+    step brought, which "hold" and "safe" keep for the next good step (0 when the reward was the fault)."""
+
+    kind: str
+    message: str
+    reward: float
+
+
+def _all_finite(values: np.ndarray, zeros: np.ndarray) -> bool:
+    """Whether every value is finite, in one BLAS call and no temporary: values . 0 is 0 when all are finite
+    and NaN when one is not (inf * 0 and NaN * 0 are NaN); a third of isfinite + all on a cache.
+    ``zeros``: (N,), as many zeros as ``values`` holds."""
+    return values.ravel().dot(zeros) == 0.0  # ravel: a view of the contiguous arrays engines return
+
+
 class Policy:
     """A DMM policy on one backend: ``reset()`` at an episode start, then ``act(observation, reward)``.
 
+    ``Policy(backend, ...)`` gives a `WindowPolicy` or a `StreamPolicy`, as the engine's mode says.
     target_return: the return to condition on (default: the manifest's default target).
     on_fault, safe_action, max_consecutive_faults: see the module docstring.
     limits: an `ActuatorLimits` in place of the manifest's (see `runtime.limits.LimitsOptions`).
@@ -96,10 +121,21 @@ class Policy:
     Only batch-1 engines: one Policy drives one plant.
     """
 
+    mode = ""  # "window" or "stream": set by each mode's class
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Policy:  # called as the factory: build the class of the engine's mode
+            backend = args[0] if args else kwargs["backend"]
+            cls = WindowPolicy if backend.manifest.mode == WindowPolicy.mode else StreamPolicy
+        return super().__new__(cls)
+
     def __init__(self, backend: Backend, target_return: float | None = None, *, on_fault: str = "raise",
                  safe_action=None, max_consecutive_faults: int = DEFAULT_MAX_CONSECUTIVE_FAULTS,
                  limits: ActuatorLimits | None = None, record=None, record_chunk_steps: int = DEFAULT_CHUNK_STEPS):
         manifest = backend.manifest
+        if manifest.mode != self.mode:
+            raise DMMError(f"{type(self).__name__} | received a {manifest.mode} engine | expected a {self.mode} "
+                           "one; build it with Policy(backend), which picks the class of the engine's mode")
         if manifest.batch != 1:
             raise DMMError(f"engine batch | received {manifest.batch} | expected 1; a Policy drives one "
                            "plant; export with batch 1 for the control loop")
@@ -114,52 +150,53 @@ class Policy:
                            "whole number >= 0 (faults in a row tolerated before act raises)")
         self.backend = backend
         self.manifest = manifest
-        self.mode = manifest.mode
         self.target_return = target
         self.on_fault = on_fault
         self.max_consecutive_faults = max_consecutive_faults
+        state_dim, act_dim = manifest.state_dim, manifest.act_dim
         self._scale = float(manifest.rtg_scale)
         self._mean = np.asarray(manifest.state_mean, dtype=np.float64)  # (S,), float64 as in evaluate.py
         self._std = np.asarray(manifest.state_std, dtype=np.float64)  # (S,)
         self._low = np.asarray(manifest.action_low, dtype=np.float32)  # (Adim,)
         self._high = np.asarray(manifest.action_high, dtype=np.float32)  # (Adim,)
-        self._observation_shape = (manifest.state_dim,)
+        self._observation_shape = (state_dim,)
         self._observation_low = self._observation_high = None
+        # This step's normalised observation s between the observation range's bounds, normalised alike,
+        # rows (low, s, high): comparing rows 0-1 with rows 1-2 checks low < s < high for every dimension in
+        # one call. Normalising, (o - mean) / std rounded twice, never decreases as o grows when std > 0,
+        # so a strict inequality of the normalised values proves the raw one: this check accepts only what
+        # the raw check accepts, and NaN and inf fail it. A tie or an overflow goes to the raw check.
+        self._normalised_in_bounds = np.zeros((3, state_dim))  # (3, S) float64
+        self._normalised = self._normalised_in_bounds[1]  # (S,) float64 view
+        self._low_and_normalised = self._normalised_in_bounds[:2]  # (2, S) view
+        self._normalised_and_high = self._normalised_in_bounds[1:]  # (2, S) view
+        self._in_range = np.empty((2, state_dim), dtype=bool)  # (2, S)
+        self._all_in_range = np.ones((2, state_dim), dtype=bool).tobytes()
+        self._zero_observation = np.zeros(state_dim)  # (S,) for the finite check when there is no range
+        self._normalised_check = bool((self._std > 0).all())  # else every observation takes the raw check
         if manifest.observation_low is not None:
             self._observation_low = np.asarray(manifest.observation_low, dtype=np.float64)  # (S,)
             self._observation_high = np.asarray(manifest.observation_high, dtype=np.float64)  # (S,)
+            for row, bound in ((0, self._observation_low), (2, self._observation_high)):
+                np.subtract(bound, self._mean, out=self._normalised_in_bounds[row])
+                np.divide(self._normalised_in_bounds[row], self._std, out=self._normalised_in_bounds[row])
         self.limits = (ActuatorLimits.from_manifest(manifest) if limits is None else
                        limits.check(manifest, "limits"))
         self._limiter = ActuatorLimiter(self.limits)
         self._safe = self._check_safe_action(safe_action)  # (Adim,) float32
 
-        # Scratch and state, all allocated here: act() writes into them in place.
-        self._normalised = np.empty(manifest.state_dim, dtype=np.float64)  # (S,)
-        self._observation_ok = np.empty(manifest.state_dim, dtype=bool)  # (S,)
-        self._outside = np.empty(manifest.state_dim, dtype=bool)  # (S,)
-        self._action_ok = np.empty(manifest.act_dim, dtype=bool)  # (Adim,)
-        self._action = np.empty(manifest.act_dim, dtype=np.float32)  # (Adim,) the last good action
-        self._held = np.empty(manifest.act_dim, dtype=np.float32)  # (Adim,) what "hold" repeats
-        self._engine_action = np.full(manifest.act_dim, np.nan, dtype=np.float32)  # (Adim,) before the limits
+        # Scratch and state, all allocated here: act() writes into them in place (``array[...] = values``
+        # on the step's path: np.copyto costs a Python-level dispatch on every call).
+        self._observation_ok = np.empty(state_dim, dtype=bool)  # (S,) for the full check's messages
+        self._outside = np.empty(state_dim, dtype=bool)  # (S,)
+        self._zero_action = np.zeros(act_dim, dtype=np.float32)  # (Adim,) for the finite check
+        self._engine_action = np.full(act_dim, np.nan, dtype=np.float32)  # (Adim,) before the limits
         self._start = self._limiter.start.copy()  # (Adim,) the ramp's start of this episode
-        self._sent = np.empty(manifest.act_dim, dtype=np.float32)  # (Adim,) the rate limit's reference
+        self._sent = np.empty(act_dim, dtype=np.float32)  # (Adim,) the rate limit's reference
         self._feeds = {spec.name: np.zeros(spec.shape, dtype=np.float32) for spec in manifest.inputs}
-        if self.mode == "window":
-            # The window's committed history lives apart from the feeds: a step builds its feeds
-            # from it and commits them back only once the engine returned a good action, so a
-            # fault after the engine ran leaves the history of the last good step.
-            self._states = self._feeds["states"][0]  # (K, S) views into the feeds
-            self._actions = self._feeds["actions"][0]  # (K, Adim)
-            self._rtgs = self._feeds["rtg"][0, :, 0]  # (K,)
-            self._history_states = np.zeros_like(self._states)  # (K, S)
-            self._history_actions = np.zeros_like(self._actions)  # (K, Adim)
-            self._history_rtgs = np.zeros_like(self._rtgs)  # (K,)
-        else:
-            # Only prev_action and the caches carry state, written after a good step alone.
-            self._cache_ok = {name: np.empty(self._feeds[name].shape, dtype=bool) for _, name in STREAM_CACHE_PAIRS}
+        self._allocate(manifest)
         self._faults = dict.fromkeys(FAULT_KINDS, 0)
         self._faults_view = MappingProxyType(self._faults)
-        self._fault_message = ""
         self.last_fault: Fault | None = None
         self._t = 0
         self._rtg = np.float32(0.0)
@@ -167,8 +204,8 @@ class Policy:
         self._episode_start = True
         self.reset()
         if record is not None:  # last: a refused argument above leaves no record directory behind
-            self._recorder = StepRecorder(record, self._record_header(), state_dim=manifest.state_dim,
-                                          act_dim=manifest.act_dim, chunk_steps=record_chunk_steps)
+            self._recorder = StepRecorder(record, self._record_header(), state_dim=state_dim,
+                                          act_dim=act_dim, chunk_steps=record_chunk_steps)
 
     @property
     def t(self) -> int:
@@ -215,9 +252,7 @@ class Policy:
         """
         for array in self._feeds.values():
             array.fill(0.0)
-        if self.mode == "window":
-            for array in (self._history_states, self._history_actions, self._history_rtgs):
-                array.fill(0.0)
+        self._clear_history()
         self._t = 0
         self._rtg = np.float32(self.target_return / self._scale)
         self._pending_reward = 0.0  # rewards passed with faulty steps, for the next good step
@@ -248,26 +283,26 @@ class Policy:
         recorder = self._recorder
         started = time.perf_counter_ns() if recorder is not None else 0
         t = self._t
-        kind = self._step(observation, reward)
-        if kind is None:
+        refusal = self._step(observation, reward)
+        if refusal is None:
             self._consecutive_faults = 0
             self._last_faulted = False
             action = self._action
         else:
             try:
-                action = self._handle_fault(kind)
+                action = self._handle_fault(refusal)
             except DMMError:
                 if recorder is not None:
-                    self._record_row(observation, reward, kind, None, started, t)
+                    self._record_row(observation, reward, refusal.kind, None, started, t)
                 raise
             np.copyto(self._sent, action)  # the rate limit starts from what the plant got
         if recorder is not None:
-            if kind is None:  # the good step written inline: this is the common path on every step
+            if refusal is None:  # the good step written inline: this is the common path on every step
                 recorder.add_step(observation, reward, self._rtg, self._engine_action, action, 0,
                                   time.perf_counter_ns() - started, t, self._episode_start)
                 self._episode_start = False
             else:
-                self._record_row(observation, reward, kind, action, started, t)
+                self._record_row(observation, reward, refusal.kind, action, started, t)
         if out is None:
             return action.copy()
         np.copyto(out, action)
@@ -288,7 +323,7 @@ class Policy:
         if action.shape != self._action.shape or not np.isfinite(action).all():
             raise DMMError(f"action | received {action.dtype} {action.shape} (finite: "
                            f"{bool(np.isfinite(action).all())}) | expected {self._action.shape} finite")
-        self._record(action)
+        self._write_executed_action(action)
         np.copyto(self._sent, action)
         if self._recorder is not None:
             self._recorder.replace_last_action(action)
@@ -333,98 +368,59 @@ class Policy:
 
     # -- one step -------------------------------------------------------------------------
 
-    def _step(self, observation, reward) -> str | None:
-        """Run one step; None when it was good (state advanced), else the fault kind (state untouched)."""
+    def _step(self, observation, reward) -> _Refusal | None:
+        """Run one step; None when it was good (state advanced), else why not (state untouched)."""
+        t = self._t
         reward_value = 0.0
-        self._fault_reward = 0.0
-        if self._t > 0:
+        if t > 0:
             try:
                 reward_value = float(reward)
             except (TypeError, ValueError):
                 reward_value = math.nan
             if not math.isfinite(reward_value):
-                self._fault_message = f"reward | received {reward} | expected a finite number; check the plant"
-                return "reward_nonfinite"
-        self._fault_reward = reward_value  # kept by _handle_fault when it returns an action
-        kind = self._check_observation(observation)
-        if kind is not None:
-            return kind
-        observation = np.asarray(observation)
-        np.subtract(observation, self._mean, out=self._normalised)
-        np.divide(self._normalised, self._std, out=self._normalised)  # (S,) float64
+                return _Refusal("reward_nonfinite", f"reward | received {reward} | expected a finite number; "
+                                "check the plant", 0.0)
+        if not self._normalise_if_plainly_good(observation):
+            fault = self._observation_fault(observation)
+            if fault is not None:
+                return _Refusal(*fault, reward_value)
+            normalised = self._normalised  # a good observation the quick check could not vouch for
+            np.subtract(np.asarray(observation), self._mean, out=normalised)
+            np.divide(normalised, self._std, out=normalised)
         rtg = self._rtg
-        if self._t > 0:
-            rtg = np.float32(float(self._rtg) - (self._pending_reward + reward_value) / self._scale)
-
-        feeds = self._feeds
-        if self.mode == "window":
-            # Slide the history by one into the feeds; the oldest drops out, zero padding stays left.
-            self._states[:-1] = self._history_states[1:]  # (K-1, S)
-            self._states[-1] = self._normalised  # float64 -> float32, as evaluate.py stores it
-            self._actions[:-1] = self._history_actions[1:]  # (K-1, Adim)
-            self._actions[-1] = 0.0  # placeholder for the action being predicted
-            self._rtgs[:-1] = self._history_rtgs[1:]  # (K-1,)
-            self._rtgs[-1] = rtg
-        else:
-            feeds["state"][0] = self._normalised  # (S,)
-            feeds["rtg"][0, 0] = rtg
-            # a_{t-1} (written by the previous good act) is a token only from the second step on.
-            feeds["prev_action_valid"][0, 0] = 1.0 if self._t > 0 else 0.0
+        if t > 0:
+            rtg = np.float32(float(rtg) - (self._pending_reward + reward_value) / self._scale)
+        self._write_feeds(rtg, t)
 
         try:
-            outputs = self.backend.infer(feeds)
+            outputs = self.backend.infer(self._feeds)
             predicted = outputs["action"][0]  # (Adim,)
-            np.isfinite(predicted, out=self._action_ok)
+            action_finite = _all_finite(predicted, self._zero_action)
         except Exception as error:  # any backend failure is a fault; the policy's state is untouched
             first_line = str(error).splitlines()[0] if str(error) else ""
-            self._fault_message = (f"engine {self.backend.name} | raised {type(error).__name__}: {first_line} "
-                                   f"at step {self._t} | expected an action; check the engine and its device")
-            return "backend"
-        if not self._action_ok.all() or (self.mode == "stream" and not self._caches_finite(outputs)):
-            self._fault_message = (f"action | engine {self.backend.name} produced {predicted.tolist()} (or "
-                                   "non-finite caches) | expected finite values; the engine is broken or "
-                                   "overflowed (check its precision); stop the plant")
-            return "action_nonfinite"
+            return _Refusal("backend", f"engine {self.backend.name} | raised {type(error).__name__}: {first_line} "
+                            f"at step {t} | expected an action; check the engine and its device", reward_value)
+        if not action_finite or not self._outputs_finite(outputs):
+            return _Refusal("action_nonfinite", f"action | engine {self.backend.name} produced {predicted.tolist()} "
+                            "(or non-finite caches) | expected finite values; the engine is broken or overflowed "
+                            "(check its precision); stop the plant", reward_value)
 
-        np.copyto(self._engine_action, predicted)
-        self._limiter.apply(predicted, self._action, self._t, self._start, self._sent)
-        if self.mode == "stream":
-            # Copied, not aliased: a backend may reuse its output buffers on the next call.
-            for output_name, input_name in STREAM_CACHE_PAIRS:
-                np.copyto(feeds[input_name], outputs[output_name])
-        if self.mode == "window":  # the slid window becomes the history; _record then fills in a_t
-            np.copyto(self._history_states, self._states)
-            np.copyto(self._history_actions, self._actions)
-            np.copyto(self._history_rtgs, self._rtgs)
-        self._record(self._action)
-        np.copyto(self._sent, self._action)
+        self._engine_action[...] = predicted
+        # The limited action is written where the next step reads a_t: the plant executes it, not the
+        # raw prediction.
+        self._limiter.apply(predicted, self._action, t, self._start, self._sent)
+        self._commit(outputs)
+        self._sent[...] = self._action
         self._rtg = rtg
         self._pending_reward = 0.0
         self._has_good_action = True
-        self._t += 1
+        self._t = t + 1
         return None
 
-    def _caches_finite(self, outputs) -> bool:
-        for output_name, input_name in STREAM_CACHE_PAIRS:
-            finite = self._cache_ok[input_name]
-            np.isfinite(outputs[output_name], out=finite)
-            if not finite.all():
-                return False
-        return True
-
-    def _record(self, action: np.ndarray) -> None:
-        # The executed action (limited) enters the history: the plant's a_t, not the raw prediction.
-        if self.mode == "window":
-            self._actions[-1] = action
-            self._history_actions[-1] = action
-        else:
-            self._feeds["prev_action"][0] = action
-        np.copyto(self._held, action)
-
-    def _handle_fault(self, kind: str) -> np.ndarray:
+    def _handle_fault(self, refusal: _Refusal) -> np.ndarray:
+        kind, message = refusal.kind, refusal.message
         self._faults[kind] += 1
         self._consecutive_faults += 1
-        message = self._fault_message
         self.last_fault = Fault(kind=kind, step=self._t, message=message)
         if self.on_fault == "raise":
             raise DMMError(message)
@@ -433,33 +429,77 @@ class Policy:
                            f"most max_consecutive_faults={self.max_consecutive_faults} in a row; stop the plant "
                            "and check its sensors and the engine")
         self._last_faulted = True  # the action returned now is no step of the history
-        self._pending_reward += self._fault_reward  # the plant earned it; a raised call keeps nothing
+        self._pending_reward += refusal.reward  # the plant earned it; a raised call keeps nothing
         if self.on_fault == "hold" and self._has_good_action:
-            return self._held
+            return self._executed_action
         return self._safe
+
+    # -- what each mode feeds and keeps -----------------------------------------------------
+
+    def _allocate(self, manifest: Manifest) -> None:
+        """Make the mode's views into ``_feeds`` and its history, among them ``_action`` (Adim,), where a good
+        step's limited action is written (a feed the next step reads it from), and ``_executed_action``
+        (Adim,), the executed action of the last good step (what the next step conditions on and "hold"
+        repeats)."""
+        raise NotImplementedError
+
+    def _clear_history(self) -> None:
+        """Zero what the mode keeps apart from the feeds (reset)."""
+        raise NotImplementedError
+
+    def _write_feeds(self, rtg: np.float32, t: int) -> None:
+        """Write this step's inputs (``_normalised``, ``rtg``) into the feeds; the history stays as it was."""
+        raise NotImplementedError
+
+    def _outputs_finite(self, outputs) -> bool:
+        """Whether the outputs the next step is fed, beyond the action, are finite."""
+        raise NotImplementedError
+
+    def _commit(self, outputs) -> None:
+        """A good step, its action in ``_action``: what the next step conditions on becomes this step's."""
+        raise NotImplementedError
+
+    def _write_executed_action(self, action: np.ndarray) -> None:
+        """Replace a_t of the last good step in what the next step conditions on (override_action)."""
+        raise NotImplementedError
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _check_observation(self, observation) -> str | None:
-        """None for a good observation, else the fault kind (with the message in _fault_message)."""
+    def _normalise_if_plainly_good(self, observation) -> bool:
+        """Normalise a float64 or float32 array of shape (S,) into ``_normalised`` and return True when it is
+        finite and within the observation range: the common case, in four numpy calls. False sends the
+        observation to the raw check, which tells what is wrong (or accepts another real dtype)."""
+        if type(observation) is not np.ndarray or observation.shape != self._observation_shape \
+                or observation.dtype.char not in _EXACT_IN_FLOAT64 or not self._normalised_check:
+            return False
+        normalised = self._normalised
+        np.subtract(observation, self._mean, out=normalised)
+        np.divide(normalised, self._std, out=normalised)  # (S,) float64 arithmetic, as evaluate.py
+        if self._observation_low is None:
+            return _all_finite(normalised, self._zero_observation)
+        in_range = self._in_range
+        np.less(self._low_and_normalised, self._normalised_and_high, out=in_range)  # (2, S)
+        # The mask's bytes against all-True bytes: one memcmp, where a numpy reduction costs microseconds.
+        return in_range.tobytes() == self._all_in_range
+
+    def _observation_fault(self, observation) -> tuple[str, str] | None:
+        """None for a good observation, else (fault kind, message)."""
         try:
             observation = np.asarray(observation)
         except (TypeError, ValueError):  # ragged or otherwise not an array
-            self._fault_message = (f"observation | received {type(observation).__name__} that is not an array "
-                                   f"| expected a real vector of shape {self._observation_shape}")
-            return "observation_shape"
+            return "observation_shape", (f"observation | received {type(observation).__name__} that is not an "
+                                         f"array | expected a real vector of shape {self._observation_shape}")
         if observation.shape != self._observation_shape or observation.dtype.kind not in "fiu":
-            self._fault_message = (f"observation | received {observation.dtype} {observation.shape} | expected a "
-                                   f"real vector of shape {self._observation_shape} (the engine's state_dim); "
-                                   "pass the plant's raw observation for the env the policy was trained on")
-            return "observation_shape"
+            return "observation_shape", (f"observation | received {observation.dtype} {observation.shape} | "
+                                         f"expected a real vector of shape {self._observation_shape} (the engine's "
+                                         "state_dim); pass the plant's raw observation for the env the policy was "
+                                         "trained on")
         finite = self._observation_ok
         np.isfinite(observation, out=finite)
         if not finite.all():
             bad = np.flatnonzero(~finite).tolist()
-            self._fault_message = (f"observation | received non-finite values at indices {bad} | expected "
-                                   "finite numbers; check the sensors before calling act()")
-            return "observation_nonfinite"
+            return "observation_nonfinite", (f"observation | received non-finite values at indices {bad} | "
+                                             "expected finite numbers; check the sensors before calling act()")
         if self._observation_low is None:
             return None
         outside = self._outside
@@ -473,11 +513,10 @@ class Policy:
         values = ", ".join(f"[{i}] {float(observation[i]):.4g} not in [{self._observation_low[i]:.4g}, "
                            f"{self._observation_high[i]:.4g}]" for i in indices[:_LISTED])
         more = f" and {indices.size - _LISTED} more" if indices.size > _LISTED else ""
-        self._fault_message = (f"observation | received values outside the engine's observation range: {values}"
-                               f"{more} | expected the training data's range widened by the export margin; "
-                               "check the sensors, their units and that this is the plant the policy was "
-                               "trained for")
-        return "observation_range"
+        return "observation_range", (f"observation | received values outside the engine's observation range: "
+                                     f"{values}{more} | expected the training data's range widened by the export "
+                                     "margin; check the sensors, their units and that this is the plant the "
+                                     "policy was trained for")
 
     def _check_safe_action(self, safe_action) -> np.ndarray:
         if safe_action is None:  # zeros within the limits' bounds (the action bounds unless narrowed)
@@ -489,3 +528,98 @@ class Policy:
                            f"{self._low.shape[0]} finite values within the action bounds "
                            f"[{self._low.tolist()}, {self._high.tolist()}]")
         return action.astype(np.float32)
+
+
+class WindowPolicy(Policy):
+    """Window mode: every step feeds the last K steps (s, a, R), zero left-padded, a_t = 0 as a placeholder."""
+
+    mode = "window"
+
+    def _allocate(self, manifest: Manifest) -> None:
+        context, state_dim, act_dim = manifest.context_len, manifest.state_dim, manifest.act_dim
+        feeds = self._feeds
+        self._states = feeds["states"][0]  # (K, S) views into the feeds
+        self._actions = feeds["actions"][0]  # (K, Adim)
+        self._rtgs = feeds["rtg"][0, :, 0]  # (K,)
+        self._action = self._actions[-1]  # (Adim,) a_t's place: the placeholder while the graph runs
+        # The history, one row longer than the window: rows 0..K-1 are the window of the last good step
+        # (a_t filled in), row K is the step being built, so the feeds are rows 1..K, copied in one call
+        # each. A good step is committed by copying the feeds back into rows 0..K-1: until then, a fault
+        # leaves the history of the last good step. Row K of the actions stays zero: the placeholder.
+        self._state_rows = np.zeros((context + 1, state_dim), dtype=np.float32)  # (K+1, S)
+        self._action_rows = np.zeros((context + 1, act_dim), dtype=np.float32)  # (K+1, Adim)
+        self._rtg_rows = np.zeros(context + 1, dtype=np.float32)  # (K+1,)
+        self._history_states = self._state_rows[:-1]  # (K, S) views: what the next step conditions on
+        self._history_actions = self._action_rows[:-1]  # (K, Adim)
+        self._history_rtgs = self._rtg_rows[:-1]  # (K,)
+        self._executed_action = self._history_actions[-1]  # (Adim,)
+        self._new_state = self._state_rows[-1]  # (S,)
+        self._window_states = self._state_rows[1:]  # (K, S) views: the window of the step being built
+        self._window_actions = self._action_rows[1:]  # (K, Adim)
+        self._window_rtgs = self._rtg_rows[1:]  # (K,)
+
+    def _clear_history(self) -> None:
+        for array in (self._state_rows, self._action_rows, self._rtg_rows):
+            array.fill(0.0)
+
+    def _write_feeds(self, rtg: np.float32, t: int) -> None:
+        self._new_state[...] = self._normalised  # float64 -> float32, as evaluate.py stores it
+        self._rtg_rows[-1] = rtg
+        # The window slid by one: the oldest step drops out, the zero padding stays on the left.
+        self._states[...] = self._window_states
+        self._actions[...] = self._window_actions
+        self._rtgs[...] = self._window_rtgs
+
+    def _outputs_finite(self, outputs) -> bool:
+        return True  # the action is all a window graph returns
+
+    def _commit(self, outputs) -> None:
+        self._history_states[...] = self._states
+        self._history_actions[...] = self._actions  # a_t included
+        self._history_rtgs[...] = self._rtgs
+
+    def _write_executed_action(self, action: np.ndarray) -> None:
+        np.copyto(self._action, action)
+        np.copyto(self._executed_action, action)
+
+
+class StreamPolicy(Policy):
+    """Stream mode: every step feeds s_t, R_t and a_{t-1} with the caches the previous step returned."""
+
+    mode = "stream"
+
+    def _allocate(self, manifest: Manifest) -> None:
+        feeds = self._feeds
+        self._state_fed = feeds["state"][0]  # (S,) views into the feeds
+        self._rtg_fed = feeds["rtg"][0]  # (1,)
+        self._prev_action_valid = feeds["prev_action_valid"][0]  # (1,)
+        # a_t is written where the next step reads a_{t-1}; only it and the caches carry state, written
+        # after a good step alone.
+        self._action = self._executed_action = feeds["prev_action"][0]  # (Adim,)
+        # Per cache: the output that returns it, the feed it goes back into, and zeros of its size for
+        # the finite check.
+        self._caches = tuple((output_name, feeds[input_name], np.zeros(feeds[input_name].size, dtype=np.float32))
+                             for output_name, input_name in STREAM_CACHE_PAIRS)
+
+    def _clear_history(self) -> None:
+        pass  # the caches and a_{t-1} are feeds, zeroed with them
+
+    def _write_feeds(self, rtg: np.float32, t: int) -> None:
+        self._state_fed[...] = self._normalised  # float64 -> float32
+        self._rtg_fed[0] = rtg
+        # a_{t-1} (written by the previous good step) is a token only from the second step on.
+        self._prev_action_valid[0] = 1.0 if t > 0 else 0.0
+
+    def _outputs_finite(self, outputs) -> bool:
+        # Non-finite caches would poison every later step.
+        for output_name, _, zeros in self._caches:
+            if not _all_finite(outputs[output_name], zeros):
+                return False
+        return True
+
+    def _commit(self, outputs) -> None:
+        for output_name, cache, _ in self._caches:
+            cache[...] = outputs[output_name]  # copied, not aliased: a backend may reuse its buffers
+
+    def _write_executed_action(self, action: np.ndarray) -> None:
+        np.copyto(self._executed_action, action)
