@@ -211,8 +211,10 @@ def train(out, resume, quiet, **options) -> None:
     config = from_options(TrainConfig, options)
     config.validate()
     # Rank 0 reports what was written (or that the run was already finished); the other ranks write nothing.
-    run_training(config, Path(out) if out else config.run_dir(), resume=resume, progress=not quiet,
-                 report=click.echo)
+    # SIGTERM (a scheduler's preemption, kill) stops like Ctrl-C: one line saying what is kept.
+    with _signals_interrupt():
+        run_training(config, Path(out) if out else config.run_dir(), resume=resume, progress=not quiet,
+                     report=click.echo)
 
 
 @cli.command()
@@ -238,8 +240,9 @@ def tour(out, episodes, quiet, **options) -> None:
 
     config = from_options(TrainConfig, options)
     config.validate()
-    result = run_tour(config, Path(out) if out else default_tour_dir(config), episodes=episodes, progress=not quiet,
-                      report=click.echo)
+    with _signals_interrupt():  # SIGTERM stops like Ctrl-C: the same command continues later
+        result = run_tour(config, Path(out) if out else default_tour_dir(config), episodes=episodes,
+                          progress=not quiet, report=click.echo)
     click.echo(result.summary())
 
 
@@ -390,7 +393,7 @@ def parity(as_json, replay, **options) -> None:
                       for label, actions in replayed.actions.items())
         report = ParityReport(str(replay), replayed.env_id, replayed.trajectory, pairs, replayed.actions)
         click.echo(f"{replay}: {replayed.trajectory.steps} good steps in {replayed.trajectory.episodes} episode(s) of "
-                   f"{replayed.describe}, teacher-forced; |action difference| from the recorded engine's (before "
+                   f"{replayed.engine_label}, teacher-forced; |action difference| from the recorded engine's (before "
                    "its limits) per step-in-episode bin", err=as_json)
         click.echo(report.table(), err=as_json)
         if as_json:
@@ -539,10 +542,10 @@ def doctor(engine, steps, seed, as_json) -> None:
     Covers numpy, ONNX Runtime, TensorRT, pycuda, cuda-python, the driver and the GPU; for what is
     missing, the one thing to install.
     """
-    from runtime.doctor import describe, diagnose
+    from runtime.doctor import diagnose, report_text
 
     report = diagnose(engine, steps=steps, seed=seed)
-    click.echo(json.dumps(report, indent=2) if as_json else describe(report))
+    click.echo(json.dumps(report, indent=2) if as_json else report_text(report))
 
 
 def main(argv: list[str] | None = None) -> int:

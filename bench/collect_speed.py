@@ -35,12 +35,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from contract.errors import DMMError  # noqa: E402
-from dmm_train import recipes  # noqa: E402
-from dmm_train.config import get_preset  # noqa: E402
-from dmm_train.rollouts import DEFAULT_NUM_ENVS, rollout_batched, rollout_episodes  # noqa: E402
+from contract.errors import DMMError
+from dmm_train import recipes
+from dmm_train.behavior import MlpPolicy
+from dmm_train.config import get_preset
+from dmm_train.minari_reader import load_dataset
+from dmm_train.rollouts import DEFAULT_NUM_ENVS, rollout_batched, rollout_episodes
 
 
 def cpu_seconds() -> float:
@@ -62,8 +64,6 @@ def compare(recipe, steps: int, rounds: int, num_envs: int, workers: int) -> tup
     if recipe.kind == "random":
         one_at_a_time, batched = "random", "random"
     else:
-        from dmm_train.behavior import MlpPolicy
-
         actor = MlpPolicy.load(recipes.POLICY_DIR / recipe.source[0])
         rng = np.random.default_rng(0)
         one_at_a_time, batched = (lambda observation: actor.sample(observation, rng)), actor.sample_batch
@@ -81,8 +81,6 @@ def compare(recipe, steps: int, rounds: int, num_envs: int, workers: int) -> tup
 
 def generate_fresh(name: str, steps: int) -> tuple[float, float, float, str, int]:
     """Generate recipe ``name`` into a fresh store: (wall s, CPU s, load s, content hash, episodes)."""
-    from dmm_train.minari_reader import load_dataset
-
     store = Path(tempfile.mkdtemp(prefix="dmm-collect-bench-"))
     previous = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(store)

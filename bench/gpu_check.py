@@ -35,8 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contract.errors import DMMError  # noqa: E402
-from contract.files import atomic_write_json, atomic_write_text  # noqa: E402
+import numpy as np
+
+from contract.errors import DMMError
+from contract.files import atomic_write_json, atomic_write_text
 
 MODELS = ("dmm", "dmamba", "dt", "bc")
 WARMUP_STEPS = 10  # training steps left out of the timing (CUDA context, cuBLAS handles, allocator)
@@ -189,11 +191,11 @@ def step_wheels(args) -> int:
 
 
 def step_doctor(args) -> int:
-    from runtime.doctor import describe, diagnose
+    from runtime.doctor import diagnose, report_text
 
     report = diagnose()
     atomic_write_json(report, Path(args.out) / "doctor.json")
-    text = describe(report)
+    text = report_text(report)
     print(text)
     components = report["environment"]["components"]
     usable = [name for name in ("pycuda", "cuda-python") if components[name]["usable"]]
@@ -209,8 +211,6 @@ def step_doctor(args) -> int:
 
 def synthetic_dataset(episodes: int = 20, length: int = 200, seed: int = SEED):
     """A Hopper-shaped offline dataset of random data: what the trainer's step needs, without MuJoCo."""
-    import numpy as np
-
     from dmm_train.config import get_preset
     from dmm_train.records import Episode, OfflineDataset
 
@@ -293,8 +293,6 @@ class Trajectory:
 
 
 def synthetic_trajectory(steps: int, state_dim: int, act_dim: int, episode: int = 250) -> Trajectory:
-    import numpy as np
-
     rng = np.random.default_rng(SEED)
     starts = np.zeros(steps, dtype=bool)
     starts[::episode] = True
@@ -305,7 +303,6 @@ def synthetic_trajectory(steps: int, state_dim: int, act_dim: int, episode: int 
 
 def untrained_checkpoint(directory: Path) -> Path:
     """A seeded, untrained hopper DMM model.pt (latency does not depend on the weights' values)."""
-    import numpy as np
     import torch
 
     from contract.deployment import PolicyFacts
@@ -328,7 +325,6 @@ def untrained_checkpoint(directory: Path) -> Path:
 
 
 def step_latency(args) -> int:
-    import numpy as np
     import torch
 
     from runtime.doctor import timed_teacher_forced

@@ -23,19 +23,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contract.errors import DMMError  # noqa: E402
+import numpy as np
+
+from calibration.accuracy import closed_loop, student_t_quantile
+from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
+from calibration.qdq import calibration_feeds, float_linears, quantize_qdq
+from contract.errors import DMMError
+from dmm_train.checkpoint import load_checkpoint
+from dmm_train.manifest_builder import build_manifest
+from export.onnx_export import build_graph
+from export.precision import choose_int8_layers
 
 
 def curves(checkpoint_path: Path, *, mode: str, methods: list[str], dataset: str | None, calibration_samples: int,
            heldout_samples: int, seed: int) -> dict[str, dict]:
     """method -> `choose_int8_layers`' record of the full greedy sweep (target 0), with its seconds."""
-    from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
-    from calibration.qdq import calibration_feeds, quantize_qdq
-    from dmm_train.checkpoint import load_checkpoint
-    from dmm_train.manifest_builder import build_manifest
-    from export.onnx_export import build_graph
-    from export.precision import choose_int8_layers
-
     checkpoint = load_checkpoint(checkpoint_path)
     proto = build_graph(checkpoint.model.eval(), mode=mode, precision="int8")
     manifest = build_manifest(checkpoint, mode=mode)
@@ -59,15 +61,6 @@ CLOSED_LOOP_STEPS = (0, 1, 2, 3, 6)  # Linears in fp32 at the curve's points tha
 def closed_loop_deltas(checkpoint_path: Path, results: dict[str, dict], *, mode: str, dataset: str | None,
                        calibration_samples: int, episodes: int, seed: int) -> None:
     """Adds ``closed_loop`` (mean paired delta, 95% interval, episodes) to the curve's CLOSED_LOOP_STEPS."""
-    import numpy as np
-
-    from calibration.accuracy import closed_loop, student_t_quantile
-    from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
-    from calibration.qdq import calibration_feeds, float_linears, quantize_qdq
-    from dmm_train.checkpoint import load_checkpoint
-    from dmm_train.manifest_builder import build_manifest
-    from export.onnx_export import build_graph
-
     checkpoint = load_checkpoint(checkpoint_path)
     proto = build_graph(checkpoint.model.eval(), mode=mode, precision="int8")
     manifest = build_manifest(checkpoint, mode=mode)

@@ -39,7 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from contract.errors import DMMError  # noqa: E402
+from contract.errors import DMMError
+from runtime import ControlLoop, Policy, RealtimeOptions, load_backend, realtime
+from runtime.clock import DEFAULT_FIFO_PRIORITY, request_fifo
+from runtime.loop import run_episode
+from runtime.plant import make_plant
 
 PRESET = "hopper"
 ROUNDS = 4  # alternating rounds per load
@@ -99,9 +103,6 @@ class Configuration:
     """One (mode, load, options) cell: its Policy, ControlLoop and plant, run round by round."""
 
     def __init__(self, name, backend, options, freeze_gc: bool, period_ms: float, capacity: int):
-        from runtime import ControlLoop, Policy
-        from runtime.plant import make_plant
-
         self.name = name
         self.options = options
         self.freeze_gc = freeze_gc
@@ -113,9 +114,6 @@ class Configuration:
 
     def run(self, steps: int) -> None:
         """At least ``steps`` timed steps, whole episodes (seeded SEED + episode index)."""
-        from runtime import realtime
-        from runtime.loop import run_episode
-
         target = self.loop.steps + steps
         with realtime(self.options) as applied:
             self.applied = applied
@@ -126,8 +124,6 @@ class Configuration:
 
     def warm_up(self, steps: int) -> None:
         """Untimed episodes, without the clock: the engine's first calls allocate and pick kernels."""
-        from runtime.loop import run_episode
-
         done = 0
         while done < steps:
             done += run_episode(self.policy, self.plant, seed=SEED + self.episodes).length
@@ -144,16 +140,12 @@ SETTINGS = {"off": (False, False, False), "pin": (True, False, False), "fifo": (
 
 def options_for(setting: str, cpu: int, fifo_permitted: bool):
     """(RealtimeOptions, freeze_gc) of a setting; SCHED_FIFO only where permitted."""
-    from runtime import RealtimeOptions
-
     pin, fifo, freeze_gc = SETTINGS[setting]
     # The GC is paused per episode by run_episode (as cli.py run does), not for the whole round.
     return RealtimeOptions(cpu=cpu if pin else None, fifo=fifo and fifo_permitted, freeze_gc=False), freeze_gc
 
 
 def fifo_permitted() -> tuple[bool, str]:
-    from runtime.clock import DEFAULT_FIFO_PRIORITY, request_fifo
-
     try:
         policy, priority = request_fifo(DEFAULT_FIFO_PRIORITY)
     except DMMError as error:
@@ -182,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict:
                        f"{args.train_steps}; expected >= {ROUNDS}, > 0, >= 1 and >= 1")
 
     from export.onnx_export import export_checkpoint
-    from runtime import load_backend
 
     cores = sorted(os.sched_getaffinity(0))
     cpu = cores[-1] if args.cpu is None else args.cpu

@@ -31,14 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from contract.errors import DMMError  # noqa: E402
+from calibration.accuracy import ScoreGate, closed_loop, sequential_score_gate
+from contract.errors import DMMError
 
 
 def play_pools(checkpoint, *, mode: str, pool: int, worse_bias: float) -> dict:
     """Scores of ``pool`` episodes of fp32, fp16 and the worse graph, and seconds per episode of each."""
     import torch
 
-    from calibration.accuracy import closed_loop
     from dmm_train.manifest_builder import build_manifest
     from export.onnx_export import build_graph
     from export.precision import fp16_emulation, to_fp16
@@ -69,8 +69,6 @@ def play_pools(checkpoint, *, mode: str, pool: int, worse_bias: float) -> dict:
 
 def error_rates(deltas: np.ndarray, gate, resamples: int, rng: np.random.Generator) -> tuple[float, float, float]:
     """(passed, refused, mean paired episodes) of the gate over ``resamples`` bootstrap exports of ``deltas``."""
-    from calibration.accuracy import sequential_score_gate
-
     passed = refused = episodes = 0
     for _ in range(resamples):
         verdict = sequential_score_gate(lambda start, count: rng.choice(deltas, size=count), gate)
@@ -97,7 +95,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
-    from calibration.accuracy import ScoreGate
     from dmm_train.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)

@@ -82,14 +82,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from calibration.accuracy import student_t_quantile  # noqa: E402
-from contract.errors import DMMError  # noqa: E402
-from contract.files import atomic_write_bytes, atomic_write_json, lock_holder  # noqa: E402
-from dmm_train.baselines import DISPLAY_NAMES  # noqa: E402
-from dmm_train.checkpoint import MODEL_JSON, RESUME_FILE  # noqa: E402
-from dmm_train.config import (  # noqa: E402
+from calibration.accuracy import student_t_quantile
+from contract.errors import DMMError, check_dims
+from contract.files import atomic_write_bytes, atomic_write_json, lock_holder
+from dmm_train.baselines import DISPLAY_NAMES
+from dmm_train.checkpoint import MODEL_JSON, RESUME_FILE
+from dmm_train.config import (
     MAX_EVAL_EPISODES,
     MODEL_KINDS,
     REPORT_EVAL_SEED,
@@ -97,6 +97,9 @@ from dmm_train.config import (  # noqa: E402
     TrainConfig,
     get_preset,
 )
+from dmm_train.minari_reader import load_dataset
+from dmm_train.recipes import ensure_default_dataset
+from dmm_train.train import train
 
 OFFICIAL_STEPS = 100_000
 DEFAULT_KINDS = ("dmm", "dmamba", "bc", "dt")  # the order of the table and of the quality line
@@ -210,8 +213,6 @@ def run_settings(run: dict, steps: int, settings: dict) -> dict:
 
 def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bool) -> dict:
     """Train (or continue) one run and summarise it, unless its result.json exists; returns the result."""
-    from dmm_train.train import train
-
     run_dir = out / run["name"]
     result = read_json(run_dir / RESULT_FILE)
     if result is not None:
@@ -788,8 +789,6 @@ def main(argv: list[str] | None = None) -> str | None:
     --print-commands and --status."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)  # the fused scan kernel follows torch's thread count
-    from dmm_train.minari_reader import load_dataset
-    from dmm_train.recipes import ensure_default_dataset
 
     recorded = read_json(args.out / SETTINGS_FILE) if args.report_only and args.out is not None else None
     if recorded is not None:
@@ -800,10 +799,9 @@ def main(argv: list[str] | None = None) -> str | None:
         dataset_spec = args.dataset if args.dataset is not None else str(ensure_default_dataset(args.preset))
         dataset = load_dataset(dataset_spec)
         preset = get_preset(args.preset)
-        if (dataset.state_dim, dataset.act_dim) != (preset.state_dim, preset.act_dim):
-            raise DMMError(f"dataset {dataset.dataset_id!r} has state/action dims {dataset.state_dim}/"
-                           f"{dataset.act_dim}; preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
-                           "pass the --preset of the dataset's environment")
+        check_dims(f"dataset {dataset.dataset_id!r}", (dataset.state_dim, dataset.act_dim),
+                   (preset.state_dim, preset.act_dim), f"preset {preset.name!r}",
+                   "pass the --preset of the dataset's environment")
         settings = bench_settings(args, dataset, dataset_spec)
     dataset_id = args.dataset_id = settings["dataset_id"]
     if args.out is None:

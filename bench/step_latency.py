@@ -17,14 +17,18 @@ Three ways to compute one env step's action from the same checkpoint, side by si
               runtime's native backend and called through ctypes at its env-step API (one PREFIX_step
               call: normalisation, return-to-go, clipping and the caches all inside C, as a C control
               loop makes it); the executed a_{t-1} is handed over by PREFIX_override_action after the
-              timed call, as for the Policy rows.
+              timed call, as for the Policy rows;
+- (e) C infer: the same C step at the graph level through the runtime's native backend
+              (`NativeBackend.infer`: input checks, caches in and out), fed as (c): what
+              `Policy.act` on (d) calls, so the Policy's own cost is its row minus this one.
 
 What is timed, for every path alike: from the raw observation o_t (with r_{t-1} and the executed
 a_{t-1}) to the action a_t as a numpy array: normalisation, the return-to-go update, the feeds
 that path needs and the backend call. All paths replay one recorded Hopper-v5 trajectory
 (teacher-forced: the recorded executed actions enter every history), in alternating blocks of
 steps so that a change in the machine's load hits every path alike. Informational rows time
-`runtime.Policy.act` on (b), (c) and (d): the runtime's input checks and clipping on top. torch runs
+`runtime.Policy.act` on (b), (c) and (d): the runtime's input checks and clipping on top; the line
+``Policy.act over its backend`` gives what each adds to the backend's own row ((b), (c), (e)). torch runs
 with one thread, each ONNX Runtime session with one intra-op thread, the C step on one thread.
 
 Limits at the actuator and the step record, on and off side by side (issue: their cost on the C
@@ -77,6 +81,7 @@ EAGER = "(a) eager torch window, loop scan"
 # the episode's true history), so it is not compared.
 PATH_AGREEMENT = {EAGER: max_abs("step-vs-sequence"), "(b) ORT window": max_abs("export-gate"),
                   "(c) ORT stream": float("inf"), "(d) native C stream": float("inf"),
+                  "(e) native C backend.infer": float("inf"),
                   "    Policy.act on (b)": max_abs("export-gate"), "    Policy.act on (c)": float("inf"),
                   "    Policy.act on (d)": float("inf"), "(d) native C stream + limits": float("inf"),
                   "    Policy.act on (d) + limits": float("inf"),
@@ -335,6 +340,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
         backends["native 2"], backends["native 3"] = load_backend(c_path), load_backend(c_path)
         # (b) and (c) get backends of their own: a Policy's feeds must not share their bound inputs.
         timed = {mode: load_backend(graphs[mode], threads=1) for mode in graphs}
+        timed["native"] = load_backend(c_path).load()
         for backend in backends.values():
             backend.load()
         try:
@@ -352,6 +358,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                 "(d) native C stream": NativeStream(
                     NativeLibrary(backends["native"].library.path, backends["native"].library.prefix),
                     manifests["native"]),
+                "(e) native C backend.infer": OrtStream(timed["native"], manifests["native"]),
                 "    Policy.act on (b)": PolicyPath(Policy(backends["window"])),
                 "    Policy.act on (c)": PolicyPath(Policy(backends["stream"])),
                 "    Policy.act on (d)": PolicyPath(Policy(backends["native"])),
@@ -372,8 +379,9 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                     raise DMMError(f"{name.strip()} | differs from {EAGER} by {difference:.2e} over the first "
                                    f"{WARMUP_STEPS} steps | expected below {PATH_AGREEMENT[name]:g}; the benchmark "
                                    "would compare different computations")
-            for name in ("(d) native C stream", "    Policy.act on (d)", "(d) native C stream + limits",
-                         "    Policy.act on (d) + limits", "    Policy.act on (d) + limits + record"):
+            for name in ("(d) native C stream", "(e) native C backend.infer", "    Policy.act on (d)",
+                         "(d) native C stream + limits", "    Policy.act on (d) + limits",
+                         "    Policy.act on (d) + limits + record"):
                 difference = float(np.abs(np.asarray(warm[name]) - np.asarray(warm["(c) ORT stream"])).max())
                 if not difference < STREAM_AGREEMENT:
                     raise DMMError(f"{name.strip()} | differs from (c) ORT stream by {difference:.2e} over the "
@@ -438,6 +446,12 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     c_limits = added("(d) native C stream", "(d) native C stream + limits")
     policy_limits = added("    Policy.act on (d)", "    Policy.act on (d) + limits")
     policy_both = added("    Policy.act on (d)", "    Policy.act on (d) + limits + record")
+    over_backend = {label: added(base, row) for label, base, row in (
+        ("window (b)", "(b) ORT window", "    Policy.act on (b)"),
+        ("stream (c)", "(c) ORT stream", "    Policy.act on (c)"),
+        ("C (e)", "(e) native C backend.infer", "    Policy.act on (d)"))}
+    print("Policy.act over its backend, p50 added (wall / cpu us): " + ", ".join(
+        f"{label} {wall:+.1f} / {cpu:+.1f}" for label, (wall, cpu) in over_backend.items()))
     print(f"limits + record, p50 added to the C stream step (wall / cpu us): C env-step API with limits "
           f"{c_limits[0]:+.2f} / {c_limits[1]:+.2f}; Policy.act on (d) with limits {policy_limits[0]:+.1f} / "
           f"{policy_limits[1]:+.1f}, with limits + record {policy_both[0]:+.1f} / {policy_both[1]:+.1f} "

@@ -53,16 +53,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import subprocess
 
-from contract.errors import DMMError  # noqa: E402
-from contract.threads import busy_threads, usable_cores, waits_passively  # noqa: E402
-from dmm_train import fused_scan  # noqa: E402
-from dmm_train import model as model_module  # noqa: E402
-from dmm_train.config import ACTION_PAD_VALUE, ModelConfig, TrainConfig, get_preset  # noqa: E402
-from dmm_train.fused_scan import THREADS_ENV  # noqa: E402
-from dmm_train.model import DecisionMetaMamba  # noqa: E402
-from dmm_train.train import make_optimizer, train_step  # noqa: E402
+import torch
+
+from contract.errors import DMMError
+from contract.threads import busy_threads, usable_cores, waits_passively
+from dmm_train import fused_scan
+from dmm_train import model as model_module
+from dmm_train.config import ACTION_PAD_VALUE, ModelConfig, TrainConfig, get_preset
+from dmm_train.fused_scan import THREADS_ENV
+from dmm_train.model import DecisionMetaMamba
+from dmm_train.train import make_optimizer, train_step
 
 PRESET = "hopper"
 BATCH_SIZE = 64
@@ -155,8 +157,6 @@ def worker(policy: str) -> None:
 
 def start_worker(policy: str):
     """A fresh process serving ``policy`` (the OpenMP wait policy is read once per process)."""
-    import subprocess
-
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", THREADS_ENV)}
     if policy == "default" and waits_passively(usable_cores(), busy_threads()):  # as cli.py decides it, now
@@ -174,8 +174,6 @@ def timed_run(policy: str, process, seconds: float, load: int, load_seconds: flo
     """(ms/step, torch threads) of one run of a worker while ``load`` busy processes run. The default policy
     gets a worker started for the run, as a training started then would be (its wait policy is chosen from
     the load at its start); the others keep theirs."""
-    import subprocess
-
     busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=load_seconds)])
             for _ in range(load)]
     fresh = None

@@ -35,9 +35,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calibration.data import episode_trajectory, window_samples
 from contract.errors import DMMError
 from contract.manifest import Manifest
+from runtime.loop import run_episode
 from runtime.ort_backend import OrtBackend, cpu_session
+from runtime.plant import check_plant, make_plant
+from runtime.policy import Policy
 
 
 def action_errors(reference, candidate, manifest: Manifest, heldout, count: int, *, seed: int = 0) -> dict:
@@ -45,7 +49,6 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
 
     reference, candidate: ONNX Runtime sessions of the same I/O contract; heldout: episodes.
     """
-    from calibration.data import episode_trajectory, window_samples
     from runtime.feeds import stream_feeds
 
     common = dict(state_mean=manifest.state_mean, state_std=manifest.state_std, rtg_scale=manifest.rtg_scale,
@@ -97,10 +100,6 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
 def closed_loop(model_bytes: bytes, manifest: Manifest, *, optimize: bool, label: str, episodes: int,
                 seed: int) -> dict:
     """Returns and normalised scores of ``episodes`` episodes (seeds seed + i) of one graph in the real env."""
-    from runtime.loop import run_episode
-    from runtime.plant import check_plant, make_plant
-    from runtime.policy import Policy
-
     backend = OrtBackend(model_bytes, manifest=manifest, optimize=optimize, threads=1, label=label)
     with backend:
         policy = Policy(backend)
@@ -189,7 +188,8 @@ class ScoreGate:
         """The one-sided level of each look's bounds."""
         return 1 - self.alpha / self.looks
 
-    def describe(self) -> str:
+    def rule_text(self) -> str:
+        """The gate's rule in words (for the manifest)."""
         return (f"non-inferiority, one-sided {1 - self.alpha:.0%} per error, Bonferroni over up to {self.looks} "
                 f"looks of {self.batch} paired episodes (bounds at {self.bound_level:.2%}), cap {self.cap}")
 
@@ -237,7 +237,7 @@ def sequential_score_gate(play, gate: ScoreGate) -> dict:
         verdict = (f"refused as inconclusive: after {len(deltas)} paired episodes (the cap) the bounds {bounds} "
                    f"still contain -{drop:g}")
     return {
-        "score_gate": gate.describe(), "score_looks": looks, "score_deltas": deltas,
+        "score_gate": gate.rule_text(), "score_looks": looks, "score_deltas": deltas,
         "score_delta": look["delta"], "score_drop": -look["delta"], "score_delta_ci": [look["low"], look["high"]],
         "score_confidence": gate.bound_level, "paired_episodes": len(deltas), "max_score_drop": float(drop),
         "score_inconclusive": inconclusive, "score_accepted_inconclusive": inconclusive and gate.accept_inconclusive,

@@ -32,11 +32,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, check_dims
+from dmm_train.minari_reader import load_dataset
+from dmm_train.recipes import describe_content
+from dmm_train.records import Episode, hash_episodes
+from runtime.ort_backend import OrtBackend
+from runtime.plant import check_plant, make_plant
+from runtime.policy import Policy
 
 DEFAULT_HELDOUT_FRACTION = 0.2  # of the episodes; at least one episode either side
-DEFAULT_CALIBRATION_SAMPLES = 512
-DEFAULT_HELDOUT_SAMPLES = 256
 # Stream samples come from whole rolled episodes; roll this many times the requested
 # count before subsampling, so that the samples spread over many episodes and phases.
 STREAM_OVERSAMPLING = 4
@@ -51,7 +55,8 @@ class EpisodeSplit:
     calibration: tuple
     heldout: tuple
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
+        """What the split is, for the manifest: the dataset, its hash, episodes and steps either side."""
         return {
             "dataset_id": self.dataset_id, "content_hash": self.content_hash,
             "calibration_episodes": len(self.calibration), "heldout_episodes": len(self.heldout),
@@ -67,8 +72,6 @@ def load_training_dataset(checkpoint, dataset: str | None = None, *, require_has
     looked up in the local Minari store, never downloaded here). require_hash: False takes
     a dataset of other content (a recording the user chose), still of the checkpoint's dims.
     """
-    from dmm_train.minari_reader import load_dataset
-
     spec = dataset if dataset is not None else checkpoint.dataset_id
     try:
         loaded = load_dataset(spec, download=False)
@@ -79,9 +82,9 @@ def load_training_dataset(checkpoint, dataset: str | None = None, *, require_has
         raise DMMError(f"dataset {spec!r} | content hash {loaded.content_hash[:12]}... | the checkpoint was "
                        f"trained on {checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r}); pass "
                        "--dataset with the dataset the checkpoint was trained on")
-    if (loaded.state_dim, loaded.act_dim) != (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim):
-        raise DMMError(f"dataset {spec!r} has state/action dims {loaded.state_dim}/{loaded.act_dim}; the "
-                       f"checkpoint expects {checkpoint.model_config.state_dim}/{checkpoint.model_config.act_dim}")
+    check_dims(f"dataset {spec!r}", (loaded.state_dim, loaded.act_dim),
+               (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim), "the checkpoint's",
+               "pass --dataset with a recording of the checkpoint's environment")
     return loaded
 
 
@@ -102,9 +105,6 @@ def find_training_dataset(checkpoint, dataset: str | None = None):
     """(the dataset to calibrate on or None, why not / what to know): ``dataset`` when given (a recording the
     user chose: an unreadable one or one of other dims is an error, other content is used with a notice);
     else the checkpoint's training dataset from the local store when it is here with the recorded content."""
-    from dmm_train.minari_reader import load_dataset
-    from dmm_train.recipes import describe_content
-
     trained_on = f"{checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r})"
     if dataset is not None:
         loaded = load_training_dataset(checkpoint, dataset, require_hash=False)
@@ -141,11 +141,6 @@ class _Recorded:
 def closed_loop_episodes(model_bytes: bytes, manifest, *, steps: int, seed: int) -> tuple:
     """Whole episodes (`dmm_train.records.Episode`) of the graph ``model_bytes`` driving ``manifest.env_id``
     through a `runtime.Policy`, reset with seeds seed, seed + 1, ..., until ``steps`` steps and 2 episodes."""
-    from dmm_train.records import Episode
-    from runtime.ort_backend import OrtBackend
-    from runtime.plant import check_plant, make_plant
-    from runtime.policy import Policy
-
     episodes, total = [], 0
     with OrtBackend(model_bytes, manifest=manifest, threads=1, label="fp32 graph") as backend:
         policy = Policy(backend)
@@ -180,8 +175,6 @@ def calibration_data(fp32_proto, manifest, checkpoint, *, dataset: str | None = 
     fp32_proto: the fp32 graph, which drives the env where the training dataset is not used;
     manifest: its `runtime.Manifest` (batch 1); steps: at least this many closed-loop steps then.
     """
-    from dmm_train.records import hash_episodes
-
     loaded, why = find_training_dataset(checkpoint, dataset)
     if loaded is not None:
         split = split_episodes(loaded, seed=seed)

@@ -1,37 +1,13 @@
 """INT8 as explicit Q/DQ, inserted by ONNX Runtime's quantization tools, on Linear inputs only.
 
-What TensorRT accepts (docs/deployment.md#qdq-placement) and what this pass writes:
-- QuantizeLinear / DequantizeLinear with int8 data and zero point 0 (symmetric ranges);
-- per-channel scales only for weights (a DequantizeLinear rooted at an int8 initializer,
-  one scale per output channel: axis 1 of a MatMul weight (K, N)), per-tensor scales for
-  activations;
-- Q/DQ on the inputs of the Linear layers of `contract.graph_roles.INT8_ROLES` only (the
-  projections inside the layers), never on their outputs, never on the recurrence, exp,
-  softplus, the selection MatMuls or the caches. ONNX Runtime's QDQ quantizer hands the
-  dequantized tensor to *every* consumer of a quantized activation (in window mode x
-  feeds x_proj and also delta * x and Dskip * x of the scan); `_confine_to_linears`
-  gives those other consumers the float tensor back. (The fp32 stream graph normally
-  carries x and Dskip * x through an identity / diag block of x_proj; the int8 export
-  builds it without that block, `export.onnx_export.build_graph`, so that the scan reads
-  float x in both modes;
-- no int32 bias quantization (TensorRT's DequantizeLinear takes int8 / fp8 / int4 only;
-  the Linears here have no bias input anyway: biases are separate float32 Adds).
-
-Ranges come from ONNX Runtime's calibrators over real inputs (`calibration.data`):
-    minmax      the largest |value| seen;
-    entropy     TensorRT's classic algorithm (minimum KL divergence between the 2048-bin
-                histogram and its 128-level quantization; quantize_static's own entropy
-                settings use 128 bins for both, where the search has a single candidate
-                and degenerates to minmax, so the calibrator is built here);
-    percentile  the 99.99th percentile of |value| (2048 bins), clipping rare outliers.
-The chosen ranges become explicit symmetric scales (threshold / 127, zero point 0) in
-quantize_static's ``TensorQuantOverrides``; weights are quantized per channel, symmetric,
-from their own values.
-
-The result is evaluated on the CPU with graph optimisations off (ORT_DISABLE_ALL), where
-ONNX Runtime runs Q/DQ as fake-quant in float, what TensorRT's int8 x int8 -> int32
-arithmetic approximates; with optimisations on it fuses the pattern into integer kernels
-whose u8s8 path can saturate on CPUs without VNNI (docs/deployment.md#estimating-int8-on-the-cpu).
+Q/DQ goes where TensorRT fuses it into a weighted op and nowhere the recurrence could be hurt:
+on the inputs of the Linears of `contract.graph_roles.INT8_ROLES`, symmetric, per channel for
+weights and per tensor for activations (what is written and why: docs/deployment.md#qdq-placement).
+Ranges come from ONNX Runtime's calibrators over real inputs (`calibration.data`), as explicit
+symmetric scales in quantize_static's ``TensorQuantOverrides`` (docs/design.md#calibration). The
+result is judged on the CPU with graph optimisations off, where ONNX Runtime runs Q/DQ as
+fake-quant in float, what TensorRT's int8 arithmetic approximates
+(docs/deployment.md#estimating-int8-on-the-cpu).
 """
 
 from __future__ import annotations
@@ -47,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from calibration.data import stream_samples, window_samples
 from contract.errors import DMMError
 from contract.graph_roles import INT8_ROLES, linear_nodes, set_precision_metadata
 from runtime.ort_backend import cpu_session
@@ -93,8 +70,6 @@ def _reader(feeds):
 def calibration_feeds(proto: onnx.ModelProto, manifest, episodes, count: int, *, seed: int = 0
                       ) -> list[dict[str, np.ndarray]]:
     """Real inputs of the graph ``proto`` (fp32) from calibration ``episodes`` (`calibration.data`)."""
-    from calibration.data import stream_samples, window_samples
-
     common = dict(state_mean=manifest.state_mean, state_std=manifest.state_std, rtg_scale=manifest.rtg_scale,
                   target_return=manifest.target_return, seed=seed)
     if manifest.mode == "window":

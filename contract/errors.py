@@ -17,7 +17,8 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
-def require(condition: bool, message: str) -> None:
-    """Raise :class:`DMMError` with ``message`` unless ``condition`` holds."""
-    if not condition:
-        raise DMMError(message)
+def check_dims(what: str, received: tuple[int, int], expected: tuple[int, int], source: str, fix: str) -> None:
+    """The one state/action size check: raise unless ``what``'s (state_dim, act_dim) are ``source``'s."""
+    if (int(received[0]), int(received[1])) != (int(expected[0]), int(expected[1])):
+        raise DMMError(f"{what} state/action dims | received {received[0]}/{received[1]} | expected "
+                       f"{expected[0]}/{expected[1]} ({source}); {fix}")

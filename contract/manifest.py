@@ -4,38 +4,9 @@ It carries everything the runtime needs (mode, I/O tensors, normalisation, rtg s
 default target, action bounds) so that no stage re-reads an earlier stage's flags,
 and the identity of what it describes (sha256 of the source checkpoint and of the
 graph, exporter versions, parity figures, and for a plan the TensorRT version and GPU).
-numpy-free and torch-free: the robot reads it with the standard library.
-
-Graph I/O contract (batch B is 1 unless the manifest says otherwise):
-
-window mode, the official sliding-window evaluation as one graph:
-    inputs   states  (B, K, S)   float32, normalised, zero left-padded
-             actions (B, K, Adim) float32, zero left-padded, zero placeholder at the last step
-             rtg     (B, K, 1)   float32, already divided by rtg_scale, zero left-padded
-    outputs  action  (B, Adim)   float32, prediction at the last state token
-
-stream mode, one env step with explicit caches:
-    inputs   prev_action       (B, Adim)  float32, a_{t-1} (anything at t = 0)
-             prev_action_valid (B, 1)     float32, 0 at t = 0 (the a_{t-1} token is skipped), else 1
-             rtg               (B, 1)     float32, rtg_t / rtg_scale
-             state             (B, S)     float32, normalised s_t
-             dsm_cache         (n_layer, B, W-1, D) float32, zeros at t = 0
-             ssm_state         (n_layer, B, D, N)   float32, zeros at t = 0
-    outputs  action            (B, Adim)  float32
-             dsm_cache_next    (n_layer, B, W-1, D) float32
-             ssm_state_next    (n_layer, B, D, N)   float32
-    One step consumes the tokens a_{t-1}, R_t, s_t and predicts a_t at s_t; stepping
-    from zero caches equals the sequence form over the whole episode history.
-
-Optional fields (format version 1 reads manifests with or without them):
-    observation_low, observation_high   (S,) raw observation range the runtime accepts: the
-        training states' per-dimension min/max widened by the margin of
-        `dmm_train.manifest_builder.observation_range`; null for a checkpoint that recorded no
-        range, and then `runtime.policy.Policy` skips the range check.
-    actuator_limits   what `runtime.limits` applies at the actuator (docs/deployment.md#limits-at-the-actuator):
-        {"lower": (Adim,), "upper": (Adim,) within action_low/high, "max_change": (Adim,) > 0 or null,
-        "ramp_steps": N >= 0, "ramp_start": (Adim,) within lower/upper or null}; null: the action
-        bounds alone, as before.
+numpy-free and torch-free: the robot reads it with the standard library. The graph I/O of each
+mode: docs/design.md#graph-io; the optional fields (format version 1 reads manifests with or
+without them): docs/design.md#manifest.
 """
 
 from __future__ import annotations
@@ -57,10 +28,6 @@ MANIFEST_KIND = "dmm-manifest"
 MODES = ("window", "stream")
 PRECISIONS = ("fp32", "fp16", "int8")
 
-WINDOW_INPUTS = ("states", "actions", "rtg")
-WINDOW_OUTPUTS = ("action",)
-STREAM_INPUTS = ("prev_action", "prev_action_valid", "rtg", "state", "dsm_cache", "ssm_state")
-STREAM_OUTPUTS = ("action", "dsm_cache_next", "ssm_state_next")
 # Fields a manifest may lack (older exports): they take their defaults.
 OPTIONAL_FIELDS = ("exporter", "parity", "accuracy", "engine", "format_version", "observation_low",
                    "observation_high", "actuator_limits")

@@ -3,37 +3,11 @@
 Glossary (docs/model.md#symbols): B batch, T timesteps in the window (K), L = 3T tokens, D width,
 N d_state, R dt_rank, C conv kernel, H attention heads, S state dim, Adim action dim.
 
-Every policy maps a window of (rtg, state, action) to the actions predicted at the state
-tokens, (B, T, Adim), so one sampler, trainer, evaluation and checkpoint serve every kind:
-`build_policy` builds a kind from its ModelConfig, `policy_actions` hands it the inputs it
-reads. The kinds:
-
-- `DecisionMamba` ("dmamba"), the DMM paper's ablation: DMM's stack with the DSM sub-block
-  removed and Mamba's depthwise causal conv1d (kernel C = 4, with bias, SiLU after) back on
-  the x branch inside the block, h = h + Mamba_l(LN_2(h)). The rest is DMM's: the tokens,
-  the shared LN_2, embed LN and dropout, no timestep embedding, the N(0, 0.02) init of the
-  stack's Linears (the conv keeps PyTorch's init, which Mamba's `_init_weights` leaves
-  alone too), and expand 1 where Mamba's default is 2, so that the block is DMM's block
-  plus the conv and nothing else. It reuses `SelectiveSSM` and the fused scan. (Ota's
-  "Decision Mamba", Toshihiro-Ota/decision-mamba, is another model: it has a timestep
-  embedding and expand 2.)
-- `DecisionTransformer` ("dt"), kzl/decision-transformer's gym model: GPT-2 blocks (pre-LN,
-  causal self-attention with H = 1, MLP 4D, dropout 0.1 on the embeddings, the attention
-  weights and both residual branches), `embed_timestep = Embedding(max_ep_len, D)` added to
-  all three token embeddings, embed LN, no positional embedding, the attention mask on
-  left padding, a tanh action head on the state tokens; K = 20, D = 128, 3 layers. GPT-2's
-  blocks get N(0, 0.02) weights and zero biases; the embeddings and the head keep PyTorch's.
-- `BehaviorCloning` ("bc"): kzl's MLPBCModel on one normalised state (K = 1), 2 x 256 ReLU
-  hidden layers with dropout 0.1, tanh out; it reads neither rtg nor actions.
-
-Deviations from kzl's DT, on purpose:
-- ReLU in the MLP, as kzl's experiment.py runs it (`--activation_function relu`); GPT-2's
-  own default is gelu_new.
-- Dead weights are left out: GPT-2's `wte` (vocab 1, unused with inputs_embeds, 128) and the
-  state and return heads (1,419 + 129) that the action-only loss never trains: 726,019
-  parameters on hopper instead of kzl's 727,695.
-- A padded query attends to itself only (kzl: to every key at -1e4, so no softmax row is
-  all masked); real queries see exactly kzl's keys, and padded outputs are never read.
+Every policy maps a window of (rtg, state, action) to the actions predicted at the state tokens,
+(B, T, Adim), so that one sampler, trainer, evaluation and checkpoint serve every kind and the
+comparison with DMM is the models' alone: `build_policy` builds a kind from its ModelConfig,
+`policy_actions` hands it the inputs it reads. What each kind is, and its deviations from the
+upstream code on purpose: docs/model.md#baselines.
 """
 
 from __future__ import annotations
@@ -46,7 +20,14 @@ from torch import nn
 
 from contract.errors import DMMError
 from dmm_train.config import ModelConfig
-from dmm_train.model import LINEAR_INIT_STD, STATE_TOKENS, DecisionMetaMamba, SelectiveSSM, interleave_tokens
+from dmm_train.model import (
+    LINEAR_INIT_STD,
+    STATE_TOKENS,
+    DecisionMetaMamba,
+    SelectiveSSM,
+    TokenEmbeddings,
+    interleave_tokens,
+)
 
 
 def _init_linears(modules, std: float = LINEAR_INIT_STD) -> None:
@@ -103,7 +84,7 @@ class MambaConvBlock(SelectiveSSM):
         )
 
 
-class DecisionMamba(nn.Module):
+class DecisionMamba(TokenEmbeddings):
     """The paper's ablation: (rtg, state, action) tokens -> Mamba layers with their conv -> action."""
 
     def __init__(self, config: ModelConfig):
@@ -111,11 +92,7 @@ class DecisionMamba(nn.Module):
         config.validate()
         self.config = config
         d_model = config.d_model
-        self.embed_return = nn.Linear(1, d_model)
-        self.embed_state = nn.Linear(config.state_dim, d_model)
-        self.embed_action = nn.Linear(config.act_dim, d_model)
-        self.embed_ln = nn.LayerNorm(d_model)
-        self.embed_dropout = nn.Dropout(config.embed_dropout)
+        self._add_token_embeddings(config)
         # DMM's stack without LN_1 and the DSM: one LN_2 shared by every layer (official default).
         n_norms = config.n_layer if config.per_layer_norms else 1
         self.norm_ssm = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_norms))
@@ -131,11 +108,6 @@ class DecisionMamba(nn.Module):
         """Select the selective-scan implementation: "auto", "fused" or "loop"."""
         for block in self.ssm:
             block.scan_impl = impl
-
-    def embed_tokens(self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor) -> torch.Tensor:
-        """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1) -> tokens (B, 3T, D) as [R1, s1, a1, ...]."""
-        tokens = interleave_tokens(self.embed_return(rtg), self.embed_state(states), self.embed_action(actions))
-        return self.embed_dropout(self.embed_ln(tokens))  # (B, 3T, D)
 
     def mix(self, tokens: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
         """tokens: (B, L, D) -> hidden (B, L, D) after LN_f, or (B, L', D) at ``keep`` (as DMM's `mix`)."""
@@ -210,7 +182,7 @@ class GPTBlock(nn.Module):
         return hidden + self.mlp(self.ln_2(hidden))  # (B, L|L', D)
 
 
-class DecisionTransformer(nn.Module):
+class DecisionTransformer(TokenEmbeddings):
     """kzl's Decision Transformer: timestep-embedded (rtg, state, action) tokens -> GPT-2 blocks -> action."""
 
     reads_timesteps = True  # `policy_actions` passes timesteps and the padding mask
@@ -221,11 +193,7 @@ class DecisionTransformer(nn.Module):
         self.config = config
         d_model = config.d_model
         self.embed_timestep = nn.Embedding(config.max_ep_len, d_model)
-        self.embed_return = nn.Linear(1, d_model)
-        self.embed_state = nn.Linear(config.state_dim, d_model)
-        self.embed_action = nn.Linear(config.act_dim, d_model)
-        self.embed_ln = nn.LayerNorm(d_model)
-        self.embed_dropout = nn.Dropout(config.embed_dropout)  # GPT-2's embd_pdrop, on inputs_embeds
+        self._add_token_embeddings(config)  # embed_dropout is GPT-2's embd_pdrop, on inputs_embeds
         self.blocks = nn.ModuleList(
             GPTBlock(d_model, config.n_head, config.embed_dropout) for _ in range(config.n_layer)
         )
@@ -247,7 +215,7 @@ class DecisionTransformer(nn.Module):
         itself = torch.eye(n_tokens, dtype=torch.bool, device=device)  # (L, L)
         return (causal & (key_real[:, None, :] | itself))[:, None]  # (B, 1, L, L)
 
-    def embed_tokens(
+    def embed_tokens(  # DT's tokens also read the timesteps
         self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1), timesteps (B, T) -> tokens (B, 3T, D)."""
@@ -256,7 +224,7 @@ class DecisionTransformer(nn.Module):
         tokens = interleave_tokens(
             self.embed_return(rtg) + time, self.embed_state(states) + time, self.embed_action(actions) + time
         )  # (B, 3T, D)
-        return self.embed_dropout(self.embed_ln(tokens))  # (B, 3T, D)
+        return self._embed(tokens)  # (B, 3T, D)
 
     def mix(self, tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
             keep: slice | None = None) -> torch.Tensor:

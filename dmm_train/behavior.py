@@ -19,6 +19,7 @@ import numpy as np
 
 from contract.errors import DMMError, describe_error
 from contract.files import atomic_write_bytes, atomic_write_set
+from dmm_train.config import PRESETS, get_preset
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"  # the shipped actors and replay log
 
@@ -238,8 +239,6 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
 
 def policy_prefix(env: str) -> str:
     """The file prefix of an env's shipped files: its preset name (Walker2d-v5 -> walker2d)."""
-    from dmm_train.config import PRESETS
-
     for preset in PRESETS.values():
         if env in (preset.name, preset.env_id):
             return preset.name
@@ -259,7 +258,6 @@ def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, ou
     snapshot far from D4RL's expert level is exported under another label until it is.
     """
     prefix = policy_prefix(env)
-    from dmm_train.config import get_preset
 
     env_id = get_preset(prefix).env_id
     for step in (medium_step, expert_step):

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from contract.errors import DMMError
 from contract.threads import check_threads
 
@@ -143,8 +145,6 @@ def derived_preset(dataset) -> EnvPreset:
     scores: a dataset of a robot's logs has no D4RL random and expert returns, so its scores
     are raw returns. The env id is the dataset's own, when it records one.
     """
-    import numpy as np
-
     returns = np.asarray([float(np.sum(episode.rewards)) for episode in dataset.episodes])  # (E,)
     largest = float(np.max(np.abs(returns))) if returns.size else 0.0
     rtg_scale = 10.0 ** math.floor(math.log10(largest)) if largest > 0 else 1.0

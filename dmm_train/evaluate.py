@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from contract.deployment import PolicyFacts
-from contract.errors import DMMError
+from contract.errors import DMMError, check_dims
 from dmm_train.baselines import policy_actions
 from dmm_train.progress import Progress
 from runtime.plant import make_plant
@@ -74,11 +74,8 @@ def evaluate_policy(
     max_steps = envs[0].spec.max_episode_steps or 1000
     state_dim = int(np.prod(envs[0].observation_space.shape))
     act_dim = int(np.prod(envs[0].action_space.shape))
-    if state_dim != model.config.state_dim or act_dim != model.config.act_dim:
-        raise DMMError(
-            f"environment {env_id} has obs/act dims {state_dim}/{act_dim}; the model expects "
-            f"{model.config.state_dim}/{model.config.act_dim}; evaluate on the env the model was trained for"
-        )
+    check_dims(f"environment {env_id}", (state_dim, act_dim), (model.config.state_dim, model.config.act_dim),
+               "the model's", "evaluate on the env the model was trained for")
     mean = np.asarray(facts.state_mean, dtype=np.float32)  # (S,)
     std = np.asarray(facts.state_std, dtype=np.float32)  # (S,)
 

@@ -7,29 +7,7 @@ Why a C kernel: the scan is B * L * D * N = 1.6M exp/multiply-adds per layer at 
 hopper preset, far too little work for PyTorch to amortise its per-op cost over L = 24
 sequential steps. In C the time loop runs inside, nothing of shape (B, L, D, N) is
 materialised, and exp is an inlined polynomial that vectorises with the loop.
-
-Build: ``cc -O3`` with the safe subset of fast-math (no errno, no traps, FMA
-contraction; not -ffast-math, whose reassociation would undo the kernel's rounding
-tricks and whose crtfastmath.o would switch the whole process to flush-to-zero), by
-`runtime.native_build` into its per-user cache (``$DMM_CACHE_DIR``, else
-``$XDG_CACHE_HOME/dmm-deploy``, else ``~/.cache/dmm-deploy``; a folder keyed by a hash of
-the source, the compiler's version and every flag; written under a temporary name and
-renamed into place, so concurrent processes never load a half-written file).
-
-Instruction set: never ``-march=native``. On x86-64 the highest of the portable levels
-x86-64-v2/v3/v4 that /proc/cpuinfo shows is chosen (v3 = AVX2 + FMA, v4 = AVX-512,
-much faster than the SSE2 baseline: BENCHMARKS.md#design-measurements; `runtime.native_build.isa_level`);
-the level is part of the flags and so of the cache key, and ``DMM_SCAN_ISA=baseline`` (or a level
-name) overrides the choice. The results do not depend on the level beyond float rounding.
-
-Threads: the kernel shares fixed work items of the batch out over its own small pthread
-pool (not torch's OpenMP one), by default as many threads as torch uses
-(`torch.set_num_threads` sets both), else ``$DMM_SCAN_THREADS`` or `set_num_threads`.
-Results are bitwise the same for any thread count. A second kernel thread helps only
-when a core is free (bench/train_speed.py --scan-threads measures it); training chooses the
-count from the free cores (`dmm_train.threads`). The pool's threads spin briefly between
-calls only while torch runs on one thread; when torch has its own multi-threaded pool they
-sleep at once (`spin_ns`), so two pools never spin at the same time.
+How it is built, for which instruction set, and its threads: docs/design.md#the-fused-cpu-scan.
 
 `is_available()` never raises: when no compiler is present or the build fails it
 returns False and keeps the reason in `UNAVAILABLE_REASON`; `selective_scan(impl="auto")`

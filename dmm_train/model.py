@@ -164,7 +164,30 @@ class SelectiveSSM(nn.Module):
         return self.out_proj(y * F.silu(z)), h_new
 
 
-class DecisionMetaMamba(nn.Module):
+class TokenEmbeddings(nn.Module):
+    """The (rtg, state, action) token embeddings, embed LN and dropout that DMM and the baselines share.
+
+    The attribute names are the checkpoints' parameter names, and their creation order fixes the
+    seeded init: both stay as they were when each model built them itself.
+    """
+
+    def _add_token_embeddings(self, config: ModelConfig) -> None:
+        self.embed_return = nn.Linear(1, config.d_model)
+        self.embed_state = nn.Linear(config.state_dim, config.d_model)
+        self.embed_action = nn.Linear(config.act_dim, config.d_model)
+        self.embed_ln = nn.LayerNorm(config.d_model)
+        self.embed_dropout = nn.Dropout(config.embed_dropout)
+
+    def _embed(self, token: torch.Tensor) -> torch.Tensor:
+        return self.embed_dropout(self.embed_ln(token))
+
+    def embed_tokens(self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor) -> torch.Tensor:
+        """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1) -> tokens (B, 3T, D) as [R1, s1, a1, ...]."""
+        tokens = interleave_tokens(self.embed_return(rtg), self.embed_state(states), self.embed_action(actions))
+        return self._embed(tokens)  # (B, 3T, D)
+
+
+class DecisionMetaMamba(TokenEmbeddings):
     """DMM policy: (rtg, state, action) tokens -> DSM + selective SSM layers -> action."""
 
     def __init__(self, config: ModelConfig):
@@ -172,11 +195,7 @@ class DecisionMetaMamba(nn.Module):
         config.validate()
         self.config = config
         d_model = config.d_model
-        self.embed_return = nn.Linear(1, d_model)
-        self.embed_state = nn.Linear(config.state_dim, d_model)
-        self.embed_action = nn.Linear(config.act_dim, d_model)
-        self.embed_ln = nn.LayerNorm(d_model)
-        self.embed_dropout = nn.Dropout(config.embed_dropout)
+        self._add_token_embeddings(config)
 
         # Official default: one LN_1 and one LN_2 shared by every layer.
         n_norms = config.n_layer if config.per_layer_norms else 1
@@ -216,9 +235,6 @@ class DecisionMetaMamba(nn.Module):
         for mixer in self.dsm:
             mixer.impl = impl
 
-    def _embed(self, token: torch.Tensor) -> torch.Tensor:
-        return self.embed_dropout(self.embed_ln(token))
-
     def embed_rtg(self, rtg: torch.Tensor) -> torch.Tensor:
         """rtg: (..., 1), already divided by the rtg scale -> (..., D)."""
         return self._embed(self.embed_return(rtg))
@@ -236,11 +252,6 @@ class DecisionMetaMamba(nn.Module):
         return torch.tanh(self.action_head(hidden))
 
     # -- sequence form ---------------------------------------------------------------
-
-    def embed_tokens(self, states: torch.Tensor, actions: torch.Tensor, rtg: torch.Tensor) -> torch.Tensor:
-        """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1) -> tokens (B, 3T, D) as [R1, s1, a1, ...]."""
-        tokens = interleave_tokens(self.embed_return(rtg), self.embed_state(states), self.embed_action(actions))
-        return self._embed(tokens)  # (B, 3T, D)
 
     def mix(self, tokens: torch.Tensor, keep: slice | None = None) -> torch.Tensor:
         """tokens: (B, L, D) embedded -> hidden (B, L, D) after LN_f.

@@ -1,35 +1,13 @@
 """The embedded offline datasets: D4RL's recipes, regenerated offline from shipped SAC policies.
 
 D4RL's MuJoCo datasets (and Minari's copies of them) cannot be downloaded behind a
-closed network, so the project regenerates datasets of the same kinds and sizes itself,
-as real Minari datasets, deterministically from a seed. For each of hopper, walker2d and
-halfcheetah (``<env>`` below):
-
-- ``<env>-random``: uniform random actions, 1M steps;
-- ``<env>-medium``: 1M steps of a SAC policy stopped at a medium level (D4RL: about a
-  third of expert), actions sampled from its squashed Gaussian as SAC samples them;
-- ``<env>-expert``: 1M steps of the best SAC snapshot of the run (its level is in
-  ``dmm_train/policies/README.md`` and in the dataset's algorithm name);
-- ``<env>-medium-replay``: every transition the SAC learner saw up to the medium
-  snapshot, in order (its replay buffer, the first 1000 steps random), shipped as a
-  compressed log and converted here (its own size);
-- ``<env>-medium-expert``: the medium and expert episodes together, 2M steps.
-
-The shipped policies and their provenance (training command, SB3 version, evaluated
-returns) are in ``dmm_train/policies/README.md``; a recipe whose files this checkout does
-not ship says which file is missing and the command that makes it.
-
-Regeneration is deterministic for a seed on a given machine: episode i is reset with
-seed ``seed + i`` and draws its action noise from its own generator
-(``rollouts.episode_generator``), so the data does not depend on how many envs are
-stepped side by side or how many processes roll them out (``default_workers``);
-``python cli.py collect`` twice gives the same content hash.
-
-A dataset id names one content forever: each recipe declares the content hash of its id
-(``CONTENT_HASHES``, at the recipe's budget and seed), and a recipe whose output changes gets
-a new version (``VERSIONS``: ``-v1``). Contents an id named before are in ``RETIRED``, with
-the commit of the project that made them, so that a checkpoint trained on one says how to
-regenerate it (`describe_content`).
+closed network, so the project regenerates datasets of the same kinds and sizes itself
+(``<env>-random``, ``-medium``, ``-expert``, ``-medium-replay``, ``-medium-expert`` for hopper,
+walker2d and halfcheetah), as real Minari datasets, deterministically from a seed: episode i is
+reset with seed ``seed + i`` and draws its action noise from its own generator, so the data does
+not depend on how many envs or processes roll it out, and a dataset id names one content forever.
+The recipes, their determinism and the ids' versions: docs/design.md#embedded-datasets; the shipped
+policies and their provenance: ``dmm_train/policies/README.md``.
 """
 
 from __future__ import annotations
@@ -50,6 +28,7 @@ from contract.errors import DMMError, describe_error
 from contract.files import exclusive_lock, file_error
 from contract.scores import normalized_score
 from contract.threads import measure_machine
+from dmm_train.behavior import POLICY_DIR, MlpPolicy
 from dmm_train.config import CollectConfig, get_preset
 from dmm_train.minari_reader import DATA_DIR, METADATA_FILE
 from dmm_train.minari_writer import check_dataset_id, store_root, write_minari_dataset
@@ -57,7 +36,6 @@ from dmm_train.progress import Progress
 from dmm_train.records import Episode, hash_episodes
 from dmm_train.rollouts import Policy, Rollout, preset_for, rollout_batched, rollout_episodes
 
-POLICY_DIR = Path(__file__).resolve().parent / "policies"
 RECIPE_STEPS = 1_000_000  # D4RL's size for random, medium and expert (medium-expert: twice that)
 RECIPE_SEED = 0
 NAMESPACE = "dmm-deploy"
@@ -321,8 +299,6 @@ def make_rollouts(recipe: Recipe, *, steps: int, seed: int, progress: bool,
     if recipe.kind == "random":
         policy = "random"
     else:
-        from dmm_train.behavior import MlpPolicy
-
         policy = MlpPolicy.load(POLICY_DIR / recipe.source[0]).sample_batch
     bar = Progress(f"rolling out {recipe.name}", steps, enabled=progress)
     try:

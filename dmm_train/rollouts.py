@@ -7,7 +7,10 @@ i is reset with seed ``seed + i``, so a rollout is deterministic for a seed on a
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing
 import os
+import queue
 import signal
 import sys
 from collections.abc import Callable
@@ -17,6 +20,7 @@ import numpy as np
 
 from contract.errors import DMMError
 from contract.signals import signal_handled
+from dmm_train.behavior import MlpPolicy
 from dmm_train.config import PRESETS
 from runtime.plant import make_plant
 
@@ -133,8 +137,6 @@ def _resolve_policy(policy: Policy | str, env, seed: int) -> Policy:
         env.action_space.seed(seed)
         return lambda _observation: env.action_space.sample()
     if isinstance(policy, (str, os.PathLike)) and str(policy).endswith(".npz"):
-        from dmm_train.behavior import MlpPolicy
-
         return MlpPolicy.load(policy)
     raise DMMError(
         f"policy {policy!r}; expected 'random', a path to a behaviour-policy .npz, "
@@ -387,8 +389,6 @@ def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(Exception):
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
@@ -400,9 +400,6 @@ def _sigint_ignored():
 
 def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs: int, workers: int,
                           on_step: Callable[[int], None] | None) -> dict[int, Rollout]:
-    import multiprocessing
-    import queue
-
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited torch or BLAS threads
     next_index, steps_started = context.Value("q", 0), context.Value("q", 0)
     results = context.Queue()

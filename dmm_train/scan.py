@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from contract.errors import DMMError
+from dmm_train import fused_scan
 
 SCAN_IMPLS = ("auto", "fused", "loop")
 
@@ -59,8 +60,6 @@ def _tracing() -> bool:
 
 def fused_scan_available() -> bool:
     """True when the fused CPU kernel can be built or is already loaded."""
-    from dmm_train import fused_scan
-
     return fused_scan.is_available()
 
 
@@ -107,7 +106,6 @@ def selective_scan(
             delta = F.softplus(delta)  # (B, L, D)
         y = selective_scan_loop(x, delta, A, Bm, Cm, Dskip)[0]  # (B, L, D)
         return y if z is None else y * F.silu(z)  # (B, L, D)
-    from dmm_train import fused_scan
 
     return fused_scan.fused_selective_scan(
         x, delta, A, Bm, Cm, Dskip, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.errors import DMMError
+from contract.errors import DMMError, check_dims
 from contract.files import directory_lock
 from dmm_train import distributed
 from dmm_train.baselines import build_policy, policy_actions, set_scan_impl
@@ -263,12 +263,9 @@ def _check_actions_in_range(dataset) -> None:
 
 
 def _check_dataset_matches(dataset, preset) -> None:
-    if dataset.state_dim != preset.state_dim or dataset.act_dim != preset.act_dim:
-        raise DMMError(
-            f"dataset {dataset.dataset_id!r} has state/action dims {dataset.state_dim}/{dataset.act_dim}; "
-            f"preset {preset.name!r} expects {preset.state_dim}/{preset.act_dim}; "
-            "pass the --preset that matches the dataset's environment"
-        )
+    check_dims(f"dataset {dataset.dataset_id!r}", (dataset.state_dim, dataset.act_dim),
+               (preset.state_dim, preset.act_dim), f"preset {preset.name!r}",
+               "pass the --preset that matches the dataset's environment")
 
 
 RESUME_KEYS = ("train_config", "dataset_hash", "model_state", "optimizer_state", "scheduler_state", "step")

@@ -36,8 +36,13 @@ from contract.files import atomic_write_set, sha256_bytes
 from contract.manifest import Manifest, export_lock, manifest_bytes, manifest_path_for, read_manifest
 from contract.names import check_export_name
 from dmm_train.checkpoint import load_checkpoint
+from dmm_train.manifest_builder import build_manifest
 from dmm_train.model import DecisionMetaMamba
 from export.config import DEFAULT_RUNS_DIR
+from export.onnx_export import find_latest_checkpoint
+from export.reference import PARITY_REFUSE_ABOVE, measure_parity
+from runtime.limits import ActuatorLimits
+from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "c_template"
 GENERATOR = "export.c_source"
@@ -228,8 +233,6 @@ def generate_c_source(model: DecisionMetaMamba, manifest: Manifest, name: str, p
 
 def _limit_values(manifest: Manifest) -> dict[str, str]:
     """The template fields of the manifest's actuator limits (the action bounds alone when it has none)."""
-    from runtime.limits import ActuatorLimits
-
     limits = ActuatorLimits.from_manifest(manifest)
 
     def floats(values) -> str:
@@ -269,8 +272,6 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     against PyTorch before it is written. limits: a `runtime.limits.LimitsOptions`: the actuator
     limits recorded in the manifest and compiled into the step (default: the action bounds alone).
     """
-    from export.onnx_export import find_latest_checkpoint
-
     source = Path(checkpoint_path) if checkpoint_path is not None else find_latest_checkpoint(runs_dir)
     checkpoint = load_checkpoint(source)
     if checkpoint.model_config.model != "dmm":
@@ -292,10 +293,6 @@ def default_c_name(preset: str) -> str:
 
 def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None,
                      limits=None) -> tuple[Path, Path, Path]:
-    from dmm_train.manifest_builder import build_manifest
-    from export.reference import PARITY_REFUSE_ABOVE, measure_parity
-    from runtime.native_backend import NativeLibrary, build_policy_library, compile_flags
-
     manifest_path = manifest_path_for(c_path)
     _refuse_foreign_manifest(manifest_path)
     model = checkpoint.model.eval()
@@ -337,8 +334,6 @@ def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None,
 
 def c_export_summary(c_path: Path, h_path: Path, manifest_path: Path) -> str:
     """One line for the CLI: what was written, and how it checked out."""
-    from runtime.limits import ActuatorLimits
-
     manifest = read_manifest(manifest_path)
     limits = f"; {ActuatorLimits.from_manifest(manifest).summary()}" if manifest.actuator_limits else ""
     return (f"wrote {c_path} and {h_path} (C99, stream, fp32, API prefix {manifest.engine['symbol_prefix']}_, "

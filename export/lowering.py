@@ -10,38 +10,10 @@ span, so the node count and the tensor layout *are* the latency. A traced window
 has about 1200 nodes (a 3K-token Python scan with per-token slicing); this builder writes
 about 200 (window) and 150 (stream). The maths is the same as `dmm_train.model` and every
 number comes from the model's parameters (read here, never copied into a second module);
-tests/test_export.py holds both graphs to `model.forward` and `model.step` within 1e-5.
-
-What makes it lean:
-- token-parallel work is batched over all tokens of a graph: one MatMul per projection,
-  the three token embeddings as one MatMul over a block input [rtg | state | action | 1]
-  (bias as the last row), LayerNorm as the opset-17 LayerNormalization op;
-- the DSM is one MatMul with the DSM weight over each token's causal window, gathered
-  from the zero-left-padded LN_1 output (window) or picked from [cache | tokens] by a
-  constant 0/1 selection matrix (stream);
-- dt_proj is folded into x_proj (float64 product of the two weights), so one MatMul + one
-  Split yields delta's pre-activation, Bm and Cm; in stream mode x_proj is augmented with an
-  identity and a diag(Dskip) block, so that the same Split also yields x and Dskip * x
-  (a 0/1 or diagonal block reproduces them exactly: every other product is 0);
-- A = -exp(A_log) is a constant; exp(delta * A) and delta * Bm * x are computed for all
-  tokens at once; only the recurrence h_t = dA_t * h_{t-1} + dBx_t is sequential (one
-  Split, then a Mul and an Add per token, one Concat), and y = <h, Cm> is one batched
-  MatMul;
-- the SSM tensors are laid out (B, T, N, D), channels innermost (see `_ssm_front`);
-- window mode's last layer only needs the state at the last state token, so it uses the
-  exact parallel form h_T = sum_j exp(A * sum_{j<k<=T} delta_k) * delta_j Bm_j x_j (the
-  sums of positive deltas come from one MatMul with a constant 0/1 matrix, no
-  differences of cumulative sums, so no cancellation) instead of T sequential steps;
-- the placeholder action token a_K is dropped (causality: it cannot reach s_K).
-
-Stream mode consumes three tokens per call (a_{t-1}, R_t, s_t) as one 3-token sequence
-continuing the caches. ``prev_action_valid = 0`` removes the a_{t-1} token exactly, not
-approximately: its delta is multiplied by 0 (so exp(0 * A) = 1 and delta * Bm * x = 0:
-the SSM state passes through bit for bit) and the DSM windows and the new DSM cache are
-read through selection matrices blended as S_skip + valid * (S_keep - S_skip), whose
-entries are exactly 0 or 1 for valid in {0, 1}.
-
-Only ops of `export.trt_ops.TRT_SUPPORTED_OPS`, static shapes, no Loop / Scan / If.
+tests/test_export_onnx.py holds both graphs to `model.forward` and `model.step` within 1e-5.
+Only ops of `export.trt_ops.TRT_SUPPORTED_OPS`, static shapes, no Loop / Scan / If. How the graphs
+are made lean, and how stream mode removes an invalid a_{t-1} token exactly:
+docs/design.md#what-makes-the-graphs-lean.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -23,10 +24,14 @@ import numpy as np
 from contract.errors import DMMError
 from contract.files import atomic_write_set
 from contract.graph_roles import linear_nodes, precision_pins
-from contract.manifest import MODES, PRECISIONS, export_lock, manifest_bytes, manifest_path_for
+from contract.manifest import MODES, PRECISIONS, export_lock, manifest_bytes, manifest_path_for, read_manifest
 from contract.names import check_export_name
 from dmm_train.checkpoint import MODEL_FILE, load_checkpoint
+from dmm_train.manifest_builder import build_manifest
 from export.config import DEFAULT_OPSET, DEFAULT_RUNS_DIR
+from export.polygraphy_check import data_loader_files, real_feeds
+from export.reference import PARITY_REFUSE_ABOVE, measure_parity
+from export.trt_ops import check_graph_ops
 from runtime.ort_backend import cpu_session
 
 
@@ -43,8 +48,6 @@ def find_latest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
 def describe_chosen_checkpoint(path: Path, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> str:
     """The line an export without --checkpoint prints first: which model.pt it took (path, step, dataset),
     so that a run trained later, or elsewhere under runs/, is never exported unnoticed."""
-    import json
-
     try:
         record = json.loads(path.with_suffix(".json").read_text())
         details = f" (step {int(record['step'])}, dataset {record['dataset']['id']})"
@@ -91,8 +94,6 @@ def optimized_node_count(model_bytes: bytes) -> int:
 def check_graph(proto) -> None:
     """onnx.checker (full check: strict shape inference) and the TensorRT op table; DMMError on failure."""
     import onnx
-
-    from export.trt_ops import check_graph_ops
 
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -154,8 +155,6 @@ def export_checkpoint(
     # Held from before the graph is built: a second export to this NAME is refused at once.
     actuator_limits = None
     if limits is not None and limits.given():  # checked before any work: the graph does not depend on them
-        from dmm_train.manifest_builder import build_manifest
-
         actuator_limits = limits.resolve(build_manifest(checkpoint, mode=mode, batch=batch), base=None).to_dict()
     with export_lock(onnx_path):
         return _export_locked(checkpoint, onnx_path, mode=mode, batch=batch, opset=opset, precision=precision,
@@ -164,8 +163,6 @@ def export_checkpoint(
 
 def _export_locked(checkpoint, onnx_path: Path, *, mode: str, batch: int, opset: int, precision: str,
                    precision_options, actuator_limits: dict | None = None) -> tuple[Path, Path]:
-    from dmm_train.manifest_builder import build_manifest
-
     model = checkpoint.model.eval()
     model.set_scan_impl("loop")  # the reference the parity figures are measured against
 
@@ -211,8 +208,6 @@ def _export_locked(checkpoint, onnx_path: Path, *, mode: str, batch: int, opset:
 def _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path: Path, precision_options):
     """The manifest with its ``exporter.polygraphy`` record, and the data loader's files (path -> bytes) to
     write beside the ONNX (`export.polygraphy_check`)."""
-    from export.polygraphy_check import data_loader_files, real_feeds
-
     dataset = getattr(precision_options, "dataset", None)
     feeds, source = real_feeds(fp32_proto, manifest, checkpoint, dataset=dataset)
     record, files = data_loader_files(onnx_path, manifest, feeds, source)
@@ -220,8 +215,6 @@ def _with_data_loader(fp32_proto, manifest, checkpoint, onnx_path: Path, precisi
 
 
 def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: int) -> dict:
-    from export.reference import PARITY_REFUSE_ABOVE, measure_parity
-
     session = cpu_session(model_bytes)
     parity = measure_parity(model, session, mode=mode, batch=batch,
                             rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
@@ -234,8 +227,6 @@ def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: 
 
 def export_summary(onnx_path: Path, manifest_path: Path) -> str:
     """One line for the CLI: what was written, and how it checked out."""
-    from contract.manifest import read_manifest
-
     manifest = read_manifest(manifest_path)
     lowered = manifest.precision != "fp32"
     return (f"wrote {onnx_path} ({manifest.precision + ', ' if lowered else ''}{manifest.mode}, batch "

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.data import load_training_dataset
 from contract.errors import DMMError
 from runtime.backend import DEFAULT_THREADS, Backend
-from runtime.backends import load_backend
+from runtime.loading import load_backend
 from runtime.plant import check_plant, make_plant
 from runtime.policy import Policy
 from runtime.recording import Trajectory, record_trajectory, teacher_forced_actions
@@ -273,7 +274,6 @@ def _record(reference: Backend, config: ParityConfig, env_id: str) -> Trajectory
 
 def _logged(config: ParityConfig) -> Trajectory:
     """The first ``config.steps`` steps of the checkpoint's training episodes, as a Trajectory."""
-    from calibration.data import load_training_dataset
     from dmm_train.checkpoint import load_checkpoint
 
     dataset = load_training_dataset(load_checkpoint(config.checkpoint))

@@ -16,16 +16,23 @@ Polygraphy imports the script by its file name, so the name carries no dot but t
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from calibration.data import find_training_dataset, split_episodes
 from contract.errors import DMMError
 from contract.manifest import Manifest
 from contract.tolerances import tolerance
 from runtime.backend import Backend
+from runtime.ort_backend import OrtBackend
+from runtime.plant import check_plant, make_plant
+from runtime.policy import Policy
+from runtime.recording import record_trajectory
 
 FEEDS = 16  # inputs in the data loader: enough to see a wrong layer, small enough to ship (~100 KB)
 
@@ -84,11 +91,6 @@ class _RecordingBackend(Backend):
 def _plant_feeds(model_bytes: bytes, manifest: Manifest, count: int, seed: int) -> list[dict[str, np.ndarray]]:
     """What a Policy feeds the fp32 graph along closed-loop episodes of its plant, ``count`` of them spread
     over the steps (later steps carry full windows and long-lived caches)."""
-    from runtime.ort_backend import OrtBackend
-    from runtime.plant import check_plant, make_plant
-    from runtime.policy import Policy
-    from runtime.recording import record_trajectory
-
     recorder = _RecordingBackend(OrtBackend(model_bytes, manifest=manifest, threads=1, label="fp32 graph"))
     with recorder.load():
         plant = make_plant(manifest.env_id)
@@ -108,7 +110,6 @@ def real_feeds(fp32_proto, manifest: Manifest, checkpoint, *, dataset: str | Non
                seed: int = 0) -> tuple[list[dict[str, np.ndarray]], str]:
     """(feeds, where they come from): held-out dataset inputs where the training dataset is here, else the
     plant's closed loop (see the module docstring)."""
-    from calibration.data import find_training_dataset, split_episodes
     from calibration.qdq import calibration_feeds
 
     fp32_manifest = manifest if manifest.precision == "fp32" else _as_fp32(manifest)
@@ -129,8 +130,6 @@ def real_feeds(fp32_proto, manifest: Manifest, checkpoint, *, dataset: str | Non
 
 
 def _as_fp32(manifest: Manifest) -> Manifest:
-    import dataclasses
-
     return dataclasses.replace(manifest, precision="fp32")
 
 
@@ -176,8 +175,6 @@ def data_loader_files(onnx_path: Path, manifest: Manifest, feeds: list[dict[str,
                       source: str) -> tuple[dict, dict[Path, bytes]]:
     """The data loader and its inputs beside ``onnx_path``: the manifest's ``polygraphy`` record, and the
     files (path -> bytes) that the export writes with its graph and manifest as one set."""
-    import io
-
     script_path, inputs_path = data_loader_paths(onnx_path)
     names = [spec.name for spec in manifest.inputs]
     for feed in feeds:

@@ -6,31 +6,10 @@ TensorRT 11 removed the FP16/INT8 builder flags and the INT8 calibrators, and Je
 TensorRT 10.3, so the precision is written into the ONNX graph itself: a strongly typed
 TensorRT network (or ONNX Runtime) runs each tensor in the type the graph gives it.
 
-Linear layers: the role table `contract.graph_roles` (shared with the Q/DQ pass) names
-each projection of the lowered graph by its node name. Every other MatMul is not a Linear
-layer and stays float32 in every precision: the 0/1 selection matrices (stream DSM windows
-and caches, ``dsm/select``; window mode's sums of
-later deltas, ``later_delta``) are exact data movement in float32, and ``y_C`` /
-``decay_B_C`` are the SSM recurrence's output <h, Cm>.
-
-fp16 (`to_fp16`): each Linear gets fp16 weights (and bias), a Cast to fp16 on its activation
-input and a Cast back to fp32 on its output; everything else (LayerNorm, softplus as
-Exp/Add/Log, exp(delta * A), the recurrence, the selection MatMuls, all caches) stays
-float32 and the graph I/O stays float32. This is the deployable graph (TensorRT builds it
-strongly typed). ONNX Runtime's CPU provider runs it, but not as written: it has no fp16
-MatMul / Gemm kernel, inserts fp16 -> fp32 casts around them and removes those together with
-the graph's own casts, even at ORT_DISABLE_ALL, so only the weights stay rounded. The CPU
-accuracy report therefore evaluates `fp16_emulation`: the same arithmetic in float32 ops ORT
-keeps (fp16-rounded inputs, weights and outputs of each Linear, fp32 accumulation, which is
-what TensorRT's fp16 GEMMs compute up to the order of the accumulation).
-
-int8: see `calibration.qdq` (Q/DQ on Linear inputs only). Which Linears get Q/DQ is
-``--int8-layers`` (`PrecisionOptions.int8_layers`): ``all`` the quantizable ones (the roles of
-`contract.graph_roles.INT8_ROLES`), a LIST exactly those, ``auto`` (the default) as many as the
-action error allows (`choose_int8_layers`): each Linear's share of the action error is measured
-by quantizing it alone, and the most sensitive ones stay fp32 until the held-out action RMSE
-meets the int8 action-error limit. The manifest records the choice per layer
-(``exporter.precision_pass.int8_layers``) with the fraction of the Linear multiply-adds in int8.
+Linear layers: the role table `contract.graph_roles` (shared with the Q/DQ pass) names each
+projection of the lowered graph by its node name; every other MatMul (selection matrices, the SSM
+output) stays float32 in every precision. The fp16 pass, why the CPU report runs `fp16_emulation`,
+and how ``--int8-layers`` chooses the int8 Linears: docs/design.md#fp16 and docs/design.md#int8.
 """
 
 from __future__ import annotations
@@ -43,8 +22,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from calibration.accuracy import ScoreGate, accuracy_report, action_errors, describe_delta
+from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
+from calibration.qdq import CALIBRATION_METHODS, calibration_feeds, float_linears, quantize_qdq
 from contract.errors import DMMError
-from contract.graph_roles import ALL_ROLES, FP16_ROLES, linear_nodes, set_precision_metadata
+from contract.graph_roles import ALL_ROLES, FP16_ROLES, INT8_ROLES, linear_nodes, set_precision_metadata
+from runtime.ort_backend import cpu_session
 
 LOW_PRECISIONS = ("fp16", "int8")
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -265,10 +248,6 @@ def choose_int8_layers(proto: onnx.ModelProto, quantized: onnx.ModelProto, manif
     step's fp32 layers, relative RMSE and int8 MAC fraction), "sensitivity" (name -> relative RMSE
     alone, its share of the summed squared errors, MACs; absent when not measured), "macs"}.
     """
-    from calibration.accuracy import action_errors
-    from calibration.qdq import float_linears
-    from runtime.ort_backend import cpu_session
-
     candidates = _int8_linears(quantized)
     macs = linear_macs(proto)
     action_range = float(np.mean(np.asarray(manifest.action_high) - np.asarray(manifest.action_low)))
@@ -309,8 +288,6 @@ def _int8_linears(quantized: onnx.ModelProto) -> list[str]:
 
 def _lower_int8(proto: onnx.ModelProto, manifest, split, options: PrecisionOptions) -> tuple[onnx.ModelProto, dict]:
     """The int8 graph of ``--int8-layers`` and its ``calibration`` and ``int8_*`` details."""
-    from calibration.qdq import calibration_feeds, float_linears, quantize_qdq
-    from contract.graph_roles import INT8_ROLES
 
     candidates = [name for name, role in linear_nodes(proto).items() if role in INT8_ROLES]
     listed = listed_int8_layers(options.int8_layers, candidates)  # before the calibration: a typo fails fast
@@ -367,8 +344,6 @@ class PrecisionOptions:
     seed: int = 0
 
     def validate(self, precision: str) -> None:
-        from calibration.qdq import CALIBRATION_METHODS
-
         if precision not in LOW_PRECISIONS:
             raise DMMError(f"precision {precision!r}; expected one of {', '.join(LOW_PRECISIONS)}")
         if self.calibration not in CALIBRATION_METHODS:
@@ -412,8 +387,6 @@ class PrecisionOptions:
         return min(target, self.action_error_limit("int8"))
 
     def score_gate(self, precision: str):
-        from calibration.accuracy import ScoreGate
-
         return ScoreGate(max_score_drop=self.score_drop_limit(precision), batch=self.look_size,
                          cap=self.score_episodes, accept_inconclusive=self.accept_inconclusive)
 
@@ -429,9 +402,6 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     to be no worse than the allowed drop (`calibration.accuracy.ScoreGate`: refused as worse, or
     inconclusive at the episode cap unless the options accept that).
     """
-    from calibration.accuracy import accuracy_report
-    from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
-
     options.validate(precision)
     if manifest.batch != 1:
         raise DMMError(f"--batch {manifest.batch} with --{precision}; expected 1: a precision graph is judged by "
@@ -443,7 +413,7 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     if data.notice:
         print(data.notice, file=sys.stderr, flush=True)
     split = data.split
-    details: dict = {"dataset": split.describe(), "calibration_source": data.source}
+    details: dict = {"dataset": split.summary(), "calibration_source": data.source}
     if precision == "fp16":
         lowered = to_fp16(proto)
     else:
@@ -468,8 +438,6 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
             f"{action_limit:g}; nothing was written (no episode was played); export fp32/fp16, try another "
             f"--calibration{layers}, or raise --max-action-error")
     if accuracy["score_refused"]:
-        from calibration.accuracy import describe_delta
-
         accept = "" if accuracy["score_looks"][-1]["decision"] == "refuse" else ", pass --accept-inconclusive"
         raise DMMError(
             f"--{precision} accuracy | closed-loop normalised score {accuracy['score']:.2f} against fp32 "

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.errors import DMMError
+from contract.files import sha256_file
+from contract.manifest import manifest_path_for, read_manifest
+from dmm_train.config import TrainConfig, run_name
+from export.polygraphy_check import data_loader_paths
 
 TIMED_STEPS = 20  # training steps timed for the estimate (after a few untimed ones)
 WARMUP_STEPS = 3
@@ -170,9 +174,6 @@ def _current_export(manifest_path: Path, checkpoint_sha: str, engine_files: dict
     """Whether ``manifest_path`` and ``engine_files`` (path -> a function of the manifest giving the sha256 it
     records for that file, or None: the file need only exist)
     are an export of the checkpoint whose sha256 is ``checkpoint_sha``."""
-    from contract.files import sha256_file
-    from contract.manifest import read_manifest
-
     if not manifest_path.is_file() or not all(path.is_file() for path in engine_files):
         return False
     try:
@@ -187,24 +188,17 @@ def _current_export(manifest_path: Path, checkpoint_sha: str, engine_files: dict
 
 def _onnx_files(onnx_path: Path) -> list[Path]:
     """The ONNX export's files: NAME.onnx, NAME.json and the data loader's files beside them."""
-    from contract.manifest import manifest_path_for
-    from export.polygraphy_check import data_loader_paths
-
     return [path for path in (onnx_path, manifest_path_for(onnx_path), *data_loader_paths(onnx_path))
             if path.is_file()]
 
 
 def _c_files(c_path: Path) -> list[Path]:
-    from contract.manifest import manifest_path_for
-
     return [c_path, c_path.with_suffix(".h"), manifest_path_for(c_path)]
 
 
 def export_graph(checkpoint: Path, out_dir: Path, preset: str, dataset: str | None, report) -> BackendResult:
     """The fp16 window graph (reused if current); the fp32 one where the fp16 gate refuses it. ``dataset``:
     the training dataset (None: the checkpoint's id), which calibrates and judges the fp16 graph."""
-    from contract.files import sha256_file
-    from contract.manifest import manifest_path_for
     from export.onnx_export import default_export_name, export_checkpoint
     from export.precision import PrecisionOptions
 
@@ -248,8 +242,6 @@ def export_graph(checkpoint: Path, out_dir: Path, preset: str, dataset: str | No
 
 def export_c_step(checkpoint: Path, out_dir: Path, preset: str, report) -> BackendResult:
     """The C step (NAME.c, NAME.h, NAME.json; reused if current)."""
-    from contract.files import sha256_file
-    from contract.manifest import manifest_path_for
     from export.c_source import default_c_name, export_c_checkpoint
 
     c_path = out_dir / f"{default_c_name(preset)}.c"
@@ -293,8 +285,6 @@ def run_backend(result: BackendResult, episodes: int, report) -> None:
 def default_tour_dir(config) -> Path:
     """runs/<preset>-seed<S> for the official budget; a shorter --steps gets its own directory
     (runs/hopper-seed0-5000steps), so that a later full run does not resume a short run's settings."""
-    from dmm_train.config import TrainConfig
-
     run_dir = config.run_dir()
     official = TrainConfig().steps
     return run_dir if config.steps == official else run_dir.with_name(f"{run_dir.name}-{config.steps}steps")
@@ -307,7 +297,6 @@ def tour(config, out_dir: Path, *, episodes: int = 3, progress: bool = True,
     ``config``: the `dmm_train.config.TrainConfig` of a new run (a resumed run keeps its own settings, with
     ``config.steps``). ``report(line)`` receives each phase's start and the estimate.
     """
-    from dmm_train.config import TrainConfig
     from dmm_train.threads import setup_threads
     from dmm_train.train import MODEL_FILE, RESUME_FILE, load_resume_point, resolve_dataset, train
     from runtime.loop import RunConfig
@@ -353,8 +342,6 @@ def tour(config, out_dir: Path, *, episodes: int = 3, progress: bool = True,
                 raise
             raise DMMError(str(error).replace("continue with the same command plus --resume",
                                               "continue with the same command")) from None
-
-    from dmm_train.config import run_name
 
     preset = run_name(run_config.preset, run_config.dataset)
     backends = [export_graph(checkpoint, out_dir, preset, run_config.dataset, report),

@@ -2,50 +2,13 @@
 
     plan_path, manifest_path = build_engine(BuildConfig(onnx="hopper.onnx"))
 
-A plan is tied to the TensorRT version and the GPU it was built with, so it is built on
-the target (a Jetson builds its own) and its manifest NAME.plan.json (the ONNX manifest
-plus an ``engine`` record: TensorRT version, GPU name and compute capability, the plan's
-sha256, its I/O, how it was built) lets `runtime.trt_backend` refuse any other machine.
-
-How the network is built (docs/deployment.md#building-an-engine):
-- precision comes from the graph (`export.precision`: fp16 casts, int8 Q/DQ). The network
-  is strongly typed where TensorRT has the flag (10.x with STRONGLY_TYPED; 11.x, where
-  every network is strongly typed and the flag is accepted or absent): tensor types follow
-  the ONNX graph and no precision flag is set;
-- only on TensorRT 10.x, when the strongly typed parse or build fails (``typing="auto"``)
-  or when asked (``typing="weak"``), a weakly typed network with the FP16 / INT8 builder
-  flags (both removed in 11.x); for fp16 the Linear MatMuls are then pinned to fp16 and
-  every other layer to float32 with OBEY_PRECISION_CONSTRAINTS, so the recurrence, exp,
-  softplus and LayerNorm stay fp32 as in the graph; for int8 the Linears the graph keeps in float
-  (``--int8-layers``, the manifest's ``precision_pass.int8_layers``) are pinned to float32 the same way.
-  The manifest records which typing was used and why. Either way those Linears count as fp32 pins
-  in the plan's per-layer precision check;
-- TF32 is cleared (it is on by default) unless ``tf32``: fp32 parity with ONNX Runtime
-  needs true fp32 GEMMs (TF32 keeps 10 mantissa bits), and the recurrence's fp32 parts
-  must stay fp32 in the fp16 and int8 graphs too;
-- a workspace memory-pool limit; a timing cache read before and written after every build
-  (one file per TensorRT version and compute capability beside the plan by default, since
-  a cache only applies to the exact version and device);
-- every parser error (with its node and op) and every builder error TensorRT logs ends up
-  in the DMMError;
-- the build runs on ``--device N``: that device's primary context is current on the building
-  thread for the whole build (`runtime.cuda_support.device_current`), so the plan is built on
-  the GPU the manifest then names;
-- detailed profiling verbosity, so that the engine inspector reports each layer's I/O types: the
-  plan manifest records what each layer runs in (``engine.layers``), and a layer the graph keeps
-  in fp32 that runs in fp16 / int8 fails the build (``--precision-check warn`` records it instead);
-- a timing cache TensorRT cannot read (``create_timing_cache`` returns None or raises for a corrupt
-  or foreign file) or refuses (``set_timing_cache``: another version or device, or corrupt bytes that
-  did make a cache) is replaced by an empty one, and the
-  manifest says so (``engine.timing_cache_status``).
-
-`adopt_plan` (``cli.py adopt``) gives a plan built elsewhere on this GPU, by trtexec for
-example, the same manifest: its I/O checked against the ONNX's manifest, the TensorRT version,
-the GPU and the per-layer summary recorded.
-
-tensorrt is imported only inside the functions (importing this module is free), and nothing
-here needs torch, onnx or onnxruntime: a Jetson builds its plans with numpy, TensorRT and
-pycuda / cuda-python only (docs/jetson.md).
+A plan is tied to the TensorRT version and the GPU it was built with, so it is built on the target (a
+Jetson builds its own), and its manifest NAME.plan.json (the ONNX manifest plus an ``engine`` record:
+TensorRT version, GPU, the plan's sha256, its I/O, how it was built) lets `runtime.trt_backend` refuse
+any other machine. `adopt_plan` (``cli.py adopt``) gives a plan built elsewhere on this GPU (trtexec)
+the same manifest. tensorrt is imported only inside the functions and nothing here needs torch, onnx
+or onnxruntime: a Jetson builds its plans with numpy, TensorRT and pycuda / cuda-python only
+(docs/jetson.md). How the network is built, typed and checked: docs/deployment.md#building-an-engine.
 """
 
 from __future__ import annotations
@@ -58,9 +21,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from contract.errors import DMMError
-from contract.files import atomic_write_bytes, atomic_write_set, sha256_bytes
+from contract.files import atomic_write_bytes, atomic_write_set, sha256_bytes, sha256_file
 from contract.manifest import Manifest, export_lock, manifest_bytes, manifest_path_for, read_manifest, write_manifest
-from runtime.tensorrt_support import PRECISION_CHECKS
+from runtime.cuda_support import device_current
+from runtime.tensorrt_support import (
+    PLAN_KIND,
+    PRECISION_CHECKS,
+    capturing_logger,
+    check_io,
+    check_layer_precisions,
+    create_runtime,
+    engine_io,
+    gpu_identity,
+    import_tensorrt,
+    layer_summary,
+    logged_errors,
+    tensorrt_major,
+)
 
 if TYPE_CHECKING:  # the static check of the GPU layer (scripts/typecheck_gpu.sh) reads TensorRT's stubs
     import tensorrt
@@ -113,14 +90,12 @@ class BuildConfig:
 
 def tensorrt_status(device: int = 0) -> tuple[bool, str]:
     """(True, what) where TensorRT and a CUDA GPU are usable here, else (False, why not), without building."""
-    from runtime.tensorrt_support import gpu_identity, import_tensorrt
-
     try:
         trt = import_tensorrt("building an engine")
         gpu = gpu_identity(device)
     except DMMError as error:
         return False, str(error)
-    return True, f"TensorRT {trt.__version__} on {gpu.describe()}"
+    return True, f"TensorRT {trt.__version__} on {gpu.label()}"
 
 
 def default_timing_cache(plan_path: Path, tensorrt_version: str, compute_capability: str) -> Path:
@@ -129,8 +104,6 @@ def default_timing_cache(plan_path: Path, tensorrt_version: str, compute_capabil
 
 
 def _source_manifest(onnx_path: Path, command: str = "build") -> Manifest:
-    from contract.files import sha256_file
-
     if not onnx_path.is_file():
         raise DMMError(f"{command} | {str(onnx_path)!r} does not exist | expected a NAME.onnx written by "
                        "'cli.py export'; export first or fix the path")
@@ -305,8 +278,6 @@ def inspect_layers(engine: tensorrt.ICudaEngine, manifest: Manifest) -> dict:
     """The per-layer summary of a deserialised engine (`runtime.tensorrt_support.layer_summary`)."""
     import tensorrt as trt
 
-    from runtime.tensorrt_support import layer_summary
-
     inspector = engine.create_engine_inspector()
     information = inspector.get_engine_information(trt.LayerInformationFormat.JSON) if inspector else ""
     return layer_summary(information or "", _with_fp32_linears_pinned(manifest))
@@ -314,9 +285,6 @@ def inspect_layers(engine: tensorrt.ICudaEngine, manifest: Manifest) -> dict:
 
 def build_engine(config: BuildConfig) -> tuple[Path, Path]:
     """Build ``config.onnx`` into a plan on GPU ``config.device``; returns (plan_path, manifest_path)."""
-    from runtime.cuda_support import device_current
-    from runtime.tensorrt_support import gpu_identity, import_tensorrt
-
     config.validate()
     onnx_path = Path(config.onnx)
     manifest = _source_manifest(onnx_path)
@@ -329,16 +297,6 @@ def build_engine(config: BuildConfig) -> tuple[Path, Path]:
 
 def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Manifest, gpu) -> tuple[Path, Path]:
     import tensorrt as trt
-
-    from runtime.tensorrt_support import (
-        capturing_logger,
-        check_io,
-        check_layer_precisions,
-        create_runtime,
-        engine_io,
-        logged_errors,
-        tensorrt_major,
-    )
 
     version = str(trt.__version__)
     major = tensorrt_major(trt)
@@ -355,7 +313,7 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     try:
         builder = trt.Builder(logger)
     except TypeError:  # "pybind11::init(): factory function returned nullptr": CUDA init failed
-        raise DMMError(f"TensorRT {version} could not start a builder on {gpu.describe()} "
+        raise DMMError(f"TensorRT {version} could not start a builder on {gpu.label()} "
                        f"({logged_errors(logger)}); expected a working CUDA driver for this GPU") from None
 
     strong_available = major >= 11 or hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
@@ -462,11 +420,6 @@ class AdoptConfig:
         return Path(self.onnx) if self.onnx is not None else Path(self.plan).with_suffix(".onnx")
 
 
-def adopt_command(plan_path: Path) -> str:
-    """The command that adopts ``plan_path`` (for refusal messages)."""
-    return f"python cli.py adopt {plan_path} --onnx {Path(plan_path).with_suffix('.onnx')}"
-
-
 def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
     """Write NAME.plan.json for a plan built outside ``cli.py build``, on the GPU it will run on.
 
@@ -477,18 +430,6 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
     the plan was built from this ONNX cannot be proved from the plan: the I/O check and the
     per-layer precisions are what can be checked.
     """
-    from runtime.cuda_support import device_current
-    from runtime.tensorrt_support import (
-        capturing_logger,
-        check_io,
-        check_layer_precisions,
-        create_runtime,
-        engine_io,
-        gpu_identity,
-        import_tensorrt,
-        logged_errors,
-    )
-
     config.validate()
     plan_path, onnx_path = Path(config.plan), config.onnx_path
     if not plan_path.is_file():
@@ -512,7 +453,7 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
         runtime = create_runtime(trt, logger, source)
         engine = runtime.deserialize_cuda_engine(plan_bytes)
         if engine is None:
-            raise DMMError(f"{source}: TensorRT {version} cannot deserialise it on {gpu.describe()} "
+            raise DMMError(f"{source}: TensorRT {version} cannot deserialise it on {gpu.label()} "
                            f"({logged_errors(logger)}); expected a plan built here with this TensorRT; rebuild it "
                            f"(python cli.py build {onnx_path}, or trtexec on this machine)")
         tensors = engine_io(engine)
@@ -537,8 +478,6 @@ def plan_record(version: str, gpu, config, plan_bytes: bytes, tensors, onnx_path
                 precision_warnings: list, **how_built) -> dict:
     """NAME.plan.json's engine record: what every plan records (TensorRT, GPU, hash, I/O, source, layer
     precisions), then ``how_built`` (what `build` knows of its own build; what `adopt` cannot know)."""
-    from runtime.tensorrt_support import PLAN_KIND
-
     return {
         "kind": PLAN_KIND,
         "tensorrt_version": version,

@@ -6,7 +6,7 @@ supported types and the restriction the table states ("" for none). Ops the tabl
 "N" are not here; an op missing from this table is treated as unsupported, so adding
 one to the lowering means checking the table first and adding it here.
 
-`check_graph_ops` is what tests/test_export.py holds every exported graph to. The
+`check_graph_ops` is what tests/test_export_onnx.py holds every exported graph to. The
 export also never emits control flow (Loop, Scan, If): TensorRT accepts those, but
 they serialise the graph into per-iteration kernels and defeat the static, unrolled
 shape this project relies on (docs/design.md#graph-lowering).

@@ -21,9 +21,9 @@ pinning, SCHED_FIFO and a paused garbage collector).
 
 from contract.manifest import Manifest, manifest_path_for, read_manifest
 from runtime.backend import Backend, check_feeds
-from runtime.backends import load_backend
 from runtime.clock import ControlLoop, RealtimeOptions, realtime
 from runtime.latency import LatencyStats
+from runtime.loading import load_backend
 from runtime.loop import RunConfig, RunReport, run_engine, run_episode
 from runtime.policy import Policy
 

@@ -15,7 +15,7 @@ hook the loop calls at every episode start.
 A new backend subclasses `Backend`: ``_load`` opens the engine, reads its manifest
 (`contract.manifest.manifest_path_for`: hopper.plan -> hopper.plan.json), compares the
 engine's own I/O with it (`check_engine_io`) and returns it; ``_infer`` and ``_close``
-do the rest; `runtime.backends.load_backend` picks it by file type.
+do the rest; `runtime.loading.load_backend` picks it by file type.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from contract.manifest import Manifest
 AnyBackend = TypeVar("AnyBackend", bound="Backend")  # load() and `with` give back the backend's own class
 
 
-def describe(array) -> str:
+def array_kind(array) -> str:
     """'float32 (1, 8, 11)' for an array, the type name for anything else."""
     if isinstance(array, np.ndarray):
         return f"{array.dtype} {tuple(array.shape)}"
@@ -56,7 +56,7 @@ def check_feeds(manifest: Manifest, feeds: Mapping[str, np.ndarray]) -> None:
         if (not isinstance(array, np.ndarray) or array.dtype != np.dtype(spec.dtype)
                 or tuple(array.shape) != spec.shape):
             raise DMMError(
-                f"input {spec.name!r} | received {describe(array)} | expected {spec.dtype} {spec.shape}; "
+                f"input {spec.name!r} | received {array_kind(array)} | expected {spec.dtype} {spec.shape}; "
                 "feed numpy arrays of the dtype and shape in the engine's manifest"
             )
 

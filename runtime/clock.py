@@ -1,16 +1,8 @@
 """A fixed-rate control loop: an absolute-deadline clock, per-step timing, real-time options.
 
-The clock ticks at ``origin + k * period`` (``time.perf_counter_ns``, CLOCK_MONOTONIC on
-Linux): each tick is computed from the origin, never from the time the previous step
-ended, so the loop does not drift whatever the steps cost. Waiting sleeps until
-``spin_us`` before the tick (``time.sleep`` overshoots its deadline, more under the
-default scheduler than under SCHED_FIFO), then spins to the tick. A step so late that the
-next tick's whole period has passed does not run a burst of catch-up steps: the loop
-rejoins the grid at the latest tick that has come and counts the ticks it skipped.
-
-Per step it records the tick lateness (wake-up time - tick), the compute latency
-(`Policy.act` alone) and whether the action was ready after its deadline (tick +
-``deadline_ms``, the period unless given). A caller's own loop uses it as
+Each tick is computed from the origin (``origin + k * period``), never from the time the previous
+step ended, so the loop does not drift whatever the steps cost, and a late step rejoins the grid
+instead of running catch-up steps (docs/design.md#control-loop). A caller's own loop uses it as
 
     loop = ControlLoop(policy, period_ms=8.0)
     with realtime(RealtimeOptions(cpu=1, fifo=True)):   # optional: pin, SCHED_FIFO, GC paused
@@ -21,12 +13,9 @@ Per step it records the tick lateness (wake-up time - tick), the compute latency
             send(action)
     print(loop.timings().summary())
 
-`realtime` applies the options that make the loop's timing depend less on the rest of
-the machine, each doing what it says or raising a DMMError that says why it cannot:
-``cpu`` pins the calling thread to one core (os.sched_setaffinity), ``fifo`` asks for
-SCHED_FIFO (os.sched_setscheduler; needs CAP_SYS_NICE or an rtprio limit) and
-``freeze_gc`` moves every live object out of the collector's generations (gc.freeze) and
-disables it, so no collection pauses a step; all are undone on exit.
+`realtime` applies the options that make the loop's timing depend less on the rest of the
+machine, each doing what it says or raising a DMMError that says why it cannot; all are undone on
+exit.
 """
 
 from __future__ import annotations
@@ -215,7 +204,8 @@ class RealtimeOptions:
     fifo_priority: int = DEFAULT_FIFO_PRIORITY
     freeze_gc: bool = True  # gc.freeze() + gc.disable() while the loop runs
 
-    def describe(self) -> dict:
+    def settings(self) -> dict:
+        """The options in words, as a run reports them."""
         return {"cpu": self.cpu, "scheduler": f"SCHED_FIFO {self.fifo_priority}" if self.fifo else "default",
                 "gc": "frozen" if self.freeze_gc else "running"}
 
@@ -278,7 +268,7 @@ def gc_paused(enabled: bool = True) -> Iterator[None]:
 
 @contextlib.contextmanager
 def realtime(options: RealtimeOptions) -> Iterator[dict]:
-    """Apply ``options`` for the duration; yields what was applied (`RealtimeOptions.describe`)."""
+    """Apply ``options`` for the duration; yields what was applied (`RealtimeOptions.settings`)."""
     previous_affinity = previous_scheduler = None
     try:
         if options.cpu is not None:
@@ -286,7 +276,7 @@ def realtime(options: RealtimeOptions) -> Iterator[dict]:
         if options.fifo:
             previous_scheduler = request_fifo(options.fifo_priority)
         with gc_paused(options.freeze_gc):
-            yield options.describe()
+            yield options.settings()
     finally:
         if previous_scheduler is not None:
             policy, priority = previous_scheduler

@@ -199,7 +199,7 @@ class PrimaryContext:
             raise CudaUnavailable(f"pycuda: {type(error).__name__}: {first_line(error)}") from None
         self._lock = threading.RLock()
 
-    def describe(self) -> tuple[str, str]:
+    def name_and_capability(self) -> tuple[str, str]:
         """(name, "major.minor") of the device."""
         major, minor = self.device.compute_capability()
         return self.device.name().strip(), f"{major}.{minor}"

@@ -11,7 +11,7 @@ difference|), and times ``Policy.act`` on each backend along it, for a plan with
 CUDA graphs.
 
     report = diagnose(engine="hopper.plan")      # a plain dict, JSON-ready
-    print(describe(report))
+    print(report_text(report))
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ from runtime.cuda_support import (
     import_cudart,
     import_pycuda,
 )
+from runtime.latency import LatencyStats
+from runtime.limits import ActuatorLimits
+from runtime.loading import ENGINE_SUFFIXES, load_backend
+from runtime.plant import check_plant, make_plant
+from runtime.policy import Policy
+from runtime.recording import record_trajectory
+from runtime.tensorrt_support import import_tensorrt
 
 DEFAULT_STEPS = 300  # recorded plant steps for the comparison and the latency figures
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
@@ -101,8 +108,6 @@ def probe_environment() -> dict:
         components["onnxruntime"]["providers"] = providers
     except ImportError as error:
         components["onnxruntime"] = _component(None, False, f"does not import ({first_line(error)})")
-
-    from runtime.tensorrt_support import import_tensorrt
 
     try:
         trt = import_tensorrt("running or building a plan")
@@ -177,9 +182,7 @@ def probe_environment() -> dict:
 
 def _candidates(engine: Path) -> list[tuple[str, Path, dict]]:
     """(label, path, load_backend options) of every backend that could run this engine or its twin: every
-    engine kind `runtime.backends.load_backend` (what 'cli.py run' uses) opens."""
-    from runtime.backends import ENGINE_SUFFIXES
-
+    engine kind `runtime.loading.load_backend` (what 'cli.py run' uses) opens."""
     if engine.is_dir() and (engine / "model.pt").is_file():
         engine = engine / "model.pt"  # a training run directory, as 'cli.py run' accepts
     suffix = engine.suffix.lower()
@@ -207,8 +210,6 @@ def _candidates(engine: Path) -> list[tuple[str, Path, dict]]:
 
 
 def _load(path: Path, options: dict):
-    from runtime.backends import load_backend
-
     if not path.exists():
         raise DMMError(f"{path.name} does not exist; build it on the target GPU: python cli.py build "
                        f"{path.with_suffix('.onnx')}")
@@ -232,12 +233,6 @@ def timed_teacher_forced(policy, trajectory) -> tuple[np.ndarray, np.ndarray]:
 
 def diagnose_engine(engine: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0) -> dict:
     """Which backends load ``engine``, their actions against ONNX Runtime CPU, their latency."""
-    from runtime.latency import LatencyStats
-    from runtime.limits import ActuatorLimits
-    from runtime.plant import check_plant, make_plant
-    from runtime.policy import Policy
-    from runtime.recording import record_trajectory
-
     engine = Path(engine)
     if not engine.exists():
         raise DMMError(f"--engine {str(engine)!r} does not exist; expected a .plan, .onnx, .c (export --target c) "
@@ -315,7 +310,7 @@ def diagnose(engine: str | Path | None = None, *, steps: int = DEFAULT_STEPS, se
     return report
 
 
-def describe(report: dict) -> str:
+def report_text(report: dict) -> str:
     """The report as text, one fact per line."""
     environment = report["environment"]
     lines = [f"python       {environment['python']} ({environment['platform']})"

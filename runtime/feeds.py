@@ -27,7 +27,7 @@ def real_looking_trajectory(rng: np.random.Generator, *, batch: int, steps: int,
                             act_dim: int, rtg_start: float, rtg_scale: float) -> InputTrajectory:
     """Smooth normalised states (AR(1), unit variance), tanh actions, rewards of Hopper's size.
 
-    Not an env rollout (the export does not need gymnasium); tests/test_export.py and
+    Not an env rollout (the export does not need gymnasium); tests/test_export_onnx.py and
     ``cli.py parity`` use real Hopper trajectories.
     """
     noise = rng.normal(size=(batch, steps, state_dim))  # (B, T, S)

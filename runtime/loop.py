@@ -22,10 +22,10 @@ import numpy as np
 
 from contract.errors import DMMError
 from runtime.backend import DEFAULT_THREADS, zero_feeds
-from runtime.backends import load_backend
 from runtime.clock import DEFAULT_SPIN_US, ControlLoop, LoopTimings, RealtimeOptions, gc_paused, realtime
 from runtime.latency import LatencyStats, save_histogram
 from runtime.limits import limit_option_field, limits_options_of
+from runtime.loading import load_backend
 from runtime.plant import check_plant, make_plant
 from runtime.policy import DEFAULT_MAX_CONSECUTIVE_FAULTS, ON_FAULT, Policy
 from runtime.step_record import DEFAULT_CHUNK_STEPS

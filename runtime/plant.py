@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from contract.errors import DMMError, describe_error
+from contract.errors import DMMError, check_dims, describe_error
 
 INSTALL_HINT = "pip install 'gymnasium[mujoco]'"
 
@@ -52,7 +52,5 @@ def check_plant(plant, manifest, env_id: str) -> None:
     """The plant's observation/action sizes must be the engine's."""
     state_dim = int(np.prod(plant.observation_space.shape))
     act_dim = int(np.prod(plant.action_space.shape))
-    if (state_dim, act_dim) != (manifest.state_dim, manifest.act_dim):
-        raise DMMError(f"plant {env_id} obs/act dims | received {state_dim}/{act_dim} | expected "
-                       f"{manifest.state_dim}/{manifest.act_dim} (the engine's manifest); run the engine "
-                       "on the env it was trained for")
+    check_dims(f"plant {env_id}", (state_dim, act_dim), (manifest.state_dim, manifest.act_dim),
+               "the engine's manifest", "run the engine on the env it was trained for")

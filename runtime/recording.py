@@ -13,6 +13,7 @@ through the same teacher forcing (`trajectory_of_record`, `replay_record`, ``cli
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import DMMError
+from runtime.limits import ActuatorLimits
+from runtime.loading import load_backend
+from runtime.policy import Policy
 from runtime.step_record import EVENT_ACT, read_record
 
 
@@ -135,7 +139,7 @@ class Replay:
     actions: dict = field(repr=False)  # label -> (T, Adim) each replayed engine's, before limits
     mode: str
     env_id: str
-    describe: str  # the recorded engine, in words
+    engine_label: str  # the recorded engine, in words
 
 
 class _RangeFree:
@@ -143,8 +147,6 @@ class _RangeFree:
     recorded observation that was good for the recorded engine must reach every replayed one."""
 
     def __init__(self, backend):
-        import dataclasses
-
         self._backend = backend
         self.manifest = dataclasses.replace(backend.manifest, observation_low=None, observation_high=None)
 
@@ -155,10 +157,6 @@ class _RangeFree:
 def replay_record(path: str | os.PathLike, engines, *, threads: int | None = 1) -> Replay:
     """Teacher-force every engine of ``engines`` (.onnx, .c, .plan, model.pt: a .pt in the record's mode) on
     the record at ``path``, conditioned on the recorded executed actions (`teacher_forced_actions`)."""
-    from runtime.backends import load_backend
-    from runtime.limits import ActuatorLimits
-    from runtime.policy import Policy
-
     record = read_record(path)
     if not engines:
         raise DMMError("parity --replay | received no engine | expected --onnx ENGINE (.onnx, .c, .plan; "
@@ -181,6 +179,6 @@ def replay_record(path: str | os.PathLike, engines, *, threads: int | None = 1) 
             actions[label] = teacher_forced_actions(policy, trajectory)
         finally:
             backend.close()
-    describe = (f"{header.get('backend')}/{header.get('mode')} {Path(str(header.get('engine'))).name} on "
-                f"{header.get('env_id')} (manifest sha256 {str(header.get('manifest_sha256'))[:12]}...)")
-    return Replay(trajectory, record.engine_actions(), actions, header["mode"], header.get("env_id", ""), describe)
+    engine_label = (f"{header.get('backend')}/{header.get('mode')} {Path(str(header.get('engine'))).name} on "
+                    f"{header.get('env_id')} (manifest sha256 {str(header.get('manifest_sha256'))[:12]}...)")
+    return Replay(trajectory, record.engine_actions(), actions, header["mode"], header.get("env_id", ""), engine_label)

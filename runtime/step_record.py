@@ -3,40 +3,16 @@
 `StepRecorder` writes it (``Policy(..., record=PATH)``, ``cli.py run --record PATH``), `read_record`
 reads it back with numpy alone; it replays through the teacher forcing of `runtime.recording`
 (``cli.py parity --replay``) and becomes training data (`StepRecord.transition_arrays`, read by
-``cli.py import --format npz``).
-
-Record format (docs/deployment.md#the-step-record), a directory:
-
-    header.json           what ran: kind "dmm-step-record", format_version, manifest_sha256,
-                          checkpoint_sha256, engine, backend, mode, env_id, dims, rtg_scale,
-                          target_return, on_fault, fault_kinds, limits, chunk_steps, columns;
-                          rewritten with "closed": true and "rows" when the recorder closes
-    chunk-000000.npz ...  up to chunk_steps rows each, numbered from 0, every one written atomically
-                          (temporary file + rename) by a writer thread; numpy reads each with
-                          np.load(path, allow_pickle=False)
-
-One row per ``act`` call, plus one per ``end_episode`` (event 1 terminated, 2 truncated):
-
-    observation    (n, S)    float64  the raw observation (NaN where it was not a vector of shape (S,))
-    reward         (n,)      float64  the reward passed with it (for the previous action; NaN: not a number)
-    rtg            (n,)      float32  the return-to-go the engine saw, divided by rtg_scale (NaN: a fault)
-    action_policy  (n, Adim) float32  the engine's action before the limits (NaN: the engine gave none)
-    action         (n, Adim) float32  the action sent: limited, held or safe (NaN: act raised, or an end row);
-                                      replaced by ``override_action`` when the caller executed another
-    fault          (n,)      int8     0 good, else 1 + the index of the fault kind in header fault_kinds
-    step_ns        (n,)      int64    the time ``act`` took (perf_counter), recording excluded
-    t              (n,)      int64    the policy's good steps since reset before the call
-    episode_start  (n,)      bool     the first call after a reset
-    event          (n,)      int8     0 an act call; 1 / 2 the episode ended terminated / truncated, with
-                                      the final observation and the last action's reward
-
-A SIGKILLed run leaves the header and every chunk flushed before the kill: at most chunk_steps
-rows are lost, and never a half-written file (`read_record` reads what is there).
+``cli.py import --format npz``). It is written as it happens, in chunks a writer thread writes
+atomically, so that the loop never waits on the disk and a SIGKILLed run loses at most one chunk
+and never leaves a half-written file. The format (a header.json and chunk-NNNNNN.npz files, one row
+per ``act`` call and per ``end_episode``): docs/deployment.md#the-step-record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -173,8 +149,6 @@ class StepRecorder:
         self._rows = 0
 
     def _write_chunks(self) -> None:
-        import io
-
         while True:
             item = self._queue.get()
             if item is None:

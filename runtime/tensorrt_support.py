@@ -37,7 +37,7 @@ class GpuIdentity:
     name: str
     compute_capability: str  # "8.7"
 
-    def describe(self) -> str:
+    def label(self) -> str:
         return f"{self.name} (compute capability {self.compute_capability})"
 
 
@@ -96,8 +96,8 @@ def check_plan_target(source: str, engine: dict, *, tensorrt_version: str, gpu: 
                        f"{tensorrt_version}; {REBUILD_HINT}")
     built_on = GpuIdentity(str(engine["gpu_name"]), str(engine["compute_capability"]))
     if built_on != gpu:
-        raise DMMError(f"{source}: GPU | plan built on {built_on.describe()} | this machine has "
-                       f"{gpu.describe()}; {REBUILD_HINT}")
+        raise DMMError(f"{source}: GPU | plan built on {built_on.label()} | this machine has "
+                       f"{gpu.label()}; {REBUILD_HINT}")
 
 
 def numpy_dtype_name(dtype: tensorrt.DataType) -> str:

@@ -1,48 +1,11 @@
 """TensorRT backend: a .plan run with tensorrt + pycuda, checked against its manifest before the first step.
 
-Importing this module imports neither tensorrt nor pycuda (both are imported in ``load``),
-so the runtime stays importable on a machine without them, and asking for a plan there
-says what to install.
-
-Before anything is deserialised, ``load`` checks, in this order (each failure is one
-DMMError saying what was received, what was expected and what to do):
-1. the plan exists and has its manifest NAME.plan.json with an ``engine`` record (a plan built
-   by trtexec has none: the message says how to adopt it, ``cli.py adopt``);
-2. the plan's sha256 is the one the manifest records (a truncated, damaged or foreign
-   .plan is refused here, without TensorRT being involved);
-3. tensorrt imports, and its version is the one the plan was built with (plans are not
-   portable across TensorRT versions: "Version tag does not match");
-4. pycuda imports and CUDA device ``device`` answers, and it is the GPU (name, compute
-   capability) the plan was built on ("plan file is generated on an incompatible device");
-5. the deserialised engine's I/O (names, shapes, dtypes) is the manifest's.
-
-Execution (docs/deployment.md#running-an-engine): TensorRT 10's name-based API
-(set_tensor_address + execute_async_v3) on one non-default pycuda stream in the device's
-*primary* context (the one TensorRT's runtime-API use and every other CUDA user in the process
-share). The context is pushed around every public call and popped after
-(`runtime.cuda_support.PrimaryContext`), so the backend works from any thread (a ROS callback
-thread), one call at a time; a backend still open at interpreter exit is closed by an atexit
-hook while its context can still be made current. Pinned host buffers for every I/O tensor
-(`runtime.cuda_support.DeviceBuffers`).
-
-Stream-mode caches live on the device in two buffers per cache, A and B: a step reads
-A and writes B, the next one reads B and writes A (the tensor addresses are swapped
-after every step). One buffer is never bound as both input and output (TensorRT gives
-wrong results then). The `Backend` contract still holds: ``infer`` returns the new
-caches to the caller (`runtime.Policy` feeds them back); when the caches fed are
-bitwise the ones the device already holds, nothing is uploaded, so in the control loop
-the caches cross host -> device only after ``reset`` (which zeroes both buffers with
-``memset_d8_async`` on the backend's stream) or when a caller feeds other caches. They still
-come back device -> host every step (16 KB at the Hopper preset) because the contract returns them.
-
-Optional CUDA graph (``cuda_graph=True``, needs cuda-python): the enqueue is captured
-once per binding set (one graph in window mode, one per buffer parity in stream mode:
-a graph bakes in the tensor addresses) after a first uncaptured run, and replayed with
-cudaGraphLaunch on the same stream; the host <-> device copies stay outside the graph.
-A capture that fails (the enqueue raises or returns False, the capture is invalidated, the
-graph cannot be instantiated) is always ended, its partial graph destroyed and the error
-cleared; the backend then runs without graphs and records why in ``warnings`` and its
-provider, as trtexec does with --useCudaGraph. ``graph_launches`` counts replays.
+Importing this module imports neither tensorrt nor pycuda (both are imported in ``load``), so the
+runtime stays importable on a machine without them, and asking for a plan there says what to
+install. ``load`` refuses, before anything is deserialised, a plan without its manifest, with another
+sha256, another TensorRT version or another GPU, or with other I/O: plans are not portable, and
+TensorRT's own failures there are cryptic. Checks, execution, device-resident caches and CUDA graphs:
+docs/deployment.md#running-an-engine.
 """
 
 from __future__ import annotations
@@ -232,7 +195,7 @@ class TrtBackend(Backend):
         except CudaUnavailable as why:
             raise DMMError(f"{source}: no usable CUDA GPU {self.device} here ({why}); expected an NVIDIA GPU with its "
                            "driver; run the .onnx with ONNX Runtime on this machine") from None
-        name, capability = gpu.describe()
+        name, capability = gpu.name_and_capability()
         check_plan_target(source, engine_record, tensorrt_version=trt.__version__, gpu=GpuIdentity(name, capability))
 
         self._cuda, self._cudart, self._gpu = cuda, cudart, gpu

@@ -14,8 +14,8 @@ import pytest
 
 import cli
 from contract.manifest import read_manifest
-from runtime.backends import load_backend
 from runtime.limits import LIMIT_KINDS, ActuatorLimits, LimitsOptions
+from runtime.loading import load_backend
 from runtime.policy import Policy
 from tests.helpers import assert_one_line_error, export_c, run_json
 

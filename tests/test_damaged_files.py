@@ -114,7 +114,7 @@ def test_damaged_manifest(engines, tmp_path, how):
 
 @pytest.mark.parametrize("how", DAMAGES)
 def test_damaged_graph(engines, tmp_path, how):
-    from runtime.backends import load_backend
+    from runtime.loading import load_backend
 
     engine = copy_engine(engines["stream"], tmp_path)
     damage(engine, how)
@@ -126,7 +126,7 @@ def test_damaged_plan(engines, tmp_path, how):
     # A plan is judged against its manifest's sha256 before TensorRT is involved.
     from contract.files import sha256_bytes
     from contract.manifest import write_manifest
-    from runtime.backends import load_backend
+    from runtime.loading import load_backend
     from runtime.tensorrt_support import PLAN_KIND
 
     plan = tmp_path / "hopper.plan"

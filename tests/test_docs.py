@@ -1,4 +1,5 @@
-"""Every document the code, scripts and README cite lives in the repository, down to the section anchor."""
+"""Every document and test file the code, scripts and README cite lives in the repository, down to the section
+anchor or the test function."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from tests.helpers import REPO_ROOT
 
 CITATION = re.compile(r"(?<![\w/.-])(docs/[\w./-]+\.md)(#[\w-]+)?")
+TEST_CITATION = re.compile(r"(?<![\w/.-])(tests/test_\w+\.py)(::\w+)?")
 # Documents of other projects cited by their own paths (onnx-tensorrt's docs/operators.md).
 FOREIGN = ("onnx-tensorrt",)
 SOURCES = ("*.py", "*.c", "*.h", "*.toml", "*.sh", "*.md")
@@ -61,3 +63,17 @@ def test_no_citation_of_documents_outside_the_repository(name):
     offenders = [str(p.relative_to(REPO_ROOT)) for p in cited_files()
                  if name in p.read_text(errors="replace") and p.name != "test_docs.py"]
     assert not offenders, offenders
+
+
+def test_every_cited_test_file_exists():
+    broken, count = [], 0
+    for path in cited_files():
+        for match in TEST_CITATION.finditer(path.read_text(errors="replace")):
+            count += 1
+            test_file = REPO_ROOT / match.group(1)
+            if not test_file.is_file():
+                broken.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0)} (no such file)")
+            elif match.group(2) and not re.search(rf"^def {match.group(2)[2:]}\(", test_file.read_text(), re.M):
+                broken.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0)} (no such test)")
+    assert count > 10, count  # the walk really saw the citations
+    assert not broken, "\n".join(broken)

@@ -199,3 +199,35 @@ def test_the_training_progress_line_ends_before_the_evaluation_output(small_data
     # The training line (loss, lr) is closed by a newline before the evaluation's own output starts.
     assert re.search(r"lr [0-9.e+-]+\x1b\[K\r?\n\r?eval step 2", text), repr(text[-2000:])
     assert not re.search(r"lr [0-9.e+-]+(\x1b\[K)?eval step", text)
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(small_dataset, tmp_path):
+    """A scheduler's SIGTERM (preemption, kill): one line saying what is kept, then --resume continues."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    command = [sys.executable, "cli.py", "train", "--dataset", str(small_dataset), "--steps", "100000",
+               "--batch-size", "8", "--eval-episodes", "0", "--threads", "1", "--checkpoint-every", "5",
+               "--out", str(run)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "resume.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert (run / "resume.pt").exists(), process.communicate(timeout=60)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=240)  # a hang guard
+    finally:
+        process.kill()
+    last = err.strip().splitlines()[-1]
+    assert process.returncode == 1 and last.startswith("error: training interrupted at step ")
+    assert "holds step" in last and "--resume" in last and "Traceback" not in err
+    kept = load_checkpoint(run).step
+    assert kept > 0 and f"holds step {kept}" in last
+    resumed = run_cli_with([], ["train", "--dataset", str(small_dataset), "--steps", str(kept + 2), "--batch-size",
+                                "8", "--eval-episodes", "0", "--threads", "1", "--out", str(run), "--resume"],
+                           {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(run).step == kept + 2

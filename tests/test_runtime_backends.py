@@ -115,7 +115,7 @@ def test_unknown_suffix_and_missing_tensorrt(tmp_path):
         load_backend(tmp_path / "policy.bin")
     with pytest.raises(DMMError, match="unknown engine file type"):
         load_backend(tmp_path / "policy")
-    # A plan is checked against its manifest before TensorRT is needed (tests/test_trt.py has the rest).
+    # A plan is checked against its manifest before TensorRT is needed (tests/test_runtime_trt.py has the rest).
     with pytest.raises(DMMError, match="hopper.plan' does not exist.*build it on the target GPU"):
         load_backend(tmp_path / "hopper.plan")
 

@@ -107,7 +107,7 @@ def test_caches_stay_on_the_device_and_alternate_buffers():
         np.testing.assert_array_equal(outputs["cache_next"], 0.0)
         outputs = _step(engine, {"state": state, "cache": outputs["cache_next"]})
         np.testing.assert_array_equal(outputs["cache_next"], 0.0)
-        assert context.describe()[1].count(".") == 1
+        assert context.name_and_capability()[1].count(".") == 1
         buffers.free()
 
 

@@ -87,7 +87,7 @@ def write_plan(onnx_path: Path, plan_path: Path, data: bytes, **engine_changes) 
 def test_importing_the_project_imports_no_gpu_package():
     script = textwrap.dedent("""
         import sys
-        import cli, runtime, runtime.trt_backend, runtime.backends, export.trt_build, export.precision
+        import cli, runtime, runtime.trt_backend, runtime.loading, export.trt_build, export.precision
         import calibration.data, calibration.qdq, calibration.accuracy
         loaded = sorted(name for name in sys.modules
                         if name.split(".")[0] in ("tensorrt", "pycuda", "cuda", "onnxruntime_gpu"))

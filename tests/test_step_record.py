@@ -18,8 +18,8 @@ import pytest
 import cli
 from contract.files import sha256_file
 from contract.manifest import manifest_path_for
-from runtime.backends import load_backend
 from runtime.limits import ActuatorLimits
+from runtime.loading import load_backend
 from runtime.policy import FAULT_KINDS, Policy
 from runtime.recording import trajectory_of_record
 from runtime.step_record import COLUMNS, RECORD_HEADER, read_record
@@ -76,7 +76,7 @@ def test_record_holds_every_call_faults_limits_and_the_episode_end(engines, tmp_
 RECORDING_SCRIPT = """
 import sys, gymnasium as gym
 sys.path.insert(0, sys.argv[3])
-from runtime.backends import load_backend
+from runtime.loading import load_backend
 from runtime.policy import Policy
 policy = Policy(load_backend(sys.argv[1]), record=sys.argv[2], record_chunk_steps=20)
 env = gym.make("Hopper-v5")

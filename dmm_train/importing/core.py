@@ -24,6 +24,7 @@ import numpy as np
 from contract.errors import DMMError, describe_error
 from contract.files import file_error
 from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
+from dmm_train.minari_writer import write_minari_dataset
 from dmm_train.rollouts import Rollout
 
 RewardFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -274,8 +275,6 @@ def write_import(rollouts: Sequence[Rollout], mapping: ImportMapping, provenance
     """Write the rollouts as a Minari dataset with no env: the spaces come from the data."""
     import gymnasium as gym
 
-    from dmm_train.minari_writer import write_minari_dataset
-
     state_dim = rollouts[0].observations.shape[1]
     act_dim = rollouts[0].actions.shape[1]
     observation_space = gym.spaces.Box(-np.inf, np.inf, (state_dim,), np.float64)
@@ -307,8 +306,6 @@ class ReadLog:
 
 def require_library(name: str, fmt: str):
     """Import an optional reader library, or say in one line how to install it."""
-    import importlib
-
     try:
         return importlib.import_module(name)
     except ImportError:

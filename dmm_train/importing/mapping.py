@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.errors import DMMError, describe_error
+from contract.files import file_error
 
 FORMATS = ("npz", "hdf5", "robomimic", "rosbag2", "mcap", "lerobot")
 DONE_MEANS = ("truncated", "terminated")
@@ -103,8 +104,6 @@ def load_mapping(path: str | os.PathLike) -> ImportMapping:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        from contract.files import file_error
-
         raise file_error(error, path, action="read") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise DMMError(f"mapping file {str(path)!r} is not valid TOML ({describe_error(error)}); expected "

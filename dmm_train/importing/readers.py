@@ -8,6 +8,7 @@ from pathlib import Path
 from contract.errors import DMMError
 from dmm_train.importing.core import ImportResult, ReadLog, finish_episodes, sha256_sources, write_import
 from dmm_train.importing.mapping import SPARSE_SUCCESS, ImportMapping
+from dmm_train.minari_reader import load_dataset
 
 
 def read_log(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) -> ReadLog:
@@ -27,8 +28,6 @@ def read_log(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) ->
 def run_import(source: str | os.PathLike, mapping: ImportMapping, *, reward_fn: str | None = None,
                out: str | os.PathLike | None = None, overwrite: bool = False) -> ImportResult:
     """Read ``source`` per ``mapping``, write the Minari dataset, and summarise it in one line."""
-    from dmm_train.minari_reader import load_dataset
-
     mapping = mapping.validate()
     source = Path(source)
     if not source.exists():

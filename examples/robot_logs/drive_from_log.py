@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout's r
 
 from contract.errors import DMMError  # noqa: E402
 from dmm_train.minari_reader import load_dataset  # noqa: E402
-from runtime.backends import load_backend  # noqa: E402
+from runtime.loading import load_backend  # noqa: E402
 from runtime.policy import Policy  # noqa: E402
 
 

@@ -7,7 +7,7 @@
     .c       runtime.native_backend.NativeBackend  a C compiler, on first use (export --target c)
 
 Each backend module imports `runtime.backend` (the shared shape); this module imports
-them, lazily, and nothing imports it back.
+them (their heavy libraries stay lazy), and nothing imports it back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from pathlib import Path
 from contract.errors import DMMError
 from contract.manifest import MODES, complete_export
 from runtime.backend import DEFAULT_THREADS, Backend
+from runtime.native_backend import NativeBackend
+from runtime.ort_backend import OrtBackend
+from runtime.torch_backend import TorchBackend
+from runtime.trt_backend import TrtBackend
 
 ENGINE_SUFFIXES = (".plan", ".onnx", ".pt", ".c")
 
@@ -66,16 +70,10 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     if suffix == ".plan":
         backend = _trt_backend(path, cuda_graph=cuda_graph, device=_cuda_index(device))
     elif suffix == ".onnx":
-        from runtime.ort_backend import OrtBackend
-
         backend = OrtBackend(path, provider=provider or "cpu", threads=threads)
     elif suffix == ".c":
-        from runtime.native_backend import NativeBackend
-
         backend = NativeBackend(path)  # single-threaded by design: ``threads`` does not apply
     else:
-        from runtime.torch_backend import TorchBackend
-
         backend = TorchBackend(path, mode=mode or "window", threads=threads, device=device or "cpu",
                                cuda_graph=cuda_graph)
     backend.load()
@@ -100,6 +98,4 @@ def _trt_backend(path: Path, cuda_graph: bool = False, device: int = 0) -> Backe
     installed TensorRT and the GPU against the ones the plan was built with, before deserialising;
     where tensorrt or pycuda is missing it says what to install (`runtime.trt_backend`).
     """
-    from runtime.trt_backend import TrtBackend
-
     return TrtBackend(path, cuda_graph=cuda_graph, device=device)
