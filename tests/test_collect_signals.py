@@ -61,6 +61,9 @@ def test_interrupted_collect_stops_its_workers_and_keeps_nothing(tmp_path, how):
          "--out", str(store), "--quiet"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # As from a terminal: a test suite started in the background (nohup ... &) has SIGINT ignored, and
+        # the child would inherit that and never see the Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         workers: set[int] = set()
