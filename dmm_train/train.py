@@ -454,7 +454,10 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
             run.finish(step, loss)
     except KeyboardInterrupt:
         run.tracker.close()
-        raise DMMError(_interrupted_message(step, run.kept_step, out_dir, config)) from None
+        # What the file holds, not what the run last finished saving: an interrupt can land between the resume
+        # point's rename and the bookkeeping after it.
+        kept = _step_on_disk(out_dir / RESUME_FILE) if context.is_main else None
+        raise DMMError(_interrupted_message(step, run.kept_step if kept is None else kept, out_dir, config)) from None
     if not context.is_main:
         return None
     if finished:  # nothing was trained or written
@@ -838,6 +841,16 @@ def _preset_line(preset, heldout_episodes: int) -> str:
 def _best_score(best: dict) -> float:
     """The closed-loop score best.pt was chosen on (the normalised score, else the raw return)."""
     return float(best["score"] if "score" in best else best["normalized_mean"])  # the key of older resume points
+
+
+def _step_on_disk(path: Path) -> int | None:
+    """The step of the resume point at ``path``; None when there is none or it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return int(load_plain_data(path, "resume point", "", legacy_numpy=True)["step"])
+    except (DMMError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _interrupted_message(step: int, kept_step: int | None, out_dir: Path, config: TrainConfig) -> str:
