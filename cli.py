@@ -287,16 +287,14 @@ def evaluate(as_json, **options) -> None:
 
 def _evaluate_offline(loaded, config, as_json: bool) -> None:
     """`eval` of a policy with no simulator: its training run's held-out episodes (dmm_train/offline_eval.py)."""
-    import numpy as np
 
     from calibration.data import load_training_dataset
     from dmm_train.offline_eval import evaluate_offline, heldout_split
 
     dataset = load_training_dataset(loaded)
-    returns = np.asarray([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
     _, heldout = heldout_split(dataset.episodes)
-    result = evaluate_offline(loaded.model.to(config.device), loaded.facts, heldout, low_target=float(returns.min()),
-                              median_return=float(np.median(returns)), device=config.device)
+    result = evaluate_offline(loaded.model.to(config.device), loaded.facts, heldout,
+                              dataset_returns=dataset.episode_returns, device=config.device)
     click.echo(f"no simulator ({loaded.dataset_id} names no env): offline on the episodes its training held out; "
                f"{result.line()}", err=as_json)
     if as_json:

@@ -145,7 +145,7 @@ def derived_preset(dataset) -> EnvPreset:
     scores: a dataset of a robot's logs has no D4RL random and expert returns, so its scores
     are raw returns. The env id is the dataset's own, when it records one.
     """
-    returns = np.asarray([float(np.sum(episode.rewards)) for episode in dataset.episodes])  # (E,)
+    returns = dataset.episode_returns  # (E,)
     largest = float(np.max(np.abs(returns))) if returns.size else 0.0
     rtg_scale = 10.0 ** math.floor(math.log10(largest)) if largest > 0 else 1.0
     targets = [float(returns.max())] + [float(np.quantile(returns, q)) for q in DERIVED_TARGET_QUANTILES]

@@ -68,12 +68,14 @@ def heldout_split(episodes: tuple, *, fraction: float = HELDOUT_FRACTION, seed: 
 
 
 @torch.no_grad()
-def evaluate_offline(model: torch.nn.Module, facts: PolicyFacts, heldout: tuple, *, low_target: float,
-                     median_return: float, device: str = "cpu") -> OfflineResult:
+def evaluate_offline(model: torch.nn.Module, facts: PolicyFacts, heldout: tuple, *, dataset_returns: np.ndarray,
+                     device: str = "cpu") -> OfflineResult:
     """The held-out action error and the return-conditioning gain of ``model`` (see the module docstring).
 
-    low_target, median_return: the lowest and median episode return of the whole dataset.
+    dataset_returns: (E,) every episode's return in the whole dataset, whose lowest is the low target
+    and whose median splits the better held-out episodes from the rest.
     """
+    low_target, median_return = float(np.min(dataset_returns)), float(np.median(dataset_returns))
     if not heldout:
         raise DMMError("offline evaluation | received no held-out episodes | expected at least one")
     was_training = model.training

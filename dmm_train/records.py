@@ -135,6 +135,11 @@ class OfflineDataset:
         return int(self.episodes[0].actions.shape[1])
 
     @property
+    def episode_returns(self) -> np.ndarray:
+        """(E,) float64, each episode's summed reward."""
+        return np.array([float(np.sum(e.rewards)) for e in self.episodes])
+
+    @property
     def total_steps(self) -> int:
         return sum(len(e) for e in self.episodes)
 

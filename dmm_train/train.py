@@ -424,7 +424,7 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
     config, resume_state = distributed.on_main(context, lambda: _prepare_run(config, out_dir, context, resume))
     dataset = _load_dataset(config, out_dir, context, resume_state, progress)
     preset = preset_for_dataset(config.preset, dataset)
-    training_dataset, heldout, returns = _hold_out(config, dataset, preset)
+    training_dataset, heldout = _hold_out(config, dataset, preset)
     config = _choose_threads(config, requested_threads, resume_state, progress)
     learner = Learner(config, preset, training_dataset, context)
     step = 0
@@ -432,7 +432,7 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         learner.restore(resume_state)
         step = int(resume_state["step"])
     run = TrainingRun(config, out_dir, context, learner, dataset=dataset, preset=preset, heldout=heldout,
-                      returns=returns, resume_state=resume_state, progress=progress, log_every=log_every)
+                      resume_state=resume_state, progress=progress, log_every=log_every)
     learner.distribute()
     if context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -501,13 +501,13 @@ def _load_dataset(config: TrainConfig, out_dir: Path, context: RankContext, resu
 
 
 def _hold_out(config: TrainConfig, dataset, preset):
-    """(the episodes to train on, the held-out episodes, every episode's return (E,)).
+    """(the episodes to train on, the held-out episodes).
 
     Without a simulator, evaluation is offline, on episodes held out of training (dmm_train/offline_eval.py);
-    with one, nothing is held out and the returns are not needed (empty).
+    with one, nothing is held out.
     """
     if preset.env_id is not None:
-        return dataset, (), np.zeros(0)
+        return dataset, ()
     from dmm_train.offline_eval import heldout_split
 
     _check_actions_in_range(dataset)
@@ -519,8 +519,7 @@ def _hold_out(config: TrainConfig, dataset, preset):
     if config.eval_episodes:
         kept, heldout = heldout_split(dataset.episodes)
         training_dataset = dataclasses.replace(dataset, episodes=kept)
-    returns = np.asarray([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
-    return training_dataset, heldout, returns
+    return training_dataset, heldout
 
 
 def _choose_threads(config: TrainConfig, requested_threads: int | None, resume_state: dict | None,
@@ -633,10 +632,10 @@ class TrainingRun:
     """
 
     def __init__(self, config: TrainConfig, out_dir: Path, context: RankContext, learner: Learner, *, dataset,
-                 preset, heldout: tuple, returns: np.ndarray, resume_state: dict | None, progress: bool,
+                 preset, heldout: tuple, resume_state: dict | None, progress: bool,
                  log_every: int):
         self.config, self.out_dir, self.context, self.learner = config, out_dir, context, learner
-        self.dataset, self.preset, self.heldout, self.returns = dataset, preset, heldout, returns
+        self.dataset, self.preset, self.heldout = dataset, preset, heldout
         self.offline = preset.env_id is None
         self.resumed, self.progress, self.log_every = resume_state is not None, progress, log_every
         self.evaluates = bool(config.eval_episodes or config.report_episodes)
@@ -764,8 +763,8 @@ class TrainingRun:
         """The held-out action error; best.pt when it is the lowest so far."""
         from dmm_train.offline_eval import evaluate_offline
 
-        result = evaluate_offline(self.learner.model, self.facts, self.heldout, low_target=float(self.returns.min()),
-                                  median_return=float(np.median(self.returns)), device=self.learner.device)
+        result = evaluate_offline(self.learner.model, self.facts, self.heldout,
+                                  dataset_returns=self.dataset.episode_returns, device=self.learner.device)
         record["offline"] = result.to_dict()
         # Lower is better: best.pt is the checkpoint that imitates the held-out episodes best.
         improved = self.best is None or result.action_rmse < self.best["action_rmse"]

@@ -79,7 +79,7 @@ def trained(store):
 
 def test_a_preset_is_derived_from_the_data(store):
     dataset = load_dataset(store / "store" / DATASET_ID)
-    returns = np.array([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,)
+    returns = np.array([float(np.sum(e.rewards)) for e in dataset.episodes])  # (E,), computed here independently
     preset = derived_preset(dataset)
     assert (preset.name, preset.env_id, preset.state_dim, preset.act_dim) == ("data", None, 10, 2)
     assert preset.ref_min_score is None and preset.ref_max_score is None
