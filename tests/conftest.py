@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from contract.errors import DMMError
 from tests.helpers import export_c, export_engines, write_checkpoint
 
 
@@ -29,3 +32,45 @@ def engines(checkpoint_path, tmp_path_factory):
 def c_export(checkpoint_path, tmp_path_factory):
     """hopper-c.c of ``checkpoint_path`` (export --target c; hopper-c.h and hopper-c.json beside it)."""
     return export_c(checkpoint_path, tmp_path_factory.mktemp("c-export"))
+
+
+# --- The one error grammar: every DMMError a test raises is checked for its form. ---
+
+_OLD_GRAMMAR = re.compile(r"\|\s*(received|expected)\b")
+
+
+def error_form_problems(error: DMMError) -> list[str]:
+    """What is wrong with ``error``'s form (empty when it reads ``received; expected ...; fix`` on one line)."""
+    problems = []
+    for part in ("received", "expected", "fix"):
+        text = getattr(error, part, "")
+        if not text:
+            problems.append(f"no {part} part")
+        elif "\n" in text:
+            problems.append(f"the {part} part spans lines")
+        elif _OLD_GRAMMAR.search(text):
+            problems.append(f"the {part} part uses the old '| received | expected' form")
+    if error.expected.lower().startswith("expected"):
+        problems.append("the expected part starts with 'expected' (the grammar adds it)")
+    if error.fix.lower().startswith("expected"):
+        problems.append("the fix part is another expectation, not what to do")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def _errors_in_one_grammar(request, monkeypatch):
+    """Fail the test (at teardown) when it raised a DMMError not in the project's one grammar."""
+    if request.node.get_closest_marker("malformed_errors"):
+        yield
+        return
+    made: list[DMMError] = []
+    original = DMMError.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DMMError, "__init__", recording_init)
+    yield
+    bad = [f"{'; '.join(problems)}: {str(error)[:200]!r}" for error in made if (problems := error_form_problems(error))]
+    assert not bad, "DMMError not in the form 'received; expected ...; what to do':\n" + "\n".join(bad)
