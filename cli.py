@@ -125,8 +125,9 @@ def collect(**options) -> None:
             paths = run_collect(from_options(CollectConfig, options), report=click.echo)
         except KeyboardInterrupt:
             # The worker pool and the dataset writer clean up on the way out: nothing half-written stays.
-            raise DMMError("collect | stopped by a signal before the dataset was complete | no partial dataset "
-                           "was kept (the workers are stopped); rerun the same command to collect it") from None
+            raise DMMError("collect: stopped by a signal before the dataset was complete (no partial dataset was "
+                           "kept; the workers are stopped)", "the collection to run to its end",
+                           "rerun the same command to collect it") from None
     for path in paths:
         dataset = load_dataset(path)
         click.echo(f"wrote {dataset.dataset_id}: {len(dataset.episodes)} episodes, {dataset.total_steps} steps, "
@@ -331,7 +332,8 @@ def run(as_json, **options) -> None:
     from runtime.loop import run_engine
 
     if options["threads"] < 0:
-        raise DMMError(f"--threads {options['threads']}; expected 0 (library default) or a positive count")
+        raise DMMError(f"--threads {options['threads']}", "0 (library default) or a positive count",
+                       "pass --threads 0 or more")
     config = from_options(RunConfig, {**options, "engine": Path(options["engine"]),
                                       "threads": options["threads"] or None,
                                       "histogram": path_or_none(options["histogram"]),
@@ -358,8 +360,8 @@ def run(as_json, **options) -> None:
         click.echo(f"wrote {report.histogram}", err=as_json)
     if as_json:
         click.echo(json.dumps(summary))
-    if report.histogram_error:  # after the results, which stand: one line, and a failing exit status
-        raise DMMError(report.histogram_error)
+    if report.histogram_failure is not None:  # after the results, which stand: one line, and a failing exit status
+        raise report.histogram_failure
 
 
 @cli.command()
@@ -398,12 +400,12 @@ def parity(as_json, replay, **options) -> None:
             click.echo(json.dumps({**report.to_dict(), "replay": str(replay)}))
         worst = max(pairs, key=lambda pair: pair.max_abs, default=None)
         if options["atol"] is not None and worst is not None and worst.max_abs > options["atol"]:
-            raise DMMError(f"parity --replay | {worst.candidate} differs from the record by up to {worst.max_abs:.2e} "
-                           f"| expected at most --atol {options['atol']:g}; inspect that engine")
+            raise DMMError(f"parity --replay: {worst.candidate} differs from the record by up to {worst.max_abs:.2e}",
+                           f"at most --atol {options['atol']:g}", "inspect that engine")
         return
     if options["checkpoint"] is None:
-        raise DMMError("parity | received no --checkpoint | expected --checkpoint model.pt (the PyTorch reference), "
-                       "or --replay RECORD with the engines to check on it")
+        raise DMMError("parity: no --checkpoint", "--checkpoint model.pt (the PyTorch reference), or --replay RECORD",
+                       "pass --checkpoint model.pt, or --replay RECORD with the engines to check on it")
 
     config = from_options(ParityConfig, {**options, "checkpoint": Path(options["checkpoint"]),
                                          "onnx": tuple(Path(p) for p in options["onnx"])})
@@ -416,9 +418,8 @@ def parity(as_json, replay, **options) -> None:
         click.echo(json.dumps(report.to_dict()))
     worst = max(report.pairs, key=lambda pair: pair.max_abs, default=None)
     if config.atol is not None and worst is not None and worst.max_abs > config.atol:
-        raise DMMError(f"parity | {worst.candidate} differs from {worst.reference} by up to "
-                       f"{worst.max_abs:.2e} | expected at most --atol {config.atol:g}; inspect the graph "
-                       "(or loosen --atol for this precision)")
+        raise DMMError(f"parity: {worst.candidate} differs from {worst.reference} by up to {worst.max_abs:.2e}",
+                       f"at most --atol {config.atol:g}", "inspect the graph (or loosen --atol for this precision)")
 
 
 @cli.command(name="export")
@@ -453,8 +454,8 @@ def export_graph(fp16, int8, no_engine, **options) -> None:
     """
     prefer_passive_waiting()  # before torch starts its OpenMP pool (contract/threads.py)
     if fp16 and int8:
-        raise DMMError("--fp16 with --int8; expected one precision per export (run export once per precision: "
-                       "each writes its own NAME, hopper-fp16 / hopper-int8 by default)")
+        raise DMMError("--fp16 with --int8", "one precision per export",
+                       "run export once per precision (each writes its own NAME, hopper-fp16 / hopper-int8 by default)")
     config = from_options(ExportConfig, options, precision="fp16" if fp16 else "int8" if int8 else "fp32",
                           build_engine=not no_engine)
     config.validate()

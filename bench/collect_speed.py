@@ -110,11 +110,13 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     for option in ("compare_steps", "rounds", "num_envs", "workers", "full_steps", "repeats"):
         if getattr(args, option) < 1:
-            raise DMMError(f"--{option.replace('_', '-')} {getattr(args, option)}; expected a positive integer")
+            raise DMMError(f"--{option.replace('_', '-')} {getattr(args, option)}", "a positive integer",
+                           f"pass --{option.replace('_', '-')} 1 or more")
     recipe = recipes.get_recipe(args.recipe)
     if recipe.kind not in ("policy", "random"):
-        raise DMMError(f"--recipe {args.recipe!r} is a {recipe.kind} recipe; expected one that rolls a policy out "
-                       "(random, medium or expert)")
+        raise DMMError(f"--recipe {args.recipe!r}: a {recipe.kind} recipe",
+                       "one that rolls a policy out (random, medium or expert)",
+                       "pass --recipe random, medium or expert")
 
     walls, cpus = compare(recipe, args.compare_steps, args.rounds, args.num_envs, args.workers)
     for name in walls:

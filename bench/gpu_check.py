@@ -58,7 +58,7 @@ def step_path(out: Path, name: str) -> Path:
 
 def write_record(out: Path, name: str, status: str, detail: str, **extra) -> dict:
     if status not in STATUSES:
-        raise DMMError(f"step status {status!r}; expected one of {', '.join(STATUSES)}")
+        raise DMMError(f"step status {status!r}", f"one of {', '.join(STATUSES)}", "record one of those statuses")
     record = {"step": name, "status": status, "detail": detail, **extra}
     step_path(out, name).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, step_path(out, name))
@@ -168,8 +168,8 @@ def step_wheels(args) -> int:
     folder = Path(args.dir)
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     if not folder.is_dir():
-        raise DMMError(f"--wheels {str(folder)!r} is not a folder; expected the one scripts/download_gpu_wheels.sh "
-                       "filled; download it where there is network and copy it here")
+        raise DMMError(f"--wheels {str(folder)!r}: not a folder", "the folder scripts/download_gpu_wheels.sh filled",
+                       "run that script where there is network and copy the folder here")
     missing = missing_wheels(folder, tag)
     cuda_python = sorted(path.name for path in folder.glob("cuda_python-*.whl"))
     if missing:
@@ -480,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "cpu_steps"):
         value = getattr(args, name, None)
         if value is not None and value < 2:
-            raise DMMError(f"--{name.replace('_', '-')} {value}; expected at least 2")
+            raise DMMError(f"--{name.replace('_', '-')} {value}", "at least 2",
+                           f"pass --{name.replace('_', '-')} 2 or more")
     handlers = {"env": step_env, "wheels": step_wheels, "doctor": step_doctor, "training": step_training,
                 "latency": step_latency, "record": step_record, "summary": step_summary}
     return handlers[args.command](args)

@@ -3,7 +3,7 @@
 For each calibration method the checkpoint's graph is quantized once (every projection in int8, as
 ``export --int8 --int8-layers all``), each Linear's share of the action error is measured by quantizing
 it alone, and the Linears are then returned to fp32 one by one, most sensitive first, as
-``--int8-layers auto`` does (`export.precision.choose_int8_layers`), here all the way to none. Each row
+``--int8-layers auto`` does (`calibration.int8.choose_int8_layers`), here all the way to none. Each row
 is one step of that curve: the relative action RMSE (against fp32, on held-out inputs, as a fraction
 of the action range) and the fraction of the Linear multiply-adds still in int8. With
 ``--closed-loop N`` the steps keeping 0, 1, 2, 3 and 6 Linears in fp32 also play N episodes each,
@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from calibration.accuracy import closed_loop, student_t_quantile
-from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
-from calibration.qdq import calibration_feeds, float_linears, quantize_qdq
+from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data, calibration_feeds
+from calibration.int8 import choose_int8_layers
+from calibration.qdq import float_linears, quantize_qdq
 from contract.errors import DMMError
 from dmm_train.checkpoint import load_checkpoint
 from dmm_train.manifest_builder import build_manifest
 from export.onnx_export import build_graph
-from export.precision import choose_int8_layers
 
 
 def curves(checkpoint_path: Path, *, mode: str, methods: list[str], dataset: str | None, calibration_samples: int,

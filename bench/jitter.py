@@ -168,17 +168,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-steps", type=int, default=20, help="training steps of the tiny checkpoint")
     args = parser.parse_args(argv)
     if "off" not in args.settings or len(set(args.settings)) < 2:
-        raise DMMError(f"--settings {' '.join(args.settings)}; expected 'off' and at least one other to compare")
+        raise DMMError(f"--settings {' '.join(args.settings)}", "'off' and at least one other to compare",
+                       "pass --settings off and one or more of the others")
     if args.steps < ROUNDS or not args.period_ms > 0 or args.busy < 1 or args.train_steps < 1:
         raise DMMError(f"--steps {args.steps}, --period-ms {args.period_ms}, --busy {args.busy}, --train-steps "
-                       f"{args.train_steps}; expected >= {ROUNDS}, > 0, >= 1 and >= 1")
+                       f"{args.train_steps}", f">= {ROUNDS}, > 0, >= 1 and >= 1",
+                       f"pass --steps {ROUNDS} or more, a positive --period-ms, --busy and --train-steps 1 or more")
 
     from export.onnx_export import export_checkpoint
 
     cores = sorted(os.sched_getaffinity(0))
     cpu = cores[-1] if args.cpu is None else args.cpu
     if cpu not in cores:
-        raise DMMError(f"--cpu {cpu} | this process may run on CPUs {cores} | expected one of them")
+        raise DMMError(f"--cpu {cpu} (this process may run on CPUs {cores})", "one of those CPUs",
+                       f"pass --cpu {cores[0] if cores else 0} or another of them")
     permitted, fifo_note = fifo_permitted()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dmm-jitter-") as scratch:

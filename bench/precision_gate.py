@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap exports per setting")
     args = parser.parse_args(argv)
     if args.pool < 10 or args.resamples < 100:
-        raise DMMError(f"--pool {args.pool}, --resamples {args.resamples}; expected at least 10 and 100")
+        raise DMMError(f"--pool {args.pool}, --resamples {args.resamples}", "at least 10 and 100",
+                       "pass --pool 10 or more and --resamples 100 or more")
 
     import torch
 

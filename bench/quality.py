@@ -184,20 +184,20 @@ def matched_steps(out: Path, runs: list[dict]) -> int:
     dmm = [run for run in runs if run["kind"] == "dmm" and not run["matched"]]
     devices = {run["device"] for run in runs if run["kind"] in ("dmm", "dt")}
     if len(devices) > 1:
-        raise DMMError(f"a {MATCHED} run trains DT for DMM's wall time, but DMM and DT train on "
-                       f"{' and '.join(sorted(devices))} here; expected both on one device, since a wall time on "
-                       "one is no budget on the other; pass --no-matched, or the same --model-device to both")
+        raise DMMError(f"a {MATCHED} run: DMM and DT train on {' and '.join(sorted(devices))} here",
+                       "both on one device (a wall time on one is no budget on the other)",
+                       "pass --no-matched, or the same --model-device to both")
     results = [read_json(out / run["name"] / RESULT_FILE) for run in dmm]
     if not dmm or any(result is None for result in results):
         missing = [run["name"] for run, result in zip(dmm, results, strict=True) if result is None]
-        raise DMMError(f"a {MATCHED} run trains for DMM's wall time, but DMM runs {', '.join(missing) or '(none)'} "
-                       f"are not finished in {str(out)!r}; expected every DMM run of the bench finished first; "
+        raise DMMError(f"a {MATCHED} run: DMM runs {', '.join(missing) or '(none)'} are not finished in {str(out)!r}",
+                       "every DMM run of the bench finished first (it trains for DMM's wall time)",
                        "run them (and a DT run) before the dt-matched ones")
     dt_dirs = [out / run["name"] for run in runs if run["kind"] == "dt" and not run["matched"]]
     dt_speeds = [speed for speed in map(seconds_per_step, dt_dirs) if speed is not None]
     if not dt_speeds:
-        raise DMMError(f"a {MATCHED} run needs DT's seconds per step, but no DT run in {str(out)!r} has trained "
-                       "yet; expected a DT run started first (its first log records the speed); run it first")
+        raise DMMError(f"a {MATCHED} run: no DT run in {str(out)!r} has trained yet",
+                       "a DT run started first (its first log records DT's seconds per step)", "run a DT run first")
     dt_cpus = {cpu for run_dir in dt_dirs for cpu in recorded_cpus(read_json(run_dir / DEVICES_FILE) or [])}
     same_machine = [result for result in results if len(dt_cpus) == 1 and result.get("cpus") == sorted(dt_cpus)]
     dmm_seconds = statistics.fmean(result["train_seconds"] for result in same_machine or results)
@@ -222,9 +222,9 @@ def run_one(run: dict, runs: list[dict], settings: dict, out: Path, progress: bo
     expected = run_settings(run, steps, settings)
     if fixed is not None and fixed != expected:
         changed = sorted(name for name in expected if fixed.get(name) != expected[name])
-        raise DMMError(f"run {str(run_dir)!r} was started with " + ", ".join(f"{n}={fixed.get(n)!r}" for n in changed)
-                       + "; received " + ", ".join(f"{n}={expected[n]!r}" for n in changed)
-                       + "; pass the same settings to continue it, or another --out")
+        raise DMMError(f"run {str(run_dir)!r} with " + ", ".join(f"{n}={expected[n]!r}" for n in changed),
+                       "the settings it was started with: " + ", ".join(f"{n}={fixed.get(n)!r}" for n in changed),
+                       "pass the same settings to continue it, or another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(expected, run_dir / RUN_FILE)
     config = train_config(run, steps, settings)
@@ -263,8 +263,8 @@ def summarize_run(run_dir: Path, settings: dict) -> dict:
     evaluations = [r for r in records if "report" in r]
     steps = settings["steps"]
     if not evaluations or evaluations[-1]["step"] != steps:
-        raise DMMError(f"run {str(run_dir)!r} has no report evaluation at its last step {steps}; expected a run "
-                       "trained by this bench; delete the run directory to retrain it")
+        raise DMMError(f"run {str(run_dir)!r}: no report evaluation at its last step {steps}",
+                       "a run trained by this bench", "delete the run directory to retrain it")
     best_record = read_json(run_dir / "best.json")
     best_step = best_record["step"]
     at_best = next(r for r in evaluations if r["step"] == best_step)
@@ -295,8 +295,8 @@ def summarize_run(run_dir: Path, settings: dict) -> dict:
 
 def check_result(result: dict, run_dir: Path) -> dict:
     if result.get("format") != RESULT_FORMAT:
-        raise DMMError(f"{str(run_dir / RESULT_FILE)!r} was written by an older bench (format "
-                       f"{result.get('format')}); expected format {RESULT_FORMAT}; use another --out for this bench")
+        raise DMMError(f"{str(run_dir / RESULT_FILE)!r} format {result.get('format')} (an older bench's)",
+                       f"format {RESULT_FORMAT}", "use another --out for this bench")
     return result
 
 
@@ -615,7 +615,7 @@ def check_settings(out: Path, settings: dict) -> None:
         if changed:
             received = ", ".join(f"{name}={settings[name]!r}" for name in changed)
             expected = ", ".join(f"{name}={saved.get(name)!r}" for name in changed)
-            raise DMMError(f"bench directory {str(out)!r} holds runs with {expected}; received {received}; "
+            raise DMMError(f"bench directory {str(out)!r} with {received}", f"the settings of its runs: {expected}",
                            "pass the same settings to continue it, or another --out for a new bench")
         if saved == settings:
             return  # several --run commands share the directory: leave the file alone
@@ -628,11 +628,13 @@ def kind_values(pairs: list[str], option: str, parse) -> dict:
     for pair in pairs:
         kind, _, value = pair.partition("=")
         if kind not in MODEL_KINDS or not value:
-            raise DMMError(f"{option} {pair}; expected KIND=VALUE with KIND among {', '.join(MODEL_KINDS)}")
+            raise DMMError(f"{option} {pair}", f"KIND=VALUE with KIND among {', '.join(MODEL_KINDS)}",
+                           f"pass {option} KIND=VALUE")
         try:
             values[kind] = parse(value)
         except ValueError:
-            raise DMMError(f"{option} {pair}; expected a number after '=' (seeds: comma-separated)") from None
+            raise DMMError(f"{option} {pair}", "a number after '=' (seeds: comma-separated)",
+                           f"pass {option} KIND=NUMBER") from None
     return values
 
 
@@ -686,26 +688,29 @@ def parse_args(argv: list[str] | None):
     args = parser.parse_args(argv)
     unknown = [kind for kind in args.models if kind not in MODEL_KINDS]
     if unknown or len(set(args.models)) != len(args.models):
-        raise DMMError(f"--models {' '.join(args.models)}; expected distinct kinds among {', '.join(MODEL_KINDS)}")
+        raise DMMError(f"--models {' '.join(args.models)}", f"distinct kinds among {', '.join(MODEL_KINDS)}",
+                       "name each model kind once")
     if len(set(args.seeds)) != len(args.seeds):
-        raise DMMError(f"--seeds {' '.join(map(str, args.seeds))}; expected distinct seeds")
+        raise DMMError(f"--seeds {' '.join(map(str, args.seeds))}", "distinct seeds", "name each seed once")
     for name in ("steps", "episodes", "selection_episodes", "evaluations", "threads", "jobs", "batch_size",
                  "checkpoint_every"):
         if getattr(args, name) < 1:
-            raise DMMError(f"--{name.replace('_', '-')} {getattr(args, name)}; expected a positive integer")
+            raise DMMError(f"--{name.replace('_', '-')} {getattr(args, name)}", "a positive integer",
+                           f"pass --{name.replace('_', '-')} 1 or more")
     if max(args.episodes, args.selection_episodes) > MAX_EVAL_EPISODES:
-        raise DMMError(f"--episodes {args.episodes}, --selection-episodes {args.selection_episodes}; expected at "
-                       f"most {MAX_EVAL_EPISODES} each, so the report and selection seed ranges stay disjoint")
+        raise DMMError(f"--episodes {args.episodes}, --selection-episodes {args.selection_episodes}",
+                       f"at most {MAX_EVAL_EPISODES} each (the report and selection seed ranges stay disjoint)",
+                       f"pass {MAX_EVAL_EPISODES} or fewer")
     args.model_steps = kind_values(args.model_steps, "--model-steps", int)
     args.model_seeds = kind_values(args.model_seeds, "--model-seeds",
                                    lambda text: [int(seed) for seed in text.split(",")])
     args.model_device = kind_values(args.model_device, "--model-device", str)
     bad = {kind: device for kind, device in args.model_device.items() if not re.fullmatch(r"cpu|cuda(:\d+)?", device)}
     if bad:
-        raise DMMError(f"--model-device {', '.join(f'{k}={v}' for k, v in bad.items())}; expected cpu, cuda or "
-                       "cuda:N")
+        raise DMMError(f"--model-device {', '.join(f'{k}={v}' for k, v in bad.items())}", "cpu, cuda or cuda:N",
+                       "pass --model-device KIND=cpu, KIND=cuda or KIND=cuda:N")
     if any(steps < 1 for steps in args.model_steps.values()):
-        raise DMMError(f"--model-steps {args.model_steps}; expected positive step counts")
+        raise DMMError(f"--model-steps {args.model_steps}", "positive step counts", "pass --model-steps KIND=1 or more")
     args.matched = args.matched and "dmm" in args.models and "dt" in args.models
     return args
 
@@ -749,8 +754,8 @@ def start_order(runs: list[dict], out: Path) -> list[dict]:
 
 
 def failed_runs_error(failed: list[str], out: Path) -> DMMError:
-    return DMMError(f"runs {', '.join(failed)} failed; expected every run to finish; see their {LOG_FILE} under "
-                    f"{out} and start the bench again to continue them")
+    return DMMError(f"runs {', '.join(failed)}: failed", "every run to finish",
+                    f"see their {LOG_FILE} under {out} and start the bench again to continue them")
 
 
 def run_jobs(args, runs: list[dict]) -> list[str]:
@@ -827,7 +832,8 @@ def main(argv: list[str] | None = None) -> str | None:
     if args.run:
         unknown = [name for name in args.run if name not in by_name]
         if unknown:
-            raise DMMError(f"--run {' '.join(unknown)}; expected runs of this bench: {', '.join(by_name)}")
+            raise DMMError(f"--run {' '.join(unknown)}", f"runs of this bench: {', '.join(by_name)}",
+                           "pass names that --print-commands lists")
         if args.jobs > 1 and len(args.run) > 1:  # several chosen runs, --jobs of them at once
             failed = run_jobs(args, [by_name[name] for name in dict.fromkeys(args.run)])
             if failed:
@@ -867,8 +873,8 @@ def main(argv: list[str] | None = None) -> str | None:
                 write_table()
     rows, missing = write_table()
     if not rows:
-        raise DMMError(f"--report-only: no finished run under {args.out} (missing: {', '.join(missing)}); "
-                       "run the bench without --report-only first")
+        raise DMMError(f"--report-only: no finished run under {args.out} (missing: {', '.join(missing)})",
+                       "at least one finished run", "run the bench without --report-only first")
     if missing:
         log(f"not finished, left out of the table: {', '.join(missing)}")
     for row in rows:

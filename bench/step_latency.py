@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
                         help="training steps of the default tiny checkpoint (default 300)")
     args = parser.parse_args(argv)
     if args.steps < ROUNDS or args.episodes < 1 or args.train_steps < 1:
-        raise DMMError(f"--steps {args.steps}, --episodes {args.episodes}, --train-steps {args.train_steps}; "
-                       f"expected >= {ROUNDS}, >= 1 and >= 1")
+        raise DMMError(f"--steps {args.steps}, --episodes {args.episodes}, --train-steps {args.train_steps}",
+                       f">= {ROUNDS}, >= 1 and >= 1", f"pass --steps {ROUNDS} or more and the others 1 or more")
 
     from contract.manifest import read_manifest
     from dmm_train.checkpoint import load_checkpoint
@@ -376,17 +376,17 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
             for name, actions in warm.items():
                 difference = float(np.abs(np.asarray(actions) - np.asarray(warm[EAGER])).max())
                 if not difference < PATH_AGREEMENT[name]:
-                    raise DMMError(f"{name.strip()} | differs from {EAGER} by {difference:.2e} over the first "
-                                   f"{WARMUP_STEPS} steps | expected below {PATH_AGREEMENT[name]:g}; the benchmark "
-                                   "would compare different computations")
+                    raise DMMError(f"{name.strip()}: differs from {EAGER} by {difference:.2e} over the first "
+                                   f"{WARMUP_STEPS} steps", f"below {PATH_AGREEMENT[name]:g} (the same computation)",
+                                   "find which path changed before timing them")
             for name in ("(d) native C stream", "(e) native C backend.infer", "    Policy.act on (d)",
                          "(d) native C stream + limits", "    Policy.act on (d) + limits",
                          "    Policy.act on (d) + limits + record"):
                 difference = float(np.abs(np.asarray(warm[name]) - np.asarray(warm["(c) ORT stream"])).max())
                 if not difference < STREAM_AGREEMENT:
-                    raise DMMError(f"{name.strip()} | differs from (c) ORT stream by {difference:.2e} over the "
-                                   f"first {WARMUP_STEPS} steps | expected below {STREAM_AGREEMENT:g}; the "
-                                   "benchmark would compare different computations")
+                    raise DMMError(f"{name.strip()}: differs from (c) ORT stream by {difference:.2e} over the "
+                                   f"first {WARMUP_STEPS} steps", f"below {STREAM_AGREEMENT:g} (the same computation)",
+                                   "find which path changed before timing them")
             cursors = dict.fromkeys(paths, 0)
             wall, cpu = ({name: [] for name in paths} for _ in range(2))
             block = args.steps // ROUNDS

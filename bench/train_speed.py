@@ -166,7 +166,8 @@ def start_worker(policy: str):
     process = subprocess.Popen([sys.executable, __file__, "--worker", policy], env=environment, text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     if process.stdout.readline().strip() != "ready":
-        raise DMMError(f"the {policy!r} worker did not start (exit code {process.wait()})")
+        raise DMMError(f"the {policy!r} worker: exit code {process.wait()} before it started", "a running worker",
+                       "see its error above")
     return process
 
 
@@ -193,7 +194,8 @@ def timed_run(policy: str, process, seconds: float, load: int, load_seconds: flo
         for busy_process in busy:
             busy_process.wait()
     if len(reply) != 2:
-        raise DMMError(f"a worker stopped (exit code {process.poll()}); see its error above")
+        raise DMMError(f"a worker: stopped with exit code {process.poll()}", "a worker that runs to the end",
+                       "see its error above")
     return float(reply[0]), int(reply[1])
 
 
@@ -259,20 +261,20 @@ def main(argv: list[str] | None = None) -> float:
         return 0.0
     if args.load is not None:
         if args.load < 1 or args.rounds < 1 or not args.seconds > 0:
-            raise DMMError(f"--load {args.load}, --rounds {args.rounds}, --seconds {args.seconds}; expected "
-                           "positive values")
+            raise DMMError(f"--load {args.load}, --rounds {args.rounds}, --seconds {args.seconds}", "positive values",
+                           "pass a value above 0 for each")
         # Every busy process ends by itself after this, should the bench itself be killed.
         return under_load(args.load, args.rounds, args.seconds, load_seconds=30 * args.seconds + 300)
     scan_threads = args.threads if args.scan_threads is None else args.scan_threads
     if args.steps < ROUNDS or args.threads < 1 or scan_threads < 1:
-        raise DMMError(
-            f"--steps {args.steps}, --threads {args.threads}, --scan-threads {scan_threads}; "
-            f"expected >= {ROUNDS}, >= 1 and >= 1"
-        )
+        raise DMMError(f"--steps {args.steps}, --threads {args.threads}, --scan-threads {scan_threads}",
+                       f">= {ROUNDS}, >= 1 and >= 1", f"pass --steps {ROUNDS} or more and 1 or more threads")
     torch.set_num_threads(args.threads)
     fused_scan.set_num_threads(scan_threads)
     if not fused_scan.is_available():
-        raise DMMError(f"the fused scan kernel is unavailable: {fused_scan.UNAVAILABLE_REASON}")
+        reason = " ".join(str(fused_scan.UNAVAILABLE_REASON).split())  # a compiler's report can span lines
+        raise DMMError(f"the fused scan kernel: unavailable ({reason})", "a working C compiler (gcc or cc)",
+                       "install gcc (e.g. apt-get install gcc) or set $CC; this bench times the fused scan")
 
     train_config = TrainConfig(preset=PRESET)
     preset = get_preset(PRESET)

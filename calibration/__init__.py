@@ -1,1 +1,1 @@
-"""Calibration data readers, Q/DQ insertion and accuracy reports."""
+"""Calibration data and feeds (data), Q/DQ insertion (qdq), accuracy reports (accuracy) and the int8 pass (int8)."""

@@ -38,6 +38,7 @@ import numpy as np
 from calibration.data import episode_trajectory, window_samples
 from contract.errors import DMMError
 from contract.manifest import Manifest
+from runtime.feeds import stream_feeds
 from runtime.loop import run_episode
 from runtime.ort_backend import OrtBackend, cpu_session
 from runtime.plant import check_plant, make_plant
@@ -49,8 +50,6 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
 
     reference, candidate: ONNX Runtime sessions of the same I/O contract; heldout: episodes.
     """
-    from runtime.feeds import stream_feeds
-
     common = dict(state_mean=manifest.state_mean, state_std=manifest.state_std, rtg_scale=manifest.rtg_scale,
                   target_return=manifest.target_return)
     ref_actions, cand_actions, cache_error = [], [], 0.0
@@ -85,8 +84,8 @@ def action_errors(reference, candidate, manifest: Manifest, heldout, count: int,
     ref = np.concatenate(ref_actions)  # (n, Adim)
     cand = np.concatenate(cand_actions)  # (n, Adim)
     if not np.isfinite(cand).all():
-        raise DMMError(f"the low-precision graph produced non-finite actions on held-out inputs ({inputs}); "
-                       "expected finite values; it overflowed: export fp32 (or the other precision)")
+        raise DMMError(f"the low-precision graph's actions on held-out inputs ({inputs}): non-finite (it overflowed)",
+                       "finite actions", "export fp32 (or the other precision)")
     difference = cand.astype(np.float64) - ref.astype(np.float64)
     errors = {"action_rmse": float(np.sqrt(np.mean(difference ** 2))),
               "action_max_abs": float(np.abs(difference).max()),
@@ -131,7 +130,8 @@ def student_t_quantile(probability: float, dof: int) -> float:
     about 1e-6 for the quantiles an interval needs (0.9 .. 0.9995).
     """
     if not 0.5 <= probability < 1.0 or dof < 1:
-        raise DMMError(f"t quantile | received probability {probability}, dof {dof} | expected 0.5 <= p < 1, dof >= 1")
+        raise DMMError(f"t quantile of probability {probability}, dof {dof}", "0.5 <= p < 1 and dof >= 1",
+                       "ask for a one-sided bound level of at least 0.5 from two samples or more")
     log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
 
     def cdf(x: float) -> float:
@@ -173,11 +173,12 @@ class ScoreGate:
 
     def __post_init__(self):
         if not (2 <= self.batch <= self.cap):
-            raise DMMError(f"score gate | received batch {self.batch}, cap {self.cap} | expected 2 <= batch <= cap "
-                           "(a look needs two paired episodes for an interval)")
+            raise DMMError(f"score gate batch {self.batch}, cap {self.cap}",
+                           "2 <= batch <= cap (a look needs two paired episodes for an interval)",
+                           "pass --score-batch 2 or more and --score-episodes at least that")
         if not (math.isfinite(self.max_score_drop) and 0 < self.alpha < 0.5):
-            raise DMMError(f"score gate | received allowed drop {self.max_score_drop}, alpha {self.alpha} | "
-                           "expected a finite drop and 0 < alpha < 0.5")
+            raise DMMError(f"score gate allowed drop {self.max_score_drop}, alpha {self.alpha}",
+                           "a finite drop and 0 < alpha < 0.5", "pass a finite --max-score-drop")
 
     @property
     def looks(self) -> int:
@@ -199,8 +200,8 @@ def judge_deltas(deltas, gate: ScoreGate) -> dict:
     deltas = np.asarray(deltas, dtype=np.float64)  # (n,)
     count = int(deltas.size)
     if count < 2 or not np.isfinite(deltas).all():
-        raise DMMError(f"score deltas | received {deltas.tolist()} | expected two or more finite deltas, one per "
-                       "paired episode")
+        raise DMMError(f"score deltas {deltas.tolist()}", "two or more finite deltas, one per paired episode",
+                       "play at least two paired episodes per look")
     mean = float(deltas.mean())
     half_width = student_t_quantile(gate.bound_level, count - 1) * float(deltas.std(ddof=1)) / math.sqrt(count)
     low, high = mean - half_width, mean + half_width

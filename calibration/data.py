@@ -36,7 +36,8 @@ from contract.errors import DMMError, check_dims
 from dmm_train.minari_reader import load_dataset
 from dmm_train.recipes import describe_content
 from dmm_train.records import Episode, hash_episodes
-from runtime.ort_backend import OrtBackend
+from runtime.feeds import InputTrajectory, stream_feeds, window_at
+from runtime.ort_backend import OrtBackend, cpu_session
 from runtime.plant import check_plant, make_plant
 from runtime.policy import Policy
 
@@ -73,19 +74,28 @@ def load_training_dataset(checkpoint, dataset: str | None = None, *, require_has
     a dataset of other content (a recording the user chose), still of the checkpoint's dims.
     """
     spec = dataset if dataset is not None else checkpoint.dataset_id
-    try:
-        loaded = load_dataset(spec, download=False)
-    except DMMError as error:
-        raise DMMError(f"calibration and accuracy need the training dataset {spec!r} of the checkpoint, which "
-                       f"cannot be loaded here ({error}); pass --dataset with its directory or local id") from None
+    loaded = _read_dataset(spec, given=dataset is not None)
     if require_hash and loaded.content_hash != checkpoint.dataset_hash:
-        raise DMMError(f"dataset {spec!r} | content hash {loaded.content_hash[:12]}... | the checkpoint was "
-                       f"trained on {checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r}); pass "
-                       "--dataset with the dataset the checkpoint was trained on")
+        raise DMMError(f"dataset {spec!r} content hash {loaded.content_hash[:12]}...",
+                       f"{checkpoint.dataset_hash[:12]}..., the content the checkpoint was trained on "
+                       f"({checkpoint.dataset_id!r})",
+                       "pass --dataset with the dataset the checkpoint was trained on")
     check_dims(f"dataset {spec!r}", (loaded.state_dim, loaded.act_dim),
                (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim), "the checkpoint's",
                "pass --dataset with a recording of the checkpoint's environment")
     return loaded
+
+
+def _read_dataset(spec: str, *, given: bool):
+    """The one read of a dataset here: ``spec`` from the local store (never downloaded)."""
+    try:
+        return load_dataset(spec, download=False)
+    except DMMError as error:
+        received = (f"dataset {spec!r} cannot be loaded here" if given
+                    else f"the training dataset {spec!r} is not found here")
+        raise DMMError(f"{received} ({error.received})",
+                       "a dataset directory or an id in the local Minari store (calibration and accuracy run on it)",
+                       "pass --dataset with its directory or local id") from None
 
 
 CLOSED_LOOP_MIN_STEPS = 1000  # closed-loop steps rolled when the training dataset is not used
@@ -105,25 +115,33 @@ def find_training_dataset(checkpoint, dataset: str | None = None):
     """(the dataset to calibrate on or None, why not / what to know): ``dataset`` when given (a recording the
     user chose: an unreadable one or one of other dims is an error, other content is used with a notice);
     else the checkpoint's training dataset from the local store when it is here with the recorded content."""
-    trained_on = f"{checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r})"
-    if dataset is not None:
-        loaded = load_training_dataset(checkpoint, dataset, require_hash=False)
-        if loaded.content_hash != checkpoint.dataset_hash:
-            return loaded, (f"notice: --dataset {dataset!r} has content hash {loaded.content_hash[:12]}..., not the "
-                            f"training dataset's {trained_on}; calibrating and judging on it as given")
-        return loaded, None
-    spec = checkpoint.dataset_id
-    history = describe_content(spec, checkpoint.dataset_hash)
+    given = dataset is not None
+    spec = dataset if given else checkpoint.dataset_id
+    dims = (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim)
     try:
-        loaded = load_dataset(spec, download=False)
+        loaded = _read_dataset(spec, given=given)
     except DMMError as error:
-        why = f"the training dataset {spec!r} is not found here ({str(error).split(';')[0]})"
+        if given:
+            raise
+        loaded, why = None, error.received
+    else:
+        other_content = loaded.content_hash != checkpoint.dataset_hash
+        why = None
+        if other_content and not given:
+            why = (f"the training dataset {spec!r} here has content hash {loaded.content_hash[:12]}..., not the "
+                   f"{checkpoint.dataset_hash[:12]}... the checkpoint was trained on")
+    if why is not None:  # not here, or other content under the recorded id: where the recorded content came from
+        history = describe_content(spec, checkpoint.dataset_hash)
         return None, why + (f"; {history}" if history else "")
-    if loaded.content_hash != checkpoint.dataset_hash:
-        why = (f"the training dataset {spec!r} here has content hash {loaded.content_hash[:12]}..., not the "
-               f"{checkpoint.dataset_hash[:12]}... the checkpoint was trained on")
-        return None, why + (f"; {history}" if history else "")
-    if (loaded.state_dim, loaded.act_dim) != (checkpoint.model_config.state_dim, checkpoint.model_config.act_dim):
+    if given:
+        check_dims(f"dataset {spec!r}", (loaded.state_dim, loaded.act_dim), dims, "the checkpoint's",
+                   "pass --dataset with a recording of the checkpoint's environment")
+        if other_content:
+            return loaded, (f"notice: --dataset {dataset!r} has content hash {loaded.content_hash[:12]}..., not the "
+                            f"training dataset's {checkpoint.dataset_hash[:12]}... ({checkpoint.dataset_id!r}); "
+                            "calibrating and judging on it as given")
+        return loaded, None
+    if (loaded.state_dim, loaded.act_dim) != dims:
         return None, (f"the training dataset {spec!r} here has state/action dims {loaded.state_dim}/"
                       f"{loaded.act_dim}, not the checkpoint's")
     return loaded, None
@@ -181,9 +199,8 @@ def calibration_data(fp32_proto, manifest, checkpoint, *, dataset: str | None = 
         return CalibrationData(split, f"the dataset {loaded.dataset_id} ({loaded.content_hash[:12]}...)"
                                + ("" if dataset is None else f", given with --dataset {dataset}"), why)
     if not manifest.env_id:
-        raise DMMError(f"low-precision export | received no training dataset ({why}) and a policy "
-                       "with no simulator to roll out | expected the dataset it was trained on; pass --dataset with "
-                       "its directory or local id")
+        raise DMMError(f"low-precision export of a policy with no simulator to roll out, and no training dataset "
+                       f"({why})", "the dataset it was trained on", "pass --dataset with its directory or local id")
     first = seed + CLOSED_LOOP_SEED_OFFSET
     episodes = closed_loop_episodes(fp32_proto.SerializeToString(), manifest, steps=steps, seed=first)
     total = sum(len(e) for e in episodes)
@@ -202,10 +219,12 @@ def split_episodes(dataset, *, heldout_fraction: float = DEFAULT_HELDOUT_FRACTIO
     """Disjoint calibration and held-out episodes (a seeded shuffle of the dataset's episodes)."""
     episodes = dataset.episodes
     if len(episodes) < 2:
-        raise DMMError(f"dataset {dataset.dataset_id!r} has {len(episodes)} episode; expected at least 2, so "
-                       "that the accuracy report runs on episodes the calibration never saw")
+        raise DMMError(f"dataset {dataset.dataset_id!r} with {len(episodes)} episode",
+                       "at least 2 episodes (the accuracy report runs on episodes the calibration never saw)",
+                       "pass --dataset with a recording of two episodes or more")
     if not 0.0 < heldout_fraction < 1.0:
-        raise DMMError(f"held-out fraction {heldout_fraction!r}; expected a number strictly between 0 and 1")
+        raise DMMError(f"held-out fraction {heldout_fraction!r}", "a number strictly between 0 and 1",
+                       "pass a held-out fraction such as 0.2")
     order = np.random.default_rng(seed).permutation(len(episodes))  # (E,)
     n_heldout = min(len(episodes) - 1, max(1, round(heldout_fraction * len(episodes))))
     heldout = tuple(episodes[i] for i in sorted(order[:n_heldout]))
@@ -219,8 +238,6 @@ def episode_trajectory(episode, *, state_mean, state_std, rtg_scale: float, targ
     states (1, T, S) normalised in float64 and stored float32 (as `runtime.Policy`),
     actions (1, T, Adim) the executed actions, rtg (1, T, 1) = (target - rewards so far) / scale.
     """
-    from runtime.feeds import InputTrajectory
-
     mean = np.asarray(state_mean, dtype=np.float64)  # (S,)
     std = np.asarray(state_std, dtype=np.float64)  # (S,)
     states = (episode.observations.astype(np.float64) - mean) / std  # (T, S)
@@ -237,8 +254,6 @@ def window_samples(episodes, count: int, *, context_len: int, state_mean, state_
     Each feed: states (1, K, S), actions (1, K, Adim), rtg (1, K, 1), as the evaluation builds
     them (`export.reference.window_at`). Fewer when the episodes have fewer steps.
     """
-    from runtime.feeds import window_at
-
     _check_count(count)
     lengths = np.array([len(e) for e in episodes], dtype=np.int64)  # (E,)
     ends = np.cumsum(lengths)  # (E,)
@@ -264,8 +279,6 @@ def stream_rollout(session, trajectory, *, n_layer: int, dsm_window: int, d_mode
     dsm_cache (nl, 1, W-1, D), ssm_state (nl, 1, D, N). Actions are the episode's own
     (teacher-forced); the caches are the graph's.
     """
-    from runtime.feeds import stream_feeds
-
     dsm = np.zeros((n_layer, 1, dsm_window - 1, d_model), dtype=np.float32)  # (nl, 1, W-1, D)
     ssm = np.zeros((n_layer, 1, d_model, d_state), dtype=np.float32)  # (nl, 1, D, N)
     steps = trajectory.states.shape[1] if max_steps is None else min(max_steps, trajectory.states.shape[1])
@@ -298,6 +311,19 @@ def stream_samples(session, episodes, count: int, *, n_layer: int, dsm_window: i
     return [pool[int(i)] for i in chosen]
 
 
+def calibration_feeds(proto, manifest, episodes, count: int, *, seed: int = 0
+                      ) -> list[dict[str, np.ndarray]]:
+    """``count`` real inputs of the graph ``proto`` (fp32) from ``episodes``: the one place calibration builds
+    feeds from a split (the calibration episodes for `calibration.qdq`, held-out ones for a parity check)."""
+    common = dict(state_mean=manifest.state_mean, state_std=manifest.state_std, rtg_scale=manifest.rtg_scale,
+                  target_return=manifest.target_return, seed=seed)
+    if manifest.mode == "window":
+        return window_samples(episodes, count, context_len=manifest.context_len, **common)
+    session = cpu_session(proto.SerializeToString())  # the fp32 graph at full optimisation
+    return stream_samples(session, episodes, count, n_layer=manifest.n_layer, dsm_window=manifest.dsm_window,
+                          d_model=manifest.d_model, d_state=manifest.d_state, **common)
+
+
 def _check_count(count) -> None:
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise DMMError(f"sample count {count!r}; expected a positive integer")
+        raise DMMError(f"sample count {count!r}", "a positive integer", "ask for 1 sample or more")

@@ -23,10 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from calibration.data import stream_samples, window_samples
 from contract.errors import DMMError
 from contract.graph_roles import INT8_ROLES, linear_nodes, set_precision_metadata
-from runtime.ort_backend import cpu_session
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128  # TensorRT's entropy calibrator
@@ -39,7 +37,8 @@ class FeedReader:
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
         if not feeds:
-            raise DMMError("no calibration samples; expected at least one feed from the training dataset")
+            raise DMMError("no calibration samples", "at least one feed from the calibration episodes",
+                           "pass --calibration-windows 1 or more, with a dataset of at least two episodes")
         self._feeds = list(feeds)
         self._position = 0
 
@@ -67,18 +66,6 @@ def _reader(feeds):
     return FeedReader(feeds)
 
 
-def calibration_feeds(proto: onnx.ModelProto, manifest, episodes, count: int, *, seed: int = 0
-                      ) -> list[dict[str, np.ndarray]]:
-    """Real inputs of the graph ``proto`` (fp32) from calibration ``episodes`` (`calibration.data`)."""
-    common = dict(state_mean=manifest.state_mean, state_std=manifest.state_std, rtg_scale=manifest.rtg_scale,
-                  target_return=manifest.target_return, seed=seed)
-    if manifest.mode == "window":
-        return window_samples(episodes, count, context_len=manifest.context_len, **common)
-    session = cpu_session(proto.SerializeToString())  # the fp32 graph at full optimisation
-    return stream_samples(session, episodes, count, n_layer=manifest.n_layer, dsm_window=manifest.dsm_window,
-                          d_model=manifest.d_model, d_state=manifest.d_state, **common)
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """ORT's calibrators print progress and log a pre-processing hint; keep the CLI to its own lines."""
@@ -97,7 +84,8 @@ def calibrate_ranges(model_path: Path, feeds, tensors: list[str], method: str, s
     from onnxruntime.quantization.calibrate import create_calibrator
 
     if method not in CALIBRATION_METHODS:
-        raise DMMError(f"--calibration {method!r}; expected one of {', '.join(CALIBRATION_METHODS)}")
+        raise DMMError(f"--calibration {method!r}", f"one of {', '.join(CALIBRATION_METHODS)}",
+                       "pass --calibration percentile (the default) or another of those")
     settings = {
         "minmax": (CalibrationMethod.MinMax, {"symmetric": True}),
         "entropy": (CalibrationMethod.Entropy, {"symmetric": True, "num_bins": ENTROPY_BINS,
@@ -163,7 +151,8 @@ def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", r
     _confine_to_linears(quantized, set(linears))
     unknown = sorted(set(float_layers) - set(linears))
     if unknown:
-        raise DMMError(f"float layers {unknown}; expected int8 Linear layers: {', '.join(sorted(linears))}")
+        raise DMMError(f"float layers {unknown}", f"int8 Linear layers among {', '.join(sorted(linears))}",
+                       "name only quantizable Linears as float layers")
     quantized = float_linears(quantized, proto, float_layers)
     # The oldest IR that carries the opset, as the lowering writes it (what older TensorRT parsers accept).
     quantized.ir_version = onnx.helper.find_min_ir_version_for(list(quantized.opset_import))
@@ -175,8 +164,9 @@ def quantize_qdq(proto: onnx.ModelProto, feeds, *, method: str = "percentile", r
     int8_linears = set(linears) - set(float_layers)
     problems = check_qdq(quantized, int8_linears)
     if problems:
-        raise DMMError(f"the int8 graph breaks the Q/DQ rules ({'; '.join(problems[:3])}); this is a bug in "
-                       "calibration/qdq.py, please report it with the checkpoint")
+        raise DMMError(f"the int8 graph breaks the Q/DQ rules ({', '.join(problems[:3])})",
+                       "Q/DQ on Linear inputs only, as docs/deployment.md#qdq-placement writes them",
+                       "report this bug in calibration/qdq.py with the checkpoint")
     details = {
         "method": method, "samples": len(feeds), "tool": "onnxruntime.quantization.quantize_static (QDQ)",
         "quantized_linears": sorted(int8_linears), "float_linears": sorted(float_layers), "roles": list(roles),
@@ -222,7 +212,8 @@ def float_linears(quantized: onnx.ModelProto, fp32: onnx.ModelProto, names) -> o
     originals = {node.name: node for node in fp32.graph.node if node.name in names}
     missing = sorted(names - set(originals))
     if missing:
-        raise DMMError(f"float layers {missing}; expected Linear node names of the graph")
+        raise DMMError(f"float layers {missing}", "Linear node names of the graph",
+                       "name Linear nodes of this graph")
     fp32_inits = {init.name: init for init in fp32.graph.initializer}
     present = {init.name for init in out.graph.initializer}
     for node in out.graph.node:

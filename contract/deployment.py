@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.scores import normalized_score
 
 
@@ -50,15 +50,16 @@ class PolicyFacts:
 
     def validate(self, source: str = "policy facts") -> None:
         if len(self.state_mean) != self.state_dim or len(self.state_std) != self.state_dim:
-            raise DMMError(f"{source}: state_mean/std | received {len(self.state_mean)}/{len(self.state_std)} "
-                           f"entries | expected state_dim={self.state_dim}; retrain or re-export")
+            raise DMMError(f"{source}: state_mean/std with {len(self.state_mean)}/{len(self.state_std)} entries",
+                           f"state_dim={self.state_dim} each", "retrain or re-export")
         if not (math.isfinite(self.rtg_scale) and self.rtg_scale > 0):
-            raise DMMError(f"{source}: rtg_scale | received {self.rtg_scale} | expected a positive number")
+            raise DMMError(f"{source}: rtg_scale {self.rtg_scale}", "a positive number", "retrain or re-export")
         if not self.target_returns or not all(math.isfinite(v) for v in self.target_returns):
-            raise DMMError(f"{source}: target_returns | received {self.target_returns} | expected finite returns")
+            raise DMMError(f"{source}: target_returns {self.target_returns}", "at least one finite return",
+                           "retrain or re-export with finite target returns")
         if (self.ref_min_score is None) != (self.ref_max_score is None):
-            raise DMMError(f"{source}: reference scores | received min {self.ref_min_score}, max "
-                           f"{self.ref_max_score} | expected both or neither")
+            raise DMMError(f"{source}: reference scores min {self.ref_min_score}, max {self.ref_max_score}",
+                           "both or neither", "retrain or re-export with both reference scores or none")
 
     @property
     def has_simulator(self) -> bool:
@@ -90,5 +91,5 @@ class PolicyFacts:
         try:
             return cls(**{name: data[name] for name in names if name in data})
         except (TypeError, ValueError) as error:
-            raise DMMError(f"{source}: the policy's facts are incomplete or malformed ({error}); "
-                           "retrain or re-export") from None
+            raise DMMError(f"{source}: the policy's facts are incomplete or malformed ({describe_error(error)})",
+                           "every policy fact, well-formed", "retrain or re-export") from None

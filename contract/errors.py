@@ -22,11 +22,9 @@ class DMMError(Exception):
     "expected"; ``fix`` is the one thing to do next.
     """
 
-    def __init__(self, received: str, expected: str | None = None, fix: str | None = None):
-        # TRANSITION: a single message is still accepted while call sites move to the three parts.
-        self.received, self.expected, self.fix = (str(part or "").strip() for part in (received, expected, fix))
-        legacy = expected is None
-        super().__init__(self.received if legacy else f"{self.received}; expected {self.expected}; {self.fix}")
+    def __init__(self, received: str, expected: str, fix: str):
+        self.received, self.expected, self.fix = (str(part).strip() for part in (received, expected, fix))
+        super().__init__(f"{self.received}; expected {self.expected}; {self.fix}")
 
     def __reduce__(self):
         # Rebuilt from its parts when it crosses a process boundary (a collect worker's error).

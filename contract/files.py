@@ -37,20 +37,20 @@ LOCK_FILE = ".lock"  # held by the one process writing a run directory
 SET_JOURNAL_SUFFIX = ".set.json"  # .NAME.set.json: the renames of a committed file set
 _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
-# What to do about each operating-system failure a write or read can meet.
+# What would have worked, and what to do, for each operating-system failure a write or read can meet.
 _ADVICE = {
-    errno.ENOSPC: "free space on that disk or write elsewhere",
-    errno.EDQUOT: "free space within your quota or write elsewhere",
-    errno.EROFS: "the file system is read-only; write to a writable location",
-    errno.EACCES: "you lack permission there; write to a location you own or fix its permissions",
-    errno.EPERM: "you lack permission there; write to a location you own or fix its permissions",
-    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter one",
-    errno.EISDIR: "a directory stands where a file is expected; choose another path or remove the directory",
-    errno.ENOTDIR: "a file stands where a directory is expected; choose another path",
-    errno.EEXIST: "something of another kind already exists there; choose another path or remove it",
-    errno.ENOENT: "a part of the path does not exist; check the path",
-    errno.ELOOP: "a symlink stands there; point the path at a regular file or directory",
-    errno.EMFILE: "too many open files; raise the limit (ulimit -n) or close other programs",
+    errno.ENOSPC: ("free space on that disk", "free space on that disk or write elsewhere"),
+    errno.EDQUOT: ("free space within your quota", "free space within your quota or write elsewhere"),
+    errno.EROFS: ("a writable file system (this one is read-only)", "write to a writable location"),
+    errno.EACCES: ("a location you have permission for", "write to a location you own or fix its permissions"),
+    errno.EPERM: ("a location you have permission for", "write to a location you own or fix its permissions"),
+    errno.ENAMETOOLONG: ("a name the file system accepts (this one is too long)", "choose a shorter name"),
+    errno.EISDIR: ("a file there, not a directory", "choose another path or remove the directory"),
+    errno.ENOTDIR: ("a directory there, not a file", "choose another path"),
+    errno.EEXIST: ("nothing of another kind there", "choose another path or remove what exists there"),
+    errno.ENOENT: ("every part of the path to exist", "check the path"),
+    errno.ELOOP: ("a regular file or directory, not a symlink", "point the path at a regular file or directory"),
+    errno.EMFILE: ("fewer open files than the limit", "raise the limit (ulimit -n) or close other programs"),
 }
 
 
@@ -58,10 +58,10 @@ def file_error(error: OSError, path: str | os.PathLike | None = None, action: st
     """One line for an operating-system failure on ``path``: what failed, why, and what to do."""
     where = path if path is not None else error.filename
     reason = error.strerror or type(error).__name__
-    advice = _ADVICE.get(error.errno, "check the path and the disk")
+    expected, fix = _ADVICE.get(error.errno, ("a usable path on a working disk", "check the path and the disk"))
     if where is None:  # a library that dropped the path: say so rather than print a placeholder
-        return DMMError(f"cannot {action} a file ({reason}; the library did not name it); {advice}")
-    return DMMError(f"cannot {action} {str(where)!r} ({reason}); {advice}")
+        return DMMError(f"cannot {action} a file ({reason}; the library did not name it)", expected, fix)
+    return DMMError(f"cannot {action} {str(where)!r} ({reason})", expected, fix)
 
 
 def _new_file_mode() -> int:
@@ -103,8 +103,8 @@ def remove_orphan_temporaries(directory: Path, target_name: str | None = None) -
 
 def _refuse_directory_target(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        raise DMMError(f"cannot write {str(path)!r}: it is a directory; expected a file path there; choose "
-                       "another path or remove the directory")
+        raise DMMError(f"cannot write {str(path)!r}: it is a directory", "a file path there",
+                       "choose another path or remove the directory")
 
 
 def _stage(path: Path, data: bytes) -> Path:
@@ -196,8 +196,8 @@ def atomic_write_set(files: Mapping[str | os.PathLike, bytes], set_name: str) ->
     paths = [Path(path) for path in files]
     directories = {path.parent.resolve() for path in paths}
     if len(directories) != 1:
-        raise DMMError(f"a file set spans several directories ({', '.join(sorted(map(str, directories)))}); "
-                       "expected one; this is a bug in the caller")
+        raise DMMError(f"a file set spanning several directories ({', '.join(sorted(map(str, directories)))})",
+                       "one directory per file set", "report this bug in the caller")
     directory = paths[0].parent
     complete_interrupted_sets(directory)
     staged: list[tuple[Path, Path]] = []
@@ -272,8 +272,8 @@ def exclusive_lock(lock_path: str | os.PathLike, subject: str | os.PathLike, wha
     """Hold an advisory ``flock`` on ``lock_path`` for the duration; a second holder gets one DMMError.
 
     The message says ``subject`` is in use by another ``what``, names the process holding it (its
-    id is written into the file) and ends with ``advice``. The kernel releases the lock when the
-    holder exits however it exits, so a killed holder leaves no stale lock. The lock file is
+    id is written into the file) and ends with ``advice`` (what to do). The kernel releases the lock
+    when the holder exits however it exits, so a killed holder leaves no stale lock. The lock file is
     opened without following a symlink, so a planted link cannot make it truncate another file.
     Where ``fcntl`` is missing (Windows) no lock is taken.
     """
@@ -289,16 +289,16 @@ def exclusive_lock(lock_path: str | os.PathLike, subject: str | os.PathLike, wha
         if error.errno == errno.ELOOP:
             # Refused, not replaced: a lock file swapped under a process about to lock it could let two
             # holders in; no process of ours ever locks through a link, so removing it is safe.
-            raise DMMError(f"cannot lock {str(lock_path)!r}: a symlink stands where the lock file belongs; "
-                           "expected a regular file or none; remove the symlink (its target is left untouched)"
-                           ) from None
+            raise DMMError(f"cannot lock {str(lock_path)!r}: a symlink stands where the lock file belongs",
+                           "a regular file or none", "remove the symlink (its target is left untouched)") from None
         raise file_error(error, lock_path, "lock") from None
     with os.fdopen(fd, "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = handle.read().strip() or "unknown"
-            raise DMMError(f"{str(subject)!r} is in use by another {what} (process {holder}); {advice}") from None
+            raise DMMError(f"{str(subject)!r} is in use by another {what} (process {holder})",
+                           f"one {what} at a time there", advice) from None
         try:
             # Unbuffered: a buffered write that fails (full disk) would fail again, with no path, at close.
             os.ftruncate(fd, 0)
@@ -328,7 +328,7 @@ def directory_lock(directory: str | os.PathLike, what: str = "training run") -> 
     except OSError as error:
         raise file_error(error, directory, "create the directory") from None
     try:
-        with exclusive_lock(directory / LOCK_FILE, directory, what, "expected one process per run directory; "
+        with exclusive_lock(directory / LOCK_FILE, directory, what,
                             "wait for that one to finish or stop it, or pass another --out"):
             yield
     except BaseException:

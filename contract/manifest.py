@@ -79,7 +79,7 @@ def tensor_specs(mode: str, *, batch: int, context_len: int, state_dim: int, act
             TensorSpec("ssm_state_next", ssm_shape),
         )
         return inputs, outputs
-    raise DMMError(f"mode {mode!r}; expected one of {', '.join(MODES)}")
+    raise DMMError(f"mode {mode!r}", f"one of {', '.join(MODES)}", f"pass one of {', '.join(MODES)}")
 
 
 @dataclass(frozen=True)
@@ -131,17 +131,20 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict, source: str = "manifest") -> Manifest:
         if data.get("kind") != MANIFEST_KIND:
-            raise DMMError(f"{source} is not a dmm-deploy manifest (kind {data.get('kind')!r}); "
-                           "expected the .json written beside the engine by 'cli.py export'")
+            raise DMMError(f"{source}: not a dmm-deploy manifest (kind {data.get('kind')!r})",
+                           "the .json written beside the engine by 'cli.py export'",
+                           "re-export the engine, or keep its own manifest next to it")
         version = data.get("format_version")
         if version != MANIFEST_FORMAT_VERSION:
-            raise DMMError(f"{source} has manifest format version {version}; this runtime reads "
-                           f"{MANIFEST_FORMAT_VERSION}; re-export the engine with this dmm-deploy version")
+            raise DMMError(f"{source}: manifest format version {version}",
+                           f"format version {MANIFEST_FORMAT_VERSION} (what this runtime reads)",
+                           "re-export the engine with this dmm-deploy version")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(name for name in names if name not in data and name not in
                          OPTIONAL_FIELDS)
         if missing:
-            raise DMMError(f"{source} lacks fields {', '.join(missing)}; re-export the engine")
+            raise DMMError(f"{source}: fields {', '.join(missing)} missing", "every manifest field",
+                           "re-export the engine")
         values = {name: data[name] for name in names if name in data}
         values["inputs"] = tuple(TensorSpec.from_dict(d) for d in data["inputs"])
         values["outputs"] = tuple(TensorSpec.from_dict(d) for d in data["outputs"])
@@ -156,20 +159,21 @@ class Manifest:
 
     def validate(self, source: str = "manifest") -> None:
         if self.mode not in MODES:
-            raise DMMError(f"{source}: mode {self.mode!r}; expected one of {', '.join(MODES)}")
+            raise DMMError(f"{source}: mode {self.mode!r}", f"one of {', '.join(MODES)}", "re-export the engine")
         if self.precision not in PRECISIONS:
-            raise DMMError(f"{source}: precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+            raise DMMError(f"{source}: precision {self.precision!r}", f"one of {', '.join(PRECISIONS)}",
+                           "re-export the engine")
         expected_inputs, expected_outputs = tensor_specs(
             self.mode, batch=self.batch, context_len=self.context_len, state_dim=self.state_dim,
             act_dim=self.act_dim, n_layer=self.n_layer, dsm_window=self.dsm_window,
             d_model=self.d_model, d_state=self.d_state,
         )
         if self.inputs != expected_inputs or self.outputs != expected_outputs:
-            raise DMMError(f"{source}: I/O tensors disagree with its own {self.mode} mode and dims; "
-                           "the manifest is damaged; re-export the engine")
+            raise DMMError(f"{source}: I/O tensors that disagree with its own {self.mode} mode and dims (damaged)",
+                           f"the I/O tensors of {self.mode} mode with those dims", "re-export the engine")
         if len(self.state_mean) != self.state_dim or len(self.state_std) != self.state_dim:
-            raise DMMError(f"{source}: state_mean/std have {len(self.state_mean)}/{len(self.state_std)} "
-                           f"entries; expected state_dim={self.state_dim}")
+            raise DMMError(f"{source}: state_mean/std with {len(self.state_mean)}/{len(self.state_std)} entries",
+                           f"state_dim={self.state_dim} each", "re-export the engine")
         self._validate_observation_range(source)
         if self.actuator_limits is not None:
             check_actuator_limits(self.actuator_limits, self.action_low, self.action_high, f"{source}: actuator_limits")
@@ -180,11 +184,11 @@ class Manifest:
             return
         if low is None or high is None or len(low) != self.state_dim or len(high) != self.state_dim:
             lengths = [None if bound is None else len(bound) for bound in (low, high)]
-            raise DMMError(f"{source}: observation_low/high | received {lengths[0]}/{lengths[1]} entries | "
-                           f"expected both null or both state_dim={self.state_dim}; re-export the engine")
+            raise DMMError(f"{source}: observation_low/high with {lengths[0]}/{lengths[1]} entries",
+                           f"both null or both state_dim={self.state_dim}", "re-export the engine")
         if not all(math.isfinite(a) and math.isfinite(b) and a <= b for a, b in zip(low, high, strict=True)):
-            raise DMMError(f"{source}: observation_low/high | received a bound that is not finite or low > high "
-                           "| expected finite low <= high per dimension; re-export the engine")
+            raise DMMError(f"{source}: observation_low/high with a bound that is not finite or low > high",
+                           "finite low <= high per dimension", "re-export the engine")
 
     @property
     def facts(self) -> PolicyFacts:
@@ -212,27 +216,31 @@ def check_actuator_limits(limits, action_low, action_high, source: str = "actuat
             return None
         if not isinstance(value, (list, tuple)) or len(value) != act_dim or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-            raise DMMError(f"{source}: {key} | received {value!r} | expected {act_dim} finite numbers (one per action "
-                           "dimension)" + ("" if not optional else " or null"))
+            raise DMMError(f"{source}: {key} {value!r}", f"{act_dim} finite numbers (one per action dimension)"
+                           + ("" if not optional else " or null"), f"give {key} one finite number per action dimension")
         return [float(v) for v in value]
 
     if not isinstance(limits, dict) or sorted(limits) != sorted(ACTUATOR_LIMIT_KEYS):
         keys = sorted(limits) if isinstance(limits, dict) else type(limits).__name__
-        raise DMMError(f"{source} | received keys {keys} | expected exactly {', '.join(ACTUATOR_LIMIT_KEYS)}")
+        raise DMMError(f"{source}: keys {keys}", f"exactly {', '.join(ACTUATOR_LIMIT_KEYS)}",
+                       "give the actuator limits exactly those keys")
     lower, upper = vector("lower", False), vector("upper", False)
     if not all(a <= lo <= hi <= b for a, lo, hi, b in zip(action_low, lower, upper, action_high, strict=True)):
-        raise DMMError(f"{source}: lower/upper | received {lower} / {upper} | expected action_low <= lower <= upper "
-                       f"<= action_high per dimension ({list(action_low)} / {list(action_high)}); narrow them")
+        raise DMMError(f"{source}: lower/upper {lower} / {upper}",
+                       f"action_low <= lower <= upper <= action_high per dimension ({list(action_low)} / "
+                       f"{list(action_high)})", "narrow them")
     max_change = vector("max_change", True)
     if max_change is not None and not all(v > 0 for v in max_change):
-        raise DMMError(f"{source}: max_change | received {max_change} | expected a positive change per step in every "
-                       "dimension (null for no rate limit)")
+        raise DMMError(f"{source}: max_change {max_change}", "a positive change per step in every dimension",
+                       "raise each max_change above 0, or set it to null for no rate limit")
     steps = limits["ramp_steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise DMMError(f"{source}: ramp_steps | received {steps!r} | expected a whole number >= 0 (0: no ramp)")
+        raise DMMError(f"{source}: ramp_steps {steps!r}", "a whole number >= 0",
+                       "set ramp_steps to 0 (no ramp) or a positive whole number")
     start = vector("ramp_start", True)
     if start is not None and not all(lo <= v <= hi for lo, v, hi in zip(lower, start, upper, strict=True)):
-        raise DMMError(f"{source}: ramp_start | received {start} | expected values within lower / upper")
+        raise DMMError(f"{source}: ramp_start {start}", f"values within lower / upper ({lower} / {upper})",
+                       "move ramp_start within the limits, or set it to null")
 
 
 def manifest_path_for(engine_path: str | Path) -> Path:
@@ -280,8 +288,8 @@ def export_lock(path: str | Path) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise DMMError(f"{file_error(error, path.parent, 'write an export into')}; pass --out with a writable "
-                       "NAME") from None
+        failure = file_error(error, path.parent, "write an export into")
+        raise DMMError(failure.received, failure.expected, f"{failure.fix}; pass --out with a writable NAME") from None
     try:
         with exclusive_lock(lock_path, path.with_name(name), "export", "wait for it to finish or pass another --out"):
             yield
@@ -298,12 +306,15 @@ def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     complete_export(path.parent)
     if not path.is_file():
-        raise DMMError(f"manifest {str(path)!r} does not exist; expected the .json that 'cli.py export' "
-                       "writes beside the engine; re-export, or keep the manifest next to the engine")
+        raise DMMError(f"manifest {str(path)!r}: no such file",
+                       "the .json that 'cli.py export' writes beside the engine",
+                       "re-export, or keep the manifest next to the engine")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DMMError(f"manifest {str(path)!r} is not valid JSON ({error}); re-export the engine") from None
+        raise DMMError(f"manifest {str(path)!r}: not valid JSON ({error})", "a JSON manifest",
+                       "re-export the engine") from None
     if not isinstance(data, dict):
-        raise DMMError(f"manifest {str(path)!r} holds {type(data).__name__}; expected a JSON object")
+        raise DMMError(f"manifest {str(path)!r}: holds {type(data).__name__}", "a JSON object",
+                       "re-export the engine")
     return Manifest.from_dict(data, source=f"manifest {str(path)!r}")

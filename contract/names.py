@@ -42,7 +42,7 @@ def check_export_name(out: str | os.PathLike, suffix: str = "") -> str:
     stem = name[:-len(suffix)] if suffix and name.endswith(suffix) and name != suffix else name
     problem = export_name_problem(stem)
     if problem is not None:
-        raise DMMError(f"export name {str(out)!r}: its file name {stem!r} {problem}; expected 1 to {NAME_MAX_CHARS} "
-                       "letters, digits, '.', '_' or '-', not starting with '-' or '.' (it names the files and the "
-                       "C API of the export); choose another --out, e.g. hopper-v2")
+        raise DMMError(f"export name {str(out)!r}: its file name {stem!r} {problem}",
+                       f"1 to {NAME_MAX_CHARS} letters, digits, '.', '_' or '-', not starting with '-' or '.' "
+                       "(it names the files and the C API of the export)", "choose another --out, e.g. hopper-v2")
     return stem

@@ -13,9 +13,7 @@ def normalized_score(episode_return, ref_min: float, ref_max: float):
     ``episode_return`` may be a number (a float comes back) or an array (an array comes back).
     """
     if ref_max == ref_min:
-        raise DMMError(
-            f"reference scores min={ref_min} and max={ref_max} are equal; expected max != min; "
-            "fix the dataset's ref_min_score/ref_max_score"
-        )
+        raise DMMError(f"reference scores min={ref_min} and max={ref_max} (equal)", "max != min",
+                       "fix the dataset's ref_min_score/ref_max_score")
     score = 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)
     return float(score) if score.ndim == 0 else score

@@ -79,7 +79,8 @@ def choose_threads(cores: int, busy: float | None, *, requested: int | None = No
 
 def check_threads(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DMMError(f"--threads {value!r}; expected a positive integer (leave it out to follow the free cores)")
+        raise DMMError(f"--threads {value!r}", "a positive integer",
+                       "pass --threads 1 or more, or leave it out to follow the free cores")
     return value
 
 

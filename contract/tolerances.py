@@ -52,12 +52,14 @@ def tolerance(pair: str, precision: str = "fp32") -> Tolerance:
         return TOLERANCES[(pair, precision)]
     except KeyError:
         known = ", ".join(f"{p}/{q}" for p, q in TOLERANCES)
-        raise DMMError(f"tolerance | received {pair}/{precision} | expected one of {known}") from None
+        raise DMMError(f"tolerance {pair}/{precision}: not in the table", f"one of {known}",
+                       "ask for one of those pairs, or add the entry to contract/tolerances.py") from None
 
 
 def max_abs(pair: str, precision: str = "fp32") -> float:
     """The ``max_abs`` bound of a pair judged by it."""
     bound = tolerance(pair, precision).max_abs
     if bound is None:
-        raise DMMError(f"tolerance {pair}/{precision} has no max_abs bound; read tolerance() instead")
+        raise DMMError(f"tolerance {pair}/{precision}: no max_abs bound", "a pair judged by max_abs",
+                       "read tolerance() instead")
     return bound

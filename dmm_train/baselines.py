@@ -251,8 +251,8 @@ class DecisionTransformer(TokenEmbeddings):
         """states (B, T, S), actions (B, T, Adim), rtg (B, T, 1), timesteps (B, T) int64 steps in the episode,
         padding_mask (B, T) or None -> predicted actions (B, T, Adim)."""
         if timesteps is None:
-            raise DMMError("the Decision Transformer got no timesteps; expected (B, T) episode step indices; "
-                           "call it through dmm_train.baselines.policy_actions")
+            raise DMMError("the Decision Transformer got no timesteps", "(B, T) episode step indices",
+                           fix="call it through dmm_train.baselines.policy_actions")
         hidden = self.mix(self.embed_tokens(states, actions, rtg, timesteps), padding_mask, keep=STATE_TOKENS)
         return torch.tanh(self.action_head(hidden))  # state tokens -> (B, T, Adim)
 

@@ -59,8 +59,9 @@ class MlpPolicy:
     def load(cls, path: str | Path) -> MlpPolicy:
         path = Path(path)
         if not path.is_file():
-            raise DMMError(f"behaviour policy {str(path)!r} does not exist; expected an .npz of MLP weights "
-                           "written by 'python -m dmm_train.behavior'")
+            raise DMMError(f"behaviour policy {str(path)!r} does not exist",
+                           "an .npz of MLP weights written by 'python -m dmm_train.behavior'",
+                           fix="pass the path of such a file (dmm_train/policies holds the shipped ones)")
         try:
             with np.load(path) as data:
                 count = int(data["n_layers"])
@@ -69,8 +70,9 @@ class MlpPolicy:
                 return cls([data[f"w{i}"] for i in range(count)], [data[f"b{i}"] for i in range(count)],
                            *log_std, metadata=metadata)
         except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise DMMError(f"behaviour policy {str(path)!r} is unreadable ({describe_error(error)}); expected an "
-                           ".npz with n_layers, w0.., b0..; rebuild it with 'python -m dmm_train.behavior'") from None
+            raise DMMError(f"behaviour policy {str(path)!r} is unreadable ({describe_error(error)})",
+                           "an .npz with n_layers, w0.., b0..",
+                           fix="rebuild it with 'python -m dmm_train.behavior'") from None
 
     def save(self, path: str | Path, **metadata) -> None:
         arrays = {f"w{i}": w.astype(np.float32) for i, w in enumerate(self.weights)}
@@ -96,7 +98,8 @@ class MlpPolicy:
     def sample(self, observation: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """observation: (S,) -> action (Adim,) drawn from the squashed Gaussian, as SAC explores."""
         if self.log_std_weight is None:
-            raise DMMError("this behaviour policy has no log_std head; it can only act deterministically")
+            raise DMMError("a behaviour policy with no log_std head", "a policy with a log_std head to sample from",
+                           fix="call it for deterministic actions, or export one with its log_std head")
         hidden = self._features(observation)  # (H,)
         mean = hidden @ self.weights[-1] + self.biases[-1]  # (Adim,)
         log_std = np.clip(hidden @ self.log_std_weight + self.log_std_bias, LOG_STD_MIN, LOG_STD_MAX)
@@ -112,7 +115,8 @@ class MlpPolicy:
         sequential ones. It also keeps BLAS from spinning up threads for a product this small.
         """
         if self.log_std_weight is None:
-            raise DMMError("this behaviour policy has no log_std head; it can only act deterministically")
+            raise DMMError("a behaviour policy with no log_std head", "a policy with a log_std head to sample from",
+                           fix="call it for deterministic actions, or export one with its log_std head")
         hidden = np.asarray(observations, dtype=np.float64)[:, None, :]  # (n, 1, S)
         for weight, bias in zip(self.weights[:-1], self.biases[:-1], strict=True):
             hidden = np.maximum(np.matmul(hidden, weight) + bias, 0.0)  # (n, 1, H)
@@ -170,7 +174,8 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
         from stable_baselines3 import SAC
         from stable_baselines3.common.callbacks import BaseCallback
     except ImportError:
-        raise DMMError("stable-baselines3 is not installed; pip install -e '.[behavior]'") from None
+        raise DMMError("stable-baselines3 is not installed", "stable-baselines3 to train SAC",
+                       fix="pip install -e '.[behavior]'") from None
     import gymnasium as gym
     import torch
 
@@ -221,14 +226,16 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
     if resume:
         missing = [name for name in (LATEST_MODEL, LATEST_BUFFER) if not (out_dir / name).is_file()]
         if missing:
-            raise DMMError(f"--resume: {str(out_dir)!r} has no {', '.join(missing)}; expected the --out of a "
-                           "'train' run that reached its first --buffer-every save, or start without --resume")
+            raise DMMError(f"--resume: {str(out_dir)!r} has no {', '.join(missing)}",
+                           "the --out of a 'train' run that reached its first --buffer-every save",
+                           fix="pass that --out, or start without --resume")
         model = SAC.load(out_dir / LATEST_MODEL, env=gym.make(env_id))
         model.load_replay_buffer(out_dir / LATEST_BUFFER)
         remaining = total_steps - model.num_timesteps
         if remaining <= 0:
-            raise DMMError(f"--resume: the run in {str(out_dir)!r} is at {model.num_timesteps} steps; expected "
-                           f"--steps above that (got {total_steps})")
+            raise DMMError(f"--resume --steps {total_steps} for the run in {str(out_dir)!r} at "
+                           f"{model.num_timesteps} steps", f"--steps above {model.num_timesteps}",
+                           fix=f"pass --steps above {model.num_timesteps}")
         print(f"resuming at {model.num_timesteps} steps", file=sys.stderr, flush=True)
         model.learn(total_timesteps=remaining, callback=Snapshot(), reset_num_timesteps=False)
         return
@@ -242,8 +249,8 @@ def policy_prefix(env: str) -> str:
     for preset in PRESETS.values():
         if env in (preset.name, preset.env_id):
             return preset.name
-    raise DMMError(f"--env {env!r}; expected one of {', '.join(p.env_id for p in PRESETS.values())} "
-                   "(or its preset name)")
+    raise DMMError(f"--env {env!r}", f"one of {', '.join(p.env_id for p in PRESETS.values())} (or its preset name)",
+                   fix="pass --env with one of those")
 
 
 def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, out_dir: Path = POLICY_DIR,
@@ -262,10 +269,12 @@ def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, ou
     env_id = get_preset(prefix).env_id
     for step in (medium_step, expert_step):
         if step is not None and not (run_dir / f"sac_{step}.npz").is_file():
-            raise DMMError(f"{str(run_dir)!r} has no sac_{step}.npz; expected a snapshot step of that run "
-                           "(its sac_<step>.npz files)")
+            raise DMMError(f"{str(run_dir)!r} has no sac_{step}.npz",
+                           "a snapshot step of that run (its sac_<step>.npz files)",
+                           fix="pass --medium-step/--expert-step of a sac_<step>.npz in that directory")
     if not (run_dir / "replay.npz").is_file():
-        raise DMMError(f"{str(run_dir)!r} has no replay.npz; expected the --out directory of 'train'")
+        raise DMMError(f"{str(run_dir)!r} has no replay.npz", "the --out directory of 'train'",
+                       fix="pass --run with the --out directory of a 'train' run")
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = {f"{prefix}_medium.npz": medium_step}
     if expert_step is not None:
@@ -286,8 +295,9 @@ def export_policies(run_dir: Path, medium_step: int, expert_step: int | None, ou
               file=sys.stderr)
     with np.load(run_dir / "replay.npz") as buffer:
         if len(buffer["observations"]) < medium_step:
-            raise DMMError(f"replay.npz holds {len(buffer['observations'])} transitions; expected at least "
-                           f"{medium_step} (the medium snapshot); export after the buffer dump past it")
+            raise DMMError(f"replay.npz holds {len(buffer['observations'])} transitions",
+                           f"at least {medium_step} (the medium snapshot)",
+                           fix="export after the buffer dump past it")
         cut = slice(0, medium_step)
         dones = buffer["dones"][cut].astype(bool)
         timeouts = buffer["timeouts"][cut].astype(bool)

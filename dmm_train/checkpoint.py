@@ -67,14 +67,14 @@ def load_plain_data(path: Path, what: str, advice: str, *, legacy_numpy: bool = 
     except pickle.UnpicklingError as error:
         refusal = _code_request(str(error))
         if refusal is not None:
-            raise DMMError(f"{what} {str(path)!r} needs code to load ({refusal}); expected a file written by "
-                           "'cli.py train', which holds only tensors and plain data; a file that needs code to "
-                           f"load is refused; {advice}") from None
+            raise DMMError(f"{what} {str(path)!r} needs code to load ({refusal}), which is refused",
+                           "a file written by 'cli.py train', which holds only tensors and plain data",
+                           fix=advice) from None
         reason = describe_error(error)
     except Exception as error:  # torch raises many types for a damaged file
         reason = describe_error(error)
-    raise DMMError(f"{what} {str(path)!r} could not be read ({reason}); expected a file written by "
-                   f"'cli.py train'; {advice}")
+    raise DMMError(f"{what} {str(path)!r} could not be read ({reason})", "a file written by 'cli.py train'",
+                   fix=advice)
 
 
 def _code_request(message: str) -> str | None:
@@ -203,33 +203,31 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
-        raise DMMError(
-            f"checkpoint {str(path)!r} does not exist; expected a model.pt written by "
-            "'python cli.py train' (or its run directory)"
-        )
+        raise DMMError(f"checkpoint {str(path)!r} does not exist",
+                       "a model.pt written by 'python cli.py train' (or its run directory)",
+                       fix="pass the path of a model.pt or its run directory")
     payload = load_plain_data(path, "checkpoint", "retrain or pick another file", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("kind") != "dmm-checkpoint":
-        raise DMMError(f"{str(path)!r} is not a dmm-deploy checkpoint; expected a model.pt from 'cli.py train'")
+        raise DMMError(f"{str(path)!r}: not a dmm-deploy checkpoint", "a model.pt from 'cli.py train'",
+                       fix="pass the model.pt of a run, or retrain")
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
-        raise DMMError(
-            f"checkpoint {str(path)!r} has format version {version}; this dmm-deploy reads version "
-            f"{FORMAT_VERSION}; retrain with this version or use the dmm-deploy release that wrote it"
-        )
+        raise DMMError(f"checkpoint {str(path)!r} format version {version}",
+                       f"version {FORMAT_VERSION} (the one this dmm-deploy reads)",
+                       fix="retrain with this version or use the dmm-deploy release that wrote it")
     _require_keys(path, payload)
     kind = payload["model_config"].get("model", "dmm")  # no "model" key: a DMM checkpoint
     if kind not in MODEL_KINDS:
-        raise DMMError(
-            f"checkpoint {str(path)!r} holds a model of kind {kind!r}; this dmm-deploy reads "
-            f"{', '.join(MODEL_KINDS)}; use the dmm-deploy release that wrote it"
-        )
+        raise DMMError(f"checkpoint {str(path)!r} model kind {kind!r}",
+                       f"one of {', '.join(MODEL_KINDS)} (the kinds this dmm-deploy reads)",
+                       fix="use the dmm-deploy release that wrote it")
     try:
         model_config = ModelConfig(**payload["model_config"])
         model = build_policy(model_config)
         model.load_state_dict(payload["model_state"])
     except (TypeError, ValueError, RuntimeError) as error:  # unknown config fields, wrong shapes or names
-        raise DMMError(f"checkpoint {str(path)!r} does not describe a loadable model ({describe_error(error)}); "
-                       "expected a model.pt written by 'cli.py train'; retrain or pick another file") from None
+        raise DMMError(f"checkpoint {str(path)!r} does not describe a loadable model ({describe_error(error)})",
+                       "a model.pt written by 'cli.py train'", fix="retrain or pick another file") from None
     model.eval()
     metadata = {k: v for k, v in payload.items() if k != "model_state"}
     facts = PolicyFacts.from_dict({**payload, "state_dim": model_config.state_dim, "act_dim": model_config.act_dim,
@@ -263,8 +261,9 @@ def _require_keys(path: Path, payload: dict) -> None:
             else:
                 missing += [f"{key}.{sub}" for sub in subkeys if sub not in payload[key]]
     if missing:
-        raise DMMError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}; expected a model.pt written by "
-                       "'cli.py train', which holds them all; retrain or pick another file")
+        raise DMMError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}",
+                       "a model.pt written by 'cli.py train', which holds them all",
+                       fix="retrain or pick another file")
 
 
 def _optional_vector(values) -> np.ndarray | None:

@@ -99,18 +99,17 @@ DERIVED_TARGET_QUANTILES = (0.75, 0.5)
 def get_preset(name: str) -> EnvPreset:
     """Return the preset called ``name`` or raise a DMMError listing the known ones."""
     if name not in PRESETS:
-        raise DMMError(
-            f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}; "
-            "pass --preset with one of those names"
-        )
+        raise DMMError(f"unknown preset {name!r}", f"one of {', '.join(sorted(PRESETS))}",
+                       fix="pass --preset with one of those names")
     return PRESETS[name]
 
 
 def check_preset_choice(name: str) -> str:
     """``name`` if `train --preset` accepts it (a named preset, auto or data), else a DMMError."""
     if name not in PRESETS and name not in PRESET_CHOICES:
-        raise DMMError(f"unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}, auto (the preset "
-                       "of the dataset's env, else one derived from the data) or data; pass --preset with one")
+        raise DMMError(f"unknown preset {name!r}", f"one of {', '.join(sorted(PRESETS))}, auto (the preset "
+                       "of the dataset's env, else one derived from the data) or data",
+                       fix="pass --preset with one")
     return name
 
 
@@ -196,7 +195,7 @@ MODEL_KIND_OVERRIDES: dict[str, dict] = {
 def check_model_kind(model: str) -> str:
     """Return ``model`` if it is a known kind, else raise a DMMError listing the kinds."""
     if model not in MODEL_KINDS:
-        raise DMMError(f"unknown model {model!r}; expected one of {', '.join(MODEL_KINDS)}; pass --model with one")
+        raise DMMError(f"unknown model {model!r}", f"one of {', '.join(MODEL_KINDS)}", fix="pass --model with one")
     return model
 
 
@@ -251,12 +250,14 @@ class ModelConfig:
                      "conv_kernel", "n_head", "max_ep_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise DMMError(f"model config {name}={value!r}; expected a positive integer")
+                raise DMMError(f"model config {name}={value!r}", "a positive integer",
+                               fix=f"set {name} to 1 or more")
         if not 0.0 <= self.embed_dropout < 1.0:
-            raise DMMError(f"model config embed_dropout={self.embed_dropout!r}; expected a value in [0, 1)")
+            raise DMMError(f"model config embed_dropout={self.embed_dropout!r}", "a value in [0, 1)",
+                           fix="set embed_dropout to at least 0 and below 1")
         if self.d_model % self.n_head:
-            raise DMMError(f"model config d_model={self.d_model} with n_head={self.n_head}; expected d_model "
-                           "divisible by n_head")
+            raise DMMError(f"model config d_model={self.d_model} with n_head={self.n_head}",
+                           "d_model divisible by n_head", fix="set d_model to a multiple of n_head")
 
     @classmethod
     def from_preset(cls, preset: EnvPreset, model: str = "dmm", **overrides) -> ModelConfig:
@@ -329,32 +330,37 @@ class TrainConfig:
         }
         for name, value in positive.items():
             if value < 1:
-                raise DMMError(f"--{name.replace('_', '-')} {value}; expected a positive integer")
+                option = f"--{name.replace('_', '-')}"
+                raise DMMError(f"{option} {value}", "a positive integer", fix=f"pass {option} 1 or more")
         if self.eval_every < 0 or self.eval_episodes < 0 or self.report_episodes < 0 or self.resolved_warmup() < 0:
             raise DMMError(
                 f"eval_every={self.eval_every}, eval_episodes={self.eval_episodes}, "
-                f"report_episodes={self.report_episodes}, warmup_steps={self.warmup_steps}; "
-                "expected non-negative integers"
+                f"report_episodes={self.report_episodes}, warmup_steps={self.warmup_steps}",
+                "non-negative integers", fix="pass 0 or more for each of them"
             )
         if max(self.eval_episodes, self.report_episodes) > MAX_EVAL_EPISODES:
             raise DMMError(
-                f"eval_episodes={self.eval_episodes}, report_episodes={self.report_episodes}; expected at most "
-                f"{MAX_EVAL_EPISODES} each, so the selection and report seed ranges stay disjoint"
+                f"eval_episodes={self.eval_episodes}, report_episodes={self.report_episodes}",
+                f"at most {MAX_EVAL_EPISODES} each, so the selection and report seed ranges stay disjoint",
+                fix=f"pass --eval-episodes and --report-episodes of {MAX_EVAL_EPISODES} or fewer"
             )
         if not self.checkpoint_minutes >= 0:  # also refuses NaN
-            raise DMMError(f"--checkpoint-minutes {self.checkpoint_minutes}; expected a non-negative number of "
-                           "minutes (0 = checkpoints by steps only)")
+            raise DMMError(f"--checkpoint-minutes {self.checkpoint_minutes}",
+                           "a non-negative number of minutes (0 = checkpoints by steps only)",
+                           fix="pass --checkpoint-minutes 0 or more")
         if not self.dist_timeout_s > 0:
-            raise DMMError(f"--dist-timeout {self.dist_timeout_s}; expected a positive number of seconds")
+            raise DMMError(f"--dist-timeout {self.dist_timeout_s}", "a positive number of seconds",
+                           fix="pass --dist-timeout above 0")
         if self.learning_rate <= 0 or self.grad_clip <= 0 or self.weight_decay < 0:
             raise DMMError(
-                f"learning_rate={self.learning_rate}, grad_clip={self.grad_clip}, "
-                f"weight_decay={self.weight_decay}; expected positive lr and clip, non-negative decay"
+                f"learning_rate={self.learning_rate}, grad_clip={self.grad_clip}, weight_decay={self.weight_decay}",
+                "positive lr and clip, non-negative decay",
+                fix="pass a learning rate and grad clip above 0 and a weight decay of 0 or more"
             )
         if self.threads is not None:
             check_threads(self.threads)
         if self.scan not in ("auto", "fused", "loop"):
-            raise DMMError(f"scan={self.scan!r}; expected auto, fused or loop")
+            raise DMMError(f"scan={self.scan!r}", "auto, fused or loop", fix="pass --scan auto, fused or loop")
 
     def run_dir(self) -> Path:
         """The default run directory: runs/<name>-seed<S> (runs/<name>-<model>-seed<S> for a baseline), `run_name`."""
@@ -391,18 +397,20 @@ class CollectConfig:
 
     def validate(self) -> None:
         if self.custom and self.recipes:
-            raise DMMError(f"--recipe {' '.join(self.recipes)} with --policy/--episodes/--dataset-id; expected "
-                           "either a recipe or custom rollouts, not both")
+            raise DMMError(f"--recipe {' '.join(self.recipes)} with --policy/--episodes/--dataset-id",
+                           "either a recipe or custom rollouts, not both",
+                           fix="leave out --recipe, or leave out --policy/--episodes/--dataset-id")
         if self.steps is not None and (isinstance(self.steps, bool) or self.steps < 1):
-            raise DMMError(f"--steps {self.steps!r}; expected a positive integer")
+            raise DMMError(f"--steps {self.steps!r}", "a positive integer", fix="pass --steps 1 or more")
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
-            raise DMMError(f"--workers {self.workers!r}; expected a positive integer")
+            raise DMMError(f"--workers {self.workers!r}", "a positive integer", fix="pass --workers 1 or more")
         if self.custom:
             get_preset(self.preset)
             if self.episodes is not None and self.episodes < 1:
-                raise DMMError(f"--episodes {self.episodes}; expected at least 1")
+                raise DMMError(f"--episodes {self.episodes}", "at least 1", fix="pass --episodes 1 or more")
             if self.policy not in (None, "random") and not str(self.policy).endswith(".npz"):
-                raise DMMError(f"--policy {self.policy!r}; expected 'random' or a behaviour-policy .npz file")
+                raise DMMError(f"--policy {self.policy!r}", "'random' or a behaviour-policy .npz file",
+                               fix="pass --policy random or the path of a .npz policy")
 
 
 @dataclass(frozen=True)
@@ -421,7 +429,8 @@ class EvalConfig:
 
     def validate(self) -> None:
         if self.episodes < 1:
-            raise DMMError(f"--episodes {self.episodes}; expected at least 1")
+            raise DMMError(f"--episodes {self.episodes}", "at least 1", fix="pass --episodes 1 or more")
         if self.episodes > self.MAX_EPISODES:
-            raise DMMError(f"--episodes {self.episodes}; expected at most {self.MAX_EPISODES} (they run side by "
-                           "side, one env each); pass fewer, or run eval several times with other --seed")
+            raise DMMError(f"--episodes {self.episodes}",
+                           f"at most {self.MAX_EPISODES} (they run side by side, one env each)",
+                           fix="pass fewer, or run eval several times with other --seed")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -83,8 +83,8 @@ def start(device: str, timeout_s: float) -> RankContext:
     if backend == "nccl":
         if not torch.cuda.is_available() or torch.cuda.device_count() <= local_rank:
             raise DMMError(f"rank {rank}: --device {device} with local rank {local_rank}, but this node has "
-                           f"{torch.cuda.device_count()} CUDA device(s); expected one GPU per local rank; "
-                           "pass --nproc_per_node at most the GPU count (or --device cpu)")
+                           f"{torch.cuda.device_count()} CUDA device(s)", "one GPU per local rank",
+                           fix="pass --nproc_per_node at most the GPU count (or --device cpu)")
         torch.cuda.set_device(local_rank)
     _import_group_defaults_before_the_group()
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -127,9 +127,9 @@ def split_batch(global_batch: int, ranks: int) -> int:
     """Windows per rank of a global batch; refuses a batch the ranks cannot share evenly."""
     if global_batch % ranks:
         lower, upper = global_batch // ranks * ranks, (global_batch // ranks + 1) * ranks
-        raise DMMError(f"--batch-size {global_batch} over {ranks} ranks; expected a global batch divisible by "
-                       f"the number of ranks (each rank takes batch / ranks windows); pass e.g. "
-                       f"--batch-size {lower or upper} or {upper}")
+        raise DMMError(f"--batch-size {global_batch} over {ranks} ranks",
+                       "a global batch divisible by the number of ranks (each rank takes batch / ranks windows)",
+                       fix=f"pass e.g. --batch-size {lower or upper} or {upper}")
     return global_batch // ranks
 
 
@@ -139,19 +139,28 @@ def quiet_off_main(context: RankContext, error: DMMError) -> DMMError:
     return error
 
 
-def _agree(context: RankContext, failure: str | None) -> None:
+Failure = tuple[str, str, str]  # a failed rank's (received, expected, fix), sent to the other ranks
+
+
+def _agree(context: RankContext, failure: Failure | None) -> None:
     """Raise the same DMMError on every rank if any rank reports a failure (lowest rank first)."""
-    failures: list[str | None] = [None] * context.world_size
+    failures: list[Failure | None] = [None] * context.world_size
     dist.all_gather_object(failures, failure)
-    failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+    failed = [(rank, parts) for rank, parts in enumerate(failures) if parts is not None]
     if failed:
-        rank, text = failed[0]
+        rank, (received, expected, fix) = failed[0]
         others = f" (and {len(failed) - 1} other rank(s) failed)" if len(failed) > 1 else ""
-        raise quiet_off_main(context, DMMError(f"rank {rank} of {context.world_size}: {text}{others}"))
+        raise quiet_off_main(context, DMMError(f"rank {rank} of {context.world_size}: {received}{others}",
+                                               expected, fix=fix))
 
 
-def _failure_text(error: BaseException) -> str:
-    return str(error) if isinstance(error, DMMError) else f"{type(error).__name__}: {error}"
+def _failure_parts(error: BaseException) -> Failure:
+    """The three parts of ``error`` (a library's error becomes the received part of one)."""
+    if isinstance(error, DMMError) and error.expected and error.fix:
+        return error.received, error.expected, error.fix
+    received = " ".join(str(error).split()) if isinstance(error, DMMError) else describe_error(error)
+    return (received, "the step to succeed on every rank",
+            "rerun it in one process (without torchrun) to see its full traceback")
 
 
 def on_every_rank(context: RankContext, step: Callable[[], Any]) -> Any:
@@ -162,7 +171,7 @@ def on_every_rank(context: RankContext, step: Callable[[], Any]) -> Any:
     try:
         result = step()
     except Exception as error:  # any failure must reach the other ranks, or they would wait on this one
-        failure = _failure_text(error)
+        failure = _failure_parts(error)
     _agree(context, failure)
     return result
 
@@ -176,7 +185,7 @@ def on_main(context: RankContext, step: Callable[[], Any]) -> Any:
         try:
             result = step()
         except Exception as error:  # see on_every_rank
-            failure = _failure_text(error)
+            failure = _failure_parts(error)
     _agree(context, failure)
     holder = [result]
     dist.broadcast_object_list(holder, src=0)

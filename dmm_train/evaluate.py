@@ -62,10 +62,10 @@ def evaluate_policy(
     most of them finish together near the end.
     """
     if episodes < 1:
-        raise DMMError(f"--episodes {episodes}; expected at least 1")
+        raise DMMError(f"--episodes {episodes}", "at least 1", fix="pass --episodes 1 or more")
     if not facts.has_simulator:
-        raise DMMError("closed-loop evaluation | received a policy with no simulator (its dataset names no env) | "
-                       "expected an env to play episodes in; evaluate offline (cli.py eval does so by itself)")
+        raise DMMError("closed-loop evaluation of a policy with no simulator (its dataset names no env)",
+                       "an env to play episodes in", fix="evaluate offline (cli.py eval does so by itself)")
     env_id, rtg_scale = facts.env_id, facts.rtg_scale
     was_training = model.training
     model.eval()

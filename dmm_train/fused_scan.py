@@ -89,15 +89,14 @@ def is_available() -> bool:
 
 def _require_library() -> ctypes.CDLL:
     if not is_available():
-        raise DMMError(
-            f"the fused selective-scan kernel is unavailable ({UNAVAILABLE_REASON}); expected a working C "
-            "compiler; install gcc (e.g. apt-get install gcc), set $CC, or use scan impl 'loop'"
-        )
+        reason = " ".join(str(UNAVAILABLE_REASON).split())  # a compiler's report can span lines
+        raise DMMError(f"the fused selective-scan kernel is unavailable ({reason})", "a working C compiler",
+                       fix="install gcc (e.g. apt-get install gcc), set $CC, or use scan impl 'loop'")
     return _library
 
 
 def _check_inputs(tensors: dict, batch: int, length: int, channels: int, states: int) -> None:
-    """Shapes, float32 and CPU, with "name | received | expected" errors (None entries are skipped)."""
+    """Shapes, float32 and CPU, with one DMMError naming the input (None entries are skipped)."""
     expected = {
         "x": (batch, length, channels), "delta": (batch, length, channels), "A": (channels, states),
         "Bm": (batch, length, states), "Cm": (batch, length, states), "Dskip": (channels,),
@@ -109,8 +108,9 @@ def _check_inputs(tensors: dict, batch: int, length: int, channels: int, states:
         shape_ok = tuple(tensor.shape) == expected[name]
         if not shape_ok or tensor.dtype != torch.float32 or tensor.device.type != "cpu":
             raise DMMError(
-                f"fused selective scan input {name} | received {tuple(tensor.shape)} {tensor.dtype} on "
-                f"{tensor.device} | expected {expected[name]} torch.float32 on cpu"
+                f"fused selective scan input {name} {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}",
+                f"{expected[name]} torch.float32 on cpu",
+                fix="pass CPU float32 tensors of those shapes, or use scan impl 'loop'"
             )
 
 
@@ -137,7 +137,8 @@ def default_num_threads() -> int:
     requested = os.environ.get(THREADS_ENV)
     if requested:
         if not requested.isdigit() or int(requested) < 1:
-            raise DMMError(f"{THREADS_ENV}={requested!r}; expected a positive integer")
+            raise DMMError(f"{THREADS_ENV}={requested!r}", "a positive integer",
+                           fix=f"set {THREADS_ENV} to 1 or more, or unset it")
         return int(requested)
     return torch.get_num_threads()
 
@@ -146,7 +147,7 @@ def set_num_threads(count: int | None) -> None:
     """Threads of the scan kernel; None restores the default (`default_num_threads`)."""
     global _num_threads
     if count is not None and count < 1:
-        raise DMMError(f"scan threads {count}; expected a positive integer or None")
+        raise DMMError(f"scan threads {count}", "a positive integer or None", fix="pass 1 or more, or None")
     _num_threads = count
 
 
@@ -175,7 +176,9 @@ def kernel_spin_ns() -> int:
 
 def _check_status(status: int, direction: str) -> None:
     if status != 0:
-        raise DMMError(f"fused selective scan {direction} failed: {_KERNEL_ERRORS.get(status, status)}")
+        raise DMMError(f"fused selective scan {direction} failed: {_KERNEL_ERRORS.get(status, status)}",
+                       "the kernel to finish (status 0)",
+                       fix="free memory, use a smaller batch, or use scan impl 'loop'")
 
 
 class _FusedSelectiveScan(torch.autograd.Function):
@@ -185,10 +188,8 @@ class _FusedSelectiveScan(torch.autograd.Function):
     def forward(ctx, x, delta, A, Bm, Cm, Dskip, z, delta_bias, delta_softplus):
         library = _require_library()
         if x.dim() != 3 or A.dim() != 2:
-            raise DMMError(
-                f"fused selective scan | received x {tuple(x.shape)}, A {tuple(A.shape)} | "
-                "expected x (B, L, D), A (D, N)"
-            )
+            raise DMMError(f"fused selective scan x {tuple(x.shape)}, A {tuple(A.shape)}", "x (B, L, D), A (D, N)",
+                           fix="pass x with 3 dims and A with 2")
         batch, length, channels = x.shape
         states = A.shape[1]
         inputs = {"x": x, "delta": delta, "A": A, "Bm": Bm, "Cm": Cm, "Dskip": Dskip}

@@ -62,7 +62,8 @@ def load_dataset(spec: str | os.PathLike, *, download: bool = True) -> OfflineDa
     """
     spec_text = os.fspath(spec)
     if not spec_text:
-        raise DMMError("empty dataset name; expected a Minari dataset id (namespace/name-vN) or a directory")
+        raise DMMError("empty dataset name", "a Minari dataset id (namespace/name-vN) or a directory",
+                       fix="pass --dataset ID|PATH")
     data_path = _local_data_path(spec_text)
     if data_path is None:
         data_path = _data_path_for_id(spec_text, download=download)
@@ -76,22 +77,20 @@ def _local_data_path(spec: str) -> Path | None:
         for candidate in (path / DATA_DIR, path):
             if (candidate / METADATA_FILE).is_file():
                 return candidate
-        raise DMMError(
-            f"directory {spec!r} is not a Minari dataset (no {DATA_DIR}/{METADATA_FILE} in it); expected the "
-            f"directory of a dataset written by Minari or `python cli.py collect`"
-        )
+        raise DMMError(f"directory {spec!r} is not a Minari dataset (no {DATA_DIR}/{METADATA_FILE} in it)",
+                       "the directory of a dataset written by Minari or `python cli.py collect`",
+                       fix="pass the dataset's own directory, or write one with `python cli.py collect --out DIR`")
     if path.exists():
-        raise DMMError(f"{spec!r} is a file; expected a Minari dataset directory or a dataset id")
+        raise DMMError(f"{spec!r} is a file", "a Minari dataset directory or a dataset id",
+                       fix="pass the directory holding the dataset, or its id")
     looks_like_path = (
         spec.startswith(("/", "./", "../", "~", "."))
         or spec.endswith(("/", os.sep))
         or (os.altsep is not None and os.altsep in spec)
     )
     if looks_like_path:
-        raise DMMError(
-            f"dataset directory {spec!r} does not exist; expected a directory holding "
-            f"{DATA_DIR}/{METADATA_FILE}; check the path, or write one with `python cli.py collect --out DIR`"
-        )
+        raise DMMError(f"dataset directory {spec!r} does not exist", f"a directory holding {DATA_DIR}/{METADATA_FILE}",
+                       fix="check the path, or write one with `python cli.py collect --out DIR`")
     return None
 
 
@@ -101,23 +100,19 @@ def _data_path_for_id(dataset_id: str, *, download: bool) -> Path:
     remote_path = "://" in dataset_id  # e.g. hf://farama-minari/D4RL/door/human-v2
     bare_id = dataset_id.split("://", 1)[1].split("/", 1)[-1] if remote_path else dataset_id
     if not DATASET_ID_RE.fullmatch(bare_id):
-        raise DMMError(
-            f"dataset {dataset_id!r} is neither an existing directory nor a valid Minari id; expected a "
-            "directory or an id of the form namespace/name-vN (e.g. dmm-deploy/hopper-random-v0)"
-        )
+        raise DMMError(f"dataset {dataset_id!r} is neither an existing directory nor a valid Minari id",
+                       "a directory or an id of the form namespace/name-vN (e.g. dmm-deploy/hopper-random-v0)",
+                       fix="check the path or the id's spelling (its -vN version included)")
     local = Path(get_dataset_path(bare_id)) / DATA_DIR
     if local.is_dir():
         return local
     if not download:
-        raise DMMError(
-            f"dataset {dataset_id!r} is not in the local Minari store {str(get_dataset_path())!r} and "
-            f"download is off; {_LOCAL_HINT}"
-        )
+        raise DMMError(f"dataset {dataset_id!r} is not in the local Minari store {str(get_dataset_path())!r} and "
+                       "download is off", "a dataset in the local store (or download on)", fix=_LOCAL_HINT)
     _download(dataset_id)
     if not local.is_dir():
-        raise DMMError(
-            f"Minari reported {dataset_id!r} downloaded but {str(local)!r} is missing; {_LOCAL_HINT}"
-        )
+        raise DMMError(f"Minari reported {dataset_id!r} downloaded but {str(local)!r} is missing",
+                       f"the downloaded dataset at {str(local)!r}", fix=_LOCAL_HINT)
     return local
 
 
@@ -129,13 +124,15 @@ def _download(dataset_id: str) -> None:
     if remote.startswith("hf://"):
         if not _hub_client_installed():
             raise DMMError(
-                f"could not download dataset {dataset_id!r}: it is not in the local Minari store and remote "
-                f'datasets need huggingface_hub; install it with `pip install "minari[hf]"`, or {_LOCAL_HINT}'
+                f"could not download dataset {dataset_id!r}: it is not in the local Minari store and huggingface_hub "
+                "is not installed", "huggingface_hub for remote datasets",
+                fix=f'install it with `pip install "minari[hf]"`, or {_LOCAL_HINT}'
             )
         if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
             raise DMMError(
                 f"could not download dataset {dataset_id!r}: it is not in the local Minari store and "
-                f"HF_HUB_OFFLINE is set (no network use); {_LOCAL_HINT}"
+                "HF_HUB_OFFLINE is set (no network use)", "a dataset in the local store, or network use allowed",
+                fix=f"unset HF_HUB_OFFLINE to download it, or {_LOCAL_HINT}"
             )
         endpoint = os.environ.get("HF_ENDPOINT", _DEFAULT_HF_ENDPOINT)
     else:
@@ -143,7 +140,8 @@ def _download(dataset_id: str) -> None:
     if not _endpoint_reachable(endpoint, REMOTE_PROBE_TIMEOUT_S):
         raise DMMError(
             f"could not download dataset {dataset_id!r}: it is not in the local Minari store and there is no "
-            f"network ({endpoint} did not answer within {REMOTE_PROBE_TIMEOUT_S:g} s); {_LOCAL_HINT}"
+            f"network ({endpoint} did not answer within {REMOTE_PROBE_TIMEOUT_S:g} s)",
+            "a dataset in the local store, or a reachable dataset hub", fix=_LOCAL_HINT
         )
     import minari
 
@@ -151,15 +149,14 @@ def _download(dataset_id: str) -> None:
         # download_dataset, not load_dataset(download=True): only it understands hf://... ids.
         minari.download_dataset(dataset_id)
     except ImportError as exc:
-        raise DMMError(f"could not download dataset {dataset_id!r}: {exc}; or {_LOCAL_HINT}") from exc
+        raise DMMError(f"could not download dataset {dataset_id!r} ({describe_error(exc)})",
+                       "the packages Minari downloads with", fix=f'pip install "minari[hf]", or {_LOCAL_HINT}') from exc
     except Exception as exc:
         # The hub stack raises types from huggingface_hub, httpx, requests and minari itself
         # (ValueError for an unknown id); all of them mean "this download failed".
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DMMError(
-            f"could not download dataset {dataset_id!r} ({type(exc).__name__}: {first_line}); "
-            f"check the id against the Minari catalogue, or {_LOCAL_HINT}"
-        ) from exc
+        raise DMMError(f"could not download dataset {dataset_id!r} ({describe_error(exc)})",
+                       "an id in the Minari catalogue",
+                       fix=f"check the id against the Minari catalogue, or {_LOCAL_HINT}") from exc
 
 
 def _hub_client_installed() -> bool:
@@ -200,21 +197,21 @@ def _read_minari(data_path: Path, spec: str) -> OfflineDataset:
     try:
         metadata = json.loads((data_path / METADATA_FILE).read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DMMError(
-            f"cannot read {str(data_path / METADATA_FILE)!r} ({describe_error(exc)}); expected Minari metadata JSON"
-        ) from None
+        raise DMMError(f"cannot read {str(data_path / METADATA_FILE)!r} ({describe_error(exc)})",
+                       "Minari metadata JSON", fix="regenerate the dataset (python cli.py collect) or pick another"
+                       ) from None
     version = metadata.get("minari_version")
     if version not in supported_dataset_versions:
-        raise DMMError(
-            f"dataset {spec!r} was written by Minari {version!r}; this Minari reads "
-            f"{', '.join(sorted(supported_dataset_versions))}; regenerate it or install a matching minari"
-        )
+        raise DMMError(f"dataset {spec!r} written by Minari {version!r}",
+                       f"one of {', '.join(sorted(supported_dataset_versions))} (the versions this Minari reads)",
+                       fix="regenerate it or install a matching minari")
     try:
         minari_dataset = MinariDataset(data_path)
         minari_episodes = list(minari_dataset.iterate_episodes())
     except (OSError, ValueError, KeyError) as exc:
-        raise DMMError(f"cannot read Minari dataset {spec!r} at {str(data_path)!r}: {describe_error(exc)}; "
-                       "regenerate it (python cli.py collect) or pick another") from None
+        raise DMMError(f"cannot read Minari dataset {spec!r} at {str(data_path)!r} ({describe_error(exc)})",
+                       "a readable Minari dataset", fix="regenerate it (python cli.py collect) or pick another"
+                       ) from None
 
     episodes = tuple(_episode_from_minari(e, spec) for e in minari_episodes)
     env_id = _env_id(metadata)
@@ -244,21 +241,20 @@ def _episode_from_minari(episode, spec: str) -> Episode:
         # size of its "observation" entry, so the goal entries are not part of the state
         # (the official D4RL antmaze state appends the 2-d goal: 29 values, not 27).
         if "observation" not in observations:
-            raise DMMError(
-                f"dataset {spec!r} has dict observations with keys {sorted(observations)}; expected a flat "
-                "Box observation or a dict with an 'observation' entry"
-            )
+            raise DMMError(f"dataset {spec!r} has dict observations with keys {sorted(observations)}",
+                           "a flat Box observation or a dict with an 'observation' entry",
+                           fix="re-import the dataset with its state under an 'observation' key")
         observations = observations["observation"]
     if not isinstance(episode.actions, np.ndarray):
-        raise DMMError(
-            f"dataset {spec!r} has {type(episode.actions).__name__} actions; expected a Box action space"
-        )
+        raise DMMError(f"dataset {spec!r} has {type(episode.actions).__name__} actions", "a Box action space",
+                       fix="use a dataset with continuous (Box) actions")
     length = len(episode.rewards)
     observations = np.asarray(observations)
     if observations.shape[0] != length + 1:
         raise DMMError(
-            f"dataset {spec!r} episode {episode.id} has {observations.shape[0]} observations for {length} "
-            "steps; expected T + 1 (Minari stores the final observation too)"
+            f"dataset {spec!r} episode {episode.id} has {observations.shape[0]} observations for {length} steps",
+            "T + 1 (Minari stores the final observation too)",
+            fix="regenerate the dataset (python cli.py collect) or pick another"
         )
     _refuse_non_finite(spec, episode.id, observations=observations, actions=episode.actions,
                        rewards=episode.rewards, terminations=episode.terminations)
@@ -283,6 +279,6 @@ def _refuse_non_finite(spec: str, episode_id, **fields) -> None:
             value = values[step].ravel()[~np.isfinite(values[step].ravel())][0] if values.ndim else values
             raise DMMError(
                 f"dataset {spec!r} episode {episode_id} step {step}: {name} holds {value} ({int(bad.sum())} "
-                f"non-finite step(s) in that episode); expected finite values; regenerate the dataset or drop "
-                "that episode"
+                "non-finite step(s) in that episode)", "finite values",
+                fix="regenerate the dataset or drop that episode"
             )

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.files import file_error
 from dmm_train.minari_reader import DATASET_ID_RE
 from dmm_train.rollouts import Rollout, mujoco_warnings_once
@@ -48,10 +48,9 @@ _AUTHOR = "dmm-deploy"
 
 def check_dataset_id(dataset_id: str) -> None:
     if not isinstance(dataset_id, str) or not DATASET_ID_RE.fullmatch(dataset_id):
-        raise DMMError(
-            f"dataset id {dataset_id!r}; expected the Minari form namespace/name-vN "
-            "(e.g. dmm-deploy/hopper-random-v0)"
-        )
+        raise DMMError(f"dataset id {dataset_id!r}",
+                       "the Minari form namespace/name-vN (e.g. dmm-deploy/hopper-random-v0)",
+                       fix="pass an id with a namespace, a name and a -vN version")
 
 
 def store_root(data_path: str | os.PathLike | None = None) -> Path:
@@ -106,18 +105,16 @@ def write_minari_dataset(
     """
     check_dataset_id(dataset_id)
     if not rollouts:
-        raise DMMError(f"no episodes to write for {dataset_id!r}; expected at least one")
+        raise DMMError(f"no episodes to write for {dataset_id!r}", "at least one episode",
+                       fix="roll out or import at least one episode")
     if (ref_min_score is None) != (ref_max_score is None):
-        raise DMMError(
-            f"ref_min_score={ref_min_score!r}, ref_max_score={ref_max_score!r}; expected both or neither"
-        )
+        raise DMMError(f"ref_min_score={ref_min_score!r}, ref_max_score={ref_max_score!r}", "both or neither",
+                       fix="pass both reference scores, or neither")
     root = store_root(data_path)
     final = root / dataset_id
     if final.exists() and not overwrite:
-        raise DMMError(
-            f"dataset {dataset_id!r} already exists at {str(final)!r}; pass overwrite=True (--overwrite) to "
-            "replace it, or choose another id"
-        )
+        raise DMMError(f"dataset {dataset_id!r} already exists at {str(final)!r}", "a dataset id not in the store",
+                       fix="pass overwrite=True (--overwrite) to replace it, or choose another id")
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
@@ -168,8 +165,9 @@ def _isolated(write, root: Path, dataset_id: str) -> None:
                 code = 0
             except BaseException as error:
                 number = error.errno if isinstance(error, OSError) else None
+                # "detail": the whole text, where HDF5 names the failed call's errno ("errno = 28").
                 report = {"errno": number, "interrupted": isinstance(error, KeyboardInterrupt),
-                          "message": str(error) if isinstance(error, DMMError) else f"{type(error).__name__}: {error}"}
+                          "detail": f"{type(error).__name__}: {error}", **_error_parts(error)}
                 os.write(2, f"\n{_CHILD_ERROR}{json.dumps(report)}\n".encode())
         finally:
             os._exit(code)
@@ -195,6 +193,15 @@ def _isolated(write, root: Path, dataset_id: str) -> None:
     raise _child_failure(stderr, report, status, root, what)
 
 
+def _error_parts(error: BaseException) -> dict[str, str]:
+    """The child's error as the three parts of a DMMError (a library's error in the received part)."""
+    if isinstance(error, DMMError) and error.expected and error.fix:
+        return {"received": error.received, "expected": error.expected, "fix": error.fix}
+    received = " ".join(str(error).split()) if isinstance(error, DMMError) else describe_error(error)
+    return {"received": received, "expected": "a dataset written",
+            "fix": "check the free space and the store, and rerun"}
+
+
 def _child_failure(stderr: str, report: dict | None, status: int, root: Path, what: str) -> DMMError:
     # HDF5 names the failed system call's errno in its own messages ("errno = 28"), raised or printed.
     number = report["errno"] if report is not None else None
@@ -203,11 +210,11 @@ def _child_failure(stderr: str, report: dict | None, status: int, root: Path, wh
     if number is not None:
         return file_error(OSError(number, os.strerror(number)), root, what)
     if report is not None:
-        return DMMError(f"cannot {what} {str(root)!r}: {report['message']}")
+        return DMMError(f"cannot {what} {str(root)!r}: {report['received']}", report["expected"], fix=report["fix"])
     how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
            else f"exit status {os.WEXITSTATUS(status)}")
-    return DMMError(f"cannot {what} {str(root)!r}: the writer process ended without a result ({how}); expected "
-                    "a dataset written; check the free space and the store, and rerun")
+    return DMMError(f"cannot {what} {str(root)!r}: the writer process ended without a result ({how})",
+                    "a dataset written", fix="check the free space and the store, and rerun")
 
 
 def _write_into_store(store: Path, dataset_id: str, rollouts: Sequence[Rollout], env_id: str | None, *,
@@ -266,9 +273,8 @@ def _move_into_place(source: Path, final: Path, *, overwrite: bool) -> None:
     trash = None
     if final.exists():
         if not overwrite:
-            raise DMMError(
-                f"dataset directory {str(final)!r} appeared while writing; pass overwrite=True to replace it"
-            )
+            raise DMMError(f"dataset directory {str(final)!r} appeared while writing", "no dataset there",
+                           fix="pass overwrite=True to replace it")
         trash = final.parent / f"{_TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final, trash)
     try:
@@ -276,9 +282,7 @@ def _move_into_place(source: Path, final: Path, *, overwrite: bool) -> None:
     except OSError as exc:
         if trash is not None:
             os.rename(trash, final)
-        raise DMMError(
-            f"could not move the new dataset into {str(final)!r} ({exc}); another process may have "
-            "written it; retry, or pass overwrite=True"
-        ) from exc
+        raise DMMError(f"could not move the new dataset into {str(final)!r} ({describe_error(exc)})",
+                       "no other process writing it", fix="retry, or pass overwrite=True") from exc
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

@@ -58,8 +58,9 @@ def heldout_split(episodes: tuple, *, fraction: float = HELDOUT_FRACTION, seed: 
                   ) -> tuple[tuple, tuple]:
     """(training episodes, held-out episodes): a seeded shuffle, at least one on each side."""
     if len(episodes) < 2:
-        raise DMMError(f"offline evaluation | received a dataset of {len(episodes)} episode | expected at least 2, "
-                       "so that one is held out of training; import more episodes, or pass --eval-episodes 0")
+        raise DMMError(f"offline evaluation of a dataset of {len(episodes)} episode",
+                       "at least 2, so that one is held out of training",
+                       fix="import more episodes, or pass --eval-episodes 0")
     order = np.random.default_rng(seed).permutation(len(episodes))  # (E,)
     count = min(len(episodes) - 1, max(1, round(fraction * len(episodes))))
     held = set(int(i) for i in order[:count])
@@ -77,7 +78,8 @@ def evaluate_offline(model: torch.nn.Module, facts: PolicyFacts, heldout: tuple,
     """
     low_target, median_return = float(np.min(dataset_returns)), float(np.median(dataset_returns))
     if not heldout:
-        raise DMMError("offline evaluation | received no held-out episodes | expected at least one")
+        raise DMMError("offline evaluation with no held-out episodes", "at least one",
+                       fix="hold out an episode with heldout_split before evaluating")
     was_training = model.training
     model.eval()
     try:

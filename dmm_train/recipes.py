@@ -156,8 +156,8 @@ def default_recipe(preset: str = DEFAULT_PRESET) -> str:
     """The recipe ``train --preset <preset>`` uses when no --dataset is given: ``<preset>-medium``."""
     name = f"{preset}-medium"
     if name not in RECIPES:
-        raise DMMError(f"preset {preset!r} has no embedded dataset; expected one of {', '.join(RECIPE_PRESETS)}, "
-                       "or pass --dataset ID|PATH")
+        raise DMMError(f"preset {preset!r} has no embedded dataset", f"one of {', '.join(RECIPE_PRESETS)}",
+                       fix="pass one of those presets, or pass --dataset ID|PATH")
     return name
 
 
@@ -226,13 +226,15 @@ def make_policy_command(file: str) -> str:
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise DMMError(f"unknown dataset recipe {name!r}; expected one of {', '.join(RECIPES)}")
+        raise DMMError(f"unknown dataset recipe {name!r}", f"one of {', '.join(RECIPES)}",
+                       fix="pass --recipe with one of those")
     recipe = RECIPES[name]
     missing = recipe.missing_files()
     if missing:
         raise DMMError(f"recipe {name!r} needs {', '.join(missing)} in dmm_train/policies, which this checkout "
-                       f"does not ship; make it with {make_policy_command(missing[0])}, or use one of the "
-                       f"available recipes: {', '.join(n for n, r in RECIPES.items() if r.available())}")
+                       "does not ship",
+                       f"one of the available recipes: {', '.join(n for n, r in RECIPES.items() if r.available())}",
+                       fix=f"make it with {make_policy_command(missing[0])}, or use an available recipe")
     return recipe
 
 
@@ -256,12 +258,14 @@ def replay_rollouts(path: Path):
             truncations = log["truncations"].astype(bool)  # (n,)
             final_observations = log["final_observations"].astype(np.float64)  # (episodes, S)
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise DMMError(f"replay log {str(path)!r} is unreadable ({describe_error(error)}); expected the npz written by "
-                       "'python -m dmm_train.behavior export'") from None
+        raise DMMError(f"replay log {str(path)!r} is unreadable ({describe_error(error)})",
+                       "the npz written by 'python -m dmm_train.behavior export'",
+                       fix="rebuild it with 'python -m dmm_train.behavior export'") from None
     ends = np.flatnonzero(terminations | truncations)  # (episodes,)
     if len(ends) != len(final_observations):
         raise DMMError(f"replay log {str(path)!r} has {len(ends)} episode ends but {len(final_observations)} "
-                       "final observations; expected one per end")
+                       "final observations", "one final observation per end",
+                       fix="rebuild it with 'python -m dmm_train.behavior export'")
     rollouts, start = [], 0
     for index, end in enumerate(ends):
         rollouts.append(Rollout(
@@ -325,7 +329,7 @@ def collect_recipe(name: str, *, steps: int = RECIPE_STEPS, seed: int = RECIPE_S
     """
     recipe = get_recipe(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise DMMError(f"--steps {steps!r}; expected a positive integer")
+        raise DMMError(f"--steps {steps!r}", "a positive integer", fix="pass --steps 1 or more")
     with generation_lock(recipe.dataset_id, out):
         return _collect_recipe_locked(recipe, steps=steps, seed=seed, out=out, overwrite=overwrite,
                                       progress=progress, workers=workers)
@@ -335,8 +339,8 @@ def _collect_recipe_locked(recipe: Recipe, *, steps: int, seed: int, out, overwr
                            workers: int | None) -> Path:
     final = recipe_dataset_dir(recipe.name, out)
     if final.exists() and not overwrite:
-        raise DMMError(f"dataset {recipe.dataset_id!r} already exists at {str(final)!r}; pass --overwrite to "
-                       "regenerate it")
+        raise DMMError(f"dataset {recipe.dataset_id!r} already exists at {str(final)!r}",
+                       "a dataset id not in the store", fix="pass --overwrite to regenerate it")
     preset = get_preset(recipe.preset)
     rollouts = make_rollouts(recipe, steps=steps, seed=seed, progress=progress, workers=workers)
     total = sum(len(r) for r in rollouts)
@@ -417,10 +421,8 @@ def _collect_locked(env_or_preset: str, dataset_id: str, *, policy, episodes, st
     final = store_root(out) / dataset_id
     if final.exists() and not overwrite:
         # Checked before rolling out, so a clash costs nothing.
-        raise DMMError(
-            f"dataset {dataset_id!r} already exists at {str(final)!r}; pass --overwrite to replace it, "
-            "or choose another --dataset-id"
-        )
+        raise DMMError(f"dataset {dataset_id!r} already exists at {str(final)!r}", "a dataset id not in the store",
+                       fix="pass --overwrite to replace it, or choose another --dataset-id")
     rollouts = rollout_episodes(env_id, policy, n_episodes=episodes, n_steps=steps, seed=seed)
     if callable(policy):
         algorithm = f"callable policy {getattr(policy, '__name__', type(policy).__name__)}"
@@ -455,16 +457,15 @@ def ensure_default_dataset(preset: str = DEFAULT_PRESET, progress: bool = True, 
     final = root / recipe.dataset_id
     if final.exists():
         if not (final / DATA_DIR / METADATA_FILE).is_file():
-            raise DMMError(
-                f"{str(final)!r} exists but is not a Minari dataset (no {DATA_DIR}/{METADATA_FILE}); "
-                "remove that directory so the default dataset can be regenerated"
-            )
+            raise DMMError(f"{str(final)!r} exists but is not a Minari dataset (no {DATA_DIR}/{METADATA_FILE})",
+                           "the default dataset there, or nothing",
+                           fix="remove that directory so the default dataset can be regenerated")
         return final
     missing = recipe.missing_files()
     if missing:
         raise DMMError(f"the default {preset} dataset ({recipe.dataset_id}) is made from dmm_train/policies/"
-                       f"{missing[0]}, which this checkout does not ship; make it with "
-                       f"{make_policy_command(missing[0])}, or pass --dataset ID|PATH")
+                       f"{missing[0]}, which this checkout does not ship", f"dmm_train/policies/{missing[0]}",
+                       fix=f"make it with {make_policy_command(missing[0])}, or pass --dataset ID|PATH")
     budget = RECIPE_STEPS if steps is None else steps
     # Held from before the rollouts: a second process asking for the missing dataset meanwhile is refused at
     # once, naming this one, instead of rolling out for minutes and then finding this one's result.

@@ -43,14 +43,16 @@ class Episode:
         rewards = _frozen_float32(self.rewards)  # (T,)
         if observations.ndim != 2 or actions.ndim != 2 or rewards.ndim != 1:
             raise DMMError(
-                f"episode arrays have shapes observations {observations.shape}, actions {actions.shape}, "
-                f"rewards {rewards.shape}; expected (T, S), (T, Adim) and (T,)"
+                f"episode arrays of shapes observations {observations.shape}, actions {actions.shape}, "
+                f"rewards {rewards.shape}", "(T, S), (T, Adim) and (T,)",
+                fix="give each episode 2-d observations and actions and 1-d rewards"
             )
         length = rewards.shape[0]
         if length < 1 or observations.shape[0] != length or actions.shape[0] != length:
             raise DMMError(
-                f"episode has {observations.shape[0]} observations, {actions.shape[0]} actions and "
-                f"{length} rewards; expected the same T >= 1 for all three"
+                f"episode with {observations.shape[0]} observations, {actions.shape[0]} actions and "
+                f"{length} rewards", "the same T >= 1 for all three",
+                fix="give each step of the episode one observation, one action and one reward"
             )
         object.__setattr__(self, "observations", observations)
         object.__setattr__(self, "actions", actions)
@@ -100,17 +102,19 @@ class OfflineDataset:
         """Build a dataset from episodes, computing the normalisation stats and the hash."""
         episodes = tuple(episodes)
         if not episodes:
-            raise DMMError(f"dataset {dataset_id!r} has no episodes; expected at least one non-empty episode")
+            raise DMMError(f"dataset {dataset_id!r} has no episodes", "at least one non-empty episode",
+                           fix="import or collect a dataset with episodes")
         state_dims = {e.observations.shape[1] for e in episodes}
         act_dims = {e.actions.shape[1] for e in episodes}
         if len(state_dims) != 1 or len(act_dims) != 1:
             raise DMMError(
-                f"dataset {dataset_id!r} mixes state dims {sorted(state_dims)} and action dims "
-                f"{sorted(act_dims)}; expected one of each"
+                f"dataset {dataset_id!r} mixes state dims {sorted(state_dims)} and action dims {sorted(act_dims)}",
+                "one of each", fix="keep only the episodes of one robot/env in the dataset"
             )
         states = np.concatenate([e.observations for e in episodes]).astype(np.float64)  # (N, S)
         if not np.all(np.isfinite(states)):
-            raise DMMError(f"dataset {dataset_id!r} has NaN or inf observations; expected finite values")
+            raise DMMError(f"dataset {dataset_id!r} has NaN or inf observations", "finite values",
+                           fix="drop or repair the episodes with NaN or inf observations and import again")
         mean = states.mean(axis=0).astype(np.float32)  # (S,)
         std = (states.std(axis=0) + STATE_STD_EPS).astype(np.float32)  # (S,)
         return cls(

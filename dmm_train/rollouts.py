@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.signals import signal_handled
 from dmm_train.behavior import MlpPolicy
 from dmm_train.config import PRESETS
@@ -67,12 +67,11 @@ def rollout_episodes(
     ``on_step(steps_done)`` is called after every env step (progress reporting).
     """
     if (n_episodes is None) == (n_steps is None):
-        raise DMMError(
-            f"n_episodes={n_episodes!r}, n_steps={n_steps!r}; expected exactly one of them to be given"
-        )
+        raise DMMError(f"n_episodes={n_episodes!r}, n_steps={n_steps!r}", "exactly one of them to be given",
+                       fix="pass either n_episodes or n_steps")
     budget = n_episodes if n_episodes is not None else n_steps
     if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise DMMError(f"episode/step count {budget!r}; expected a positive integer")
+        raise DMMError(f"episode/step count {budget!r}", "a positive integer", fix="pass 1 or more")
 
     import gymnasium as gym
 
@@ -82,7 +81,8 @@ def rollout_episodes(
         if not all(isinstance(space, gym.spaces.Box) for space in spaces):
             raise DMMError(
                 f"environment {env_id!r} has {type(env.observation_space).__name__} observations and "
-                f"{type(env.action_space).__name__} actions; expected Box spaces (MuJoCo locomotion)"
+                f"{type(env.action_space).__name__} actions", "Box spaces (MuJoCo locomotion)",
+                fix="roll out an env with Box observation and action spaces"
             )
         act = _resolve_policy(policy, env, seed)
         act_shape = env.action_space.shape
@@ -100,10 +100,9 @@ def rollout_episodes(
             while True:
                 action = np.asarray(act(observation), dtype=env.action_space.dtype)
                 if action.shape != act_shape:
-                    raise DMMError(
-                        f"policy returned an action of shape {action.shape}; "
-                        f"expected {act_shape} for {env_id!r}"
-                    )
+                    raise DMMError(f"policy returned an action of shape {action.shape}",
+                                   f"{act_shape} for {env_id!r}",
+                                   fix=f"use a policy for {env_id!r} (its action space)")
                 observation, reward, terminated, truncated, _ = env.step(action)
                 steps_done += 1
                 if on_step is not None:
@@ -138,10 +137,8 @@ def _resolve_policy(policy: Policy | str, env, seed: int) -> Policy:
         return lambda _observation: env.action_space.sample()
     if isinstance(policy, (str, os.PathLike)) and str(policy).endswith(".npz"):
         return MlpPolicy.load(policy)
-    raise DMMError(
-        f"policy {policy!r}; expected 'random', a path to a behaviour-policy .npz, "
-        "or a callable obs -> action"
-    )
+    raise DMMError(f"policy {policy!r}", "'random', a path to a behaviour-policy .npz, or a callable obs -> action",
+                   fix="pass --policy random or the path of a .npz policy")
 
 
 def preset_for(env_or_preset: str):
@@ -326,8 +323,9 @@ def _run_episodes(env_id: str, envs: list, policy: BatchPolicy, seed: int, sched
         observations = np.stack([e.observations[e.length] for e in episodes])  # (n, S)
         actions = np.asarray(policy(observations, [e.generator for e in episodes]), dtype=action_space.dtype)
         if actions.shape != (len(slots), act_dim):
-            raise DMMError(f"policy returned actions of shape {actions.shape}; expected "
-                           f"{(len(slots), act_dim)} for {len(slots)} episodes of {env_id!r}")
+            raise DMMError(f"policy returned actions of shape {actions.shape}",
+                           f"{(len(slots), act_dim)} for {len(slots)} episodes of {env_id!r}",
+                           fix=f"use a batch policy for {env_id!r} that returns one action row per observation")
         for slot, episode, action in zip(slots, episodes, actions, strict=True):
             observation, reward, terminated, truncated, _ = envs[slot].step(action)
             episode.record(action, observation, float(reward))
@@ -348,7 +346,8 @@ def _make_envs(env_id: str, num_envs: int) -> list:
         if not all(isinstance(space, gym.spaces.Box) for space in spaces):
             envs[0].close()
             raise DMMError(f"environment {env_id!r} has {type(spaces[0]).__name__} observations and "
-                           f"{type(spaces[1]).__name__} actions; expected Box spaces (MuJoCo locomotion)")
+                           f"{type(spaces[1]).__name__} actions", "Box spaces (MuJoCo locomotion)",
+                           fix="roll out an env with Box observation and action spaces")
         envs += [make_plant(env_id) for _ in range(num_envs - 1)]
     return envs
 
@@ -357,14 +356,14 @@ def _resolve_batch_policy(policy: BatchPolicy | str, action_space) -> BatchPolic
     if isinstance(policy, str) and policy == "random":
         return uniform_random_policy(action_space)
     if not callable(policy):
-        raise DMMError(f"policy {policy!r}; expected 'random' or a batch policy (observations, generators) "
-                       "-> actions")
+        raise DMMError(f"policy {policy!r}", "'random' or a batch policy (observations, generators) -> actions",
+                       fix="pass 'random' or a callable batch policy (e.g. MlpPolicy.sample_batch)")
     return policy
 
 
 def _worker(env_id: str, policy, n_steps: int, seed: int, num_envs: int, next_index, steps_started,
             results) -> None:
-    """One rollout process: its share of the episodes, sent back as (index -> Rollout) or an error line."""
+    """One rollout process: its share of the episodes, sent back as (index -> Rollout) or an error's parts."""
     # Ctrl-C reaches the whole process group: the parent alone handles it (and stops this
     # process), so no worker prints a KeyboardInterrupt traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -378,9 +377,17 @@ def _worker(env_id: str, policy, n_steps: int, seed: int, num_envs: int, next_in
         finally:
             for env in envs:
                 env.close()
-    except Exception as error:  # reported by the parent as one line
-        message = str(error) if isinstance(error, DMMError) else f"{type(error).__name__}: {error}"
-        results.put(("error", message))
+    except Exception as error:  # reported by the parent as one DMMError
+        results.put(("error", _error_parts(error)))
+
+
+def _error_parts(error: BaseException) -> tuple[str, str, str]:
+    """(received, expected, fix) of a worker's error (a library's error becomes the received part of one)."""
+    if isinstance(error, DMMError) and error.expected and error.fix:
+        return error.received, error.expected, error.fix
+    received = " ".join(str(error).split()) if isinstance(error, DMMError) else describe_error(error)
+    return (f"a rollout process failed: {received}", "every rollout process to finish its episodes",
+            "retry with --workers 1 to see the full traceback")
 
 
 def _die_with_parent() -> None:
@@ -410,7 +417,7 @@ def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs
         for process in processes:
             process.start()
     finished: dict[int, Rollout] = {}
-    errors: list[str] = []
+    errors: list[tuple[str, str, str]] = []
     try:
         for _ in processes:
             while True:
@@ -421,8 +428,8 @@ def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs
                     if on_step is not None:
                         on_step(min(steps_started.value, n_steps))
                     if not any(p.is_alive() for p in processes) and results.empty():
-                        raise DMMError("a rollout process died without a result (out of memory?); expected "
-                                       "every process to report; retry with --workers 1") from None
+                        raise DMMError("a rollout process died without a result (out of memory?)",
+                                       "every process to report", fix="retry with --workers 1") from None
             if kind == "error":
                 errors.append(payload)
             else:
@@ -441,7 +448,8 @@ def _rollout_in_processes(env_id: str, policy, n_steps: int, seed: int, num_envs
                 process.kill()
                 process.join(timeout=5)
     if errors:
-        raise DMMError(errors[0])
+        received, expected, fix = errors[0]
+        raise DMMError(received, expected, fix)
     if on_step is not None:
         on_step(n_steps)
     return finished
@@ -469,9 +477,10 @@ def rollout_batched(
     """
     for name, value in (("n_steps", n_steps), ("num_envs", num_envs), ("workers", workers)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise DMMError(f"{name} {value!r}; expected a positive integer")
+            raise DMMError(f"{name} {value!r}", "a positive integer", fix=f"pass {name} 1 or more")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise DMMError(f"seed {seed!r}; expected a non-negative integer (episode i is reset with seed + i)")
+        raise DMMError(f"seed {seed!r}", "a non-negative integer (episode i is reset with seed + i)",
+                       fix="pass --seed 0 or more")
     if workers > 1:
         finished = _rollout_in_processes(env_id, policy, n_steps, seed, num_envs, workers, on_step)
     else:

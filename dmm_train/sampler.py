@@ -51,9 +51,9 @@ class WindowSampler:
 
     def __init__(self, dataset: OfflineDataset, context_len: int, rtg_scale: float, seed: int = 0):
         if not isinstance(context_len, int) or context_len < 1:
-            raise DMMError(f"context_len={context_len!r}; expected a positive integer")
+            raise DMMError(f"context_len={context_len!r}", "a positive integer", fix="pass context_len 1 or more")
         if not rtg_scale > 0:
-            raise DMMError(f"rtg_scale={rtg_scale!r}; expected a positive number")
+            raise DMMError(f"rtg_scale={rtg_scale!r}", "a positive number", fix="pass an rtg_scale above 0")
         self.context_len = context_len
         self.rtg_scale = float(rtg_scale)
         self.rng = np.random.default_rng(seed)
@@ -80,7 +80,7 @@ class WindowSampler:
     def draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """The random part of ``sample``: (episode, start), each (B,) int64."""
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise DMMError(f"batch_size={batch_size!r}; expected a positive integer")
+            raise DMMError(f"batch_size={batch_size!r}", "a positive integer", fix="pass --batch-size 1 or more")
         # A uniform global step picks its episode with probability length / N (exactly the
         # official p_sample); the start inside that episode is drawn afresh, uniformly.
         step = self.rng.integers(0, self._ends[-1], size=batch_size)  # (B,) uniform over all N steps
@@ -94,7 +94,8 @@ class WindowSampler:
         start = np.asarray(start, dtype=np.int64)  # (B,)
         length = self._lengths[episode]  # (B,)
         if np.any(start < 0) or np.any(start >= length):
-            raise DMMError(f"window starts {start.tolist()}; expected each in [0, T-1] of its episode")
+            raise DMMError(f"window starts {start.tolist()}", "each in [0, T-1] of its episode",
+                           fix="pick starts inside their episodes (as WindowSampler.draw does)")
         K = self.context_len
         tlen = np.minimum(K, length - start)  # (B,) real steps in the window
         pad = K - tlen  # (B,) left padding
@@ -125,10 +126,8 @@ class WindowSampler:
         expected = type(self.rng.bit_generator).__name__
         if not isinstance(state, dict) or state.get("bit_generator") != expected:
             received = state.get("bit_generator") if isinstance(state, dict) else type(state).__name__
-            raise DMMError(
-                f"sampler state is for {received!r}; expected a {expected} state from "
-                "WindowSampler.get_state(); resume from a checkpoint written by this version"
-            )
+            raise DMMError(f"sampler state for {received!r}", f"a {expected} state from WindowSampler.get_state()",
+                           fix="resume from a checkpoint written by this version")
         self.rng.bit_generator.state = copy.deepcopy(state)
 
 

@@ -87,14 +87,15 @@ def selective_scan(
         z: (B, L, D); the output becomes y * silu(z).
     """
     if impl not in SCAN_IMPLS:
-        raise DMMError(f"scan impl {impl!r}; expected one of {', '.join(SCAN_IMPLS)}")
+        raise DMMError(f"scan impl {impl!r}", f"one of {', '.join(SCAN_IMPLS)}",
+                       fix=f"pass one of {', '.join(SCAN_IMPLS)}")
     if _tracing():
         # A tracer records tensor ops; the fused kernel is a ctypes call whose output it would bake
         # into the graph as a constant (a silently wrong graph). "auto" traces the loop instead.
         if impl == "fused":
             raise DMMError("scan impl 'fused' while tracing or exporting with torch (torch.jit.trace / "
-                           "torch.onnx.export); expected 'auto' or 'loop', which trace the loop scan; call "
-                           "model.set_scan_impl('loop') before tracing, or use 'cli.py export'")
+                           "torch.onnx.export)", "'auto' or 'loop', which trace the loop scan",
+                           fix="call model.set_scan_impl('loop') before tracing, or use 'cli.py export'")
         impl = "loop"
     use_loop = impl == "loop" or (
         impl == "auto" and (x.device.type != "cpu" or x.dtype != torch.float32 or not fused_scan_available())

@@ -257,9 +257,9 @@ def _check_actions_in_range(dataset) -> None:
     low, high = float(actions.min()), float(actions.max())
     if low < -1.0 - ACTION_BOUND_TOLERANCE or high > 1.0 + ACTION_BOUND_TOLERANCE:
         raise DMMError(
-            f"dataset {dataset.dataset_id!r} actions | received values in [{low:.4g}, {high:.4g}] | expected "
-            "[-1, 1], the range of the policy's tanh head; rescale the actions to [-1, 1] when importing them "
-            "(and scale the policy's actions back on the robot)")
+            f"dataset {dataset.dataset_id!r} actions in [{low:.4g}, {high:.4g}]",
+            "[-1, 1], the range of the policy's tanh head",
+            fix="rescale the actions to [-1, 1] when importing them (and scale the policy's actions back on the robot)")
 
 
 def _check_dataset_matches(dataset, preset) -> None:
@@ -278,8 +278,8 @@ def load_resume_point(path: Path) -> dict:
     if isinstance(state, dict) and "rank_states" not in state:  # a one-process point from before ranks
         missing += [key for key in ("sampler_state", "rng_state") if key not in state]
     if missing:
-        raise DMMError(f"resume point {str(path)!r} lacks {', '.join(missing)}; expected the resume.pt "
-                       "'cli.py train' writes; start a new run in another --out")
+        raise DMMError(f"resume point {str(path)!r} lacks {', '.join(missing)}", "the resume.pt 'cli.py train' writes",
+                       fix="start a new run in another --out")
     return state
 
 
@@ -304,8 +304,8 @@ def _read_metrics(path: Path) -> list[dict]:
             break
         records.append(record)
     if lines is None:
-        raise DMMError(f"training log {str(path)!r} is not a metrics.jsonl of 'cli.py train' (damaged or another "
-                       "file); move it away to resume (the log restarts), or start a new run")
+        raise DMMError(f"training log {str(path)!r} is damaged or another file", "a metrics.jsonl of 'cli.py train'",
+                       fix="move it away to resume (the log restarts), or start a new run")
     return records
 
 
@@ -369,8 +369,9 @@ def train(
         if isinstance(error, distributed.process_group_error_types()):
             message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise DMMError(
-                f"rank {context.rank} of {context.world_size}: the process group failed ({message}); expected "
-                "every rank to keep training; another rank probably stopped first: see its error above"
+                f"rank {context.rank} of {context.world_size}: the process group failed ({message})",
+                "every rank to keep training",
+                fix="look above for the error of the rank that stopped first (it probably caused this)"
             ) from None
         raise
     finally:
@@ -381,14 +382,11 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
     """Rank 0's look at the run directory: (the run's config, its resume state or None)."""
     resume_path = out_dir / RESUME_FILE
     if resume and not resume_path.exists():
-        raise DMMError(
-            f"--resume given but {str(resume_path)!r} does not exist; expected a run directory written by "
-            "'cli.py train'; drop --resume to start a new run"
-        )
+        raise DMMError(f"--resume given but {str(resume_path)!r} does not exist",
+                       "a run directory written by 'cli.py train'", fix="drop --resume to start a new run")
     if not resume and (out_dir / MODEL_FILE).exists():
-        raise DMMError(
-            f"{str(out_dir)!r} already holds a model.pt; pass --resume to continue it or choose another --out"
-        )
+        raise DMMError(f"--out {str(out_dir)!r} already holds a model.pt", "a new run directory, or --resume",
+                       fix="pass --resume to continue it or choose another --out")
     resume_state = load_resume_point(resume_path) if resume else None
     if resume_state is not None:
         trained_on = int(resume_state.get("world_size", 1))
@@ -396,8 +394,9 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
             how = "torchrun with --nnodes x --nproc_per_node" if trained_on > 1 else "one process (no torchrun)"
             raise DMMError(
                 f"the run in {str(out_dir)!r} was trained on {trained_on} rank(s) and this job has "
-                f"{context.world_size}; expected the same world size, since its resume point holds one sampler "
-                f"and RNG state per rank; resume it with {how} = {trained_on}, or start a new run"
+                f"{context.world_size}",
+                "the same world size, since its resume point holds one sampler and RNG state per rank",
+                fix=f"resume it with {how} = {trained_on}, or start a new run"
             )
         # The run's own config wins: resuming with other hyperparameters would not be "exact".
         saved = TrainConfig(**resume_state["train_config"])
@@ -408,10 +407,9 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
     else:
         config = dataclasses.replace(config, warmup_steps=config.resolved_warmup())
     if config.emulate_ranks > 1 and context.distributed:
-        raise DMMError(
-            f"--emulate-ranks {config.emulate_ranks} under torchrun ({context.world_size} ranks); expected "
-            "--emulate-ranks only in one process, which then plays every rank; drop one of the two"
-        )
+        raise DMMError(f"--emulate-ranks {config.emulate_ranks} under torchrun ({context.world_size} ranks)",
+                       "--emulate-ranks only in one process, which then plays every rank",
+                       fix="drop one of the two")
     distributed.split_batch(config.batch_size, context.world_size * config.emulate_ranks)
     return config, resume_state
 
@@ -457,7 +455,7 @@ def _train(config: TrainConfig, out_dir: Path, context: RankContext, *, resume: 
         # What the file holds, not what the run last finished saving: an interrupt can land between the resume
         # point's rename and the bookkeeping after it.
         kept = _step_on_disk(out_dir / RESUME_FILE) if context.is_main else None
-        raise DMMError(_interrupted_message(step, run.kept_step if kept is None else kept, out_dir, config)) from None
+        raise _interrupted_error(step, run.kept_step if kept is None else kept, out_dir, config) from None
     if not context.is_main:
         return None
     if finished:  # nothing was trained or written
@@ -480,8 +478,9 @@ def _load_dataset(config: TrainConfig, out_dir: Path, context: RankContext, resu
         _check_dataset_matches(dataset, preset_for_dataset(config.preset, dataset))
         if resume_state is not None and resume_state["dataset_hash"] != dataset.content_hash:
             raise DMMError(
-                f"dataset {dataset.dataset_id!r} has content hash {dataset.content_hash[:12]}; the run in "
-                f"{str(out_dir)!r} was trained on {resume_state['dataset_hash'][:12]}; resume with the same dataset"
+                f"dataset {dataset.dataset_id!r} content hash {dataset.content_hash[:12]}",
+                f"{resume_state['dataset_hash'][:12]}, the dataset the run in {str(out_dir)!r} was trained on",
+                fix="resume with the same dataset"
             )
         return dataset
 
@@ -494,7 +493,8 @@ def _load_dataset(config: TrainConfig, out_dir: Path, context: RankContext, resu
     def same_dataset_as_rank_0():
         if dataset.content_hash != hashes[0]:
             raise DMMError(f"dataset {dataset.dataset_id!r} here has content hash {dataset.content_hash[:12]}, "
-                           f"rank 0's has {hashes[0][:12]}; expected the same dataset on every node")
+                           f"rank 0's has {hashes[0][:12]}", "the same dataset on every node",
+                           fix="copy rank 0's dataset to every node")
 
     distributed.on_every_rank(context, same_dataset_as_rank_0)
     return dataset
@@ -512,9 +512,10 @@ def _hold_out(config: TrainConfig, dataset, preset):
 
     _check_actions_in_range(dataset)
     if config.report_episodes:
-        raise DMMError(f"--report-episodes {config.report_episodes} | received a dataset with no simulator "
-                       f"({dataset.dataset_id!r} names no env) | expected 0: report evaluations play episodes; "
-                       "the periodic evaluation is offline")
+        raise DMMError(f"--report-episodes {config.report_episodes} with a dataset with no simulator "
+                       f"({dataset.dataset_id!r} names no env)",
+                       "0: report evaluations play episodes; the periodic evaluation is offline",
+                       fix="pass --report-episodes 0")
     training_dataset, heldout = dataset, ()
     if config.eval_episodes:
         kept, heldout = heldout_split(dataset.episodes)
@@ -537,10 +538,8 @@ def _choose_threads(config: TrainConfig, requested_threads: int | None, resume_s
 
 def _require_finite(loss: float, at_step: int, context: RankContext) -> None:
     if not math.isfinite(loss):  # the global loss: every rank stops here, at the same step
-        error = DMMError(
-            f"training loss became {loss} at step {at_step}; expected a finite loss; "
-            "check the dataset for NaN/inf values or lower the learning rate"
-        )
+        error = DMMError(f"training loss became {loss} at step {at_step}", "a finite loss",
+                         fix="check the dataset for NaN/inf values or lower the learning rate")
         raise distributed.quiet_off_main(context, error)
 
 
@@ -847,16 +846,17 @@ def _step_on_disk(path: Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        return int(load_plain_data(path, "resume point", "", legacy_numpy=True)["step"])
+        return int(load_plain_data(path, "resume point", "start a new run", legacy_numpy=True)["step"])
     except (DMMError, KeyError, TypeError, ValueError):
         return None
 
 
-def _interrupted_message(step: int, kept_step: int | None, out_dir: Path, config: TrainConfig) -> str:
+def _interrupted_error(step: int, kept_step: int | None, out_dir: Path, config: TrainConfig) -> DMMError:
     """Ctrl-C (or SIGTERM) during training: where it stopped, what is kept, and how to go on."""
     if kept_step is None:
-        return (f"training interrupted at step {step}, before its first resume point (written every "
-                f"{config.checkpoint_every} steps or {config.checkpoint_minutes:g} minutes); nothing was kept; "
-                "rerun the same command to start again")
-    return (f"training interrupted at step {step}; {str(out_dir / RESUME_FILE)!r} holds step {kept_step}; "
-            "continue with the same command plus --resume")
+        return DMMError(f"training interrupted at step {step}, before its first resume point (written every "
+                        f"{config.checkpoint_every} steps or {config.checkpoint_minutes:g} minutes), nothing kept",
+                        f"training to run to --steps {config.steps}", fix="rerun the same command to start again")
+    return DMMError(f"training interrupted at step {step}: {str(out_dir / RESUME_FILE)!r} holds step {kept_step}",
+                    f"training to run to --steps {config.steps}",
+                    fix="continue with the same command plus --resume")

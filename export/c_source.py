@@ -95,8 +95,8 @@ def _double(value: float) -> str:
 def _float_array(name: str, array: np.ndarray, comment: str) -> str:
     flat = np.ascontiguousarray(array, dtype=np.float32).ravel()
     if not np.isfinite(flat).all():
-        raise DMMError(f"checkpoint weight {name} has non-finite values; expected a trained model with finite "
-                       "weights; retrain or pick another checkpoint")
+        raise DMMError(f"checkpoint weight {name} with non-finite values", "a trained model with finite weights",
+                       "retrain or pick another checkpoint")
     literals = [_hex_float(v) for v in flat]
     lines = [", ".join(literals[i:i + VALUES_PER_LINE]) for i in range(0, len(literals), VALUES_PER_LINE)]
     body = ",\n    ".join(lines)
@@ -255,7 +255,7 @@ def _refuse_foreign_manifest(manifest_path: Path) -> None:
         return  # not a readable manifest of ours: nothing to protect
     if existing.engine.get("target") != "c" and manifest_path.with_suffix(".onnx").is_file():
         raise DMMError(f"--out {str(manifest_path.with_suffix(''))!r}: {str(manifest_path)!r} is the manifest of "
-                       f"{str(manifest_path.with_suffix('.onnx'))!r} | expected a NAME of its own for the C export; "
+                       f"{str(manifest_path.with_suffix('.onnx'))!r}", "a NAME of its own for the C export",
                        "pass another --out (e.g. hopper-c)")
 
 
@@ -275,9 +275,8 @@ def export_c_checkpoint(checkpoint_path: str | Path | None = None, *, out: str |
     source = Path(checkpoint_path) if checkpoint_path is not None else find_latest_checkpoint(runs_dir)
     checkpoint = load_checkpoint(source)
     if checkpoint.model_config.model != "dmm":
-        raise DMMError(f"checkpoint {str(checkpoint.path)!r} is a {checkpoint.model_config.model!r} baseline; "
-                       "export expects a 'dmm' checkpoint (cli.py train --model dmm); evaluate baselines "
-                       "with 'cli.py eval'")
+        raise DMMError(f"checkpoint {str(checkpoint.path)!r}: a {checkpoint.model_config.model!r} baseline",
+                       "a 'dmm' checkpoint (cli.py train --model dmm)", "evaluate baselines with 'cli.py eval'")
     c_path, h_path = c_paths_for(out if out is not None else default_c_name(checkpoint.preset))
     check_export_name(c_path, ".c")  # the checkpoint's preset names the default: a file's word
     prefix = checkpoint.preset if c_path.stem == default_c_name(checkpoint.preset) else None
@@ -310,9 +309,9 @@ def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None,
         parity = measure_parity(model, library.session(), mode="stream", batch=1,
                                 rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
     if not np.isfinite(parity["max_abs"]) or parity["max_abs"] > PARITY_REFUSE_ABOVE:
-        raise DMMError(f"parity | the generated C differs from PyTorch by {parity['max_abs']:.3g} on real-looking "
-                       f"inputs | expected at most {PARITY_REFUSE_ABOVE:g}; nothing was written; this is a bug in "
-                       "export/c_source.py (or a checkpoint with non-finite weights)")
+        raise DMMError(f"parity: the generated C differs from PyTorch by {parity['max_abs']:.3g} on real-looking "
+                       "inputs; nothing was written", f"at most {PARITY_REFUSE_ABOVE:g}",
+                       "report this bug in export/c_source.py (or check the checkpoint for non-finite weights)")
     parity = {**parity, "candidate": "the generated C, compiled with " + " ".join(compile_flags())}
 
     source_bytes, header_bytes = generated.source.encode(), generated.header.encode()

@@ -84,9 +84,9 @@ class ExportConfig:
 
     def validate(self) -> None:
         if self.mode is not None and self.mode not in MODES:
-            raise DMMError(f"--mode {self.mode!r}; expected one of {', '.join(MODES)}")
+            raise DMMError(f"--mode {self.mode!r}", f"one of {', '.join(MODES)}", f"pass --mode {MODES[0]}")
         if self.target not in TARGETS:
-            raise DMMError(f"--target {self.target!r}; expected one of {', '.join(TARGETS)}")
+            raise DMMError(f"--target {self.target!r}", f"one of {', '.join(TARGETS)}", f"pass --target {TARGETS[0]}")
         if self.out is not None:  # refused before any work: NAME becomes file names and generated code
             check_export_name(self.out, ".c" if self.target == "c" else ".onnx")
         if self.target == "c":
@@ -96,20 +96,24 @@ class ExportConfig:
                       **{flag: getattr(self, name) is not None for name, flag in self.PRECISION_FLAGS.items()}}
             given = [flag for flag, value in chosen.items() if value]
             if given:
-                raise DMMError(f"{', '.join(given)} with --target c; expected none of them: the C target is the "
-                               "stream step in fp32 at batch 1; leave them out, or export ONNX")
+                raise DMMError(f"{', '.join(given)} with --target c",
+                               "none of them: the C target is the stream step in fp32 at batch 1",
+                               "leave them out, or export ONNX")
         if self.precision not in PRECISIONS:
-            raise DMMError(f"precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+            raise DMMError(f"precision {self.precision!r}", f"one of {', '.join(PRECISIONS)}",
+                           "pass --fp16 or --int8, or neither for fp32")
         if self.ramp_steps is not None and self.ramp_steps < 0:
-            raise DMMError(f"--ramp-steps {self.ramp_steps}; expected 0 or more steps")
+            raise DMMError(f"--ramp-steps {self.ramp_steps}", "0 or more steps", "pass --ramp-steps 0 or more")
         given = [flag for name, flag in self.PRECISION_FLAGS.items() if getattr(self, name) is not None]
         low_precision_only = [flag for flag in given if flag != "--dataset"]  # fp32 checks its graph on it too
         if self.precision == "fp32" and low_precision_only:
-            raise DMMError(f"{', '.join(low_precision_only)} without --fp16 or --int8; expected them only with a "
-                           "low precision, which they calibrate and judge")
+            raise DMMError(f"{', '.join(low_precision_only)} without --fp16 or --int8",
+                           "them only with a low precision, which they calibrate and judge",
+                           "add --fp16 or --int8, or leave them out")
         for flag in ("--calibration", "--calibration-windows", "--int8-layers", "--int8-target"):
             if self.precision == "fp16" and flag in given:
-                raise DMMError(f"{flag} with --fp16; expected it only with --int8 (fp16 needs no calibration)")
+                raise DMMError(f"{flag} with --fp16", "it only with --int8 (fp16 needs no calibration)",
+                               f"leave {flag} out with --fp16")
 
     def limits_options(self):
         """The `runtime.limits.LimitsOptions` asked for (``given()`` False: the action bounds alone)."""

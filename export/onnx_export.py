@@ -40,8 +40,8 @@ def find_latest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
     runs_dir = Path(runs_dir)
     candidates = list(runs_dir.rglob(MODEL_FILE)) if runs_dir.is_dir() else []
     if not candidates:
-        raise DMMError(f"no checkpoint given and no {MODEL_FILE} under {str(runs_dir)!r}/; expected one "
-                       "written by 'python cli.py train'; train first or pass --checkpoint PATH")
+        raise DMMError(f"no checkpoint given and no {MODEL_FILE} under {str(runs_dir)!r}/",
+                       "one written by 'python cli.py train'", "train first or pass --checkpoint PATH")
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
@@ -99,12 +99,12 @@ def check_graph(proto) -> None:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         first_line = str(error).strip().splitlines()[0]
-        raise DMMError(f"the exported graph fails onnx.checker ({first_line}); this is a bug in "
-                       "export/lowering.py, please report it with the checkpoint") from None
+        raise DMMError(f"the exported graph fails onnx.checker ({first_line})", "a graph onnx.checker accepts",
+                       "report this bug in export/lowering.py with the checkpoint") from None
     problems = check_graph_ops((node.domain, node.op_type) for node in proto.graph.node)
     if problems:
-        raise DMMError(f"the exported graph has ops TensorRT cannot parse ({'; '.join(problems)}); this is "
-                       "a bug in export/lowering.py, please report it")
+        raise DMMError(f"the exported graph has ops TensorRT cannot parse ({', '.join(problems)})",
+                       "ops TensorRT's ONNX parser supports", "report this bug in export/lowering.py")
 
 
 def export_checkpoint(
@@ -134,21 +134,22 @@ def export_checkpoint(
     from export.lowering import MAX_OPSET, MIN_OPSET
 
     if precision not in PRECISIONS:
-        raise DMMError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        raise DMMError(f"precision {precision!r}", f"one of {', '.join(PRECISIONS)}",
+                       "pass --fp16 or --int8, or neither for fp32")
     if mode not in MODES:
-        raise DMMError(f"--mode {mode!r}; expected one of {', '.join(MODES)} (window: the official "
-                       "sliding-window evaluation; stream: one step with explicit caches)")
+        raise DMMError(f"--mode {mode!r}", f"one of {', '.join(MODES)} (window: the official sliding-window "
+                       "evaluation, stream: one step with explicit caches)", f"pass --mode {MODES[0]}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise DMMError(f"--batch {batch!r}; expected a positive integer (1 for a control loop)")
+        raise DMMError(f"--batch {batch!r}", "a positive integer (1 for a control loop)", "pass --batch 1 or more")
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise DMMError(f"--opset {opset!r}; expected an integer in {MIN_OPSET}..{MAX_OPSET} (17 is the first "
-                       "with LayerNormalization; TensorRT 10 parses up to 24)")
+        raise DMMError(f"--opset {opset!r}", f"an integer in {MIN_OPSET}..{MAX_OPSET} (17 is the first with "
+                       "LayerNormalization, TensorRT 10 parses up to 24)",
+                       f"leave --opset out (default {DEFAULT_OPSET})")
     source = Path(checkpoint_path) if checkpoint_path is not None else find_latest_checkpoint(runs_dir)
     checkpoint = load_checkpoint(source)
     if checkpoint.model_config.model != "dmm":  # export.lowering lowers DMM's own graph only
-        raise DMMError(f"checkpoint {str(checkpoint.path)!r} is a {checkpoint.model_config.model!r} baseline; "
-                       "export expects a 'dmm' checkpoint (cli.py train --model dmm); evaluate baselines "
-                       "with 'cli.py eval'")
+        raise DMMError(f"checkpoint {str(checkpoint.path)!r}: a {checkpoint.model_config.model!r} baseline",
+                       "a 'dmm' checkpoint (cli.py train --model dmm)", "evaluate baselines with 'cli.py eval'")
     onnx_path = onnx_path_for(out if out is not None else default_export_name(checkpoint.preset, mode=mode,
                                                                              precision=precision))
     check_export_name(onnx_path, ".onnx")  # the checkpoint's preset names the default: a file's word
@@ -219,9 +220,9 @@ def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: 
     parity = measure_parity(model, session, mode=mode, batch=batch,
                             rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
     if not np.isfinite(parity["max_abs"]) or parity["max_abs"] > PARITY_REFUSE_ABOVE:
-        raise DMMError(f"parity | ONNX Runtime differs from PyTorch by {parity['max_abs']:.3g} on "
-                       f"real-looking inputs | expected at most {PARITY_REFUSE_ABOVE:g}; nothing was "
-                       "written; this is a bug in export/lowering.py (or a checkpoint with non-finite weights)")
+        raise DMMError(f"parity: ONNX Runtime differs from PyTorch by {parity['max_abs']:.3g} on real-looking "
+                       "inputs; nothing was written", f"at most {PARITY_REFUSE_ABOVE:g}",
+                       "report this bug in export/lowering.py (or check the checkpoint for non-finite weights)")
     return parity
 
 

@@ -109,10 +109,10 @@ class ParityConfig:
 
     def validate(self) -> None:
         if self.steps < 1:
-            raise DMMError(f"--steps {self.steps}; expected at least 1")
+            raise DMMError(f"--steps {self.steps}", "at least 1", "pass --steps 1 or more")
         if self.steps > MAX_STEPS:
-            raise DMMError(f"--steps {self.steps}; expected at most {MAX_STEPS} (each backend replays every step "
-                           "and all of them are held in memory); pass a smaller --steps")
+            raise DMMError(f"--steps {self.steps}", f"at most {MAX_STEPS} (each backend replays every step "
+                           "and all of them are held in memory)", "pass a smaller --steps")
 
 
 @dataclass(frozen=True)
@@ -254,9 +254,9 @@ def run_parity(config: ParityConfig) -> ParityReport:
 
 def _check_same_checkpoint(graph_sha: str, checkpoint_sha: str, path: Path) -> None:
     if graph_sha and graph_sha != checkpoint_sha:
-        raise DMMError(f"--onnx {str(path)!r}: checkpoint sha256 | graph's manifest {graph_sha[:12]}... | "
-                       f"--checkpoint {checkpoint_sha[:12]}...; the graph was exported from another "
-                       "checkpoint; pass the matching pair")
+        raise DMMError(f"--onnx {str(path)!r}: the graph's manifest names checkpoint sha256 {graph_sha[:12]}... "
+                       "(exported from another checkpoint)", f"--checkpoint's {checkpoint_sha[:12]}...",
+                       "pass the matching pair")
 
 
 def _record(reference: Backend, config: ParityConfig, env_id: str) -> Trajectory:
@@ -297,7 +297,8 @@ def _export_both_modes(checkpoint: Path, directory: Path) -> tuple[Path, ...]:
     except ModuleNotFoundError as error:
         if error.name != "export.onnx_export":
             raise
-        raise DMMError("parity without --onnx exports the checkpoint first, and this dmm-deploy has no ONNX "
-                       "exporter yet; pass --onnx PATH for each graph to compare") from None
+        raise DMMError("parity without --onnx, in a dmm-deploy with no ONNX exporter yet",
+                       "--onnx PATH (without it parity exports the checkpoint first)",
+                       "pass --onnx PATH for each graph to compare") from None
     return tuple(export_checkpoint(checkpoint, mode=mode, out=directory / f"policy-{mode}")[0]
                  for mode in ("window", "stream"))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.data import find_training_dataset, split_episodes
+from calibration.data import calibration_feeds, find_training_dataset, split_episodes
 from contract.errors import DMMError
 from contract.manifest import Manifest
 from contract.tolerances import tolerance
@@ -110,14 +110,12 @@ def real_feeds(fp32_proto, manifest: Manifest, checkpoint, *, dataset: str | Non
                seed: int = 0) -> tuple[list[dict[str, np.ndarray]], str]:
     """(feeds, where they come from): held-out dataset inputs where the training dataset is here, else the
     plant's closed loop (see the module docstring)."""
-    from calibration.qdq import calibration_feeds
-
     fp32_manifest = manifest if manifest.precision == "fp32" else _as_fp32(manifest)
     loaded, why = find_training_dataset(checkpoint, dataset)  # None where missing or of other content
     if loaded is None and not manifest.env_id:
-        raise DMMError(f"export | received a policy with no simulator whose training dataset is not here ({why}) | "
-                       "expected that dataset, whose held-out inputs check the exported graph; pass --dataset with "
-                       "its directory or local id")
+        raise DMMError(f"export of a policy with no simulator whose training dataset is not here ({why})",
+                       "that dataset, whose held-out inputs check the exported graph",
+                       "pass --dataset with its directory or local id")
     if loaded is None:
         feeds = _plant_feeds(fp32_proto.SerializeToString(), fp32_manifest, count, seed)
         return feeds, (f"{len(feeds)} inputs a Policy fed the fp32 graph along a closed-loop {manifest.env_id} "
@@ -181,8 +179,8 @@ def data_loader_files(onnx_path: Path, manifest: Manifest, feeds: list[dict[str,
         for spec in manifest.inputs:
             array = feed[spec.name]
             if array.dtype != np.dtype(spec.dtype) or tuple(array.shape) != spec.shape:
-                raise DMMError(f"data loader input {spec.name!r} | {array.dtype} {array.shape} | expected "
-                               f"{spec.dtype} {spec.shape}; this is a bug in export/polygraphy_check.py")
+                raise DMMError(f"data loader input {spec.name!r} {array.dtype} {array.shape}",
+                               f"{spec.dtype} {spec.shape}", "report this bug in export/polygraphy_check.py")
     arrays = {f"{index}.{name}": feed[name] for index, feed in enumerate(feeds) for name in names}
     buffer = io.BytesIO()
     np.savez_compressed(buffer, names=np.array(names), count=np.array(len(feeds)), **arrays)

@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from calibration.accuracy import ScoreGate, accuracy_report, action_errors, describe_delta
+from calibration.accuracy import ScoreGate, accuracy_report, describe_delta
 from calibration.data import CLOSED_LOOP_MIN_STEPS, calibration_data
-from calibration.qdq import CALIBRATION_METHODS, calibration_feeds, float_linears, quantize_qdq
+from calibration.int8 import lower_int8
+from calibration.qdq import CALIBRATION_METHODS
 from contract.errors import DMMError
-from contract.graph_roles import ALL_ROLES, FP16_ROLES, INT8_ROLES, linear_nodes, set_precision_metadata
-from runtime.ort_backend import cpu_session
+from contract.graph_roles import ALL_ROLES, FP16_ROLES, linear_nodes, set_precision_metadata
 
 LOW_PRECISIONS = ("fp16", "int8")
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
@@ -46,7 +46,6 @@ DEFAULT_MAX_ACTION_ERROR = {"fp16": 1e-2, "int8": 2e-2}
 # the allowed drop in 40 paired episodes; at 4.5e-3 (three Linears fp32, 92.5% of the multiply-adds int8)
 # it lost 0.4 and passed in 20 (BENCHMARKS.md, "Int8 where it is harmless").
 DEFAULT_INT8_TARGET = 5e-3
-INT8_LAYER_CHOICES = ("auto", "all")  # besides a comma-separated list of Linear names
 MAX_PRECISION_SAMPLES = 100_000  # calibration windows, held-out samples, paired episodes: checked before any work
 DEFAULT_SCORE_BATCH = 10  # paired episodes per look of the score gate
 DEFAULT_SCORE_CAP = 40  # the most paired episodes the score gate plays
@@ -56,7 +55,7 @@ def _fp16_initializer(init: onnx.TensorProto, name: str) -> onnx.TensorProto:
     array = numpy_helper.to_array(init)  # float32
     peak = float(np.abs(array).max()) if array.size else 0.0
     if not np.isfinite(peak) or peak > FP16_MAX:
-        raise DMMError(f"weight {init.name!r} | max |value| {peak:.4g} | fp16 holds at most {FP16_MAX:g}; "
+        raise DMMError(f"weight {init.name!r} max |value| {peak:.4g}", f"at most {FP16_MAX:g} (what fp16 holds)",
                        "export this checkpoint in fp32 (or int8)")
     return numpy_helper.from_array(array.astype(np.float16), name)
 
@@ -70,7 +69,7 @@ def to_fp16(proto: onnx.ModelProto, roles: tuple[str, ...] = FP16_ROLES) -> onnx
     """
     unknown = sorted(set(roles) - set(ALL_ROLES))
     if unknown:
-        raise DMMError(f"fp16 roles | received {unknown} | expected some of {', '.join(ALL_ROLES)}")
+        raise DMMError(f"fp16 roles {unknown}", f"some of {', '.join(ALL_ROLES)}", "name roles from that list")
     linears = {name: role for name, role in linear_nodes(proto).items() if role in roles}
     out = onnx.ModelProto()
     out.CopyFrom(proto)
@@ -184,145 +183,6 @@ def precision_summary(proto: onnx.ModelProto, precision: str) -> dict:
             "dequantize_linear": ops.get("DequantizeLinear", 0)}
 
 
-# -- which Linears are int8 ---------------------------------------------------------------
-
-
-def linear_macs(proto: onnx.ModelProto) -> dict[str, int]:
-    """Linear node name -> its multiply-adds per call of the graph: rows it runs on x K x N.
-
-    Rows are the product of the activation's leading dimensions (batch x tokens: a window
-    graph's Linears run on every token of the window, a stream graph's on one step), K x N
-    the weight initializer's shape (a Gemm's transposed weight has the same product).
-    """
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    shapes = {info.name: [dim.dim_value for dim in info.type.tensor_type.shape.dim]
-              for info in (*inferred.graph.input, *inferred.graph.value_info)}
-    weights = {init.name: list(init.dims) for init in proto.graph.initializer}
-    nodes = {node.name: node for node in proto.graph.node}
-    macs = {}
-    for name in linear_nodes(proto):
-        node = nodes[name]
-        rows = shapes.get(node.input[0], [])[:-1]
-        if not rows or not all(rows):
-            raise DMMError(f"Linear {name!r} | activation shape {shapes.get(node.input[0])} | expected static "
-                           "shapes from export.lowering (a static batch); this is a bug, please report it")
-        macs[name] = int(np.prod(rows)) * int(np.prod(weights[node.input[1]]))
-    return macs
-
-
-def int8_mac_fraction(macs: dict[str, int], int8_layers) -> float:
-    """The fraction of all Linear multiply-adds (``macs``, `linear_macs`) that run in int8."""
-    return sum(macs[name] for name in int8_layers) / sum(macs.values())
-
-
-def listed_int8_layers(choice: str, candidates: list[str]) -> list[str] | None:
-    """The Linears an ``--int8-layers`` value puts in int8: ``all`` every candidate, a comma-separated
-    LIST exactly those (in graph order); None for ``auto`` (`choose_int8_layers` measures)."""
-    choice = choice.strip()
-    if choice == "auto":
-        return None
-    if choice == "all":
-        return list(candidates)
-    names = [name.strip() for name in choice.split(",") if name.strip()]
-    unknown = [name for name in names if name not in candidates]
-    if unknown:
-        raise DMMError(f"--int8-layers | unknown Linear layer(s) {', '.join(unknown)} | expected auto, all or "
-                       f"names among {','.join(candidates)}; pick from those")
-    return [name for name in candidates if name in names]
-
-
-def choose_int8_layers(proto: onnx.ModelProto, quantized: onnx.ModelProto, manifest, heldout, *, count: int,
-                       seed: int, target: float, sensitivity: bool | None = None) -> dict:
-    """``--int8-layers auto``: which quantized Linears of ``quantized`` (all of them int8) stay fp32.
-
-    Measured as the accuracy report measures (`calibration.accuracy.action_errors`, the fp32 graph
-    at full optimisation against the candidate at ORT_DISABLE_ALL, ``count`` held-out inputs, seed
-    ``seed``), relative to the mean action range. If the all-int8 graph meets ``target`` it is kept
-    whole. Otherwise each Linear's share of the action error is measured by quantizing it alone
-    (one Linear in int8, the rest fp32: its own error, free of interactions with the others' rounding),
-    and the Linears stay fp32 one by one, most sensitive first, each step measured, until the
-    relative RMSE meets ``target``. ``sensitivity`` True measures the shares even when the
-    all-int8 graph meets the target (the bench's curve).
-
-    Returns {"fp32_layers", "int8_layers", "rmse_relative" (of the chosen graph), "steps" (each
-    step's fp32 layers, relative RMSE and int8 MAC fraction), "sensitivity" (name -> relative RMSE
-    alone, its share of the summed squared errors, MACs; absent when not measured), "macs"}.
-    """
-    candidates = _int8_linears(quantized)
-    macs = linear_macs(proto)
-    action_range = float(np.mean(np.asarray(manifest.action_high) - np.asarray(manifest.action_low)))
-    reference = cpu_session(proto.SerializeToString(), optimize=True)
-
-    def relative_rmse(fp32_layers) -> float:
-        graph = float_linears(quantized, proto, fp32_layers)
-        candidate = cpu_session(graph.SerializeToString(), optimize=False)
-        return action_errors(reference, candidate, manifest, heldout, count, seed=seed)["action_rmse"] / action_range
-
-    def step(fp32_layers: list[str]) -> dict:
-        int8 = [name for name in candidates if name not in fp32_layers]
-        return {"fp32_layers": list(fp32_layers), "rmse_relative": relative_rmse(fp32_layers),
-                "int8_mac_fraction": int8_mac_fraction(macs, int8)}
-
-    steps = [step([])]
-    result: dict = {"macs": macs}
-    if steps[0]["rmse_relative"] > target or sensitivity:
-        alone = {name: relative_rmse([other for other in candidates if other != name]) for name in candidates}
-        total = sum(value ** 2 for value in alone.values()) or 1.0
-        result["sensitivity"] = {name: {"rmse_relative_alone": alone[name], "share": alone[name] ** 2 / total,
-                                        "macs": macs[name]} for name in candidates}
-        order = sorted(candidates, key=lambda name: (-alone[name], candidates.index(name)))
-        while steps[-1]["rmse_relative"] > target and len(steps) <= len(order):
-            steps.append(step(order[:len(steps)]))
-    fp32_layers = steps[-1]["fp32_layers"]
-    result.update({"fp32_layers": fp32_layers, "int8_layers": [n for n in candidates if n not in fp32_layers],
-                   "rmse_relative": steps[-1]["rmse_relative"], "steps": steps})
-    return result
-
-
-def _int8_linears(quantized: onnx.ModelProto) -> list[str]:
-    """The Linears of a Q/DQ graph whose activation input is dequantized, in graph order."""
-    producers = {output: node for node in quantized.graph.node for output in node.output}
-    return [node.name for node in quantized.graph.node if node.op_type in ("MatMul", "Gemm")
-            and getattr(producers.get(node.input[0]), "op_type", None) == "DequantizeLinear"]
-
-
-def _lower_int8(proto: onnx.ModelProto, manifest, split, options: PrecisionOptions) -> tuple[onnx.ModelProto, dict]:
-    """The int8 graph of ``--int8-layers`` and its ``calibration`` and ``int8_*`` details."""
-
-    candidates = [name for name, role in linear_nodes(proto).items() if role in INT8_ROLES]
-    listed = listed_int8_layers(options.int8_layers, candidates)  # before the calibration: a typo fails fast
-    feeds = calibration_feeds(proto, manifest, split.calibration, options.calibration_samples, seed=options.seed)
-    target = options.int8_layers_target()
-    details: dict = {}
-    if listed is None:
-        quantized, calibration = quantize_qdq(proto, feeds, method=options.calibration)
-        chosen = choose_int8_layers(proto, quantized, manifest, split.heldout, count=options.heldout_samples,
-                                    seed=options.seed, target=target)
-        if not chosen["int8_layers"]:
-            raise DMMError(
-                f"--int8-layers auto | the action RMSE met {target:g} of the action range only with every Linear in "
-                f"fp32 (all int8: {chosen['steps'][0]['rmse_relative']:.2e}) | expected at least one int8 Linear "
-                "within --int8-target; nothing was written; export fp32 or --fp16, or raise --int8-target")
-        lowered = float_linears(quantized, proto, chosen["fp32_layers"])
-        calibration.update(quantized_linears=chosen["int8_layers"], float_linears=sorted(chosen["fp32_layers"]))
-        details.update(int8_layers_target=target, int8_selection=chosen["steps"])
-        if "sensitivity" in chosen:
-            details["int8_sensitivity"] = chosen["sensitivity"]
-        int8 = chosen["int8_layers"]
-    else:
-        int8 = listed
-        lowered, calibration = quantize_qdq(proto, feeds, method=options.calibration,
-                                            float_layers=[name for name in candidates if name not in listed])
-    details.update(
-        calibration=calibration,
-        int8_layers_choice=options.int8_layers.strip() if options.int8_layers.strip() in INT8_LAYER_CHOICES
-        else "list",
-        int8_layers={name: "int8" if name in int8 else "fp32" for name in candidates},
-        int8_mac_fraction=int8_mac_fraction(linear_macs(proto), int8),
-    )
-    return lowered, details
-
-
 # -- the export step ----------------------------------------------------------------------
 
 
@@ -345,30 +205,36 @@ class PrecisionOptions:
 
     def validate(self, precision: str) -> None:
         if precision not in LOW_PRECISIONS:
-            raise DMMError(f"precision {precision!r}; expected one of {', '.join(LOW_PRECISIONS)}")
+            raise DMMError(f"precision {precision!r}", f"one of {', '.join(LOW_PRECISIONS)}",
+                           "pass --fp16 or --int8 (fp32 needs no precision pass)")
         if self.calibration not in CALIBRATION_METHODS:
-            raise DMMError(f"--calibration {self.calibration!r}; expected one of {', '.join(CALIBRATION_METHODS)}")
+            raise DMMError(f"--calibration {self.calibration!r}", f"one of {', '.join(CALIBRATION_METHODS)}",
+                           "pass --calibration percentile (the default) or another of those")
         flags = {"calibration_samples": "--calibration-windows", "heldout_samples": "heldout_samples",
                  "score_episodes": "--score-episodes"}
         for name, flag in flags.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PRECISION_SAMPLES:
-                raise DMMError(f"{flag} {value!r}; expected a positive integer of at most {MAX_PRECISION_SAMPLES:,} "
-                               "(the samples and episodes are held in memory)")
+                raise DMMError(f"{flag} {value!r}", f"a positive integer of at most {MAX_PRECISION_SAMPLES:,} "
+                               "(the samples and episodes are held in memory)", f"pass {flag} between 1 and that")
         if self.max_score_drop is not None and not np.isfinite(self.max_score_drop):
-            raise DMMError(f"--max-score-drop {self.max_score_drop}; expected a finite number of points")
+            raise DMMError(f"--max-score-drop {self.max_score_drop}", "a finite number of points",
+                           f"pass --max-score-drop {DEFAULT_MAX_SCORE_DROP[precision]:g} (the default) or another")
         if self.max_action_error is not None and not (np.isfinite(self.max_action_error) and self.max_action_error > 0):
-            raise DMMError(f"--max-action-error {self.max_action_error}; expected a positive fraction of the action "
-                           "range (e.g. 0.02)")
+            raise DMMError(f"--max-action-error {self.max_action_error}",
+                           "a positive fraction of the action range (e.g. 0.02)", "pass --max-action-error 0.02")
         if self.int8_target is not None and not (np.isfinite(self.int8_target) and self.int8_target > 0):
-            raise DMMError(f"--int8-target {self.int8_target}; expected a positive fraction of the action range "
-                           f"(e.g. {DEFAULT_INT8_TARGET:g})")
+            raise DMMError(f"--int8-target {self.int8_target}",
+                           f"a positive fraction of the action range (e.g. {DEFAULT_INT8_TARGET:g})",
+                           f"pass --int8-target {DEFAULT_INT8_TARGET:g} (the default) or leave it out")
         if not isinstance(self.int8_layers, str) or not self.int8_layers.strip(" ,"):
-            raise DMMError(f"--int8-layers {self.int8_layers!r}; expected auto, all or a comma-separated list of "
-                           "Linear layer names (e.g. layer0/ssm/in_proj,layer1/dsm/dense)")
+            raise DMMError(f"--int8-layers {self.int8_layers!r}", "auto, all or a comma-separated list of Linear "
+                           "layer names (e.g. layer0/ssm/in_proj,layer1/dsm/dense)",
+                           "pass --int8-layers auto (the default) or name the layers")
         if not 2 <= self.look_size <= self.score_episodes:
-            raise DMMError(f"--score-batch {self.look_size} with --score-episodes {self.score_episodes}; expected "
-                           "2 <= batch <= episodes (each look of the gate needs two paired episodes)")
+            raise DMMError(f"--score-batch {self.look_size} with --score-episodes {self.score_episodes}",
+                           "2 <= batch <= episodes (each look of the gate needs two paired episodes)",
+                           "pass --score-batch 2 or more and --score-episodes at least that")
 
     @property
     def look_size(self) -> int:
@@ -404,28 +270,38 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     """
     options.validate(precision)
     if manifest.batch != 1:
-        raise DMMError(f"--batch {manifest.batch} with --{precision}; expected 1: a precision graph is judged by "
-                       "its closed-loop score in the control loop, which drives one plant")
-    # The training dataset where it is here as the checkpoint recorded it, else closed-loop rollouts of the
-    # policy: a checkpoint stays exportable when its dataset is gone or its id now names other content.
+        raise DMMError(f"--batch {manifest.batch} with --{precision}", "1: a precision graph is judged by its "
+                       "closed-loop score in the control loop, which drives one plant",
+                       f"leave --batch out with --{precision}")
+    # What the options ask of each step, settled before the pass goes down into calibration/.
     steps = max(CLOSED_LOOP_MIN_STEPS, 2 * (options.calibration_samples + options.heldout_samples))
+    int8_target = options.int8_layers_target()
+    action_limit = options.action_error_limit(precision)
+    gate = options.score_gate(precision)
+    # 1. data: the training dataset where it is here as the checkpoint recorded it, else closed-loop rollouts of
+    # the policy: a checkpoint stays exportable when its dataset is gone or its id now names other content.
     data = calibration_data(proto, manifest, checkpoint, dataset=options.dataset, steps=steps, seed=options.seed)
     if data.notice:
         print(data.notice, file=sys.stderr, flush=True)
     split = data.split
     details: dict = {"dataset": split.summary(), "calibration_source": data.source}
+    # 2. the graph: fp16 here, int8 calibrated on the calibration episodes.
     if precision == "fp16":
         lowered = to_fp16(proto)
+        evaluated = fp16_emulation(lowered)
     else:
-        lowered, int8_details = _lower_int8(proto, manifest, split, options)
+        lowered, int8_details = lower_int8(proto, manifest, split, layers=options.int8_layers,
+                                           method=options.calibration, samples=options.calibration_samples,
+                                           heldout_samples=options.heldout_samples,
+                                           target=int8_target, seed=options.seed)
         details.update(int8_details)
+        evaluated = lowered
     details.update(precision_summary(lowered, precision))
-    evaluated = fp16_emulation(lowered) if precision == "fp16" else lowered
+    # 3. the judgement, on the held-out episodes.
     lowered_manifest = dataclasses.replace(manifest, precision=precision)
-    action_limit = options.action_error_limit(precision)
     accuracy = accuracy_report(proto, evaluated, manifest=lowered_manifest, heldout=split.heldout,
-                               heldout_samples=options.heldout_samples, gate=options.score_gate(precision),
-                               seed=options.seed, action_limit=action_limit)
+                               heldout_samples=options.heldout_samples, gate=gate, seed=options.seed,
+                               action_limit=action_limit)
     accuracy["calibration_source"] = data.source
     if precision == "int8":
         accuracy["calibration_method"] = options.calibration
@@ -433,17 +309,17 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     if accuracy["action_refused"]:
         layers = ", --int8-layers auto" if precision == "int8" and details["int8_layers_choice"] != "auto" else ""
         raise DMMError(
-            f"--{precision} accuracy | action RMSE {accuracy['action_rmse']:.2e} against fp32 on held-out inputs, "
-            f"{accuracy['action_rmse_relative']:.2e} of the action range | expected at most --max-action-error "
-            f"{action_limit:g}; nothing was written (no episode was played); export fp32/fp16, try another "
-            f"--calibration{layers}, or raise --max-action-error")
+            f"--{precision} accuracy: action RMSE {accuracy['action_rmse']:.2e} against fp32 on held-out inputs, "
+            f"{accuracy['action_rmse_relative']:.2e} of the action range; nothing was written (no episode was played)",
+            f"at most --max-action-error {action_limit:g}",
+            f"export fp32/fp16, try another --calibration{layers}, or raise --max-action-error")
     if accuracy["score_refused"]:
         accept = "" if accuracy["score_looks"][-1]["decision"] == "refuse" else ", pass --accept-inconclusive"
         raise DMMError(
-            f"--{precision} accuracy | closed-loop normalised score {accuracy['score']:.2f} against fp32 "
+            f"--{precision} accuracy: closed-loop normalised score {accuracy['score']:.2f} against fp32 "
             f"{accuracy['score_fp32']:.2f}, {describe_delta(accuracy)}, action RMSE {accuracy['action_rmse']:.2e}: "
-            f"{accuracy['score_verdict']} | expected it shown no worse than --max-score-drop "
-            f"{accuracy['max_score_drop']:g}; nothing was written; export fp32/fp16, try another --calibration, "
-            f"play more episodes (--score-episodes){accept}, or raise --max-score-drop"
-        )
+            f"{accuracy['score_verdict']}; nothing was written",
+            f"a score shown no worse than --max-score-drop {accuracy['max_score_drop']:g}",
+            f"export fp32/fp16, try another --calibration, play more episodes (--score-episodes){accept}, "
+            "or raise --max-score-drop")
     return lowered, accuracy, details

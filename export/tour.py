@@ -313,8 +313,8 @@ def tour(config, out_dir: Path, *, episodes: int = 3, progress: bool = True,
         run_config = dataclasses.replace(TrainConfig(**state["train_config"]), steps=config.steps)
         del state
     elif (out_dir / MODEL_FILE).exists():
-        raise DMMError(f"{str(out_dir)!r} holds a model.pt but no resume.pt; expected a run directory of 'cli.py "
-                       "tour' or 'cli.py train' (or a new one); pass another --out")
+        raise DMMError(f"{str(out_dir)!r} holds a model.pt but no resume.pt",
+                       "a run directory of 'cli.py tour' or 'cli.py train' (or a new one)", "pass another --out")
     finished = done_steps >= run_config.steps
     report(f"dataset: {run_config.dataset or 'the embedded default (generated on first use)'}")
     dataset = resolve_dataset(run_config.dataset, progress=progress, preset=run_config.preset)
@@ -338,10 +338,11 @@ def tour(config, out_dir: Path, *, episodes: int = 3, progress: bool = True,
         try:
             checkpoint = train(config, out_dir, resume=resume, progress=progress, report=report)
         except DMMError as error:  # Ctrl-C: the trainer's advice names 'cli.py train'; the tour resumes by itself
-            if not str(error).startswith("training interrupted"):
+            if not error.received.startswith("training interrupted"):
                 raise
-            raise DMMError(str(error).replace("continue with the same command plus --resume",
-                                              "continue with the same command")) from None
+            raise DMMError(error.received, error.expected,
+                           error.fix.replace("continue with the same command plus --resume",
+                                             "continue with the same command")) from None
 
     preset = run_name(run_config.preset, run_config.dataset)
     backends = [export_graph(checkpoint, out_dir, preset, run_config.dataset, report),

@@ -49,9 +49,10 @@ DEFAULT_WORKSPACE_MB = 256
 def _check_device_options(device, precision_check) -> None:
     """The --device and --precision-check rules that build and adopt share."""
     if isinstance(device, bool) or not isinstance(device, int) or device < 0:
-        raise DMMError(f"--device {device!r}; expected a CUDA device index (0, 1, ...)")
+        raise DMMError(f"--device {device!r}", "a CUDA device index (0, 1, ...)", "pass --device 0 or leave it out")
     if precision_check not in PRECISION_CHECKS:
-        raise DMMError(f"--precision-check {precision_check!r}; expected one of {', '.join(PRECISION_CHECKS)}")
+        raise DMMError(f"--precision-check {precision_check!r}", f"one of {', '.join(PRECISION_CHECKS)}",
+                       f"pass --precision-check {PRECISION_CHECKS[0]} or another of those")
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,15 @@ class BuildConfig:
 
     def validate(self) -> None:
         if Path(self.onnx).suffix != ".onnx":
-            raise DMMError(f"build | received {str(self.onnx)!r} | expected a NAME.onnx written by 'cli.py export'")
+            raise DMMError(f"build {str(self.onnx)!r}", "a NAME.onnx written by 'cli.py export'",
+                           "pass the .onnx file the export wrote")
         if self.out is not None and Path(self.out).suffix != ".plan":
-            raise DMMError(f"--out {str(self.out)!r}; expected a NAME.plan path")
+            raise DMMError(f"--out {str(self.out)!r}", "a NAME.plan path", "pass --out NAME.plan")
         if isinstance(self.workspace_mb, bool) or not isinstance(self.workspace_mb, int) or self.workspace_mb < 1:
-            raise DMMError(f"--workspace-mb {self.workspace_mb!r}; expected a positive number of MiB")
+            raise DMMError(f"--workspace-mb {self.workspace_mb!r}", "a positive number of MiB",
+                           "pass --workspace-mb 1 or more")
         if self.typing not in TYPINGS:
-            raise DMMError(f"--typing {self.typing!r}; expected one of {', '.join(TYPINGS)}")
+            raise DMMError(f"--typing {self.typing!r}", f"one of {', '.join(TYPINGS)}", "pass --typing auto")
         _check_device_options(self.device, self.precision_check)
 
     @property
@@ -105,17 +108,17 @@ def default_timing_cache(plan_path: Path, tensorrt_version: str, compute_capabil
 
 def _source_manifest(onnx_path: Path, command: str = "build") -> Manifest:
     if not onnx_path.is_file():
-        raise DMMError(f"{command} | {str(onnx_path)!r} does not exist | expected a NAME.onnx written by "
-                       "'cli.py export'; export first or fix the path")
+        raise DMMError(f"{command}: {str(onnx_path)!r} does not exist", "a NAME.onnx written by 'cli.py export'",
+                       "export first or fix the path")
     manifest = read_manifest(manifest_path_for(onnx_path))
     if manifest.engine:
-        raise DMMError(f"{command} | {str(manifest_path_for(onnx_path))!r} is a plan's manifest | expected the "
-                       "manifest of an exported ONNX graph")
+        raise DMMError(f"{command}: {str(manifest_path_for(onnx_path))!r} is a plan's manifest",
+                       "the manifest of an exported ONNX graph", "pass the .onnx file the export wrote")
     digest = sha256_file(onnx_path)
     if manifest.onnx_sha256 and manifest.onnx_sha256 != digest:
-        raise DMMError(f"{command} | {str(onnx_path)!r} sha256 {digest[:12]}... | manifest "
-                       f"{manifest.onnx_sha256[:12]}...; "
-                       "the graph was changed after export or the manifest belongs to another export; re-export")
+        raise DMMError(f"{command}: {str(onnx_path)!r} sha256 {digest[:12]}... (the graph was changed after export "
+                       "or the manifest belongs to another export)", f"the manifest's {manifest.onnx_sha256[:12]}...",
+                       "re-export")
     return manifest
 
 
@@ -301,8 +304,9 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     version = str(trt.__version__)
     major = tensorrt_major(trt)
     if config.typing == "weak" and (major >= 11 or not hasattr(trt.BuilderFlag, "FP16")):
-        raise DMMError(f"--typing weak | TensorRT {version} | weak typing (the FP16/INT8 builder flags) exists on "
-                       "TensorRT 10.x only; use --typing strong (or auto)")
+        raise DMMError(f"--typing weak with TensorRT {version}",
+                       "TensorRT 10.x (weak typing, the FP16/INT8 builder flags, exists there only)",
+                       "use --typing strong (or auto)")
     plan_path = config.plan_path
     cache_path = Path(config.timing_cache) if config.timing_cache else default_timing_cache(
         plan_path, version, gpu.compute_capability)
@@ -313,13 +317,13 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     try:
         builder = trt.Builder(logger)
     except TypeError:  # "pybind11::init(): factory function returned nullptr": CUDA init failed
-        raise DMMError(f"TensorRT {version} could not start a builder on {gpu.label()} "
-                       f"({logged_errors(logger)}); expected a working CUDA driver for this GPU") from None
+        raise DMMError(f"TensorRT {version} could not start a builder on {gpu.label()} ({logged_errors(logger)})",
+                       "a working CUDA driver for this GPU", "check the driver with 'python cli.py doctor'") from None
 
     strong_available = major >= 11 or hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     if config.typing == "strong" and not strong_available:
-        raise DMMError(f"--typing strong | TensorRT {version} has no strongly typed networks | expected 10.x with "
-                       "STRONGLY_TYPED or 11.x; use --typing weak (or auto)")
+        raise DMMError(f"--typing strong with TensorRT {version}, which has no strongly typed networks",
+                       "10.x with STRONGLY_TYPED or 11.x", "use --typing weak (or auto)")
     if config.typing == "auto":
         attempts = (["strong"] if strong_available else []) + (["weak"] if major < 11 else [])
     else:
@@ -348,8 +352,8 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
                 continue
             prefix = f"strongly typed build failed ({fallback_reason}); the weakly typed one too: " \
                 if fallback_reason else ""
-            raise DMMError(f"{prefix}{failure}; expected a graph written by 'cli.py export' for TensorRT "
-                           f"{version}; report it with the ONNX") from None
+            raise DMMError(f"{prefix}{failure}", f"a graph written by 'cli.py export' for TensorRT {version}",
+                           "report it with the ONNX") from None
     assert plan is not None and builder_config is not None  # the last attempt raised otherwise
     plan_bytes = bytes(plan)
     build_seconds = time.monotonic() - started
@@ -359,8 +363,8 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
     runtime = create_runtime(trt, logger, f"checking the plan built from {str(onnx_path)!r}")
     engine = runtime.deserialize_cuda_engine(plan_bytes)
     if engine is None:
-        raise DMMError(f"TensorRT built {str(onnx_path)!r} but cannot deserialise the plan "
-                       f"({logged_errors(logger)}); report it with the ONNX")
+        raise DMMError(f"TensorRT built {str(onnx_path)!r} but cannot deserialise the plan ({logged_errors(logger)})",
+                       "a plan this TensorRT reads back", "report it with the ONNX")
     source = f"plan built from {str(onnx_path)!r}"
     tensors = engine_io(engine)
     check_io(source, manifest, tensors)
@@ -409,10 +413,11 @@ class AdoptConfig:
 
     def validate(self) -> None:
         if Path(self.plan).suffix != ".plan":
-            raise DMMError(f"adopt | received {str(self.plan)!r} | expected a NAME.plan "
-                           "(trtexec --saveEngine=NAME.plan)")
+            raise DMMError(f"adopt {str(self.plan)!r}", "a NAME.plan (trtexec --saveEngine=NAME.plan)",
+                           "pass the .plan file trtexec wrote")
         if self.onnx is not None and Path(self.onnx).suffix != ".onnx":
-            raise DMMError(f"--onnx {str(self.onnx)!r}; expected the NAME.onnx the plan was built from")
+            raise DMMError(f"--onnx {str(self.onnx)!r}", "the NAME.onnx the plan was built from",
+                           "pass --onnx NAME.onnx")
         _check_device_options(self.device, self.precision_check)
 
     @property
@@ -433,11 +438,11 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
     config.validate()
     plan_path, onnx_path = Path(config.plan), config.onnx_path
     if not plan_path.is_file():
-        raise DMMError(f"adopt | {str(plan_path)!r} does not exist | expected a plan built on this GPU, e.g. "
-                       f"trtexec --onnx={onnx_path} --saveEngine={plan_path} --stronglyTyped")
+        raise DMMError(f"adopt: {str(plan_path)!r} does not exist", "a plan built on this GPU",
+                       f"build it, e.g. trtexec --onnx={onnx_path} --saveEngine={plan_path} --stronglyTyped")
     plan_manifest_path = manifest_path_for(plan_path)
     if plan_manifest_path.exists() and not config.force:
-        raise DMMError(f"adopt | {str(plan_manifest_path)!r} already exists | expected a plan without a manifest; "
+        raise DMMError(f"adopt: {str(plan_manifest_path)!r} already exists", "a plan without a manifest",
                        "pass --force to replace it")
     manifest = _source_manifest(onnx_path, "adopt")
     plan_bytes = plan_path.read_bytes()
@@ -454,8 +459,8 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
         engine = runtime.deserialize_cuda_engine(plan_bytes)
         if engine is None:
             raise DMMError(f"{source}: TensorRT {version} cannot deserialise it on {gpu.label()} "
-                           f"({logged_errors(logger)}); expected a plan built here with this TensorRT; rebuild it "
-                           f"(python cli.py build {onnx_path}, or trtexec on this machine)")
+                           f"({logged_errors(logger)})", "a plan built here with this TensorRT",
+                           f"rebuild it (python cli.py build {onnx_path}, or trtexec on this machine)")
         tensors = engine_io(engine)
         check_io(source, manifest, tensors)
         layers = inspect_layers(engine, manifest)
@@ -469,8 +474,8 @@ def adopt_plan(config: AdoptConfig) -> tuple[Path, Path]:
     try:
         write_manifest(dataclasses.replace(manifest, engine=engine_record), plan_manifest_path)
     except OSError as error:
-        raise DMMError(f"cannot write {str(plan_manifest_path)!r} ({error.strerror or error}); expected a writable "
-                       "directory beside the plan") from None
+        raise DMMError(f"cannot write {str(plan_manifest_path)!r} ({error.strerror or error})",
+                       "a writable directory beside the plan", "make that directory writable") from None
     return plan_path, plan_manifest_path
 
 
@@ -539,4 +544,4 @@ def engine_after_export(onnx_path: Path, *, build: bool = True) -> str:
     try:
         return build_summary(*build_engine(BuildConfig(onnx=Path(onnx_path))))
     except DMMError as error:
-        raise DMMError(f"wrote {onnx_path}, but building its engine failed: {error}") from None
+        raise error.within(f"wrote {onnx_path}, but building its engine failed") from None

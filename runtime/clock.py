@@ -57,7 +57,7 @@ class FixedRateClock:
 
     def __init__(self, period_ns: int, *, spin_ns: int = int(DEFAULT_SPIN_US * 1e3)):
         if period_ns <= 0:
-            raise DMMError(f"control period | received {period_ns} ns | expected a positive period")
+            raise DMMError(f"control period {period_ns} ns", "a positive period", "pass a period above 0 ns")
         self.period_ns = int(period_ns)
         self.spin_ns = max(0, int(spin_ns))
         self.skipped = 0
@@ -128,13 +128,15 @@ class ControlLoop:
     def __init__(self, policy, period_ms: float, *, deadline_ms: float | None = None,
                  spin_us: float = DEFAULT_SPIN_US, capacity: int = DEFAULT_CAPACITY):
         if not period_ms > 0:
-            raise DMMError(f"--period-ms {period_ms}; expected a positive number of milliseconds")
+            raise DMMError(f"--period-ms {period_ms}", "a positive number of milliseconds",
+                           "pass --period-ms above 0")
         if deadline_ms is not None and not deadline_ms > 0:
-            raise DMMError(f"--deadline-ms {deadline_ms}; expected a positive number of milliseconds")
+            raise DMMError(f"--deadline-ms {deadline_ms}", "a positive number of milliseconds",
+                           "pass --deadline-ms above 0, or leave it out (the period)")
         if not spin_us >= 0:
-            raise DMMError(f"--spin-us {spin_us}; expected 0 or more microseconds")
+            raise DMMError(f"--spin-us {spin_us}", "0 or more microseconds", "pass --spin-us 0 or more")
         if capacity < 1:
-            raise DMMError(f"timing capacity {capacity}; expected at least 1 step")
+            raise DMMError(f"timing capacity {capacity}", "at least 1 step", "pass a capacity of 1 or more")
         self.policy = policy
         self.period_ms = float(period_ms)
         self.deadline_ms = float(deadline_ms if deadline_ms is not None else period_ms)
@@ -184,7 +186,8 @@ class ControlLoop:
     def timings(self) -> LoopTimings:
         recorded = min(self._steps, self._compute.size)
         if recorded == 0:
-            raise DMMError("loop timings | received no timed step | expected at least one wait() + act()")
+            raise DMMError("loop timings: no timed step", "at least one step timed",
+                           "call wait() then act() at least once before timings()")
         return LoopTimings(
             steps=self._steps, period_ms=self.period_ms, deadline_ms=self.deadline_ms,
             lateness=LatencyStats.from_ns(self._lateness[:recorded]),
@@ -213,11 +216,11 @@ class RealtimeOptions:
 def pin_to_cpu(cpu: int) -> set[int]:
     """Run the calling thread on core ``cpu`` alone; returns the previous affinity set."""
     if not hasattr(os, "sched_setaffinity"):
-        raise DMMError(f"--cpu {cpu} | this platform has no os.sched_setaffinity | expected Linux; leave --cpu "
-                       "out here")
+        raise DMMError(f"--cpu {cpu}: this platform has no os.sched_setaffinity", "Linux", "leave --cpu out here")
     allowed = os.sched_getaffinity(0)
     if cpu not in allowed:
-        raise DMMError(f"--cpu {cpu} | this process may run on CPUs {sorted(allowed)} | expected one of them")
+        raise DMMError(f"--cpu {cpu}: this process may run on CPUs {sorted(allowed)}", "one of those CPUs",
+                       f"pass --cpu {min(allowed)} (or another of them), or leave --cpu out")
     os.sched_setaffinity(0, {cpu})
     return allowed
 
@@ -225,19 +228,20 @@ def pin_to_cpu(cpu: int) -> set[int]:
 def request_fifo(priority: int) -> tuple[int, int]:
     """Switch the calling thread to SCHED_FIFO at ``priority``; returns the previous (policy, priority)."""
     if not hasattr(os, "sched_setscheduler"):
-        raise DMMError("--realtime | this platform has no os.sched_setscheduler | expected Linux; leave "
-                       "--realtime out here")
+        raise DMMError("--realtime: this platform has no os.sched_setscheduler", "Linux",
+                       "leave --realtime out here")
     lowest, highest = os.sched_get_priority_min(os.SCHED_FIFO), os.sched_get_priority_max(os.SCHED_FIFO)
     if not lowest <= priority <= highest:
-        raise DMMError(f"SCHED_FIFO priority | received {priority} | expected {lowest}..{highest}")
+        raise DMMError(f"SCHED_FIFO priority {priority}", f"{lowest}..{highest}",
+                       f"pass a priority from {lowest} to {highest}")
     previous = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
     except PermissionError as error:
-        raise DMMError(f"--realtime | SCHED_FIFO priority {priority} was refused ({error.strerror}) | expected "
-                       "a user allowed real-time scheduling: give it an rtprio limit (limits.conf "
-                       f"'USER - rtprio {priority}') or the CAP_SYS_NICE capability, or leave --realtime out"
-                       ) from None
+        raise DMMError(f"--realtime: SCHED_FIFO priority {priority} was refused ({error.strerror})",
+                       "a user allowed real-time scheduling",
+                       f"give it an rtprio limit (limits.conf 'USER - rtprio {priority}') or the CAP_SYS_NICE "
+                       "capability, or leave --realtime out") from None
     return previous
 
 

@@ -41,8 +41,8 @@ import numpy as np
 from contract.errors import DMMError
 
 CUDART_MODULES = ("cuda.bindings.runtime", "cuda.cudart")  # cuda-python >= 12.6, then older releases
-INSTALL_HINT = ("install the GPU extra where the NVIDIA GPU is (pip install -e '.[gpu]' in the checkout; "
-                "on a Jetson, JetPack's TensorRT through a venv with --system-site-packages and pycuda built with the "
+INSTALL_HINT = ("install the GPU extra where the NVIDIA GPU is (pip install -e '.[gpu]' in the checkout, or "
+                "on a Jetson JetPack's TensorRT through a venv with --system-site-packages and pycuda built with the "
                 "CUDA toolkit on PATH, see docs/jetson.md)")
 
 
@@ -174,9 +174,10 @@ def gpu_name_and_capability(device: int) -> tuple[str, str, str]:
     except CudaUnavailable as why:
         reasons.append(str(why))
     if all(reason.endswith("is not installed") for reason in reasons):
-        raise DMMError(f"reading the GPU needs pycuda or cuda-python, and neither is installed; {INSTALL_HINT}")
-    raise DMMError(f"no usable CUDA GPU {device} here ({'; '.join(reasons)}); expected an NVIDIA GPU with its driver "
-                   f"and pycuda built for its CUDA; {INSTALL_HINT}")
+        raise DMMError("reading the GPU: pycuda or cuda-python needed, and neither is installed",
+                       "pycuda or cuda-python installed", INSTALL_HINT)
+    raise DMMError(f"no usable CUDA GPU {device} here ({'; '.join(reasons)})",
+                   "an NVIDIA GPU with its driver and pycuda built for its CUDA", INSTALL_HINT)
 
 
 class PrimaryContext:
@@ -206,7 +207,8 @@ class PrimaryContext:
 
     def __enter__(self) -> PrimaryContext:
         if self._context is None:
-            raise DMMError(f"CUDA device {self.index}: this context handle was released; load the backend again")
+            raise DMMError(f"CUDA device {self.index}: this context handle was released", "a live context handle",
+                           "load the backend again")
         self._lock.acquire()
         try:
             self._context.push()
@@ -263,8 +265,8 @@ def device_current(index: int):
         cudart_call(cudart, "cudaSetDevice", index)
     except CudaUnavailable as why:
         reasons.append(str(why))
-        raise DMMError(f"cannot make CUDA device {index} current ({'; '.join(reasons)}); expected pycuda or "
-                       f"cuda-python working with this GPU's driver; {INSTALL_HINT}") from None
+        raise DMMError(f"cannot make CUDA device {index} current ({'; '.join(reasons)})",
+                       "pycuda or cuda-python working with this GPU's driver", INSTALL_HINT) from None
     try:
         yield "cuda-python"
     finally:

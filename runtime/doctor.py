@@ -115,7 +115,7 @@ def probe_environment() -> dict:
     except DMMError as error:
         components["tensorrt"] = _component(distribution_version("tensorrt", "tensorrt-cu12", "tensorrt-cu13",
                                                                  "tensorrt_cu12_bindings"),
-                                            False, str(error).split(";")[0])
+                                            False, error.received)
 
     try:
         cuda = import_pycuda()
@@ -187,8 +187,9 @@ def _candidates(engine: Path) -> list[tuple[str, Path, dict]]:
         engine = engine / "model.pt"  # a training run directory, as 'cli.py run' accepts
     suffix = engine.suffix.lower()
     if suffix not in ENGINE_SUFFIXES:
-        raise DMMError(f"--engine {str(engine)!r}: unknown engine kind {engine.suffix or '(none)'!r}; expected one "
-                       f"of {', '.join(ENGINE_SUFFIXES)} (what 'cli.py run' runs) or a training run directory")
+        raise DMMError(f"--engine {str(engine)!r}: unknown engine kind {engine.suffix or '(none)'!r}",
+                       f"one of {', '.join(ENGINE_SUFFIXES)} (what 'cli.py run' runs) or a training run directory",
+                       "pass --engine one of those files or a training run directory")
     found: list[tuple[str, Path, dict]] = []
     if suffix == ".plan":
         found.append(("trt", engine, {}))
@@ -211,8 +212,8 @@ def _candidates(engine: Path) -> list[tuple[str, Path, dict]]:
 
 def _load(path: Path, options: dict):
     if not path.exists():
-        raise DMMError(f"{path.name} does not exist; build it on the target GPU: python cli.py build "
-                       f"{path.with_suffix('.onnx')}")
+        raise DMMError(f"{path.name} does not exist", f"a {path.suffix} built here",
+                       f"build it on the target GPU: python cli.py build {path.with_suffix('.onnx')}")
     return load_backend(path, **options)
 
 
@@ -235,8 +236,8 @@ def diagnose_engine(engine: Path, *, steps: int = DEFAULT_STEPS, seed: int = 0) 
     """Which backends load ``engine``, their actions against ONNX Runtime CPU, their latency."""
     engine = Path(engine)
     if not engine.exists():
-        raise DMMError(f"--engine {str(engine)!r} does not exist; expected a .plan, .onnx, .c (export --target c) "
-                       "or model.pt")
+        raise DMMError(f"--engine {str(engine)!r} does not exist", "a .plan, .onnx, .c (export --target c) or model.pt",
+                       "pass --engine the path of an exported engine or a checkpoint")
     report: dict = {"engine": str(engine), "backends": [], "comparison": None, "trajectory": None}
     loaded = {}
     for label, path, options in _candidates(engine):

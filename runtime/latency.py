@@ -32,8 +32,7 @@ class LatencyStats:
         """samples_ns: (n,) integer nanoseconds, one per step."""
         samples = np.asarray(samples_ns, dtype=np.float64) / NS_PER_MS  # (n,) ms
         if samples.size == 0:
-            raise DMMError("latency samples | received none | expected at least one step; "
-                           "run an episode first")
+            raise DMMError("latency samples: none", "at least one step", "run an episode first")
         misses = int((samples > deadline_ms).sum()) if deadline_ms is not None else 0
         return cls(
             count=int(samples.size),
@@ -71,8 +70,8 @@ def save_histogram(samples_ns, path: str | Path, *, deadline_ms: float | None = 
         matplotlib.use("Agg")  # no display on a robot or in CI
         import matplotlib.pyplot as plt
     except ImportError:
-        raise DMMError("--histogram needs matplotlib, which is not installed; pip install matplotlib, "
-                       "or leave --histogram out") from None
+        raise DMMError("--histogram: matplotlib is not installed", "matplotlib for --histogram",
+                       "pip install matplotlib, or leave --histogram out") from None
     stats = LatencyStats.from_ns(samples_ns, deadline_ms)
     samples = np.asarray(samples_ns, dtype=np.float64) / NS_PER_MS  # (n,) ms
     path = Path(path)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.manifest import ACTUATOR_LIMIT_KEYS, Manifest, check_actuator_limits
 
 LIMIT_KINDS = ("bounds", "rate", "ramp")
@@ -111,11 +111,13 @@ def _numbers(text: str | float | None, act_dim: int, flag: str) -> tuple[float, 
     try:
         values = [float(part) for part in str(text).split(",")]
     except ValueError:
-        raise DMMError(f"{flag} | received {text!r} | expected a number or {act_dim} comma-separated numbers") from None
+        raise DMMError(f"{flag} {text!r}", f"a number or {act_dim} comma-separated numbers",
+                       f"pass {flag} one number or {act_dim} separated by commas") from None
     if len(values) == 1:
         values *= act_dim
     if len(values) != act_dim:
-        raise DMMError(f"{flag} | received {len(values)} numbers | expected 1 or {act_dim} (the action dimension)")
+        raise DMMError(f"{flag} {text!r}: {len(values)} numbers", f"1 or {act_dim} (the action dimension)",
+                       f"pass {flag} one number or {act_dim} separated by commas")
     return tuple(values)
 
 
@@ -165,14 +167,17 @@ def read_limits_file(path: str | Path, act_dim: int) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DMMError(f"--limits {str(path)!r} does not exist | expected a JSON file of actuator limits") from None
+        raise DMMError(f"--limits {str(path)!r}: no such file", "a JSON file of actuator limits",
+                       "pass --limits the path of an existing limits file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DMMError(f"--limits {str(path)!r} | cannot be read as JSON ({error}) | expected an object such as "
-                       '{"max_change": 0.1, "ramp_steps": 50}') from None
+        raise DMMError(f"--limits {str(path)!r}: cannot be read as JSON ({describe_error(error)})",
+                       'a JSON object such as {"max_change": 0.1, "ramp_steps": 50}',
+                       "write the limits file as one JSON object (docs/deployment.md#limits-at-the-actuator)") from None
     if not isinstance(data, dict) or not set(data) <= set(ACTUATOR_LIMIT_KEYS):
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise DMMError(f"--limits {str(path)!r} | received keys {keys} | expected some of "
-                       f"{', '.join(ACTUATOR_LIMIT_KEYS)}")
+        raise DMMError(f"--limits {str(path)!r}: keys {keys}",
+                       f"an object with some of {', '.join(ACTUATOR_LIMIT_KEYS)}",
+                       "remove the other keys from the limits file")
     entries = {}
     for key, value in data.items():
         if key == "ramp_steps" or value is None:

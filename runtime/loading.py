@@ -48,25 +48,27 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     complete_export(path.parent)
     suffix = path.suffix.lower()
     if mode is not None and mode not in MODES:
-        raise DMMError(f"mode {mode!r}; expected one of {', '.join(MODES)}")
+        raise DMMError(f"mode {mode!r}", f"one of {', '.join(MODES)}", f"pass --mode {MODES[0]} or {MODES[-1]}")
     if suffix not in ENGINE_SUFFIXES:
-        raise DMMError(
-            f"unknown engine file type {path.suffix or '(none)'!r} of {str(path)!r}; expected "
-            ".plan (TensorRT), .onnx (ONNX Runtime), .c (export --target c) or .pt (PyTorch checkpoint)"
-        )
+        raise DMMError(f"unknown engine file type {path.suffix or '(none)'!r} of {str(path)!r}",
+                       ".plan (TensorRT), .onnx (ONNX Runtime), .c (export --target c) or .pt (PyTorch checkpoint)",
+                       "pass the path of an exported engine or a checkpoint")
     if provider is not None and suffix != ".onnx" and not (suffix in (".pt", ".c") and provider == "cpu"):
-        raise DMMError(f"provider {provider!r} for a {suffix} engine; execution providers choose how "
-                       "ONNX Runtime runs a .onnx; leave the provider out for this engine")
+        raise DMMError(f"provider {provider!r} for a {suffix} engine",
+                       "no provider (execution providers choose how ONNX Runtime runs a .onnx)",
+                       "leave the provider out for this engine")
     if device is not None and suffix == ".onnx":
-        raise DMMError(f"--device {device!r} for a .onnx engine; ONNX Runtime picks its device by execution "
-                       "provider: pass --provider cuda (or tensorrt) instead")
+        raise DMMError(f"--device {device!r} for a .onnx engine",
+                       "no --device (ONNX Runtime picks its device by execution provider)",
+                       "pass --provider cuda (or tensorrt) instead")
     if cuda_graph and suffix == ".onnx":
-        raise DMMError(f"--cuda-graph for a {suffix} engine; CUDA-graph replay is an option of the TensorRT "
-                       "backend (.plan) and of the PyTorch backend on a CUDA device (.pt --device cuda); leave it "
-                       "out, or run the .plan")
+        raise DMMError(f"--cuda-graph for a {suffix} engine",
+                       "a .plan (TensorRT) or a .pt on a CUDA device (.pt --device cuda) for CUDA-graph replay",
+                       "leave --cuda-graph out, or run the .plan")
     if cuda_graph and suffix == ".pt" and not str(device or "cpu").startswith("cuda"):
-        raise DMMError(f"--cuda-graph for a .pt engine on {device or 'cpu'}; CUDA-graph replay of the PyTorch "
-                       "backend needs --device cuda; leave it out, or pass --device cuda")
+        raise DMMError(f"--cuda-graph for a .pt engine on {device or 'cpu'}",
+                       "a CUDA device for CUDA-graph replay of the PyTorch backend",
+                       "leave --cuda-graph out, or pass --device cuda")
     if suffix == ".plan":
         backend = _trt_backend(path, cuda_graph=cuda_graph, device=_cuda_index(device))
     elif suffix == ".onnx":
@@ -80,7 +82,8 @@ def load_backend(path: str | Path, mode: str | None = None, *, provider: str | N
     if mode is not None and backend.manifest.mode != mode:
         received = backend.manifest.mode
         backend.close()
-        raise DMMError(f"mode | received {mode!r} | engine {str(path)!r} is a {received} graph; "
+        raise DMMError(f"mode {mode!r} for engine {str(path)!r}, which is a {received} graph",
+                       f"{received} (the engine's own mode)",
                        "leave --mode out for an exported engine, or export the other mode")
     return backend
 
@@ -89,7 +92,8 @@ def _cuda_index(device: str | None) -> int:
     """A .plan's device: None -> 0, "1" or "cuda:1" -> 1."""
     text = str(device or "0").removeprefix("cuda:")
     if not text.isdigit():
-        raise DMMError(f"--device {device!r} for a .plan; expected a CUDA device index (0, 1, ...) or cuda:N")
+        raise DMMError(f"--device {device!r} for a .plan", "a CUDA device index (0, 1, ...) or cuda:N",
+                       "pass --device 0 (or another index), or leave it out")
     return int(text)
 
 

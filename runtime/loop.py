@@ -59,7 +59,8 @@ def run_episode(policy: Policy, plant, *, seed: int, loop: ControlLoop | None = 
     observation range, and its results still count. A robot's own loop stops at the first.
     """
     if loop is not None and loop.policy is not policy:
-        raise DMMError("run_episode | received a ControlLoop of another Policy | expected the loop of this one")
+        raise DMMError("run_episode: a ControlLoop of another Policy", "the ControlLoop of this policy",
+                       "pass loop=ControlLoop(policy, ...) built on the same policy")
     observation, _ = plant.reset(seed=seed)
     policy.reset()
     faults_before = dict(policy.faults)
@@ -164,24 +165,29 @@ class RunConfig:
 
     def validate(self) -> None:
         if not 1 <= self.episodes <= MAX_RUN_EPISODES:
-            raise DMMError(f"--episodes {self.episodes}; expected 1 to {MAX_RUN_EPISODES:,} (each episode's latency "
-                           "samples are kept for the report); run longer campaigns as several runs")
+            raise DMMError(f"--episodes {self.episodes}",
+                           f"1 to {MAX_RUN_EPISODES:,} (each episode's latency samples are kept for the report)",
+                           "run longer campaigns as several runs")
         if self.deadline_ms is not None and not self.deadline_ms > 0:
-            raise DMMError(f"--deadline-ms {self.deadline_ms}; expected a positive number of milliseconds")
+            raise DMMError(f"--deadline-ms {self.deadline_ms}", "a positive number of milliseconds",
+                           "pass --deadline-ms above 0, or leave it out (the control period)")
         if self.warmup < 0:
-            raise DMMError(f"warmup {self.warmup}; expected 0 or more engine calls")
+            raise DMMError(f"warmup {self.warmup}", "0 or more engine calls", "pass a warmup of 0 or more")
         if self.on_fault not in ON_FAULT:
-            raise DMMError(f"--on-fault {self.on_fault!r}; expected one of {', '.join(ON_FAULT)}")
+            raise DMMError(f"--on-fault {self.on_fault!r}", f"one of {', '.join(ON_FAULT)}",
+                           f"pass --on-fault {ON_FAULT[0]} (or another of them)")
         if self.max_consecutive_faults < 0:
-            raise DMMError(f"--max-consecutive-faults {self.max_consecutive_faults}; expected 0 or more")
+            raise DMMError(f"--max-consecutive-faults {self.max_consecutive_faults}", "0 or more",
+                           "pass --max-consecutive-faults 0 or more")
         if self.period_ms is not None and not self.period_ms > 0:
-            raise DMMError(f"--period-ms {self.period_ms}; expected a positive number of milliseconds")
+            raise DMMError(f"--period-ms {self.period_ms}", "a positive number of milliseconds",
+                           "pass --period-ms above 0, or leave it out")
         if not self.spin_us >= 0:
-            raise DMMError(f"--spin-us {self.spin_us}; expected 0 or more microseconds")
+            raise DMMError(f"--spin-us {self.spin_us}", "0 or more microseconds", "pass --spin-us 0 or more")
         if self.cpu is not None and self.cpu < 0:
-            raise DMMError(f"--cpu {self.cpu}; expected a core number (0 or more)")
+            raise DMMError(f"--cpu {self.cpu}", "a core number (0 or more)", "pass --cpu 0 or another core number")
         if self.ramp_steps is not None and self.ramp_steps < 0:
-            raise DMMError(f"--ramp-steps {self.ramp_steps}; expected 0 or more steps")
+            raise DMMError(f"--ramp-steps {self.ramp_steps}", "0 or more steps", "pass --ramp-steps 0 or more")
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,7 @@ class RunReport:
     latency: LatencyStats
     histogram: str | None = None
     histogram_error: str | None = None  # why the histogram could not be written (the results stand)
+    histogram_failure: DMMError | None = field(default=None, repr=False, compare=False)  # that error, to raise
     on_fault: str = "raise"
     faults: dict = field(default_factory=dict)  # fault kind -> count over every episode
     timings: LoopTimings | None = None  # with a control period
@@ -298,7 +305,7 @@ def run_engine(config: RunConfig) -> RunReport:
             policy.close()  # a run stopped before its episodes still leaves a readable record
         record_rows = recorder.rows if recorder is not None else 0
     samples = np.concatenate([e.latency_ns for e in episodes])  # (total steps,)
-    histogram = histogram_error = None
+    histogram = histogram_failure = None
     if config.histogram is not None:
         # A side output: the episodes are the result, and a histogram that cannot be written (a directory
         # or a full disk at that path) must not throw them away; the caller reports both.
@@ -306,14 +313,15 @@ def run_engine(config: RunConfig) -> RunReport:
             histogram = str(save_histogram(samples, config.histogram, deadline_ms=deadline_ms,
                                            title=f"{Path(config.engine).name} ({backend.name}, {manifest.mode})"))
         except DMMError as error:
-            histogram_error = str(error)
+            histogram_failure = error
     return RunReport(
         engine=str(config.engine), backend=backend.name, provider=backend.provider, mode=manifest.mode,
         precision=manifest.precision, env_id=env_id, target_return=policy.target_return,
         episodes=episodes,
         normalized_scores=tuple(manifest.facts.score(e.episode_return) for e in episodes),
         latency=LatencyStats.from_ns(samples, None if loop is not None else deadline_ms), histogram=histogram,
-        histogram_error=histogram_error,
+        histogram_error=str(histogram_failure) if histogram_failure is not None else None,
+        histogram_failure=histogram_failure,
         on_fault=config.on_fault, faults=dict(policy.faults), timings=loop.timings() if loop is not None else None,
         realtime=applied, limits=policy.limits.to_dict(), limit_counts=policy.limit_counts,
         limits_summary=policy.limits.summary(), record=str(config.record) if config.record is not None else None,

@@ -78,8 +78,9 @@ class NativeLibrary:
             try:
                 entry = getattr(library, f"{prefix}_{name}")
             except AttributeError:
-                raise DMMError(f"library {str(self.path)!r} has no function {prefix}_{name} | expected the API of "
-                               "a C file written by 'cli.py export --target c'; re-export it") from None
+                raise DMMError(f"library {str(self.path)!r}: no function {prefix}_{name}",
+                               "the API of a C file written by 'cli.py export --target c'",
+                               "re-export it with 'cli.py export --target c'") from None
             entry.argtypes, entry.restype = argtypes, restype
             return entry
 
@@ -125,29 +126,31 @@ class NativeLibrary:
     def reset(self, target_return: float) -> None:
         status = self._reset(self._state_address, float(target_return))
         if status != OK:
-            raise DMMError(f"target return | received {target_return} | expected a finite number "
-                           f"({self.error_string(status)})")
+            raise DMMError(f"target return {target_return} ({self.error_string(status)})", "a finite number",
+                           "pass a finite target return")
 
     def step(self, observation: np.ndarray, reward: float = 0.0) -> np.ndarray:
         """observation: (S,) raw -> the action (Adim,) float32, clipped (a buffer reused by the next call)."""
         if np.shape(observation) != self._observation.shape:
-            raise DMMError(f"observation | received shape {np.shape(observation)} | expected ({self.state_dim},)")
+            raise DMMError(f"observation shape {np.shape(observation)}", f"({self.state_dim},)",
+                           f"pass one observation of {self.state_dim} numbers")
         np.copyto(self._observation, observation)  # as float64, what the C API reads
         status = self._step(self._state_address, self._observation_address, float(reward), self._action_address)
         if status != OK:
-            raise DMMError(f"{self.prefix}_step | returned {status}: {self.error_string(status)} | expected "
-                           f"{OK}; check the inputs (finite observation and reward), or stop the plant")
+            raise DMMError(f"{self.prefix}_step returned {status}: {self.error_string(status)}", f"{OK} (success)",
+                           "check the inputs (finite observation and reward), or stop the plant")
         return self._action
 
     def override_action(self, action) -> None:
         """The action actually executed after the last step (teacher forcing, a safety layer's clamp)."""
         if np.shape(action) != self._executed.shape:
-            raise DMMError(f"action | received shape {np.shape(action)} | expected ({self.act_dim},)")
+            raise DMMError(f"action shape {np.shape(action)}", f"({self.act_dim},)",
+                           f"pass one executed action of {self.act_dim} numbers")
         np.copyto(self._executed, action)
         status = self._override(self._state_address, self._executed_address)
         if status != OK:
-            raise DMMError(f"{self.prefix}_override_action | returned {status}: {self.error_string(status)} | "
-                           f"expected {OK}")
+            raise DMMError(f"{self.prefix}_override_action returned {status}: {self.error_string(status)}",
+                           f"{OK} (success)", "pass the finite action actually executed")
 
     # -- the graph-level stream step -----------------------------------------------------
 
@@ -161,11 +164,11 @@ class NativeLibrary:
             inputs.append(array)
         status = self._stream_step(_address(self._work), *(_address(a) for a in inputs), *self._output_addresses)
         if status == E_NONFINITE_INPUT:
-            raise DMMError(f"stream inputs | received non-finite prev_action, rtg or state | expected finite values "
-                           f"({self.error_string(status)}); check the observation and reward")
+            raise DMMError(f"stream inputs: non-finite prev_action, rtg or state ({self.error_string(status)})",
+                           "finite values", "check the observation and reward")
         if status not in (OK, E_NONFINITE_OUTPUT):  # a non-finite action is the caller's to report (Policy does)
-            raise DMMError(f"{self.prefix}_stream_step | returned {status}: {self.error_string(status)} | "
-                           f"expected {OK}")
+            raise DMMError(f"{self.prefix}_stream_step returned {status}: {self.error_string(status)}",
+                           f"{OK} (success)", "check the stream inputs, or re-export with 'cli.py export --target c'")
         return self._outputs
 
     def session(self) -> _StreamSession:
@@ -197,28 +200,30 @@ class NativeBackend(Backend):
         source = f"engine {str(self.path)!r}"
         for path, what in ((self.path, "C source"), (self.header_path, "header")):
             if not path.is_file():
-                raise DMMError(f"{source}: {what} {str(path)!r} does not exist; expected NAME.c and NAME.h written "
-                               "by 'cli.py export --target c'; export it, or keep the two files together")
+                raise DMMError(f"{source}: {what} {str(path)!r} does not exist",
+                               "NAME.c and NAME.h written by 'cli.py export --target c'",
+                               "export it, or keep the two files together")
         manifest = read_manifest(self.manifest_path)
         engine = manifest.engine
         if engine.get("target") != "c":
-            raise DMMError(f"{source}: manifest {str(self.manifest_path)!r} | describes a {manifest.mode} "
-                           f"{engine.get('target') or 'ONNX'} export | expected one of target c; re-export with "
-                           "'cli.py export --target c', or keep each export under its own NAME")
+            raise DMMError(f"{source}: manifest {str(self.manifest_path)!r} describes a {manifest.mode} "
+                           f"{engine.get('target') or 'ONNX'} export", "a C export's manifest (target c)",
+                           "re-export with 'cli.py export --target c', or keep each export under its own NAME")
         if (manifest.mode, manifest.precision, manifest.batch) != ("stream", "fp32", 1):
-            raise DMMError(f"{source}: manifest | {manifest.mode}, {manifest.precision}, batch {manifest.batch} | "
-                           "expected stream, fp32, batch 1 (the C target's only form); re-export")
+            raise DMMError(f"{source}: manifest {manifest.mode}, {manifest.precision}, batch {manifest.batch}",
+                           "stream, fp32, batch 1 (the C target's only form)",
+                           "re-export with 'cli.py export --target c'")
         for path, key in ((self.path, "source_sha256"), (self.header_path, "header_sha256")):
             actual = sha256_file(path)
             if actual != engine.get(key):
-                raise DMMError(f"{source}: sha256 of {path.name} | file {actual[:12]}... | manifest "
-                               f"{str(engine.get(key))[:12]}...; the file was changed after export or the manifest "
-                               "belongs to another export; re-export")
+                raise DMMError(f"{source}: sha256 of {path.name} {actual[:12]}...",
+                               f"the manifest's {str(engine.get(key))[:12]}... (the file was changed after export "
+                               "or the manifest belongs to another export)", "re-export")
         try:
             compiler = find_compiler()
             library_path = build_policy_library(self.path, self.header_path)
         except DMMError as error:
-            raise DMMError(f"{source} is C and is compiled on first use: {error}") from None
+            raise error.within(f"{source} is C and is compiled on first use") from None
         library = NativeLibrary(library_path, str(engine.get("symbol_prefix")))
         inputs, outputs = library.tensor_specs()
         check_engine_io(source, manifest, "input", [(s.name, s.shape, s.dtype) for s in inputs])

@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.files import atomic_write_text, sha256_bytes, sha256_file
 
 CACHE_ENV = "DMM_CACHE_DIR"
@@ -68,8 +68,9 @@ def find_compiler() -> str:
         found = shutil.which(candidate)
         if found:
             return found
-    raise DMMError(f"no C compiler found (looked for $CC, {', '.join(COMPILER_CANDIDATES)}); expected one to "
-                   "build the C code on first use; install one (e.g. apt-get install gcc) or set $CC")
+    raise DMMError(f"no C compiler found (looked for $CC, {', '.join(COMPILER_CANDIDATES)})",
+                   "a C compiler to build the C code on first use",
+                   "install one (e.g. apt-get install gcc) or set $CC")
 
 
 def cpu_flags() -> set[str]:
@@ -89,7 +90,8 @@ def isa_level(env_var: str) -> str:
     requested = os.environ.get(env_var, "auto")
     if requested != "auto":
         if requested not in ISA_LEVELS:
-            raise DMMError(f"{env_var}={requested!r}; expected auto or one of {', '.join(ISA_LEVELS)}")
+            raise DMMError(f"{env_var}={requested!r}", f"auto or one of {', '.join(ISA_LEVELS)}",
+                           f"set {env_var} to one of them, or unset it")
         return requested
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "baseline"
@@ -112,8 +114,8 @@ def _compiler_version(compiler: str) -> str:
         result = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                                 timeout=COMPILE_TIMEOUT_S, check=True)
     except (OSError, subprocess.SubprocessError) as error:
-        raise DMMError(f"C compiler {compiler!r} does not run ({type(error).__name__}: {error}); expected a "
-                       "working C compiler; install one (e.g. apt-get install gcc) or fix $CC") from None
+        raise DMMError(f"C compiler {compiler!r} does not run ({describe_error(error)})", "a working C compiler",
+                       "install one (e.g. apt-get install gcc) or fix $CC") from None
     return result.stdout
 
 
@@ -154,13 +156,14 @@ def build_shared_library(sources: Sequence[str | Path], *, library_name: str, su
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as error:
-            raise DMMError(f"C compiler {compiler!r} could not be run ({type(error).__name__}: {error}); "
-                           "expected a working C compiler; install one or fix $CC") from None
+            raise DMMError(f"C compiler {compiler!r} could not be run ({describe_error(error)})",
+                           "a working C compiler", "install one (e.g. apt-get install gcc) or fix $CC") from None
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             first = errors[0].strip() if errors else f"exit status {result.returncode}"
-            raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}); expected C that "
-                           f"{Path(compiler).name} accepts; command: {' '.join(command)}")
+            raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}); command: "
+                           f"{' '.join(command)}", f"C that {Path(compiler).name} accepts",
+                           "re-export the C file with 'cli.py export --target c', or set $CC to another compiler")
         # The record first: a reader that sees the new library finds its hash, and one that sees a
         # record of other bytes than the library rebuilds.
         atomic_write_text(_record_path(library), sha256_bytes(staged.read_bytes()) + "\n")

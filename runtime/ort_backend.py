@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.files import sha256_file
 from contract.manifest import Manifest, manifest_path_for, read_manifest
 from runtime.backend import Backend, check_engine_io
@@ -91,11 +91,12 @@ class OrtBackend(Backend):
                  optimize: bool | None = None, label: str = "in-memory graph"):
         self._bytes = bytes(source) if isinstance(source, (bytes, bytearray)) else None
         if self._bytes is not None and manifest is None:
-            raise DMMError("OrtBackend | received serialized graph bytes without a manifest | expected "
-                           "manifest=...; pass the manifest the graph was built for")
+            raise DMMError("OrtBackend: serialized graph bytes without a manifest", "manifest=... with graph bytes",
+                           "pass the manifest the graph was built for")
         super().__init__(label if self._bytes is not None else source)
         if provider not in PROVIDERS:
-            raise DMMError(f"provider | received {provider!r} | expected one of {', '.join(PROVIDERS)}")
+            raise DMMError(f"provider {provider!r}", f"one of {', '.join(PROVIDERS)}",
+                           "pass provider 'cpu' (or another of them)")
         self.requested_provider = provider
         self.threads = threads
         self.optimize = optimize
@@ -115,7 +116,7 @@ class OrtBackend(Backend):
         in_memory = self._bytes is not None
         source = f"graph {self.path}" if in_memory else f"engine {str(self.path)!r}"
         if not in_memory and not self.path.is_file():
-            raise DMMError(f"{source} does not exist; expected a .onnx written by 'cli.py export'; "
+            raise DMMError(f"{source} does not exist", "a .onnx written by 'cli.py export'",
                            "export the checkpoint or fix the path")
         manifest = self._given_manifest or read_manifest(self.manifest_path)
 
@@ -126,8 +127,8 @@ class OrtBackend(Backend):
         else:
             chain = PROVIDER_CHAINS[self.requested_provider]
             if chain[0] not in available:
-                raise DMMError(f"provider | received {self.requested_provider!r} | this onnxruntime offers "
-                               f"{', '.join(available)}; {GPU_PACKAGE_HINT}")
+                raise DMMError(f"provider {self.requested_provider!r}: this onnxruntime offers {', '.join(available)}",
+                               f"an onnxruntime with {chain[0]}", GPU_PACKAGE_HINT)
         optimize = self.optimize
         if optimize is None:
             # ORT's CPU optimiser fuses DQ -> MatMul -> Q into integer kernels whose u8s8 path
@@ -139,15 +140,13 @@ class OrtBackend(Backend):
             session = ort.InferenceSession(self._bytes if in_memory else str(self.path), sess_options=options,
                                            providers=list(chain))
         except Exception as error:  # ORT raises several pybind types (InvalidProtobuf, Fail, ...)
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            raise DMMError(f"{source} could not be loaded by ONNX Runtime ({type(error).__name__}: "
-                           f"{first_line}); expected a .onnx written by 'cli.py export'; "
-                           "re-export it") from None
+            raise DMMError(f"{source} could not be loaded by ONNX Runtime ({describe_error(error)})",
+                           "a .onnx written by 'cli.py export'", "re-export it") from None
 
         in_use = session.get_providers()
         if self.requested_provider != "auto" and chain[0] not in in_use:
-            raise DMMError(f"provider | requested {chain[0]} | ONNX Runtime runs on {', '.join(in_use)} "
-                           f"(it falls back silently when a GPU provider cannot start); {GPU_PACKAGE_HINT}")
+            raise DMMError(f"provider {chain[0]} requested: ONNX Runtime runs on {', '.join(in_use)} (it falls "
+                           "back silently when a GPU provider cannot start)", f"{chain[0]} in use", GPU_PACKAGE_HINT)
         self.provider = in_use[0]
 
         def graph_io(args):
@@ -156,9 +155,9 @@ class OrtBackend(Backend):
         check_engine_io(source, manifest, "input", graph_io(session.get_inputs()))
         check_engine_io(source, manifest, "output", graph_io(session.get_outputs()))
         if not in_memory and manifest.onnx_sha256 and manifest.onnx_sha256 != sha256_file(self.path):
-            raise DMMError(f"{source}: sha256 | file {sha256_file(self.path)[:12]}... | manifest "
-                           f"{manifest.onnx_sha256[:12]}...; the graph was changed after export or the "
-                           "manifest belongs to another export; re-export")
+            raise DMMError(f"{source}: sha256 {sha256_file(self.path)[:12]}...",
+                           f"the manifest's {manifest.onnx_sha256[:12]}... (the graph was changed after export or "
+                           "the manifest belongs to another export)", "re-export")
         self._session = session
         self._output_names = [spec.name for spec in manifest.outputs]
         if self.provider == "CPUExecutionProvider":

@@ -24,28 +24,29 @@ def make_plant(env_id: str | None, *, trusted: bool = False, **kwargs):
     from logs that name no simulator; only a simulation needs one.
     """
     if not env_id:
-        raise DMMError("simulated plant | received a policy with no simulator (its training data names no env) | "
-                       "expected an env to simulate; drive runtime.Policy from your robot's own loop, or name a "
-                       "simulator yourself: 'cli.py run --env ID'")
-    if not trusted and ":" in str(env_id):
-        raise DMMError(f"environment {env_id!r} from the engine's manifest or checkpoint names a module for "
-                       "gymnasium to import; expected a registered gymnasium id such as Hopper-v5 (a file never "
-                       "decides what is imported); if you trust that module, name the env yourself: "
+        raise DMMError("simulated plant: a policy with no simulator (its training data names no env)",
+                       "an env to simulate",
+                       "drive runtime.Policy from your robot's own loop, or name a simulator yourself: "
                        "'cli.py run --env ID'")
+    if not trusted and ":" in str(env_id):
+        raise DMMError(f"environment {env_id!r} from the engine's manifest or checkpoint: names a module for "
+                       "gymnasium to import",
+                       "a registered gymnasium id such as Hopper-v5 (a file never decides what is imported)",
+                       "if you trust that module, name the env yourself: 'cli.py run --env ID'")
     try:
         import gymnasium as gym
     except ImportError:
-        raise DMMError(f"the simulated plant {env_id!r} needs gymnasium; {INSTALL_HINT} (not needed when "
-                       "you drive a Policy from your own loop)") from None
+        raise DMMError(f"simulated plant {env_id!r}: gymnasium is not installed",
+                       "gymnasium (not needed when you drive a Policy from your own loop)", INSTALL_HINT) from None
     try:
         return gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as error:
-        raise DMMError(f"environment {env_id!r} needs a missing package ({describe_error(error)}); "
-                       f"{INSTALL_HINT}") from None
+        raise DMMError(f"environment {env_id!r}: a missing package ({describe_error(error)})",
+                       "gymnasium with its mujoco extra installed", INSTALL_HINT) from None
     except Exception as error:  # gymnasium raises several types for unknown or broken envs
-        raise DMMError(f"cannot create environment {env_id!r} ({describe_error(error)}); expected a "
-                       f"registered gymnasium id such as Hopper-v5, Walker2d-v5 or HalfCheetah-v5; "
-                       f"{INSTALL_HINT}") from None
+        raise DMMError(f"cannot create environment {env_id!r} ({describe_error(error)})",
+                       "a registered gymnasium id such as Hopper-v5, Walker2d-v5 or HalfCheetah-v5",
+                       f"name a registered id, or {INSTALL_HINT}") from None
 
 
 def check_plant(plant, manifest, env_id: str) -> None:

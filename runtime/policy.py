@@ -67,10 +67,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.files import sha256_bytes
 from contract.manifest import STREAM_CACHE_PAIRS, Manifest, manifest_bytes
-from runtime.backend import Backend
+from runtime.backend import Backend, check_feeds
 from runtime.limits import ActuatorLimiter, ActuatorLimits
 from runtime.step_record import DEFAULT_CHUNK_STEPS, EVENT_TERMINATED, EVENT_TRUNCATED, StepRecorder
 
@@ -80,9 +80,14 @@ ON_FAULT = ("raise", "hold", "safe")
 # 10 steps: 80 ms of Hopper-v5 (8 ms period) held blind before the loop gives up.
 DEFAULT_MAX_CONSECUTIVE_FAULTS = 10
 _LISTED = 5  # offending indices named in a fault message
-# Observation dtypes (float64, float32) numpy normalises and compares in float64 arithmetic, exactly as
-# the normalised range check assumes; others (ints, float16, longdouble) take the raw check.
+# Observation dtypes (float64, float32) numpy centres and compares in float64 arithmetic, exactly as
+# the centred range check assumes; others (ints, float16, longdouble) take the raw check.
 _EXACT_IN_FLOAT64 = "fd"
+# The step's path calls these as module globals (no attribute lookup on np), out given by position:
+# keyword parsing costs about as much as the work on an (S,) array.
+_subtract, _divide, _less = np.subtract, np.divide, np.less
+_isfinite = math.isfinite
+_ndarray = np.ndarray
 
 
 @dataclass(frozen=True)
@@ -95,19 +100,20 @@ class Fault:
 
 
 class _Refusal(NamedTuple):
-    """Why a step did not advance the state: the fault kind, its one-line message, and the reward the
-    step brought, which "hold" and "safe" keep for the next good step (0 when the reward was the fault)."""
+    """Why a step did not advance the state: the fault kind, the three parts of its DMMError (made only when
+    raised: "hold" and "safe" keep just the line), and the reward the step brought, which "hold" and "safe"
+    keep for the next good step (0 when the reward was the fault)."""
 
     kind: str
-    message: str
+    received: str
+    expected: str
+    fix: str
     reward: float
 
-
-def _all_finite(values: np.ndarray, zeros: np.ndarray) -> bool:
-    """Whether every value is finite, in one BLAS call and no temporary: values . 0 is 0 when all are finite
-    and NaN when one is not (inf * 0 and NaN * 0 are NaN); a third of isfinite + all on a cache.
-    ``zeros``: (N,), as many zeros as ``values`` holds."""
-    return values.ravel().dot(zeros) == 0.0  # ravel: a view of the contiguous arrays engines return
+    @property
+    def message(self) -> str:
+        """The line its DMMError reads (`contract.errors`)."""
+        return f"{self.received}; expected {self.expected}; {self.fix}"
 
 
 class Policy:
@@ -134,20 +140,22 @@ class Policy:
                  limits: ActuatorLimits | None = None, record=None, record_chunk_steps: int = DEFAULT_CHUNK_STEPS):
         manifest = backend.manifest
         if manifest.mode != self.mode:
-            raise DMMError(f"{type(self).__name__} | received a {manifest.mode} engine | expected a {self.mode} "
-                           "one; build it with Policy(backend), which picks the class of the engine's mode")
+            raise DMMError(f"{type(self).__name__} on a {manifest.mode} engine", f"a {self.mode} engine",
+                           "build it with Policy(backend), which picks the class of the engine's mode")
         if manifest.batch != 1:
-            raise DMMError(f"engine batch | received {manifest.batch} | expected 1; a Policy drives one "
-                           "plant; export with batch 1 for the control loop")
+            raise DMMError(f"engine batch {manifest.batch}", "1 (a Policy drives one plant)",
+                           "export with batch 1 for the control loop")
         target = manifest.target_return if target_return is None else float(target_return)
         if not np.isfinite(target):
-            raise DMMError(f"target return | received {target} | expected a finite number")
+            raise DMMError(f"target return {target}", "a finite number", "pass a finite target_return")
         if on_fault not in ON_FAULT:
-            raise DMMError(f"on_fault | received {on_fault!r} | expected one of {', '.join(ON_FAULT)}")
+            raise DMMError(f"on_fault {on_fault!r}", f"one of {', '.join(ON_FAULT)}",
+                           "pass on_fault='raise', 'hold' or 'safe'")
         if isinstance(max_consecutive_faults, bool) or not isinstance(max_consecutive_faults, int) \
                 or max_consecutive_faults < 0:
-            raise DMMError(f"max_consecutive_faults | received {max_consecutive_faults!r} | expected a "
-                           "whole number >= 0 (faults in a row tolerated before act raises)")
+            raise DMMError(f"max_consecutive_faults {max_consecutive_faults!r}",
+                           "a whole number >= 0 (faults in a row tolerated before act raises)",
+                           f"pass max_consecutive_faults={DEFAULT_MAX_CONSECUTIVE_FAULTS} or another whole number")
         self.backend = backend
         self.manifest = manifest
         self.target_return = target
@@ -161,45 +169,46 @@ class Policy:
         self._high = np.asarray(manifest.action_high, dtype=np.float32)  # (Adim,)
         self._observation_shape = (state_dim,)
         self._observation_low = self._observation_high = None
-        # This step's normalised observation s between the observation range's bounds, normalised alike,
-        # rows (low, s, high): comparing rows 0-1 with rows 1-2 checks low < s < high for every dimension in
-        # one call. Normalising, (o - mean) / std rounded twice, never decreases as o grows when std > 0,
-        # so a strict inequality of the normalised values proves the raw one: this check accepts only what
-        # the raw check accepts, and NaN and inf fail it. A tie or an overflow goes to the raw check.
-        self._normalised_in_bounds = np.zeros((3, state_dim))  # (3, S) float64
-        self._normalised = self._normalised_in_bounds[1]  # (S,) float64 view
-        self._low_and_normalised = self._normalised_in_bounds[:2]  # (2, S) view
-        self._normalised_and_high = self._normalised_in_bounds[1:]  # (2, S) view
+        # This step's centred observation d = o - mean (float64, the first half of normalising) between the
+        # observation range's bounds, centred alike, rows (low - mean, d, high - mean): comparing rows 0-1
+        # with rows 1-2 checks low - mean < d < high - mean for every dimension in one call. Subtracting
+        # mean, rounded, never decreases as o grows, so a strict inequality of the centred values proves the
+        # raw one: this check accepts only what the raw check accepts, and NaN and inf fail it. A tie or an
+        # overflow goes to the raw check. The second half, d / std, follows in place.
+        self._centred_in_bounds = np.zeros((3, state_dim))  # (3, S) float64
+        self._centred = self._centred_in_bounds[1]  # (S,) float64 view
+        self._low_and_centred = self._centred_in_bounds[:2]  # (2, S) view
+        self._centred_and_high = self._centred_in_bounds[1:]  # (2, S) view
         self._in_range = np.empty((2, state_dim), dtype=bool)  # (2, S)
         self._all_in_range = np.ones((2, state_dim), dtype=bool).tobytes()
         self._zero_observation = np.zeros(state_dim)  # (S,) for the finite check when there is no range
-        self._normalised_check = bool((self._std > 0).all())  # else every observation takes the raw check
         if manifest.observation_low is not None:
             self._observation_low = np.asarray(manifest.observation_low, dtype=np.float64)  # (S,)
             self._observation_high = np.asarray(manifest.observation_high, dtype=np.float64)  # (S,)
-            for row, bound in ((0, self._observation_low), (2, self._observation_high)):
-                np.subtract(bound, self._mean, out=self._normalised_in_bounds[row])
-                np.divide(self._normalised_in_bounds[row], self._std, out=self._normalised_in_bounds[row])
+            np.subtract(self._observation_low, self._mean, out=self._centred_in_bounds[0])
+            np.subtract(self._observation_high, self._mean, out=self._centred_in_bounds[2])
         self.limits = (ActuatorLimits.from_manifest(manifest) if limits is None else
                        limits.check(manifest, "limits"))
         self._limiter = ActuatorLimiter(self.limits)
+        self._rate_limited = self._limiter.max_change is not None
         self._safe = self._check_safe_action(safe_action)  # (Adim,) float32
 
         # Scratch and state, all allocated here: act() writes into them in place (``array[...] = values``
         # on the step's path: np.copyto costs a Python-level dispatch on every call).
         self._observation_ok = np.empty(state_dim, dtype=bool)  # (S,) for the full check's messages
         self._outside = np.empty(state_dim, dtype=bool)  # (S,)
-        self._zero_action = np.zeros(act_dim, dtype=np.float32)  # (Adim,) for the finite check
         self._engine_action = np.full(act_dim, np.nan, dtype=np.float32)  # (Adim,) before the limits
         self._start = self._limiter.start.copy()  # (Adim,) the ramp's start of this episode
         self._sent = np.empty(act_dim, dtype=np.float32)  # (Adim,) the rate limit's reference
         self._feeds = {spec.name: np.zeros(spec.shape, dtype=np.float32) for spec in manifest.inputs}
         self._allocate(manifest)
+        # Checked once here, then written in place only: each step calls the backend without the check.
+        check_feeds(manifest, self._feeds)
         self._faults = dict.fromkeys(FAULT_KINDS, 0)
         self._faults_view = MappingProxyType(self._faults)
         self.last_fault: Fault | None = None
         self._t = 0
-        self._rtg = np.float32(0.0)
+        self._rtg = 0.0
         self._recorder = None
         self._episode_start = True
         self.reset()
@@ -254,7 +263,7 @@ class Policy:
             array.fill(0.0)
         self._clear_history()
         self._t = 0
-        self._rtg = np.float32(self.target_return / self._scale)
+        self._rtg = float(np.float32(self.target_return / self._scale))  # float32's value, as the feeds hold it
         self._pending_reward = 0.0  # rewards passed with faulty steps, for the next good step
         self._consecutive_faults = 0
         self._has_good_action = False
@@ -266,9 +275,9 @@ class Policy:
             start = np.asarray(start_action, dtype=np.float32)
             if start.shape != self._start.shape or not np.isfinite(start).all() \
                     or (start < self._limiter.lower).any() or (start > self._limiter.upper).any():
-                raise DMMError(f"start_action | received {np.asarray(start_action).tolist()} | expected "
+                raise DMMError(f"start_action {np.asarray(start_action).tolist()}",
                                f"{self._start.shape[0]} finite values within the limits [{self.limits.lower}, "
-                               f"{self.limits.upper}]; pass the actuators' current command")
+                               f"{self.limits.upper}]", "pass the actuators' current command")
             np.copyto(self._start, start)
         np.copyto(self._sent, self._start)
         self._episode_start = True
@@ -288,6 +297,11 @@ class Policy:
             self._consecutive_faults = 0
             self._last_faulted = False
             action = self._action
+            if recorder is None:  # the common path: done
+                if out is None:
+                    return action.copy()
+                np.copyto(out, action)
+                return out
         else:
             try:
                 action = self._handle_fault(refusal)
@@ -317,12 +331,11 @@ class Policy:
         if self._last_faulted:
             return
         if self._t == 0:
-            raise DMMError("override_action | received a call before any act() | expected it right after "
-                           "act(); call act() first")
+            raise DMMError("override_action before any act()", "it right after act()", "call act() first")
         action = np.asarray(action, dtype=np.float32)
         if action.shape != self._action.shape or not np.isfinite(action).all():
-            raise DMMError(f"action | received {action.dtype} {action.shape} (finite: "
-                           f"{bool(np.isfinite(action).all())}) | expected {self._action.shape} finite")
+            raise DMMError(f"action {action.dtype} {action.shape} (finite: {bool(np.isfinite(action).all())})",
+                           f"{self._action.shape} finite values", "pass the action the plant executed")
         self._write_executed_action(action)
         np.copyto(self._sent, action)
         if self._recorder is not None:
@@ -361,7 +374,7 @@ class Policy:
     def _record_row(self, observation, reward, kind, action, started: int, t: int) -> None:
         elapsed = time.perf_counter_ns() - started
         good = kind is None
-        self._recorder.add_step(observation, reward, float(self._rtg) if good else math.nan,
+        self._recorder.add_step(observation, reward, self._rtg if good else math.nan,
                                 self._engine_action if good else None, action,
                                 0 if good else FAULT_KINDS.index(kind) + 1, elapsed, t, self._episode_start)
         self._episode_start = False
@@ -372,62 +385,83 @@ class Policy:
         """Run one step; None when it was good (state advanced), else why not (state untouched)."""
         t = self._t
         reward_value = 0.0
-        if t > 0:
+        if t:
             try:
                 reward_value = float(reward)
             except (TypeError, ValueError):
                 reward_value = math.nan
-            if not math.isfinite(reward_value):
-                return _Refusal("reward_nonfinite", f"reward | received {reward} | expected a finite number; "
-                                "check the plant", 0.0)
-        if not self._normalise_if_plainly_good(observation):
+            if not _isfinite(reward_value):
+                return _Refusal("reward_nonfinite", f"reward {reward}", "a finite number", "check the plant's reward",
+                                0.0)
+        # The quick check: a float64 or float32 array of shape (S,), centred into ``_centred`` (float64
+        # arithmetic, as evaluate.py), finite and within the observation range: the common case, in two
+        # numpy calls. Anything else goes to the raw check, which tells what is wrong (or accepts another
+        # real dtype).
+        centred = self._centred
+        if type(observation) is _ndarray and observation.shape == self._observation_shape \
+                and observation.dtype.char in _EXACT_IN_FLOAT64:
+            _subtract(observation, self._mean, centred)
+            if self._observation_low is None:
+                plainly_good = centred.dot(self._zero_observation) == 0.0  # NaN unless all finite
+            else:
+                # low < o < high for every dimension in one call (rows 0-1 against rows 1-2), and the mask's
+                # bytes against all-True bytes: one memcmp, where a numpy reduction costs microseconds.
+                _less(self._low_and_centred, self._centred_and_high, self._in_range)
+                plainly_good = self._in_range.tobytes() == self._all_in_range
+        else:
+            plainly_good = False
+        if not plainly_good:
             fault = self._observation_fault(observation)
             if fault is not None:
                 return _Refusal(*fault, reward_value)
-            normalised = self._normalised  # a good observation the quick check could not vouch for
-            np.subtract(np.asarray(observation), self._mean, out=normalised)
-            np.divide(normalised, self._std, out=normalised)
-        rtg = self._rtg
-        if t > 0:
-            rtg = np.float32(float(rtg) - (self._pending_reward + reward_value) / self._scale)
+            _subtract(np.asarray(observation), self._mean, centred)  # a good one the quick check could not vouch for
+        # s_t = (o - mean) / std in float64 arithmetic, as evaluate.py, stored float32 in its feed (a float32
+        # out= would cast in the ufunc's buffered loop: slower than this copy).
+        _divide(centred, self._std, centred)
+        self._state_written[...] = centred
+        # R_t in float64 arithmetic from the float32 R_{t-1}; the feed stores it as float32 (rounded there).
+        rtg = self._rtg - (self._pending_reward + reward_value) / self._scale if t else self._rtg
         self._write_feeds(rtg, t)
 
         try:
-            outputs = self.backend.infer(self._feeds)
+            outputs = self.backend.infer_prechecked(self._feeds)
             predicted = outputs["action"][0]  # (Adim,)
-            action_finite = _all_finite(predicted, self._zero_action)
+            # A NaN or inf makes the sum NaN or inf; float32 values summed in float64 cannot overflow. On a
+            # few floats this beats any numpy reduction.
+            action_finite = _isfinite(sum(predicted.tolist()))
         except Exception as error:  # any backend failure is a fault; the policy's state is untouched
-            first_line = str(error).splitlines()[0] if str(error) else ""
-            return _Refusal("backend", f"engine {self.backend.name} | raised {type(error).__name__}: {first_line} "
-                            f"at step {t} | expected an action; check the engine and its device", reward_value)
+            return _Refusal("backend", f"engine {self.backend.name} at step {t}: {describe_error(error)}",
+                            "an action", "check the engine and its device", reward_value)
         if not action_finite or not self._outputs_finite(outputs):
-            return _Refusal("action_nonfinite", f"action | engine {self.backend.name} produced {predicted.tolist()} "
-                            "(or non-finite caches) | expected finite values; the engine is broken or overflowed "
-                            "(check its precision); stop the plant", reward_value)
+            return _Refusal("action_nonfinite",
+                            f"engine {self.backend.name} action {predicted.tolist()} (or its caches): not finite",
+                            "finite values", "stop the plant; the engine is broken or overflowed (check its precision)",
+                            reward_value)
 
         self._engine_action[...] = predicted
         # The limited action is written where the next step reads a_t: the plant executes it, not the
         # raw prediction.
         self._limiter.apply(predicted, self._action, t, self._start, self._sent)
         self._commit(outputs)
-        self._sent[...] = self._action
-        self._rtg = rtg
+        if self._rate_limited:  # the reference only the rate limit reads
+            self._sent[...] = self._action
+        self._rtg = self._rtg_written.item(0)  # R_t as float32 rounded it
         self._pending_reward = 0.0
         self._has_good_action = True
         self._t = t + 1
         return None
 
     def _handle_fault(self, refusal: _Refusal) -> np.ndarray:
-        kind, message = refusal.kind, refusal.message
+        kind = refusal.kind
         self._faults[kind] += 1
         self._consecutive_faults += 1
-        self.last_fault = Fault(kind=kind, step=self._t, message=message)
+        self.last_fault = Fault(kind=kind, step=self._t, message=refusal.message)
         if self.on_fault == "raise":
-            raise DMMError(message)
+            raise DMMError(refusal.received, refusal.expected, refusal.fix)
         if self._consecutive_faults > self.max_consecutive_faults:
-            raise DMMError(f"{self._consecutive_faults} consecutive faults | last {kind}: {message} | expected at "
-                           f"most max_consecutive_faults={self.max_consecutive_faults} in a row; stop the plant "
-                           "and check its sensors and the engine")
+            raise DMMError(f"{self._consecutive_faults} consecutive faults, the last {kind}: {refusal.received}",
+                           f"at most max_consecutive_faults={self.max_consecutive_faults} in a row",
+                           "stop the plant and check its sensors and the engine")
         self._last_faulted = True  # the action returned now is no step of the history
         self._pending_reward += refusal.reward  # the plant earned it; a raised call keeps nothing
         if self.on_fault == "hold" and self._has_good_action:
@@ -440,15 +474,16 @@ class Policy:
         """Make the mode's views into ``_feeds`` and its history, among them ``_action`` (Adim,), where a good
         step's limited action is written (a feed the next step reads it from), and ``_executed_action``
         (Adim,), the executed action of the last good step (what the next step conditions on and "hold"
-        repeats)."""
+        repeats), ``_state_written`` (S,) and ``_rtg_written`` (1,), the float32 places of s_t and R_t."""
         raise NotImplementedError
 
     def _clear_history(self) -> None:
         """Zero what the mode keeps apart from the feeds (reset)."""
         raise NotImplementedError
 
-    def _write_feeds(self, rtg: np.float32, t: int) -> None:
-        """Write this step's inputs (``_normalised``, ``rtg``) into the feeds; the history stays as it was."""
+    def _write_feeds(self, rtg: float, t: int) -> None:
+        """Write this step's R_t (``rtg``) into the feeds, s_t being in ``_state_written`` already; the history
+        stays as it was."""
         raise NotImplementedError
 
     def _outputs_finite(self, outputs) -> bool:
@@ -465,41 +500,24 @@ class Policy:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _normalise_if_plainly_good(self, observation) -> bool:
-        """Normalise a float64 or float32 array of shape (S,) into ``_normalised`` and return True when it is
-        finite and within the observation range: the common case, in four numpy calls. False sends the
-        observation to the raw check, which tells what is wrong (or accepts another real dtype)."""
-        if type(observation) is not np.ndarray or observation.shape != self._observation_shape \
-                or observation.dtype.char not in _EXACT_IN_FLOAT64 or not self._normalised_check:
-            return False
-        normalised = self._normalised
-        np.subtract(observation, self._mean, out=normalised)
-        np.divide(normalised, self._std, out=normalised)  # (S,) float64 arithmetic, as evaluate.py
-        if self._observation_low is None:
-            return _all_finite(normalised, self._zero_observation)
-        in_range = self._in_range
-        np.less(self._low_and_normalised, self._normalised_and_high, out=in_range)  # (2, S)
-        # The mask's bytes against all-True bytes: one memcmp, where a numpy reduction costs microseconds.
-        return in_range.tobytes() == self._all_in_range
-
-    def _observation_fault(self, observation) -> tuple[str, str] | None:
-        """None for a good observation, else (fault kind, message)."""
+    def _observation_fault(self, observation) -> tuple[str, str, str, str] | None:
+        """None for a good observation, else (fault kind, received, expected, fix)."""
         try:
             observation = np.asarray(observation)
         except (TypeError, ValueError):  # ragged or otherwise not an array
-            return "observation_shape", (f"observation | received {type(observation).__name__} that is not an "
-                                         f"array | expected a real vector of shape {self._observation_shape}")
+            return ("observation_shape", f"observation {type(observation).__name__} that is not an array",
+                    f"a real vector of shape {self._observation_shape}", "pass the plant's raw observation as a numpy "
+                    "array")
         if observation.shape != self._observation_shape or observation.dtype.kind not in "fiu":
-            return "observation_shape", (f"observation | received {observation.dtype} {observation.shape} | "
-                                         f"expected a real vector of shape {self._observation_shape} (the engine's "
-                                         "state_dim); pass the plant's raw observation for the env the policy was "
-                                         "trained on")
+            return ("observation_shape", f"observation {observation.dtype} {observation.shape}",
+                    f"a real vector of shape {self._observation_shape} (the engine's state_dim)",
+                    "pass the plant's raw observation for the env the policy was trained on")
         finite = self._observation_ok
         np.isfinite(observation, out=finite)
         if not finite.all():
             bad = np.flatnonzero(~finite).tolist()
-            return "observation_nonfinite", (f"observation | received non-finite values at indices {bad} | "
-                                             "expected finite numbers; check the sensors before calling act()")
+            return ("observation_nonfinite", f"observation: non-finite values at indices {bad}", "finite numbers",
+                    "check the sensors before calling act()")
         if self._observation_low is None:
             return None
         outside = self._outside
@@ -513,10 +531,9 @@ class Policy:
         values = ", ".join(f"[{i}] {float(observation[i]):.4g} not in [{self._observation_low[i]:.4g}, "
                            f"{self._observation_high[i]:.4g}]" for i in indices[:_LISTED])
         more = f" and {indices.size - _LISTED} more" if indices.size > _LISTED else ""
-        return "observation_range", (f"observation | received values outside the engine's observation range: "
-                                     f"{values}{more} | expected the training data's range widened by the export "
-                                     "margin; check the sensors, their units and that this is the plant the "
-                                     "policy was trained for")
+        return ("observation_range", f"observation: values outside the engine's observation range: {values}{more}",
+                "the training data's range widened by the export margin",
+                "check the sensors, their units and that this is the plant the policy was trained for")
 
     def _check_safe_action(self, safe_action) -> np.ndarray:
         if safe_action is None:  # zeros within the limits' bounds (the action bounds unless narrowed)
@@ -524,9 +541,9 @@ class Policy:
         action = np.asarray(safe_action, dtype=np.float64)
         if action.shape != self._low.shape or not np.isfinite(action).all() \
                 or (action < self._low).any() or (action > self._high).any():
-            raise DMMError(f"safe_action | received {np.asarray(safe_action).tolist()} | expected "
+            raise DMMError(f"safe_action {np.asarray(safe_action).tolist()}",
                            f"{self._low.shape[0]} finite values within the action bounds "
-                           f"[{self._low.tolist()}, {self._high.tolist()}]")
+                           f"[{self._low.tolist()}, {self._high.tolist()}]", "pass a safe_action within them")
         return action.astype(np.float32)
 
 
@@ -557,13 +574,14 @@ class WindowPolicy(Policy):
         self._window_states = self._state_rows[1:]  # (K, S) views: the window of the step being built
         self._window_actions = self._action_rows[1:]  # (K, Adim)
         self._window_rtgs = self._rtg_rows[1:]  # (K,)
+        self._rtg_written = self._rtg_rows[-1:]  # (1,) where _write_feeds writes R_t, float32
+        self._state_written = self._new_state  # (S,) where s_t is written, float32
 
     def _clear_history(self) -> None:
         for array in (self._state_rows, self._action_rows, self._rtg_rows):
             array.fill(0.0)
 
-    def _write_feeds(self, rtg: np.float32, t: int) -> None:
-        self._new_state[...] = self._normalised  # float64 -> float32, as evaluate.py stores it
+    def _write_feeds(self, rtg: float, t: int) -> None:
         self._rtg_rows[-1] = rtg
         # The window slid by one: the oldest step drops out, the zero padding stays on the left.
         self._states[...] = self._window_states
@@ -593,6 +611,8 @@ class StreamPolicy(Policy):
         self._state_fed = feeds["state"][0]  # (S,) views into the feeds
         self._rtg_fed = feeds["rtg"][0]  # (1,)
         self._prev_action_valid = feeds["prev_action_valid"][0]  # (1,)
+        self._rtg_written = self._rtg_fed  # (1,) where _write_feeds writes R_t, float32
+        self._state_written = self._state_fed  # (S,) where s_t is written, float32
         # a_t is written where the next step reads a_{t-1}; only it and the caches carry state, written
         # after a good step alone.
         self._action = self._executed_action = feeds["prev_action"][0]  # (Adim,)
@@ -600,26 +620,31 @@ class StreamPolicy(Policy):
         # the finite check.
         self._caches = tuple((output_name, feeds[input_name], np.zeros(feeds[input_name].size, dtype=np.float32))
                              for output_name, input_name in STREAM_CACHE_PAIRS)
+        ((self._first_cache, self._first_cache_fed, self._first_zeros),
+         (self._second_cache, self._second_cache_fed, self._second_zeros)) = self._caches
 
     def _clear_history(self) -> None:
         pass  # the caches and a_{t-1} are feeds, zeroed with them
 
-    def _write_feeds(self, rtg: np.float32, t: int) -> None:
-        self._state_fed[...] = self._normalised  # float64 -> float32
-        self._rtg_fed[0] = rtg
-        # a_{t-1} (written by the previous good step) is a token only from the second step on.
-        self._prev_action_valid[0] = 1.0 if t > 0 else 0.0
+    def _write_feeds(self, rtg: float, t: int) -> None:
+        self._rtg_fed[0] = rtg  # float64 -> float32
+        # a_{t-1} (written by the previous good step) is a token only from the second step on; reset zeroes
+        # the flag, so only the first two steps of an episode write it.
+        if t < 2:
+            self._prev_action_valid[0] = t
 
     def _outputs_finite(self, outputs) -> bool:
-        # Non-finite caches would poison every later step.
-        for output_name, _, zeros in self._caches:
-            if not _all_finite(outputs[output_name], zeros):
-                return False
-        return True
+        # Non-finite caches would poison every later step (both checked in line: STREAM_CACHE_PAIRS has two).
+        # Each in one BLAS call and no temporary: values . 0 is 0 when all are finite and NaN when one is
+        # not (inf * 0 and NaN * 0 are NaN); a third of isfinite + all. ravel: a view of the contiguous
+        # arrays engines return.
+        return (outputs[self._first_cache].ravel().dot(self._first_zeros) == 0.0
+                and outputs[self._second_cache].ravel().dot(self._second_zeros) == 0.0)
 
     def _commit(self, outputs) -> None:
-        for output_name, cache, _ in self._caches:
-            cache[...] = outputs[output_name]  # copied, not aliased: a backend may reuse its buffers
+        # Copied, not aliased: a backend may reuse its buffers.
+        self._first_cache_fed[...] = outputs[self._first_cache]
+        self._second_cache_fed[...] = outputs[self._second_cache]
 
     def _write_executed_action(self, action: np.ndarray) -> None:
         np.copyto(self._executed_action, action)

@@ -122,8 +122,8 @@ def trajectory_of_record(record) -> Trajectory:
         starts.append(new_episode)
         new_episode = False
     if not observations:
-        raise DMMError(f"record {str(record.path)!r} | holds no good step | expected at least one act call that "
-                       "returned the policy's action; record a longer run")
+        raise DMMError(f"record {str(record.path)!r}: no good step",
+                       "at least one act call that returned the policy's action", "record a longer run")
     state_dim, act_dim = record.header["state_dim"], record.header["act_dim"]
     return Trajectory(np.asarray(observations, dtype=np.float64).reshape(-1, state_dim),
                       np.asarray(actions, dtype=np.float32).reshape(-1, act_dim),
@@ -159,8 +159,8 @@ def replay_record(path: str | os.PathLike, engines, *, threads: int | None = 1) 
     the record at ``path``, conditioned on the recorded executed actions (`teacher_forced_actions`)."""
     record = read_record(path)
     if not engines:
-        raise DMMError("parity --replay | received no engine | expected --onnx ENGINE (.onnx, .c, .plan; "
-                       "repeatable) and / or --checkpoint model.pt to replay the record on")
+        raise DMMError("parity --replay: no engine", "an engine to replay the record on",
+                       "pass --onnx ENGINE (.onnx, .c, .plan; repeatable) and / or --checkpoint model.pt")
     trajectory = trajectory_of_record(record)
     header = record.header
     actions = {}
@@ -171,9 +171,10 @@ def replay_record(path: str | os.PathLike, engines, *, threads: int | None = 1) 
         try:
             manifest = backend.manifest
             if header.get("checkpoint_sha256") and manifest.checkpoint_sha256 != header["checkpoint_sha256"]:
-                raise DMMError(f"parity --replay | {str(engine)!r} comes from checkpoint "
-                               f"{manifest.checkpoint_sha256[:12]}... | expected the record's "
-                               f"{str(header['checkpoint_sha256'])[:12]}...; replay engines of the recorded policy")
+                raise DMMError(f"parity --replay: {str(engine)!r} comes from checkpoint "
+                               f"{manifest.checkpoint_sha256[:12]}...",
+                               f"the record's {str(header['checkpoint_sha256'])[:12]}...",
+                               "replay engines of the recorded policy")
             policy = Policy(_RangeFree(backend), header["target_return"], limits=ActuatorLimits.bounds_only(manifest))
             label = f"{backend.name}/{manifest.mode} {engine.name} ({backend.provider})"
             actions[label] = teacher_forced_actions(policy, trajectory)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from contract.errors import DMMError
+from contract.errors import DMMError, describe_error
 from contract.files import atomic_write_bytes, atomic_write_json, exclusive_lock, file_error
 
 RECORD_KIND = "dmm-step-record"
@@ -66,15 +66,15 @@ class StepRecorder:
     def __init__(self, path: str | os.PathLike, header: dict, *, state_dim: int, act_dim: int,
                  chunk_steps: int = DEFAULT_CHUNK_STEPS):
         if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or not 1 <= chunk_steps <= MAX_CHUNK_STEPS:
-            raise DMMError(f"record chunk steps | received {chunk_steps!r} | expected a whole number from 1 to "
-                           f"{MAX_CHUNK_STEPS:,}")
+            raise DMMError(f"record chunk steps {chunk_steps!r}", f"a whole number from 1 to {MAX_CHUNK_STEPS:,}",
+                           f"pass --record-chunk-steps from 1 to {MAX_CHUNK_STEPS:,}")
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
-            raise DMMError(f"record {str(self.path)!r} | is a file | expected a new directory for the step record; "
+            raise DMMError(f"record {str(self.path)!r} is a file", "a new directory for the step record",
                            "choose another path")
         if (self.path / RECORD_HEADER).exists():
-            raise DMMError(f"record {str(self.path)!r} | already holds a step record | expected a new directory "
-                           "(a record is never appended to or overwritten); choose another path")
+            raise DMMError(f"record {str(self.path)!r} already holds a step record",
+                           "a new directory (a record is never appended to or overwritten)", "choose another path")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -169,8 +169,8 @@ class StepRecorder:
         error, self._error = self._error, None
         if isinstance(error, OSError):
             raise file_error(error, self.path, "write the step record into") from None
-        raise DMMError(f"step record {str(self.path)!r} | writing a chunk failed: {error} | expected a writable "
-                       "directory; check the disk") from None
+        raise DMMError(f"step record {str(self.path)!r}: writing a chunk failed ({describe_error(error)})",
+                       "a writable directory", "check the disk") from None
 
     def close(self) -> None:
         """Write the buffered rows and the final header; wait for the writer. Idempotent."""
@@ -272,8 +272,8 @@ class StepRecord:
         if previous is not None:
             close_segment(truncate=True)
         if not fields["actions"]:
-            raise DMMError(f"record {str(self.path)!r} | holds no complete transition | expected two good steps in a "
-                           "row or a step followed by end_episode; record a longer run")
+            raise DMMError(f"record {str(self.path)!r}: no complete transition",
+                           "two good steps in a row or a step followed by end_episode", "record a longer run")
         state_dim, act_dim = self.header["state_dim"], self.header["act_dim"]
         return {
             "observations": np.asarray(fields["observations"], dtype=np.float64).reshape(-1, state_dim),
@@ -296,19 +296,21 @@ def read_record(path: str | os.PathLike) -> StepRecord:
     path = Path(path)
     header_path = path / RECORD_HEADER
     if not header_path.is_file():
-        raise DMMError(f"record {str(path)!r} | has no {RECORD_HEADER} | expected the directory written by "
-                       "Policy(record=PATH) or 'cli.py run --record PATH'")
+        raise DMMError(f"record {str(path)!r}: no {RECORD_HEADER}",
+                       "the directory written by Policy(record=PATH) or 'cli.py run --record PATH'",
+                       "pass the directory of a step record")
     try:
         header = json.loads(header_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DMMError(f"record {str(path)!r} | {RECORD_HEADER} cannot be read ({error}) | expected the JSON "
-                       "header of a step record") from None
+        raise DMMError(f"record {str(path)!r}: {RECORD_HEADER} cannot be read ({describe_error(error)})",
+                       "the JSON header of a step record",
+                       "record again with 'cli.py run --record PATH' (the header is damaged)") from None
     if not isinstance(header, dict) or header.get("kind") != RECORD_KIND:
-        raise DMMError(f"record {str(path)!r} | {RECORD_HEADER} is not a step record's header | expected kind "
-                       f"{RECORD_KIND!r}")
+        raise DMMError(f"record {str(path)!r}: {RECORD_HEADER} is not a step record's header",
+                       f"kind {RECORD_KIND!r}", "pass the directory of a step record")
     if header.get("format_version") != RECORD_FORMAT_VERSION:
-        raise DMMError(f"record {str(path)!r} | format version {header.get('format_version')} | expected "
-                       f"{RECORD_FORMAT_VERSION}; read it with the dmm-deploy version that wrote it")
+        raise DMMError(f"record {str(path)!r}: format version {header.get('format_version')}",
+                       f"{RECORD_FORMAT_VERSION}", "read it with the dmm-deploy version that wrote it")
     indices = sorted(int(match[1]) for name in os.listdir(path) if (match := _CHUNK.match(name)))
     # Chunks are written in order; a gap can only follow a failed write: what comes after it is not read.
     contiguous = [index for position, index in enumerate(indices) if index == position]
@@ -320,8 +322,9 @@ def read_record(path: str | os.PathLike) -> StepRecord:
                 for name in COLUMNS:
                     parts[name].append(archive[name])
         except (OSError, ValueError, KeyError) as error:
-            raise DMMError(f"record chunk {str(file)!r} | cannot be read ({error}) | expected a numpy .npz of the "
-                           "record's columns; the record ends before it: remove it and later chunks") from None
+            raise DMMError(f"record chunk {str(file)!r} cannot be read ({describe_error(error)})",
+                           "a numpy .npz of the record's columns",
+                           "the record ends before it: remove it and later chunks") from None
     state_dim, act_dim = int(header["state_dim"]), int(header["act_dim"])
     empty = {"observation": np.empty((0, state_dim)), "action_policy": np.empty((0, act_dim), np.float32),
              "action": np.empty((0, act_dim), np.float32)}

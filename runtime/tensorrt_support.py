@@ -44,14 +44,14 @@ class GpuIdentity:
 def import_tensorrt(purpose: str):
     """The tensorrt module, or a DMMError that says how to get it."""
     if importlib.util.find_spec("tensorrt") is None:
-        raise DMMError(f"{purpose} needs the 'tensorrt' package, which is not installed; {INSTALL_HINT}; or run "
-                       "the .onnx with ONNX Runtime")
+        raise DMMError(f"{purpose}: the 'tensorrt' package is not installed", "the 'tensorrt' package",
+                       f"{INSTALL_HINT}, or run the .onnx with ONNX Runtime")
     try:
         import tensorrt
     except (ImportError, OSError) as error:  # a wheel without its CUDA libraries raises at import
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DMMError(f"{purpose}: 'tensorrt' is installed but does not import ({first_line}); expected the "
-                       f"TensorRT libraries for this CUDA; {INSTALL_HINT}") from None
+        raise DMMError(f"{purpose}: 'tensorrt' is installed but does not import ({first_line})",
+                       "the TensorRT libraries for this CUDA", INSTALL_HINT) from None
     return tensorrt
 
 
@@ -72,9 +72,9 @@ def check_plan_manifest(source: str, manifest: Manifest) -> dict:
     engine = manifest.engine or {}
     missing = [name for name in ENGINE_FIELDS if name not in engine]
     if engine.get("kind") != PLAN_KIND or missing:
-        raise DMMError(f"{source}: its manifest has no TensorRT engine record (missing "
-                       f"{', '.join(missing) or 'kind'}); expected the NAME.plan.json that 'cli.py build' writes "
-                       "beside the plan; rebuild: python cli.py build NAME.onnx")
+        raise DMMError(f"{source}: its manifest has no TensorRT engine record (missing {', '.join(missing) or 'kind'})",
+                       "the NAME.plan.json that 'cli.py build' writes beside the plan",
+                       "rebuild: python cli.py build NAME.onnx")
     return engine
 
 
@@ -83,21 +83,21 @@ def check_plan_bytes(source: str, engine: dict, plan: bytes) -> None:
     digest = sha256_bytes(plan)
     if digest != engine["plan_sha256"]:
         size = engine.get("plan_bytes")
-        raise DMMError(f"{source}: sha256 | file {digest[:12]}... ({len(plan)} bytes) | manifest "
-                       f"{str(engine['plan_sha256'])[:12]}...{f' ({size} bytes)' if size else ''}; the plan is "
-                       "truncated, damaged or not the one its manifest describes; rebuild it: python cli.py build "
-                       "NAME.onnx")
+        raise DMMError(f"{source}: sha256 {digest[:12]}... ({len(plan)} bytes)",
+                       f"the manifest's {str(engine['plan_sha256'])[:12]}...{f' ({size} bytes)' if size else ''} (the "
+                       "plan is truncated, damaged or not the one its manifest describes)",
+                       "rebuild it: python cli.py build NAME.onnx")
 
 
 def check_plan_target(source: str, engine: dict, *, tensorrt_version: str, gpu: GpuIdentity) -> None:
     """The TensorRT version and the GPU here must be the ones the plan was built with."""
     if str(engine["tensorrt_version"]) != str(tensorrt_version):
-        raise DMMError(f"{source}: TensorRT | plan built with {engine['tensorrt_version']} | this machine has "
-                       f"{tensorrt_version}; {REBUILD_HINT}")
+        raise DMMError(f"{source}: plan built with TensorRT {engine['tensorrt_version']}",
+                       f"TensorRT {tensorrt_version} (this machine's)", REBUILD_HINT)
     built_on = GpuIdentity(str(engine["gpu_name"]), str(engine["compute_capability"]))
     if built_on != gpu:
-        raise DMMError(f"{source}: GPU | plan built on {built_on.label()} | this machine has "
-                       f"{gpu.label()}; {REBUILD_HINT}")
+        raise DMMError(f"{source}: plan built on GPU {built_on.label()}", f"{gpu.label()} (this machine's GPU)",
+                       REBUILD_HINT)
 
 
 def numpy_dtype_name(dtype: tensorrt.DataType) -> str:
@@ -164,10 +164,10 @@ def create_runtime(trt, logger, source: str) -> tensorrt.Runtime:
     try:
         return trt.Runtime(logger)
     except TypeError:
-        raise DMMError(f"{source}: TensorRT {trt.__version__} could not create its runtime ({logged_errors(logger)}); "
-                       "expected a CUDA driver as new as this TensorRT's CUDA (TensorRT 11.x needs CUDA 13, "
-                       "tensorrt-cu12 10.x CUDA 12); install the TensorRT build for this driver or update the "
-                       "driver (python cli.py doctor shows both)") from None
+        raise DMMError(f"{source}: TensorRT {trt.__version__} could not create its runtime ({logged_errors(logger)})",
+                       "a CUDA driver as new as this TensorRT's CUDA (TensorRT 11.x needs CUDA 13, tensorrt-cu12 "
+                       "10.x CUDA 12)", "install the TensorRT build for this driver or update the driver "
+                       "(python cli.py doctor shows both)") from None
 
 
 def logged_errors(logger, limit: int = 3) -> str:
@@ -315,14 +315,14 @@ def check_layer_precisions(source: str, summary: dict, manifest: Manifest, *, pr
                         "per-layer precisions recorded, not checked; re-export to check them")
     offenders = summary["pinned_fp32_in_reduced_precision"]
     if offenders:
-        shown = "; ".join(f"{item['layer'][:80]} ({item['precision']})" for item in offenders[:3])
+        shown = ", ".join(f"{item['layer'][:80]} ({item['precision']})" for item in offenders[:3])
         message = (f"{source}: {len(offenders)} layer(s) the graph keeps in fp32 (LayerNorm, softplus, exp, the "
                    f"recurrence, everything outside the Linear layers) run in reduced precision: {shown}"
                    + (f" (+{len(offenders) - 3} more)" if len(offenders) > 3 else ""))
         if precision_check == "fail":
-            raise DMMError(f"{message}; expected them in fp32 as the {manifest.precision} graph says; build with "
-                           "--typing strong (weak typing may ignore the pins inside fused regions), or pass "
-                           "--precision-check warn to keep the plan anyway")
+            raise DMMError(message, f"them in fp32 as the {manifest.precision} graph says",
+                           "build with --typing strong (weak typing may ignore the pins inside fused regions), or "
+                           "pass --precision-check warn to keep the plan anyway")
         warnings.append(message)
     if (manifest.precision in ("fp16", "int8") and not summary["by_precision"].get(manifest.precision)
             and not summary.get("reduced_precision_unverifiable")):

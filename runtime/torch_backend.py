@@ -52,12 +52,12 @@ class TorchBackend(Backend):
                  cuda_graph: bool = False):
         super().__init__(path)
         if mode not in MODES:
-            raise DMMError(f"mode | received {mode!r} | expected one of {', '.join(MODES)}")
+            raise DMMError(f"mode {mode!r}", f"one of {', '.join(MODES)}", f"pass --mode {MODES[0]} or {MODES[-1]}")
         if not isinstance(device, str) or not TORCH_DEVICE.match(device):
-            raise DMMError(f"device | received {device!r} | expected cpu, cuda or cuda:N")
+            raise DMMError(f"device {device!r}", "cpu, cuda or cuda:N", "pass --device cpu, cuda or cuda:N")
         if cuda_graph and not device.startswith("cuda"):
-            raise DMMError(f"cuda_graph with device {device!r} | CUDA-graph replay needs a CUDA device | pass "
-                           "--device cuda, or leave --cuda-graph out")
+            raise DMMError(f"cuda_graph with device {device!r}: CUDA-graph replay needs a CUDA device",
+                           "device cuda or cuda:N", "pass --device cuda, or leave --cuda-graph out")
         self.mode = mode
         self.threads = threads
         self.device = device
@@ -72,20 +72,21 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError:
-            raise DMMError(f"engine {str(self.path)!r} is a PyTorch checkpoint and torch is not installed; "
+            raise DMMError(f"engine {str(self.path)!r}: a PyTorch checkpoint, and torch is not installed",
+                           "torch installed to run a checkpoint",
                            "install torch, or run an exported .onnx / .plan") from None
         from dmm_train.checkpoint import load_checkpoint
         from dmm_train.manifest_builder import build_manifest
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise DMMError(f"device | received {self.device!r} | torch {torch.__version__} sees no CUDA GPU "
-                           "(a CPU build of torch, or no NVIDIA driver); install a CUDA build of torch on the GPU "
-                           "machine, or use --device cpu")
+            raise DMMError(f"device {self.device!r}: torch {torch.__version__} sees no CUDA GPU (a CPU build of "
+                           "torch, or no NVIDIA driver)", "a CUDA GPU torch can use",
+                           "install a CUDA build of torch on the GPU machine, or use --device cpu")
         checkpoint = load_checkpoint(self.path)
         if checkpoint.model_config.model != "dmm":  # the runtime's window/stream contract is DMM's
-            raise DMMError(f"engine {str(self.path)!r} is a {checkpoint.model_config.model!r} baseline checkpoint; "
-                           "expected a DMM model.pt (the runtime and export serve DMM only); evaluate baselines "
-                           "with 'python cli.py eval --checkpoint PATH'")
+            raise DMMError(f"engine {str(self.path)!r} is a {checkpoint.model_config.model!r} baseline checkpoint",
+                           "a DMM model.pt (the runtime and export serve DMM only)",
+                           "evaluate baselines with 'python cli.py eval --checkpoint PATH'")
         checkpoint.model.set_scan_impl("loop")
         self.checkpoint = checkpoint
         self._model = checkpoint.model.eval().to(self.device)

@@ -71,9 +71,9 @@ def _register_for_exit(backend: TrtBackend) -> None:
 
 
 def adopt_hint(plan: Path) -> str:
-    return (f"a plan built by trtexec (or any tool but 'cli.py build') is adopted on this GPU with "
+    return (f"adopt a plan built by trtexec (or any tool but 'cli.py build') on this GPU with "
             f"'python cli.py adopt {plan} --onnx {plan.with_suffix('.onnx')}' (the ONNX's manifest "
-            f"{plan.with_suffix('.json').name} beside it); or build it with 'python cli.py build "
+            f"{plan.with_suffix('.json').name} beside it), or build it with 'python cli.py build "
             f"{plan.with_suffix('.onnx')}'")
 
 
@@ -90,7 +90,8 @@ class TrtBackend(Backend):
                  device: int = 0):
         super().__init__(path)
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
-            raise DMMError(f"device | received {device!r} | expected a CUDA device index (0, 1, ...)")
+            raise DMMError(f"device {device!r}", "a CUDA device index (0, 1, ...)",
+                           "pass device 0 (or another index)")
         self.cuda_graph = bool(cuda_graph)
         self.device = device
         self.manifest_path = Path(manifest_path) if manifest_path else manifest_path_for(self.path)
@@ -118,6 +119,10 @@ class TrtBackend(Backend):
         with self._current():
             return self._infer(feeds)
 
+    def infer_prechecked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._current():
+            return self._infer(feeds)
+
     def reset(self) -> None:
         """Episode start: both cache buffers zeroed on the device, in stream order (stream mode)."""
         if self.loaded and self._buffers is not None and self._buffers.spare:
@@ -128,7 +133,7 @@ class TrtBackend(Backend):
     def _current(self) -> PrimaryContext:
         if self._gpu is None or self._context is None or self._buffers is None:
             raise DMMError(f"engine {str(self.path)!r}: this TensorRT backend is closed (or its close failed part "
-                           "way); expected a loaded backend; load it again")
+                           "way)", "a loaded backend", "load it again")
         return self._gpu
 
     def close(self) -> None:
@@ -154,47 +159,50 @@ class TrtBackend(Backend):
             _OPEN.discard(self)
             self._manifest = None
         if errors:
-            raise DMMError(f"engine {str(self.path)!r}: closing the TensorRT backend failed ({'; '.join(errors)}); "
-                           "expected a working CUDA driver; the backend is closed regardless, and the GPU memory "
-                           "is freed at process exit")
+            raise DMMError(f"engine {str(self.path)!r}: closing the TensorRT backend failed ({'; '.join(errors)})",
+                           "a working CUDA driver", "check the driver with nvidia-smi (the backend is closed "
+                           "regardless, and its GPU memory is freed at process exit)")
 
     # -- load -----------------------------------------------------------------------------
 
     def _load(self) -> Manifest:
         source = f"engine {str(self.path)!r}"
         if not self.path.is_file():
-            raise DMMError(f"{source} does not exist; expected a TensorRT plan built by 'cli.py build' (or "
-                           "'cli.py export' where TensorRT and a GPU are present); build it on the target GPU")
+            raise DMMError(f"{source} does not exist", "a TensorRT plan built by 'cli.py build' (or 'cli.py export' "
+                           "where TensorRT and a GPU are present)", "build it on the target GPU")
         if not self.manifest_path.is_file():
-            raise DMMError(f"{source} has no manifest {str(self.manifest_path)!r}; {adopt_hint(self.path)}")
+            raise DMMError(f"{source} has no manifest {str(self.manifest_path)!r}",
+                           "the plan's manifest NAME.plan.json beside it", adopt_hint(self.path))
         manifest = read_manifest(self.manifest_path)
         if not manifest.engine:
             raise DMMError(f"{source}: its manifest {str(self.manifest_path)!r} has no TensorRT engine record (it "
-                           f"is an ONNX graph's); {adopt_hint(self.path)}")
+                           "is an ONNX graph's)", "a plan's manifest with its engine record", adopt_hint(self.path))
         engine_record = check_plan_manifest(source, manifest)
         plan = self.path.read_bytes()
         check_plan_bytes(source, engine_record, plan)
 
-        import_tensorrt(f"{source} is a TensorRT plan; running it")
+        import_tensorrt(f"{source} (a TensorRT plan): running it")
         import tensorrt as trt
 
         try:
             cuda = import_pycuda()
         except CudaUnavailable as why:
-            raise DMMError(f"{source}: running a plan needs pycuda ({why}); {INSTALL_HINT}") from None
+            raise DMMError(f"{source}: running a plan needs pycuda ({why})", "pycuda working with this GPU",
+                           INSTALL_HINT) from None
         cudart = None
         if self.cuda_graph:
             try:
                 cudart = import_cudart()
             except CudaUnavailable as why:
-                raise DMMError(f"{source}: cuda_graph=True needs cuda-python's runtime bindings ({why}); pip install "
-                               "'cuda-python>=12,<13' on CUDA 12 (its major version must match the driver's CUDA), "
-                               "or run without CUDA graphs") from None
+                raise DMMError(f"{source}: cuda_graph=True needs cuda-python's runtime bindings ({why})",
+                               "cuda-python's runtime bindings for the driver's CUDA",
+                               "pip install 'cuda-python>=12,<13' on CUDA 12 (its major version must match the "
+                               "driver's CUDA), or run without CUDA graphs") from None
         try:
             gpu = PrimaryContext(cuda, self.device)
         except CudaUnavailable as why:
-            raise DMMError(f"{source}: no usable CUDA GPU {self.device} here ({why}); expected an NVIDIA GPU with its "
-                           "driver; run the .onnx with ONNX Runtime on this machine") from None
+            raise DMMError(f"{source}: no usable CUDA GPU {self.device} here ({why})",
+                           "an NVIDIA GPU with its driver", "run the .onnx with ONNX Runtime on this machine") from None
         name, capability = gpu.name_and_capability()
         check_plan_target(source, engine_record, tensorrt_version=trt.__version__, gpu=GpuIdentity(name, capability))
 
@@ -227,13 +235,13 @@ class TrtBackend(Backend):
         self._runtime = create_runtime(trt, logger, source)
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            raise DMMError(f"{source}: TensorRT could not deserialise the plan ({logged_errors(logger)}); "
-                           f"{REBUILD_HINT}")
+            raise DMMError(f"{source}: TensorRT could not deserialise the plan ({logged_errors(logger)})",
+                           f"a plan built by this TensorRT {trt.__version__}", REBUILD_HINT)
         check_io(source, manifest, engine_io(self._engine))
         self._context = self._engine.create_execution_context()
         if self._context is None:
-            raise DMMError(f"{source}: TensorRT could not create an execution context ({logged_errors(logger)}); "
-                           "expected enough free GPU memory; close other GPU users and retry")
+            raise DMMError(f"{source}: TensorRT could not create an execution context ({logged_errors(logger)})",
+                           "enough free GPU memory", "close other GPU users and retry")
         cuda = self._cuda
         assert cuda is not None
         self._stream = cuda.Stream()
@@ -274,13 +282,13 @@ class TrtBackend(Backend):
                 assert cudart is not None
                 error = cudart.cudaGraphLaunch(self._graphs[parity][1], self._stream.handle)[0]
                 if int(error) != 0:
-                    raise DMMError(f"engine {str(self.path)!r}: cudaGraphLaunch returned {error}; expected a working "
-                                   "CUDA driver; run without cuda_graph")
+                    raise DMMError(f"engine {str(self.path)!r}: cudaGraphLaunch returned {error}",
+                                   "cudaSuccess from a working CUDA driver", "run without cuda_graph")
                 self.graph_launches += 1
                 return
         if not self._context.execute_async_v3(self._stream.handle):
-            raise DMMError(f"engine {str(self.path)!r}: execute_async_v3 failed ({logged_errors(capturing_logger())}); "
-                           "expected a plan built for this GPU; rebuild it")
+            raise DMMError(f"engine {str(self.path)!r}: execute_async_v3 failed ({logged_errors(capturing_logger())})",
+                           "a plan built for this GPU", "rebuild it: python cli.py build NAME.onnx")
 
     def _capture(self) -> tuple | None:
         """A CUDA graph of one enqueue with the current tensor addresses, or None (and plain execution from
@@ -292,7 +300,8 @@ class TrtBackend(Backend):
         # One run outside the capture: first enqueues allocate and initialise, which must not be captured.
         if not context.execute_async_v3(handle):
             raise DMMError(f"engine {str(self.path)!r}: execute_async_v3 failed before the CUDA graph capture "
-                           f"({logged_errors(capturing_logger())}); expected a plan built for this GPU; rebuild it")
+                           f"({logged_errors(capturing_logger())})", "a plan built for this GPU",
+                           "rebuild it: python cli.py build NAME.onnx")
         stream.synchronize()
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         begun = cudart.cudaStreamBeginCapture(handle, mode)[0]

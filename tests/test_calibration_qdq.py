@@ -14,13 +14,14 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from calibration.data import (
+    calibration_feeds,
     episode_trajectory,
     load_training_dataset,
     split_episodes,
     stream_rollout,
     window_samples,
 )
-from calibration.qdq import CALIBRATION_METHODS, calibrate_ranges, calibration_feeds, check_qdq, quantize_qdq
+from calibration.qdq import CALIBRATION_METHODS, calibrate_ranges, check_qdq, quantize_qdq
 from contract.errors import DMMError
 from contract.graph_roles import INT8_ROLES, linear_nodes
 from dmm_train.checkpoint import load_checkpoint
@@ -60,7 +61,7 @@ def test_the_training_dataset_is_found_and_checked_by_content_hash(trained_on, c
     assert load_training_dataset(checkpoint, str(dataset_dir)).content_hash == checkpoint.dataset_hash
     # Another dataset than the checkpoint's: refused with both hashes and what to pass.
     other = load_checkpoint(checkpoint_path)  # the conftest checkpoint records a made-up dataset
-    with pytest.raises(DMMError, match=r"content hash .* the checkpoint was trained on 000000000000.*--dataset"):
+    with pytest.raises(DMMError, match=r"content hash .*; expected 000000000000\.\.\., the content .*--dataset"):
         load_training_dataset(other, str(dataset_dir))
     # The recorded id is not in the local store (never downloaded here): says to pass --dataset.
     with pytest.raises(DMMError, match=r"cannot be loaded here .*pass --dataset"):

@@ -32,7 +32,7 @@ def test_resume_continues_the_run_and_its_replay_buffer(tmp_path):
     lengths = np.cumsum([len(r) for r in replay_rollouts(tmp_path / "out" / "hopper_medium_replay.npz")])
     assert 200 in lengths and lengths[-1] == 400  # the episode running at the save point ends there
 
-    with pytest.raises(DMMError, match="expected --steps above that"):
+    with pytest.raises(DMMError, match="expected --steps above 400"):
         train_sac("Hopper-v5", 400, 0, run, snapshot_every=200, buffer_every=100, resume=True)
     with pytest.raises(DMMError, match="--resume"):
         train_sac("Hopper-v5", 400, 0, tmp_path / "empty", snapshot_every=200, buffer_every=100, resume=True)

@@ -159,7 +159,7 @@ def test_fp16_refuses_weights_beyond_its_range(graphs):
     array = numpy_helper.to_array(weight).copy()
     array[0, 0] = 1e5
     weight.CopyFrom(numpy_helper.from_array(array, weight.name))
-    with pytest.raises(DMMError, match=r"'ssm.0.in_proj.weight.T' \| max \|value\| 1e\+05 \| fp16 holds at most"):
+    with pytest.raises(DMMError, match=r"'ssm.0.in_proj.weight.T' max \|value\| 1e\+05; expected at most 65504"):
         to_fp16(big)
 
 
@@ -231,7 +231,7 @@ def test_a_score_drop_beyond_the_limit_fails_the_export_and_writes_nothing(capsy
     code = cli.main(["export", "--checkpoint", str(checkpoint), "--fp16", "--dataset", str(dataset),
                      "--out", str(out), "--score-episodes", "2", "--max-score-drop", "-1000"])
     assert code == 1
-    assert_one_line_error(capsys, code, "--fp16 accuracy | closed-loop normalised score", "bounds",
+    assert_one_line_error(capsys, code, "--fp16 accuracy: closed-loop normalised score", "bounds",
                           "2 paired episodes", "refused: shown worse", "--max-score-drop -1000",
                           "nothing was written")
     assert not out.with_suffix(".onnx").exists() and not manifest_path_for(out.with_suffix(".onnx")).exists()

@@ -14,13 +14,14 @@ import onnx
 import pytest
 
 import cli
+from calibration.int8 import linear_macs, listed_int8_layers
 from calibration.qdq import check_qdq, float_linears, quantize_qdq
 from contract.errors import DMMError
 from contract.graph_roles import INT8_ROLES, linear_nodes
 from contract.manifest import manifest_path_for, read_manifest
 from dmm_train.checkpoint import load_checkpoint
 from export.onnx_export import build_graph
-from export.precision import linear_macs, listed_int8_layers, precision_summary
+from export.precision import precision_summary
 from export.trt_build import _with_fp32_linears_pinned
 from runtime.ort_backend import cpu_session
 from runtime.tensorrt_support import check_layer_precisions, layer_summary
@@ -105,7 +106,7 @@ def test_int8_layer_lists_are_checked(graphs):
     names = candidates_of(graphs["window"])
     assert listed_int8_layers("auto", names) is None and listed_int8_layers("all", names) == names
     assert listed_int8_layers(f" {names[5]}, {names[1]} ", names) == [names[1], names[5]]  # graph order
-    with pytest.raises(DMMError, match=r"unknown Linear layer\(s\) head, layer9/ssm/x_proj \| expected auto, all"):
+    with pytest.raises(DMMError, match=r"unknown Linear layer\(s\) head, layer9/ssm/x_proj; expected auto, all"):
         listed_int8_layers("head,layer9/ssm/x_proj", names)
 
 
@@ -169,7 +170,7 @@ def test_int8_layer_option_errors_are_one_line(capsys, trained_on, tmp_path):
     base = ["export", "--checkpoint", str(checkpoint), "--dataset", str(dataset), "--out", str(tmp_path / "x")]
     cases = [
         (["--int8", "--int8-layers", "layer0/ssm/in_proj,layer0/ssm/inproj"],
-         ["--int8-layers | unknown Linear layer(s) layer0/ssm/inproj", "layer2/ssm/out_proj"]),
+         ["--int8-layers with unknown Linear layer(s) layer0/ssm/inproj", "layer2/ssm/out_proj"]),
         (["--int8", "--int8-layers", ","], ["--int8-layers ','", "expected auto, all or a comma-separated list"]),
         (["--fp16", "--int8-layers", "all"], ["--int8-layers with --fp16"]),
         (["--int8-layers", "all"], ["--int8-layers without --fp16 or --int8"]),

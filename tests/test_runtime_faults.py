@@ -182,7 +182,7 @@ def test_under_raise_a_fault_is_one_line_counted_and_leaves_no_trace(mode, kind,
         observation, reward = faulty_call(kind, goods[FAULT_AT], manifest, backend)
         with pytest.raises(DMMError) as raised:
             policy.act(observation, reward)
-        assert "\n" not in str(raised.value) and " | expected " in str(raised.value)
+        assert "\n" not in str(raised.value) and "; expected " in str(raised.value)
         assert policy.faults[kind] == 1 and sum(policy.faults.values()) == 1
         for name, array in committed_state(policy).items():
             np.testing.assert_array_equal(array, before[name], err_msg=name)
@@ -215,7 +215,7 @@ def test_consecutive_faults_beyond_the_limit_raise(ranged_engines, observations)
         bad = np.full(11, np.inf)
         for _ in range(2):
             np.testing.assert_array_equal(policy.act(bad, 1.0), first)
-        with pytest.raises(DMMError, match=r"3 consecutive faults \| last observation_nonfinite: .*"
+        with pytest.raises(DMMError, match=r"3 consecutive faults, the last observation_nonfinite: .*"
                                            r"max_consecutive_faults=2"):
             policy.act(bad, 1.0)
         policy.act(goods[1], 1.0)  # a good step starts the count again
@@ -241,7 +241,7 @@ def test_hold_before_any_good_step_and_a_given_safe_action(ranged_engines, obser
                                       ([np.nan, 0.0, 0.0], "finite")):
             with pytest.raises(DMMError, match=fragment):
                 Policy(backend, on_fault="safe", safe_action=safe_action)
-        with pytest.raises(DMMError, match=r"on_fault \| received 'ignore' \| expected one of raise, hold, safe"):
+        with pytest.raises(DMMError, match=r"on_fault 'ignore'; expected one of raise, hold, safe"):
             Policy(backend, on_fault="ignore")
         with pytest.raises(DMMError, match="max_consecutive_faults"):
             Policy(backend, max_consecutive_faults=-1)
@@ -300,7 +300,7 @@ def test_without_a_recorded_range_the_check_is_skipped(engines_without_range, tm
     manifest_path_for(engine).write_text(json.dumps(data))
     assert read_manifest(manifest_path_for(engine)).observation_low is None
     edit_manifest(engine, observation_low=[0.0] * 11, observation_high=[1.0] * 10)
-    with pytest.raises(DMMError, match=r"observation_low/high \| received 11/10 entries"):
+    with pytest.raises(DMMError, match="observation_low/high with 11/10 entries"):
         load_backend(engine)
     edit_manifest(engine, observation_low=[0.0] * 11, observation_high=[-1.0] * 11)
     with pytest.raises(DMMError, match="low > high"):
@@ -442,9 +442,9 @@ def test_realtime_options_do_what_they_say_and_are_undone():
     except DMMError as refused:  # an unprivileged user: the message says why and what to do
         assert "SCHED_FIFO priority 49 was refused" in str(refused) and "rtprio" in str(refused)
     assert os.sched_getaffinity(0) == affinity and os.sched_getscheduler(0) == scheduler and gc.isenabled()
-    with pytest.raises(DMMError, match=re.escape(f"--cpu 4096 | this process may run on CPUs {sorted(affinity)}")):
+    with pytest.raises(DMMError, match=re.escape(f"--cpu 4096: this process may run on CPUs {sorted(affinity)}")):
         realtime(RealtimeOptions(cpu=4096)).__enter__()
-    with pytest.raises(DMMError, match=r"priority \| received 0"):
+    with pytest.raises(DMMError, match=r"SCHED_FIFO priority 0; expected"):
         request_fifo(0)
 
 
@@ -458,7 +458,7 @@ def test_realtime_refused_for_an_unprivileged_user_is_one_clear_line():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("\n") == 1 and "--realtime | SCHED_FIFO priority 49 was refused" in result.stdout
+    assert result.stdout.count("\n") == 1 and "--realtime: SCHED_FIFO priority 49 was refused" in result.stdout
     assert "CAP_SYS_NICE" in result.stdout and "leave --realtime out" in result.stdout
 
 
@@ -524,7 +524,7 @@ def test_run_period_reports_tick_lateness_and_misses(capsys, ranged_engines):
     assert strict["deadline_misses"] == strict["steps"]
     assert_one_line_error(capsys, cli.main(["run", "--engine", engine, "--period-ms", "0"]), "--period-ms 0")
     assert_one_line_error(capsys, cli.main(["run", "--engine", engine, "--cpu", "4096"]),
-                          "--cpu 4096 | this process may run on CPUs")
+                          "--cpu 4096: this process may run on CPUs")
     assert_one_line_error(capsys, cli.main(["run", "--engine", engine, "--max-consecutive-faults", "-1"]),
                           "--max-consecutive-faults -1")
 
@@ -540,7 +540,7 @@ def test_run_keep_gc_and_realtime_are_reported_and_given_back(capsys, ranged_eng
     try:
         request_fifo(49)
     except DMMError:
-        assert_one_line_error(capsys, cli.main(["run", *argv]), "--realtime | SCHED_FIFO priority 49 was refused")
+        assert_one_line_error(capsys, cli.main(["run", *argv]), "--realtime: SCHED_FIFO priority 49 was refused")
         return
     os.sched_setscheduler(0, scheduler, os.sched_param(priority))
     report = run_json(capsys, *argv)

@@ -130,7 +130,8 @@ def test_run_and_parity_errors_are_one_line(capsys, c_export, checkpoint_path, e
     shutil.copy(c_export, foreign / "hopper.c")
     shutil.copy(c_export.with_suffix(".h"), foreign / "hopper.h")
     shutil.copy(manifest_path_for(engines["stream"]), foreign / "hopper.json")
-    assert_one_line_error(capsys, cli.main(["run", "--engine", str(foreign / "hopper.c")]), "expected one of target c")
+    assert_one_line_error(capsys, cli.main(["run", "--engine", str(foreign / "hopper.c")]),
+                          "expected a C export's manifest (target c)")
     # No compiler: $CC pointing nowhere, or none on PATH; an empty cache, so that a build is needed.
     script = f"import cli, sys; sys.exit(cli.main(['run', '--engine', {str(c_export)!r}, '--episodes', '1']))"
     environment = {key: value for key, value in os.environ.items() if key != "CC"}

@@ -120,7 +120,7 @@ def test_build_and_plans_need_no_torch_onnx_or_onnxruntime(engines, tmp_path):
 @without_tensorrt
 def test_build_without_tensorrt_says_what_to_install(capsys, engines):
     code = cli.main(["build", str(engines["window"])])
-    assert_one_line_error(capsys, code, "'tensorrt' package, which is not installed", "pip install -e '.[gpu]'",
+    assert_one_line_error(capsys, code, "the 'tensorrt' package is not installed", "pip install -e '.[gpu]'",
                           "docs/jetson.md")
     assert not engines["window"].with_suffix(".plan").exists()
 
@@ -184,11 +184,11 @@ def test_a_plan_for_another_tensorrt_or_gpu_is_refused():
     engine = {"tensorrt_version": "10.3.0.30", "gpu_name": "Orin", "compute_capability": "8.7"}
     here = GpuIdentity("Orin", "8.7")
     check_plan_target("engine 'p.plan'", engine, tensorrt_version="10.3.0.30", gpu=here)  # the same: accepted
-    with pytest.raises(DMMError, match=r"TensorRT \| plan built with 10.3.0.30 \| this machine has 11.4.0.106; "
-                                       r"rebuild the plan on this machine: python cli.py build"):
+    with pytest.raises(DMMError, match=r"plan built with TensorRT 10.3.0.30; expected TensorRT 11.4.0.106 "
+                                       r"\(this machine's\); rebuild the plan on this machine: python cli.py build"):
         check_plan_target("engine 'p.plan'", engine, tensorrt_version="11.4.0.106", gpu=here)
-    with pytest.raises(DMMError, match=r"GPU \| plan built on Orin \(compute capability 8.7\) \| this machine "
-                                       r"has NVIDIA H100 \(compute capability 9.0\)"):
+    with pytest.raises(DMMError, match=r"plan built on GPU Orin \(compute capability 8.7\); expected "
+                                       r"NVIDIA H100 \(compute capability 9.0\)"):
         check_plan_target("engine 'p.plan'", engine, tensorrt_version="10.3.0.30",
                           gpu=GpuIdentity("NVIDIA H100", "9.0"))
     with pytest.raises(DMMError, match="compute capability 8.6"):
@@ -249,7 +249,7 @@ def test_a_foreign_cuda_namespace_is_not_taken_for_cuda_python(tmp_path):
 
 def test_a_trt_backend_device_must_be_an_index():
     for device in (-1, "0", True):
-        with pytest.raises(DMMError, match=r"device \| received"):
+        with pytest.raises(DMMError, match=r"device .*; expected a CUDA device index"):
             TrtBackend("x.plan", device=device)  # pyright: ignore[reportArgumentType]  (refused on purpose)
 
 
@@ -261,13 +261,13 @@ def test_adopt_argument_errors_come_before_tensorrt(capsys, engines, tmp_path):
                           f"trtexec --onnx={onnx_path} --saveEngine={plan}")
     plan.write_bytes(b"\0" * 256)
     assert_one_line_error(capsys, cli.main(["adopt", str(plan), "--onnx", str(tmp_path / "other.onnx")]),
-                          "adopt |", "other.onnx", "does not exist")
+                          "adopt:", "other.onnx", "does not exist")
     changed = tmp_path / "changed"
     changed.mkdir()
     changed_onnx = copy_engine(onnx_path, changed)
     changed_onnx.write_bytes(changed_onnx.read_bytes() + b"\0")
     (changed / plan.name).write_bytes(b"\0" * 256)
-    assert_one_line_error(capsys, cli.main(["adopt", str(changed / plan.name)]), "adopt |", "sha256", "re-export")
+    assert_one_line_error(capsys, cli.main(["adopt", str(changed / plan.name)]), "adopt:", "sha256", "re-export")
     manifest_path_for(plan).write_text("{}")
     assert_one_line_error(capsys, cli.main(["adopt", str(plan)]), "already exists", "--force")
     assert manifest_path_for(plan).read_text() == "{}"  # untouched
@@ -440,8 +440,8 @@ def test_a_rebuild_reuses_the_timing_cache(plans):
 
 @needs_gpu
 def test_a_plan_whose_manifest_names_another_target_is_refused(plans, tmp_path):
-    for field, value, fragment in (("tensorrt_version", "0.0.0", "TensorRT | plan built with 0.0.0"),
-                                   ("gpu_name", "Another GPU", "GPU | plan built on Another GPU")):
+    for field, value, fragment in (("tensorrt_version", "0.0.0", "plan built with TensorRT 0.0.0"),
+                                   ("gpu_name", "Another GPU", "plan built on GPU Another GPU")):
         plan = copy_engine(plans["window"], tmp_path)
         manifest = read_manifest(manifest_path_for(plan))
         write_manifest(dataclasses.replace(manifest, engine={**manifest.engine, field: value}),

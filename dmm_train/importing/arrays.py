@@ -72,9 +72,9 @@ def build_episode(get: Getter, file: str, index: int, mapping: ImportMapping, *,
         values = get(name)
         if values is None:
             if required:
-                raise DMMError(f"{file!r} has no {label(name)!r} (episode {index}); expected one of "
-                               f"{', '.join(keys()) or 'nothing: it is empty'} (name it with --obs / --action / "
-                               "--reward or in the mapping file)")
+                raise DMMError(f"{file!r} has no {label(name)!r} (episode {index})",
+                               f"one of {', '.join(keys()) or 'nothing: it is empty'}",
+                               "name it with --obs / --action / --reward or in the mapping file")
             return None
         check_finite(values, file, label(name), index)
         return values
@@ -85,8 +85,9 @@ def build_episode(get: Getter, file: str, index: int, mapping: ImportMapping, *,
         lengths = {p.shape[0] for p in parts}
         if len(lengths) != 1:
             described = ", ".join(f"{label(n)}: {p.shape[0]}" for n, p in zip(names, parts, strict=True))
-            raise DMMError(f"{file!r} episode {index}: the {what} keys have different lengths ({described}); "
-                           "expected one row per step in each (mismatched lengths)")
+            raise DMMError(f"{file!r} episode {index}: the {what} keys have different lengths ({described}, "
+                           "mismatched lengths)", "one row per step in each",
+                           f"choose {what} keys recorded at the same rate")
         return np.concatenate(parts, axis=1)  # (N, sum d)
 
     observations = concat(mapping.observation, "observation")  # (N or N+1, S)
@@ -97,7 +98,8 @@ def build_episode(get: Getter, file: str, index: int, mapping: ImportMapping, *,
         next_observations = concat(mapping.next_observation, "next observation")  # (N, S)
         if next_observations.shape[0] != n:
             raise DMMError(f"{file!r} episode {index}: {next_observations.shape[0]} next observations for {n} "
-                           "actions; expected one per step (mismatched lengths)")
+                           "actions (mismatched lengths)", "one next observation per step",
+                           "name matching next-observation keys in the mapping file, or fix the log")
         final = next_observations[-1] if n else None
     elif observations.shape[0] == n + 1:  # the episode stores its final observation itself
         observations, final = observations[:-1], observations[-1]
@@ -124,8 +126,8 @@ def build_episode(get: Getter, file: str, index: int, mapping: ImportMapping, *,
         flags = read(mapping.success).reshape(-1)
         success = bool(flags[-1]) if flags.size else False
     if n == 0:
-        raise DMMError(f"{file!r} {label(mapping.action[0])} episode {index}: an empty episode (0 steps); "
-                       "expected at least one step (check the episode boundaries)")
+        raise DMMError(f"{file!r} {label(mapping.action[0])} episode {index}: an empty episode (0 steps)",
+                       "at least one step per episode", "check the episode boundaries")
     names = {"observation": " + ".join(label(k) for k in mapping.observation),
              "action": " + ".join(label(k) for k in mapping.action),
              "reward": label(mapping.reward) if mapping.reward else "reward",
@@ -143,21 +145,22 @@ def episode_ranges(arrays: Mapping[str, np.ndarray], file: str, mapping: ImportM
                       ("episode_ends", "ends"), ("episode_starts", "starts")):
         if key is None or key not in arrays:
             if key is not None and key in (mapping.episode_ends, mapping.episode_starts):
-                raise DMMError(f"{file!r} has no {key!r}; expected one of {', '.join(sorted(arrays))}")
+                raise DMMError(f"{file!r} has no {key!r}", f"one of {', '.join(sorted(arrays))}",
+                               "name an episode boundary key the file has, or leave it out")
             continue
         values = np.asarray(arrays[key]).reshape(-1)
         if values.dtype == bool:
             if values.shape[0] != total:
-                raise DMMError(f"{file!r} {key}: {values.shape[0]} flags for {total} steps; expected one per "
-                               "step (mismatched lengths)")
+                raise DMMError(f"{file!r} {key}: {values.shape[0]} flags for {total} steps (mismatched lengths)",
+                               "one flag per step", "name a boundary key with one flag per step, or fix the log")
             marks = np.flatnonzero(values)
             cuts = marks + 1 if kind == "ends" else marks
         else:
             cuts = values.astype(np.int64)
         bounds = np.unique(np.concatenate([[0], cuts, [total]]))
         if bounds[0] < 0 or bounds[-1] > total or (cuts.size and (np.diff(cuts) <= 0).any()):
-            raise DMMError(f"{file!r} {key}: {values.tolist()[:8]}...; expected increasing indices within "
-                           f"0..{total} (episode {kind})")
+            raise DMMError(f"{file!r} {key}: {values.tolist()[:8]}...", f"increasing indices within 0..{total} "
+                           f"(episode {kind})", f"name another episode {kind} key, or fix the log")
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)], f"episodes by {key}"
     flag_keys = [k for k in (mapping.terminations, mapping.truncations, mapping.dones) if k and k in arrays]
     if flag_keys:
@@ -165,8 +168,8 @@ def episode_ranges(arrays: Mapping[str, np.ndarray], file: str, mapping: ImportM
         for key in flag_keys:
             flags = np.asarray(arrays[key]).reshape(-1).astype(bool)
             if flags.shape[0] != total:
-                raise DMMError(f"{file!r} {key}: {flags.shape[0]} flags for {total} steps; expected one per step "
-                               "(mismatched lengths)")
+                raise DMMError(f"{file!r} {key}: {flags.shape[0]} flags for {total} steps (mismatched lengths)",
+                               "one flag per step", "name a flag key with one flag per step, or fix the log")
             ends |= flags
         bounds = np.unique(np.concatenate([[0], np.flatnonzero(ends) + 1, [total]]))
         return ([(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
@@ -176,15 +179,16 @@ def episode_ranges(arrays: Mapping[str, np.ndarray], file: str, mapping: ImportM
 
 def _flat_episodes(arrays: dict[str, np.ndarray], file: str, mapping: ImportMapping) -> tuple[list, str]:
     if mapping.action[0] not in arrays:
-        raise DMMError(f"{file!r} has no {mapping.action[0]!r}; expected one of {', '.join(sorted(arrays))} "
-                       "(name the action with --action)")
+        raise DMMError(f"{file!r} has no {mapping.action[0]!r}", f"one of {', '.join(sorted(arrays))}",
+                       "name the action with --action")
     total = int(np.asarray(arrays[mapping.action[0]]).shape[0])
     used = [*mapping.observation, *mapping.action, *mapping.next_observation, mapping.reward, mapping.terminations,
             mapping.truncations, mapping.dones, mapping.timestamps, mapping.success]
     for key in used:
         if key in arrays and np.asarray(arrays[key]).shape[0] != total:
             raise DMMError(f"{file!r} {key}: {np.asarray(arrays[key]).shape[0]} rows for {total} rows of "
-                           f"{mapping.action[0]}; expected one row per step (mismatched lengths)")
+                           f"{mapping.action[0]} (mismatched lengths)", "one row per step",
+                           f"map keys with {total} rows, or fix the log")
     ranges, how = episode_ranges(arrays, file, mapping, total)
     episodes = []
     for index, (start, end) in enumerate(ranges):
@@ -200,11 +204,12 @@ def _read_npz(source: Path) -> dict[str, np.ndarray]:
         with np.load(source, allow_pickle=False) as archive:  # never unpickle a file from elsewhere
             return {key: archive[key] for key in archive.files}
     except ValueError as error:
-        raise DMMError(f"{str(source)!r} holds object arrays or is damaged ({describe_error(error)}); expected "
-                       "numeric arrays (object arrays would need pickle, which is never loaded)") from None
+        raise DMMError(f"{str(source)!r} holds object arrays or is damaged ({describe_error(error)})",
+                       "numeric arrays (object arrays would need pickle, which is never loaded)",
+                       "save the log with numeric arrays only") from None
     except OSError as error:
-        raise DMMError(f"cannot read {str(source)!r} as .npz ({describe_error(error)}); expected a numpy .npz "
-                       "archive") from None
+        raise DMMError(f"cannot read {str(source)!r} as .npz ({describe_error(error)})", "a numpy .npz archive",
+                       "pass a .npz file, or the log's --format") from None
 
 
 def _natural(name: str) -> tuple:
@@ -241,7 +246,8 @@ def read_arrays(source: Path, mapping: ImportMapping, *, rewards_from_log: bool)
     try:
         handle = h5py.File(source, "r")
     except OSError as error:
-        raise DMMError(f"cannot read {file!r} as HDF5 ({describe_error(error)}); expected an HDF5 file") from None
+        raise DMMError(f"cannot read {file!r} as HDF5 ({describe_error(error)})", "an HDF5 file",
+                       "pass an HDF5 file, or the log's --format") from None
     with handle:
         if mapping.format == "robomimic":
             return _read_robomimic(handle, source, mapping, rewards_from_log)
@@ -255,8 +261,8 @@ def read_arrays(source: Path, mapping: ImportMapping, *, rewards_from_log: bool)
             return ReadLog(episodes, [source], mapping, _final_note(mapping), [how])
         per_episode = [g for g in groups if action_key in handle[g]]
         if not per_episode:
-            raise DMMError(f"{file!r} has neither a {action_key!r} dataset nor groups holding one; expected flat "
-                           "arrays or one group per episode (name the action with --action)")
+            raise DMMError(f"{file!r} has neither a {action_key!r} dataset nor groups holding one",
+                           "flat arrays or one group per episode", "name the action with --action")
         first = handle[per_episode[0]]
         mapping = with_defaults(mapping, first.__contains__, rewards_from_log=rewards_from_log,
                                 success=("success", "successes"))
@@ -276,14 +282,15 @@ def read_arrays(source: Path, mapping: ImportMapping, *, rewards_from_log: bool)
 def _read_robomimic(handle, source: Path, mapping: ImportMapping, rewards_from_log: bool) -> ReadLog:
     file = str(source)
     if "data" not in handle or not len(handle["data"]):
-        raise DMMError(f"{file!r} has no data/demo_N groups; expected the robomimic layout "
-                       "data/demo_N/{obs,actions,rewards,dones}")
+        raise DMMError(f"{file!r} has no data/demo_N groups", "the robomimic layout data/demo_N/{obs,actions,"
+                       "rewards,dones}", "pass a robomimic file, or the log's --format (hdf5 for other layouts)")
     demos = sorted(handle["data"].keys(), key=_natural)
     first = handle["data"][demos[0]]
     notes = []
     if not mapping.observation:
         if "obs" not in first:
-            raise DMMError(f"{file!r} data/{demos[0]} has no obs group; expected robomimic's obs/KEY datasets")
+            raise DMMError(f"{file!r} data/{demos[0]} has no obs group", "robomimic's obs/KEY datasets",
+                           "name the observation keys with --obs")
         keys = sorted(first["obs"].keys())
         mapping = dataclasses.replace(mapping, observation=tuple(f"obs/{k}" for k in keys))
         notes.append(f"observation = obs keys {', '.join(keys)} in sorted order (choose with --obs obs/KEY)")

@@ -76,14 +76,14 @@ def check_finite(values: np.ndarray, file: str, name: str, episode: int | None =
     """One line naming the file, the key/column/topic and the step of the first non-finite value."""
     values = np.asarray(values)
     if values.dtype.kind not in "fiub":
-        raise DMMError(f"{file!r} {name}: dtype {values.dtype}; expected numbers")
+        raise DMMError(f"{file!r} {name}: dtype {values.dtype}", "numbers",
+                       f"map {name} to a numeric key / column / field instead")
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         rows = values.reshape(values.shape[0], -1) if values.ndim else values.reshape(1, 1)
         step = int(np.argmax(~np.isfinite(rows).all(axis=1)))
         where = f" episode {episode}" if episode is not None else ""
         raise DMMError(f"{file!r} {name}{where} step {first_step + step}: non-finite value "
-                       f"{rows[step][~np.isfinite(rows[step])][0]}; expected finite numbers (drop or repair "
-                       "those samples)")
+                       f"{rows[step][~np.isfinite(rows[step])][0]}", "finite numbers", "drop or repair those samples")
 
 
 def check_time(times: np.ndarray, file: str, name: str, episode: int | None = None, unit: str = "s") -> None:
@@ -94,8 +94,7 @@ def check_time(times: np.ndarray, file: str, name: str, episode: int | None = No
         step = int(back[0]) + 1
         where = f" episode {episode}" if episode is not None else ""
         raise DMMError(f"{file!r} {name}{where} step {step}: timestamp {times[step]} {unit} goes backwards (after "
-                       f"{times[step - 1]} {unit}); expected non-decreasing timestamps (fix the log's clock or "
-                       "sort it)")
+                       f"{times[step - 1]} {unit})", "non-decreasing timestamps", "fix the log's clock or sort it")
 
 
 def _as_2d(values: np.ndarray, episode: LoggedEpisode, what: str) -> np.ndarray:
@@ -103,7 +102,8 @@ def _as_2d(values: np.ndarray, episode: LoggedEpisode, what: str) -> np.ndarray:
     if values.ndim == 1:
         values = values[:, None]  # (N,) scalar per step -> (N, 1)
     if values.ndim != 2:
-        raise DMMError(f"{episode.where(what)}: shape {values.shape}; expected (steps, dim) or (steps,)")
+        raise DMMError(f"{episode.where(what)}: shape {values.shape}", "(steps, dim) or (steps,)",
+                       f"map the {what} to a key with one row per step")
     return values
 
 
@@ -112,11 +112,12 @@ def _flags(values: np.ndarray | None, n: int, episode: LoggedEpisode, what: str)
         return np.zeros(n, dtype=bool)
     flags = np.asarray(values).reshape(-1).astype(bool)
     if flags.shape[0] != n:
-        raise DMMError(f"{episode.where(what)}: {flags.shape[0]} entries for {n} steps; expected one per step")
+        raise DMMError(f"{episode.where(what)}: {flags.shape[0]} entries for {n} steps", "one entry per step",
+                       f"map {what} to a flag with one entry per step")
     early = np.flatnonzero(flags[:-1])
     if early.size:
-        raise DMMError(f"{episode.where(what)} step {int(early[0])}: set before the episode's last step "
-                       f"{n - 1}; expected it only at the end (give episode boundaries that end there)")
+        raise DMMError(f"{episode.where(what)} step {int(early[0])}: set before the episode's last step {n - 1}",
+                       "it set only at the end", "give episode boundaries that end there")
     return flags
 
 
@@ -127,16 +128,17 @@ def complete_episode(episode: LoggedEpisode, *, need_rewards: bool) -> tuple[Rol
     n = actions.shape[0]
     if observations.shape[0] != n:
         raise DMMError(f"{episode.where('observation')}: {observations.shape[0]} observations for {n} actions "
-                       f"({episode.where('action')}); expected one observation per action (mismatched lengths)")
+                       f"({episode.where('action')}, mismatched lengths)", "one observation per action",
+                       "map observation and action keys recorded at the same steps")
     rewards = None
     if episode.rewards is not None:
         rewards = np.asarray(episode.rewards, dtype=np.float64).reshape(-1)  # (N,)
         if rewards.shape[0] != n:
-            raise DMMError(f"{episode.where('reward')}: {rewards.shape[0]} rewards for {n} actions; expected "
-                           "one per step (mismatched lengths)")
+            raise DMMError(f"{episode.where('reward')}: {rewards.shape[0]} rewards for {n} actions (mismatched "
+                           "lengths)", "one reward per step", "map a reward recorded at every step")
     elif need_rewards:
-        raise DMMError(f"{episode.where('reward')}: the log has no reward; name one (--reward KEY), or use "
-                       "--reward sparse-success or --reward-fn module:function")
+        raise DMMError(f"{episode.where('reward')}: the log has no reward", "a reward for every step",
+                       "name one (--reward KEY), or use --reward sparse-success or --reward-fn module:function")
     terminations = _flags(episode.terminations, n, episode, "terminations")
     truncations = _flags(episode.truncations, n, episode, "truncations")
     dropped = episode.final_observation is None
@@ -144,8 +146,9 @@ def complete_episode(episode: LoggedEpisode, *, need_rewards: bool) -> tuple[Rol
         # No observation after the last action: that transition cannot be stored; the episode now ends
         # where the log stopped observing, which is a truncation.
         if n < 2:
-            raise DMMError(f"{episode.where('observation')}: {n} step(s) and no final observation; expected at "
-                           "least 2 steps (an empty episode once its last transition is dropped)")
+            raise DMMError(f"{episode.where('observation')}: {n} step(s) and no final observation",
+                           "at least 2 steps (an empty episode once its last transition is dropped)",
+                           "check the episode boundaries, or map the next observations")
         full_obs = observations  # (T+1, S), T = n-1
         actions, terminations = actions[:-1], np.zeros(n - 1, dtype=bool)
         truncations = np.zeros(n - 1, dtype=bool)
@@ -153,11 +156,12 @@ def complete_episode(episode: LoggedEpisode, *, need_rewards: bool) -> tuple[Rol
         rewards = None if rewards is None else rewards[:-1]
     else:
         if n < 1:
-            raise DMMError(f"{episode.where('action')}: an empty episode (0 steps); expected at least one step")
+            raise DMMError(f"{episode.where('action')}: an empty episode (0 steps)", "at least one step",
+                           "check the episode boundaries")
         final = np.asarray(episode.final_observation).reshape(1, -1)  # (1, S)
         if final.shape[1] != observations.shape[1]:
-            raise DMMError(f"{episode.where('observation')}: final observation of size {final.shape[1]}; "
-                           f"expected {observations.shape[1]} like the others")
+            raise DMMError(f"{episode.where('observation')}: final observation of size {final.shape[1]}",
+                           f"{observations.shape[1]} like the others", "map next observations of the same keys")
         full_obs = np.concatenate([observations, final], axis=0)  # (T+1, S)
         if not (terminations[-1] or truncations[-1]):
             truncations = truncations.copy()
@@ -178,22 +182,23 @@ def load_reward_fn(spec: str) -> RewardFn:
     """The user's ``module:function`` reward, named on the command line (never by a file)."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise DMMError(f"--reward-fn {spec!r}; expected module:function (e.g. my_rewards:reach_reward)")
+        raise DMMError(f"--reward-fn {spec!r}", "module:function", "pass e.g. --reward-fn my_rewards:reach_reward")
     added = os.getcwd() not in sys.path
     if added:  # the user's module usually sits in the directory they run from
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
-        raise DMMError(f"--reward-fn {spec!r}: cannot import {module_name!r} ({describe_error(error)}); expected "
-                       "an importable module (run from its directory or put it on PYTHONPATH)") from None
+        raise DMMError(f"--reward-fn {spec!r}: cannot import {module_name!r} ({describe_error(error)})",
+                       "an importable module", "run from its directory or put it on PYTHONPATH") from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise DMMError(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}; expected "
-                       "a function (observations, actions, next_observations) -> rewards")
+        raise DMMError(f"--reward-fn {spec!r}: {module_name!r} has no function {function_name!r}",
+                       "a function (observations, actions, next_observations) -> rewards",
+                       f"define {function_name} in {module_name}, or name the function it has")
     return function
 
 
@@ -206,11 +211,12 @@ def _apply_reward_fn(function: RewardFn, spec: str, rollout: Rollout, index: int
     except DMMError:
         raise
     except Exception as error:
-        raise DMMError(f"--reward-fn {spec!r} failed on episode {index} ({describe_error(error)}); expected "
-                       "rewards (T,) for observations (T, S), actions (T, A), next observations (T, S)") from None
+        raise DMMError(f"--reward-fn {spec!r} failed on episode {index} ({describe_error(error)})",
+                       "rewards (T,) for observations (T, S), actions (T, A), next observations (T, S)",
+                       "fix the reward function for that episode") from None
     if rewards.shape[0] != len(rollout):
         raise DMMError(f"--reward-fn {spec!r} returned {rewards.shape[0]} rewards for episode {index} of "
-                       f"{len(rollout)} steps; expected one per step")
+                       f"{len(rollout)} steps", "one reward per step", "make the function return one reward per step")
     check_finite(rewards, f"--reward-fn {spec}", "rewards", index)
     return rewards
 
@@ -225,8 +231,8 @@ def finish_episodes(episodes: Sequence[LoggedEpisode], mapping: ImportMapping,
     """Rollouts in Minari's layout from ``episodes``; also how many lost their last transition, and
     a few words on where the rewards came from."""
     if not episodes:
-        raise DMMError("the log holds no episode; expected at least one (check the episode boundaries, "
-                       "topics and time range)")
+        raise DMMError("the log holds no episode", "at least one episode",
+                       "check the episode boundaries, topics and time range")
     sparse = mapping.reward == SPARSE_SUCCESS
     function = load_reward_fn(reward_fn) if reward_fn else None
     rollouts, dropped = [], 0
@@ -242,8 +248,8 @@ def finish_episodes(episodes: Sequence[LoggedEpisode], mapping: ImportMapping,
         rollouts.append(rollout)
     dims = {(r.observations.shape[1], r.actions.shape[1]) for r in rollouts}
     if len(dims) != 1:
-        raise DMMError(f"the episodes mix observation/action sizes {sorted(dims)}; expected one size of each "
-                       "(check that every message has the same field sizes)")
+        raise DMMError(f"the episodes mix observation/action sizes {sorted(dims)}", "one size of each",
+                       "check that every message has the same field sizes")
     if function is not None:
         reward_note = f"rewards from --reward-fn {reward_fn}"
     elif sparse:
@@ -309,5 +315,5 @@ def require_library(name: str, fmt: str):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise DMMError(f"importing {fmt} needs the {name.split('.')[0]!r} package; install it with {_INSTALL}") \
-            from None
+        raise DMMError(f"importing {fmt}: the {name.split('.')[0]!r} package is not installed",
+                       f"the {name.split('.')[0]!r} package for {fmt}", f"install it with {_INSTALL}") from None

@@ -38,8 +38,8 @@ def _column(table, name: str, file: str) -> np.ndarray:
         lengths = set(column.value_lengths().to_pylist()) if not pa.types.is_fixed_size_list(column.type) \
             else {column.type.list_size}
         if len(lengths) > 1:
-            raise DMMError(f"{file!r} column {name!r}: rows of {sorted(lengths)} values; expected the same size in "
-                           "every row (mismatched lengths)")
+            raise DMMError(f"{file!r} column {name!r}: rows of {sorted(lengths)} values (mismatched lengths)",
+                           "the same size in every row", f"map a column other than {name!r}, or fix the dataset")
         width = lengths.pop() if lengths else 0
         return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)  # (rows, d)
     return column.to_numpy(zero_copy_only=False)  # (rows,)
@@ -53,19 +53,22 @@ def read_lerobot(source: Path, mapping: ImportMapping, *, rewards_from_log: bool
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise DMMError(f"cannot read {str(info_path)!r} ({describe_error(error)}); expected a LeRobotDataset "
-                       "directory (meta/info.json and data/*/*.parquet)") from None
+        raise DMMError(f"cannot read {str(info_path)!r} ({describe_error(error)})",
+                       "a LeRobotDataset directory (meta/info.json and data/*/*.parquet)",
+                       "pass the dataset's root directory, or the log's --format") from None
     version = str(info.get("codebase_version", ""))
     if not version.startswith(("v2", "v3")):
-        raise DMMError(f"{str(info_path)!r}: codebase_version {version!r}; expected v3.0 (or v2.x)")
+        raise DMMError(f"{str(info_path)!r}: codebase_version {version!r}", "v3.0 (or v2.x)",
+                       "convert the dataset with LeRobot's v3.0 converter")
     files = sorted((source / "data").rglob("*.parquet"))
     if not files:
-        raise DMMError(f"{root!r} has no data/*/*.parquet files; expected LeRobot's data files")
+        raise DMMError(f"{root!r} has no data/*/*.parquet files", "LeRobot's data files",
+                       "download the dataset's data files too, or pass its root directory")
     try:
         table = pa.concat_tables([pq.read_table(f) for f in files], promote_options="default")
     except Exception as error:  # pyarrow raises ArrowInvalid / OSError for damaged or mismatched files
-        raise DMMError(f"cannot read the parquet files of {root!r} ({describe_error(error)}); expected LeRobot "
-                       "data files with one schema") from None
+        raise DMMError(f"cannot read the parquet files of {root!r} ({describe_error(error)})",
+                       "LeRobot data files with one schema", "re-download or repair the damaged files") from None
     columns = set(table.column_names)
     features = info.get("features", {})
     defaults = {"observation": ("observation.state",), "action": ("action",)}
@@ -81,7 +84,8 @@ def read_lerobot(source: Path, mapping: ImportMapping, *, rewards_from_log: bool
     mapping = dataclasses.replace(mapping, **changes)
     for key in ("episode_index", "frame_index"):
         if key not in columns:
-            raise DMMError(f"{root!r} data has no {key!r} column; expected LeRobot's episode_index and frame_index")
+            raise DMMError(f"{root!r} data has no {key!r} column", "LeRobot's episode_index and frame_index columns",
+                           "pass a LeRobotDataset, or the log's --format")
     order = np.lexsort((_column(table, "frame_index", root), _column(table, "episode_index", root)))
     table = table.take(pa.array(order))
     episode_index = _column(table, "episode_index", root)  # (rows,)

@@ -68,23 +68,25 @@ class ImportMapping:
 
     def validate(self) -> ImportMapping:
         if self.format not in FORMATS:
-            raise DMMError(f"import format {self.format!r}; expected one of {', '.join(FORMATS)} "
-                           "(--format, or format = ... in the mapping file)")
+            raise DMMError(f"import format {self.format!r}", f"one of {', '.join(FORMATS)}",
+                           "pass --format, or format = ... in the mapping file")
         if self.dataset_id is None:
-            raise DMMError("no dataset id; expected --dataset-id namespace/name-vN (or dataset_id = ... in the "
-                           "mapping file)")
+            raise DMMError("no dataset id", "a dataset id namespace/name-vN",
+                           "pass --dataset-id namespace/name-vN, or dataset_id = ... in the mapping file")
         if self.done_means not in DONE_MEANS:
-            raise DMMError(f"done_means {self.done_means!r}; expected one of {', '.join(DONE_MEANS)}")
+            raise DMMError(f"done_means {self.done_means!r}", f"one of {', '.join(DONE_MEANS)}",
+                           f"set done_means to one of {', '.join(DONE_MEANS)}")
         if self.stamp not in STAMPS:
-            raise DMMError(f"stamp {self.stamp!r}; expected 'log' (the bag's receive time) or 'header' "
-                           "(each message's header.stamp)")
+            raise DMMError(f"stamp {self.stamp!r}", "'log' (the bag's receive time) or 'header' (each message's "
+                           "header.stamp)", "set stamp to log or header")
         for name in ("period_ms", "episode_gap_s"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise DMMError(f"{name} {value!r}; expected a positive number")
+                raise DMMError(f"{name} {value!r}", "a positive number", f"set {name} above 0, or leave it out")
         if self.max_episode_steps is not None and not (
                 isinstance(self.max_episode_steps, int) and self.max_episode_steps >= 1):
-            raise DMMError(f"max_episode_steps {self.max_episode_steps!r}; expected a positive integer")
+            raise DMMError(f"max_episode_steps {self.max_episode_steps!r}", "a positive integer",
+                           "set max_episode_steps to 1 or more, or leave it out")
         return self
 
     def to_record(self) -> dict[str, Any]:
@@ -106,18 +108,19 @@ def load_mapping(path: str | os.PathLike) -> ImportMapping:
     except OSError as error:
         raise file_error(error, path, action="read") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise DMMError(f"mapping file {str(path)!r} is not valid TOML ({describe_error(error)}); expected "
-                       "key = value lines such as observation = [\"observations\"]") from None
+        raise DMMError(f"mapping file {str(path)!r}: not valid TOML ({describe_error(error)})",
+                       "key = value lines such as observation = [\"observations\"]",
+                       "fix the TOML at the line named") from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _CODE_KEYS:
-            raise DMMError(f"mapping file {str(path)!r} names code ({key} = {value!r}); a mapping file never "
-                           "decides what code runs: pass the reward function on the command line, "
-                           "--reward-fn module:function")
+            raise DMMError(f"mapping file {str(path)!r} names code ({key} = {value!r})",
+                           "data only (a mapping file never decides what code runs)",
+                           "pass the reward function on the command line, --reward-fn module:function")
         name = key.replace("-", "_")
         if name not in _FIELDS:
-            raise DMMError(f"mapping file {str(path)!r} has an unknown key {key!r}; expected some of "
-                           f"{', '.join(sorted(_FIELDS))}")
+            raise DMMError(f"mapping file {str(path)!r}: unknown key {key!r}", f"some of {', '.join(sorted(_FIELDS))}",
+                           f"remove or rename {key!r}")
         values[name] = _coerce(path, name, value)
     return ImportMapping(**values, origin={name: "file" for name in values})
 
@@ -130,7 +133,8 @@ def _toml_library():
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise DMMError("a TOML mapping file needs Python 3.11+ (tomllib) or the tomli package; "
+            raise DMMError("a TOML mapping file: neither tomllib nor tomli is available",
+                           "Python 3.11+ (tomllib) or the tomli package",
                            "pip install tomli, or pass the mapping as options") from None
     return tomllib
 
@@ -139,8 +143,9 @@ def _coerce(path: Path, name: str, value: Any) -> Any:
     if name in _LISTS:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
-            raise DMMError(f"mapping file {str(path)!r}: {name} = {value!r}; expected a non-empty string or a "
-                           "list of them (concatenated in that order)")
+            raise DMMError(f"mapping file {str(path)!r}: {name} = {value!r}",
+                           "a non-empty string or a list of them (concatenated in that order)",
+                           f"write {name} = [\"KEY\", ...]")
         return tuple(items)
     if name in ("period_ms", "episode_gap_s"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -150,5 +155,6 @@ def _coerce(path: Path, name: str, value: Any) -> Any:
         ok = isinstance(value, str)
     if not ok:
         expected = {"period_ms": "number", "episode_gap_s": "number", "max_episode_steps": "whole number"}
-        raise DMMError(f"mapping file {str(path)!r}: {name} = {value!r}; expected a {expected.get(name, 'string')}")
+        raise DMMError(f"mapping file {str(path)!r}: {name} = {value!r}", f"a {expected.get(name, 'string')}",
+                       f"give {name} a {expected.get(name, 'string')}")
     return float(value) if name in ("period_ms", "episode_gap_s") else value

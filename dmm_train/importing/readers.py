@@ -31,10 +31,11 @@ def run_import(source: str | os.PathLike, mapping: ImportMapping, *, reward_fn: 
     mapping = mapping.validate()
     source = Path(source)
     if not source.exists():
-        raise DMMError(f"import source {str(source)!r} does not exist; expected a {mapping.format} file or "
-                       "directory")
+        raise DMMError(f"import source {str(source)!r}: no such file or directory",
+                       f"a {mapping.format} file or directory", "check the path")
     if reward_fn and mapping.reward not in (None, SPARSE_SUCCESS) and mapping.origin.get("reward") == "option":
-        raise DMMError(f"--reward {mapping.reward!r} with --reward-fn {reward_fn!r}; expected one source of rewards")
+        raise DMMError(f"--reward {mapping.reward!r} with --reward-fn {reward_fn!r}", "one source of rewards",
+                       "leave out --reward or --reward-fn")
     read = read_log(source, mapping, rewards_from_log=not reward_fn)
     rollouts, dropped, reward_note = finish_episodes(read.episodes, read.mapping, reward_fn)
     provenance = {

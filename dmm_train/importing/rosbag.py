@@ -42,8 +42,8 @@ class _Stream:
 def _split(entry: str, what: str) -> tuple[str, str]:
     topic, sep, path = entry.rpartition(":")
     if not sep or not topic or not path:
-        raise DMMError(f"{what} {entry!r}; expected topic:field, e.g. /joint_states:position or "
-                       "/odom:pose.pose.position.x")
+        raise DMMError(f"{what} {entry!r}", "topic:field",
+                       "write it as e.g. /joint_states:position or /odom:pose.pose.position.x")
     return topic, path
 
 
@@ -66,17 +66,18 @@ def _open(source: Path, fmt: str):
     highlevel = require_library("rosbags.highlevel", fmt)
     typesys = require_library("rosbags.typesys", fmt)
     if fmt == "mcap" and source.is_dir():
-        raise DMMError(f"{str(source)!r} is a directory; --format mcap reads one .mcap file (use --format rosbag2 "
-                       "for a rosbag2 directory)")
+        raise DMMError(f"--format mcap with {str(source)!r}: a directory", "one .mcap file",
+                       "use --format rosbag2 for a rosbag2 directory, or pass the .mcap file")
     if fmt == "rosbag2" and not source.is_dir():
-        raise DMMError(f"{str(source)!r} is a file; --format rosbag2 reads a bag directory (with metadata.yaml); "
-                       "use --format mcap for a single .mcap file")
+        raise DMMError(f"--format rosbag2 with {str(source)!r}: a file", "a bag directory (with metadata.yaml)",
+                       "use --format mcap for a single .mcap file, or pass the bag directory")
     try:
         reader = highlevel.AnyReader([source], default_typestore=typesys.get_typestore(typesys.Stores.LATEST))
         reader.open()
     except Exception as error:  # rosbags raises its own error types, FileNotFoundError and yaml errors
-        raise DMMError(f"cannot open {str(source)!r} as {fmt} ({describe_error(error)}); expected a "
-                       f"{'rosbag2 directory' if fmt == 'rosbag2' else '.mcap file'}") from None
+        raise DMMError(f"cannot open {str(source)!r} as {fmt} ({describe_error(error)})",
+                       f"a {'rosbag2 directory' if fmt == 'rosbag2' else '.mcap file'}",
+                       "pass an intact bag, or the log's --format") from None
     return reader
 
 
@@ -88,7 +89,8 @@ def _collect(reader, source: Path, entries: dict[str, list[str]], reset_topic: s
     available = {c.topic for c in reader.connections}
     for topic in sorted(topics):
         if topic not in available:
-            raise DMMError(f"{file!r} has no topic {topic!r}; expected one of {', '.join(sorted(available))}")
+            raise DMMError(f"{file!r} has no topic {topic!r}", f"one of {', '.join(sorted(available))}",
+                           "name a topic the bag has")
     times: dict[str, list[int]] = {t: [] for t in entries}
     values: dict[tuple[str, str], list[np.ndarray]] = {(t, p): [] for t, paths in entries.items() for p in paths}
     resets: list[int] = []
@@ -99,13 +101,14 @@ def _collect(reader, source: Path, entries: dict[str, list[str]], reset_topic: s
             message = reader.deserialize(raw, connection.msgtype)
         except Exception as error:
             raise DMMError(f"{file!r} topic {topic!r}: cannot decode a {connection.msgtype} message "
-                           f"({describe_error(error)}); expected messages of a known type") from None
+                           f"({describe_error(error)})", "messages of a known type",
+                           "leave that topic out of the mapping, or record it with a standard message type") from None
         if stamp == "header":
             try:
                 time = _stamp_ns(message)
             except AttributeError:
-                raise DMMError(f"{file!r} topic {topic!r}: {connection.msgtype} has no header.stamp; expected "
-                               "stamped messages with stamp = 'header', or use stamp = 'log'") from None
+                raise DMMError(f"{file!r} topic {topic!r}: {connection.msgtype} has no header.stamp",
+                               "stamped messages with stamp = 'header'", "use stamp = 'log'") from None
         else:
             time = int(log_time)
         if topic == reset_topic:
@@ -120,28 +123,30 @@ def _collect(reader, source: Path, entries: dict[str, list[str]], reset_topic: s
             try:
                 value = np.asarray(_field(message, path), dtype=np.float64).reshape(-1)
             except KeyError as error:
-                raise DMMError(f"{file!r} topic {topic!r} message {index}: {error.args[0]} for field {path!r}; "
-                               "expected a field path such as position or pose.position.x") from None
+                raise DMMError(f"{file!r} topic {topic!r} message {index}: {error.args[0]} for field {path!r}",
+                               "a field path such as position or pose.position.x",
+                               "name one of the message's fields") from None
             except (TypeError, ValueError):
-                raise DMMError(f"{file!r} topic {topic!r} field {path!r} message {index}: not numbers; expected "
-                               "a number or an array of numbers") from None
+                raise DMMError(f"{file!r} topic {topic!r} field {path!r} message {index}: not numbers",
+                               "a number or an array of numbers", "name a numeric field") from None
             bucket = values[(topic, path)]
             if bucket and value.shape != bucket[0].shape:
                 raise DMMError(f"{file!r} topic {topic!r} field {path!r} message {index}: {value.size} values "
-                               f"after {bucket[0].size} in the first message; expected the same size in every "
-                               "message (mismatched lengths)")
+                               f"after {bucket[0].size} in the first message (mismatched lengths)",
+                               "the same size in every message", "name a field of fixed size")
             bucket.append(value)
     streams = {}
     for (topic, path), rows in values.items():
         if not rows:
-            raise DMMError(f"{file!r} topic {topic!r} has no messages; expected messages for {topic}:{path}")
+            raise DMMError(f"{file!r} topic {topic!r} has no messages", f"messages for {topic}:{path}",
+                           "name a topic that published in this log")
         stream_times = np.asarray(times[topic], dtype=np.int64)  # (M,)
         back = np.flatnonzero(np.diff(stream_times) < 0)
         if back.size:
             i = int(back[0]) + 1
             raise DMMError(f"{file!r} topic {topic!r} message {i}: timestamp {stream_times[i] / 1e9:.9f} s goes "
-                           f"backwards (after {stream_times[i - 1] / 1e9:.9f} s); expected non-decreasing "
-                           f"{stamp} timestamps (fix the clock, or use stamp = 'log')")
+                           f"backwards (after {stream_times[i - 1] / 1e9:.9f} s)",
+                           f"non-decreasing {stamp} timestamps", "fix the clock, or use stamp = 'log'")
         streams[f"{topic}:{path}"] = _Stream(topic, path, stream_times, np.stack(rows))  # (M, d)
     return streams, np.asarray(sorted(resets), dtype=np.int64)
 
@@ -161,15 +166,18 @@ def _segments(streams: list[_Stream], resets: np.ndarray, gap_ns: int | None) ->
 def read_bag(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) -> ReadLog:
     file = str(source)
     if not mapping.observation or not mapping.action:
-        raise DMMError(f"--format {mapping.format} needs the observation and action topics; expected --obs "
-                       "TOPIC:FIELD (repeat, in order) and --action TOPIC:FIELD (or in the mapping file)")
+        raise DMMError(f"--format {mapping.format} without the observation and action topics",
+                       "--obs TOPIC:FIELD (repeat, in order) and --action TOPIC:FIELD",
+                       "pass --obs and --action, or name them in the mapping file")
     if mapping.period_ms is None:
-        raise DMMError(f"--format {mapping.format} needs the control period; expected --period-ms P (each step "
-                       "takes the latest message at or before its tick)")
+        raise DMMError(f"--format {mapping.format} without a control period",
+                       "--period-ms P (each step takes the latest message at or before its tick)",
+                       "pass --period-ms with the controller's period")
     reward_entry = mapping.reward if mapping.reward not in (None, SPARSE_SUCCESS) and rewards_from_log else None
     if rewards_from_log and mapping.reward is None:
-        raise DMMError(f"--format {mapping.format} needs a reward; expected --reward TOPIC:FIELD, --reward "
-                       "sparse-success or --reward-fn module:function")
+        raise DMMError(f"--format {mapping.format} without a reward",
+                       "--reward TOPIC:FIELD, --reward sparse-success or --reward-fn module:function",
+                       "pass one of those")
     entries: dict[str, list[str]] = {}
     control = [*mapping.observation, *mapping.action]
     for entry in [*control, *([reward_entry] if reward_entry else []), *([mapping.success] if mapping.success
@@ -194,8 +202,9 @@ def read_bag(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) ->
         for stream, mask in inside:
             if not mask.any():
                 raise DMMError(f"{file!r} topic {stream.topic!r}: no message in episode {segment} (from "
-                               f"{start / 1e9:.3f} s to {end / 1e9:.3f} s); expected every observation and "
-                               "action topic to publish in each episode (an empty episode)")
+                               f"{start / 1e9:.3f} s to {end / 1e9:.3f} s, an empty episode)",
+                               "every observation and action topic to publish in each episode",
+                               "check the reset topic and --episode-gap-s")
         first = max(int(s.times[m][0]) for s, m in inside)
         # Ticks run while every observation topic has published; the action of the last tick is dropped,
         # so an action topic that stops one period earlier does not shorten the episode.
@@ -203,8 +212,8 @@ def read_bag(source: Path, mapping: ImportMapping, *, rewards_from_log: bool) ->
         ticks = first + period_ns * np.arange(max(0, (last - first) // period_ns + 1), dtype=np.int64)  # (N,)
         if ticks.size < 2:
             raise DMMError(f"{file!r} episode {segment} (from {start / 1e9:.3f} s): {ticks.size} tick(s) of "
-                           f"{mapping.period_ms:g} ms while every topic publishes; expected at least 2 (one "
-                           "transition): an empty episode")
+                           f"{mapping.period_ms:g} ms while every topic publishes (an empty episode)",
+                           "at least 2 ticks (one transition)", "pass a shorter --period-ms, or check the episode cuts")
         aligned = {}
         for name, stream in streams.items():
             mask = (stream.times >= start) & (stream.times < end)
@@ -249,11 +258,12 @@ def _episode(aligned: dict, mapping: ImportMapping, reward_entry: str | None, fi
         missing = np.flatnonzero(indices[begin + 1: stop + 1] < 0)
         if missing.size:
             raise DMMError(f"{file!r} topic {reward_entry.rpartition(':')[0]!r} episode {index} step "
-                           f"{int(missing[0])}: no reward message at or before the step's end; expected the reward "
-                           "topic to publish from the first step on")
+                           f"{int(missing[0])}: no reward message at or before the step's end",
+                           "the reward topic to publish from the first step on",
+                           "record the reward from the start, or use --reward-fn module:function")
         if values.shape[1] != 1:
-            raise DMMError(f"{file!r} topic {reward_entry!r}: {values.shape[1]} values per message; expected one "
-                           "number (name a scalar field, e.g. /reward:data)")
+            raise DMMError(f"{file!r} topic {reward_entry!r}: {values.shape[1]} values per message", "one number",
+                           "name a scalar field, e.g. /reward:data")
         rewards = values[begin + 1: stop + 1, 0]  # (T,): the reward observed at tick k+1
     success = None
     if mapping.success:
