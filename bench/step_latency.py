@@ -71,6 +71,7 @@ from contract.errors import DMMError  # noqa: E402
 from contract.tolerances import max_abs  # noqa: E402
 
 PRESET = "hopper"
+FEED_CHECK_CALLS = 2000  # check_feeds calls per timing of the per-call feed check
 ROUNDS = 10  # alternating blocks per path
 WARMUP_STEPS = 20
 TRAIN_EPISODES = 30  # random-policy episodes of the default tiny checkpoint's dataset
@@ -452,6 +453,14 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
         ("C (e)", "(e) native C backend.infer", "    Policy.act on (d)"))}
     print("Policy.act over its backend, p50 added (wall / cpu us): " + ", ".join(
         f"{label} {wall:+.1f} / {cpu:+.1f}" for label, (wall, cpu) in over_backend.items()))
+    # The backend rows call Backend.infer, which checks its feeds on every call; the Policy checks its
+    # own feeds once and calls infer_prechecked. Over the bare graph call it adds that check's time too.
+    feed_check = {label: feed_check_us(manifests[mode]) for label, mode in (
+        ("window (b)", "window"), ("stream (c)", "stream"), ("C (e)", "native"))}
+    print("Policy.act over the bare graph call (the row above plus the per-call feed check the backend row "
+          "pays and the Policy does not; wall us): " + ", ".join(
+              f"{label} {over_backend[label][0] + feed_check[label]:+.1f} (check {feed_check[label]:.1f})"
+              for label in over_backend))
     print(f"limits + record, p50 added to the C stream step (wall / cpu us): C env-step API with limits "
           f"{c_limits[0]:+.2f} / {c_limits[1]:+.2f}; Policy.act on (d) with limits {policy_limits[0]:+.1f} / "
           f"{policy_limits[1]:+.1f}, with limits + record {policy_both[0]:+.1f} / {policy_both[1]:+.1f} "
@@ -459,6 +468,20 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     print(f"speedup window: {window_speedup:.1f}x stream: {stream_speedup:.1f}x native vs ORT stream: "
           f"{native_speedup:.1f}x")
     return window_speedup, stream_speedup
+
+
+def feed_check_us(manifest) -> float:
+    """Median wall time of one `check_feeds` call on ``manifest``'s zero feeds, in us (5 timings)."""
+    from runtime.backend import check_feeds, zero_feeds
+
+    feeds = zero_feeds(manifest)
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        for _ in range(FEED_CHECK_CALLS):
+            check_feeds(manifest, feeds)
+        timings.append((time.perf_counter_ns() - start) / FEED_CHECK_CALLS / 1e3)
+    return float(np.median(timings))
 
 
 if __name__ == "__main__":
