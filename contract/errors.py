@@ -43,6 +43,14 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
+def error_parts(error: BaseException, expected: str, fix: str) -> tuple[str, str, str]:
+    """(received, expected, fix) of any error, to send across a process boundary as plain data: a DMMError's
+    own parts, else the library's error folded into the received part with the caller's expectation and fix."""
+    if isinstance(error, DMMError):
+        return error.received, error.expected, error.fix
+    return describe_error(error), expected, fix
+
+
 def check_dims(what: str, received: tuple[int, int], expected: tuple[int, int], source: str, fix: str) -> None:
     """The one state/action size check: raise unless ``what``'s (state_dim, act_dim) are ``source``'s."""
     if (int(received[0]), int(received[1])) != (int(expected[0]), int(expected[1])):

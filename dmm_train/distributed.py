@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from contract.errors import DMMError, describe_error
+from contract.errors import DMMError, error_parts
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -156,11 +156,8 @@ def _agree(context: RankContext, failure: Failure | None) -> None:
 
 def _failure_parts(error: BaseException) -> Failure:
     """The three parts of ``error`` (a library's error becomes the received part of one)."""
-    if isinstance(error, DMMError) and error.expected and error.fix:
-        return error.received, error.expected, error.fix
-    received = " ".join(str(error).split()) if isinstance(error, DMMError) else describe_error(error)
-    return (received, "the step to succeed on every rank",
-            "rerun it in one process (without torchrun) to see its full traceback")
+    return error_parts(error, "the step to succeed on every rank",
+                       "rerun it in one process (without torchrun) to see its full traceback")
 
 
 def on_every_rank(context: RankContext, step: Callable[[], Any]) -> Any:

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from contract.errors import DMMError, describe_error
+from contract.errors import DMMError, describe_error, error_parts
 from contract.files import file_error
 from dmm_train.minari_reader import DATASET_ID_RE
 from dmm_train.rollouts import Rollout, mujoco_warnings_once
@@ -195,11 +195,8 @@ def _isolated(write, root: Path, dataset_id: str) -> None:
 
 def _error_parts(error: BaseException) -> dict[str, str]:
     """The child's error as the three parts of a DMMError (a library's error in the received part)."""
-    if isinstance(error, DMMError) and error.expected and error.fix:
-        return {"received": error.received, "expected": error.expected, "fix": error.fix}
-    received = " ".join(str(error).split()) if isinstance(error, DMMError) else describe_error(error)
-    return {"received": received, "expected": "a dataset written",
-            "fix": "check the free space and the store, and rerun"}
+    parts = error_parts(error, "a dataset written", "check the free space and the store, and rerun")
+    return dict(zip(("received", "expected", "fix"), parts, strict=True))
 
 
 def _child_failure(stderr: str, report: dict | None, status: int, root: Path, what: str) -> DMMError:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from contract.errors import DMMError, describe_error
+from contract.errors import DMMError, error_parts
 from contract.signals import signal_handled
 from dmm_train.behavior import MlpPolicy
 from dmm_train.config import PRESETS
@@ -383,11 +383,11 @@ def _worker(env_id: str, policy, n_steps: int, seed: int, num_envs: int, next_in
 
 def _error_parts(error: BaseException) -> tuple[str, str, str]:
     """(received, expected, fix) of a worker's error (a library's error becomes the received part of one)."""
-    if isinstance(error, DMMError) and error.expected and error.fix:
+    if isinstance(error, DMMError):
         return error.received, error.expected, error.fix
-    received = " ".join(str(error).split()) if isinstance(error, DMMError) else describe_error(error)
-    return (f"a rollout process failed: {received}", "every rollout process to finish its episodes",
-            "retry with --workers 1 to see the full traceback")
+    received, expected, fix = error_parts(error, "every rollout process to finish its episodes",
+                                          "retry with --workers 1 to see the full traceback")
+    return f"a rollout process failed: {received}", expected, fix
 
 
 def _die_with_parent() -> None:

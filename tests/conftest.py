@@ -50,6 +50,8 @@ def error_form_problems(error: DMMError) -> list[str]:
             problems.append(f"the {part} part spans lines")
         elif _OLD_GRAMMAR.search(text):
             problems.append(f"the {part} part uses the old '| received | expected' form")
+    if "; expected " in error.received or "; expected " in error.expected:
+        problems.append("a second '; expected' inside a part (a message nested in a message)")
     if error.expected.lower().startswith("expected"):
         problems.append("the expected part starts with 'expected' (the grammar adds it)")
     if error.fix.lower().startswith("expected"):

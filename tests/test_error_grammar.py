@@ -85,6 +85,7 @@ def test_message_reads_received_expected_fix_on_one_line():
     (("steps | received 0", "a positive integer", "pass --steps 1"), "old '| received | expected' form"),
     (("--steps 0", "expected a positive integer", "pass --steps 1"), "starts with 'expected'"),
     (("--steps 0", "a positive integer", "expected a number"), "another expectation"),
+    (("load: x; expected y; do z", "a file", "pass another"), "a message nested in a message"),
 ])
 def test_the_form_check_names_what_is_wrong(parts, problem):
     problems = error_form_problems(DMMError(*parts))
