@@ -125,8 +125,8 @@ def collect(**options) -> None:
             paths = run_collect(from_options(CollectConfig, options), report=click.echo)
         except KeyboardInterrupt:
             # The worker pool and the dataset writer clean up on the way out: nothing half-written stays.
-            raise DMMError("collect: stopped by a signal before the dataset was complete (no partial dataset was "
-                           "kept; the workers are stopped)", "the collection to run to its end",
+            raise DMMError("collect: stopped by a signal before the dataset was complete (the workers are stopped, no "
+                           "partial dataset was kept)", "the collection to run to its end",
                            "rerun the same command to collect it") from None
     for path in paths:
         dataset = load_dataset(path)
@@ -405,7 +405,7 @@ def parity(as_json, replay, **options) -> None:
         return
     if options["checkpoint"] is None:
         raise DMMError("parity: no --checkpoint", "--checkpoint model.pt (the PyTorch reference), or --replay RECORD",
-                       "pass --checkpoint model.pt, or --replay RECORD with the engines to check on it")
+                       "pass --checkpoint, or --replay with the engines to check on it")
 
     config = from_options(ParityConfig, {**options, "checkpoint": Path(options["checkpoint"]),
                                          "onnx": tuple(Path(p) for p in options["onnx"])})

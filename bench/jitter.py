@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if "off" not in args.settings or len(set(args.settings)) < 2:
         raise DMMError(f"--settings {' '.join(args.settings)}", "'off' and at least one other to compare",
-                       "pass --settings off and one or more of the others")
+                       f"pass --settings off and one or more of {', '.join(s for s in SETTINGS if s != 'off')}")
     if args.steps < ROUNDS or not args.period_ms > 0 or args.busy < 1 or args.train_steps < 1:
         raise DMMError(f"--steps {args.steps}, --period-ms {args.period_ms}, --busy {args.busy}, --train-steps "
                        f"{args.train_steps}", f">= {ROUNDS}, > 0, >= 1 and >= 1",

@@ -197,7 +197,7 @@ def matched_steps(out: Path, runs: list[dict]) -> int:
     dt_speeds = [speed for speed in map(seconds_per_step, dt_dirs) if speed is not None]
     if not dt_speeds:
         raise DMMError(f"a {MATCHED} run: no DT run in {str(out)!r} has trained yet",
-                       "a DT run started first (its first log records DT's seconds per step)", "run a DT run first")
+                       "a DT run started first (its first log records DT's seconds per step)", "start a DT run first")
     dt_cpus = {cpu for run_dir in dt_dirs for cpu in recorded_cpus(read_json(run_dir / DEVICES_FILE) or [])}
     same_machine = [result for result in results if len(dt_cpus) == 1 and result.get("cpus") == sorted(dt_cpus)]
     dmm_seconds = statistics.fmean(result["train_seconds"] for result in same_machine or results)
@@ -689,7 +689,7 @@ def parse_args(argv: list[str] | None):
     unknown = [kind for kind in args.models if kind not in MODEL_KINDS]
     if unknown or len(set(args.models)) != len(args.models):
         raise DMMError(f"--models {' '.join(args.models)}", f"distinct kinds among {', '.join(MODEL_KINDS)}",
-                       "name each model kind once")
+                       "name each kind once, from that list")
     if len(set(args.seeds)) != len(args.seeds):
         raise DMMError(f"--seeds {' '.join(map(str, args.seeds))}", "distinct seeds", "name each seed once")
     for name in ("steps", "episodes", "selection_episodes", "evaluations", "threads", "jobs", "batch_size",
@@ -700,7 +700,7 @@ def parse_args(argv: list[str] | None):
     if max(args.episodes, args.selection_episodes) > MAX_EVAL_EPISODES:
         raise DMMError(f"--episodes {args.episodes}, --selection-episodes {args.selection_episodes}",
                        f"at most {MAX_EVAL_EPISODES} each (the report and selection seed ranges stay disjoint)",
-                       f"pass {MAX_EVAL_EPISODES} or fewer")
+                       f"pass --episodes and --selection-episodes {MAX_EVAL_EPISODES} or fewer")
     args.model_steps = kind_values(args.model_steps, "--model-steps", int)
     args.model_seeds = kind_values(args.model_seeds, "--model-seeds",
                                    lambda text: [int(seed) for seed in text.split(",")])

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> float:
     if not fused_scan.is_available():
         reason = " ".join(str(fused_scan.UNAVAILABLE_REASON).split())  # a compiler's report can span lines
         raise DMMError(f"the fused scan kernel: unavailable ({reason})", "a working C compiler (gcc or cc)",
-                       "install gcc (e.g. apt-get install gcc) or set $CC; this bench times the fused scan")
+                       "install gcc (e.g. apt-get install gcc) or set $CC (this bench times the fused scan)")
 
     train_config = TrainConfig(preset=PRESET)
     preset = get_preset(PRESET)

@@ -41,7 +41,7 @@ def lower_int8(proto: onnx.ModelProto, manifest, split, *, layers: str, method: 
         if not chosen["int8_layers"]:
             raise DMMError(
                 f"--int8-layers auto: the action RMSE met {target:g} of the action range only with every Linear in "
-                f"fp32 (all int8: {chosen['steps'][0]['rmse_relative']:.2e}); nothing was written",
+                f"fp32 (all int8: {chosen['steps'][0]['rmse_relative']:.2e}, nothing was written)",
                 "at least one int8 Linear within --int8-target",
                 "export fp32 or --fp16, or raise --int8-target")
         lowered = float_linears(quantized, proto, chosen["fp32_layers"])

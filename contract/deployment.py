@@ -55,7 +55,7 @@ class PolicyFacts:
         if not (math.isfinite(self.rtg_scale) and self.rtg_scale > 0):
             raise DMMError(f"{source}: rtg_scale {self.rtg_scale}", "a positive number", "retrain or re-export")
         if not self.target_returns or not all(math.isfinite(v) for v in self.target_returns):
-            raise DMMError(f"{source}: target_returns {self.target_returns}", "at least one finite return",
+            raise DMMError(f"{source}: target_returns {self.target_returns}", "one or more target returns, all finite",
                            "retrain or re-export with finite target returns")
         if (self.ref_min_score is None) != (self.ref_max_score is None):
             raise DMMError(f"{source}: reference scores min {self.ref_min_score}, max {self.ref_max_score}",

@@ -38,9 +38,10 @@ class DMMError(Exception):
 
 
 def describe_error(error: BaseException) -> str:
-    """``Type: first line of the message``: a library's error, folded into the received part of a DMMError."""
+    """``Type: first line of the message``: a library's error, folded into the received part of a DMMError
+    (its own '; ' become ', ': the line's two are the grammar's)."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0].replace('; ', ', ')}" if text else type(error).__name__
 
 
 def error_parts(error: BaseException, expected: str, fix: str) -> tuple[str, str, str]:

@@ -39,8 +39,8 @@ _TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 # What would have worked, and what to do, for each operating-system failure a write or read can meet.
 _ADVICE = {
-    errno.ENOSPC: ("free space on that disk", "free space on that disk or write elsewhere"),
-    errno.EDQUOT: ("free space within your quota", "free space within your quota or write elsewhere"),
+    errno.ENOSPC: ("enough free space on that disk", "free some space or write elsewhere"),
+    errno.EDQUOT: ("enough room within your disk quota", "free some space within your quota or write elsewhere"),
     errno.EROFS: ("a writable file system (this one is read-only)", "write to a writable location"),
     errno.EACCES: ("a location you have permission for", "write to a location you own or fix its permissions"),
     errno.EPERM: ("a location you have permission for", "write to a location you own or fix its permissions"),
@@ -48,7 +48,7 @@ _ADVICE = {
     errno.EISDIR: ("a file there, not a directory", "choose another path or remove the directory"),
     errno.ENOTDIR: ("a directory there, not a file", "choose another path"),
     errno.EEXIST: ("nothing of another kind there", "choose another path or remove what exists there"),
-    errno.ENOENT: ("every part of the path to exist", "check the path"),
+    errno.ENOENT: ("every part of the path to exist", "correct the path or create its missing directories"),
     errno.ELOOP: ("a regular file or directory, not a symlink", "point the path at a regular file or directory"),
     errno.EMFILE: ("fewer open files than the limit", "raise the limit (ulimit -n) or close other programs"),
 }
@@ -60,7 +60,7 @@ def file_error(error: OSError, path: str | os.PathLike | None = None, action: st
     reason = error.strerror or type(error).__name__
     expected, fix = _ADVICE.get(error.errno, ("a usable path on a working disk", "check the path and the disk"))
     if where is None:  # a library that dropped the path: say so rather than print a placeholder
-        return DMMError(f"cannot {action} a file ({reason}; the library did not name it)", expected, fix)
+        return DMMError(f"cannot {action} a file the library did not name ({reason})", expected, fix)
     return DMMError(f"cannot {action} {str(where)!r} ({reason})", expected, fix)
 
 

@@ -79,7 +79,7 @@ def tensor_specs(mode: str, *, batch: int, context_len: int, state_dim: int, act
             TensorSpec("ssm_state_next", ssm_shape),
         )
         return inputs, outputs
-    raise DMMError(f"mode {mode!r}", f"one of {', '.join(MODES)}", f"pass one of {', '.join(MODES)}")
+    raise DMMError(f"mode {mode!r}", f"one of {', '.join(MODES)}", "pass --mode with one of those")
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def check_actuator_limits(limits, action_low, action_high, source: str = "actuat
     if not all(a <= lo <= hi <= b for a, lo, hi, b in zip(action_low, lower, upper, action_high, strict=True)):
         raise DMMError(f"{source}: lower/upper {lower} / {upper}",
                        f"action_low <= lower <= upper <= action_high per dimension ({list(action_low)} / "
-                       f"{list(action_high)})", "narrow them")
+                       f"{list(action_high)})", "narrow lower/upper to within the action bounds")
     max_change = vector("max_change", True)
     if max_change is not None and not all(v > 0 for v in max_change):
         raise DMMError(f"{source}: max_change {max_change}", "a positive change per step in every dimension",
@@ -289,7 +289,8 @@ def export_lock(path: str | Path) -> Iterator[None]:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         failure = file_error(error, path.parent, "write an export into")
-        raise DMMError(failure.received, failure.expected, f"{failure.fix}; pass --out with a writable NAME") from None
+        raise DMMError(failure.received, failure.expected,
+                       f"{failure.fix}, or pass --out with a writable NAME") from None
     try:
         with exclusive_lock(lock_path, path.with_name(name), "export", "wait for it to finish or pass another --out"):
             yield

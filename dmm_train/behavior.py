@@ -235,7 +235,7 @@ def train_sac(env_id: str, total_steps: int, seed: int, out_dir: Path, snapshot_
         if remaining <= 0:
             raise DMMError(f"--resume --steps {total_steps} for the run in {str(out_dir)!r} at "
                            f"{model.num_timesteps} steps", f"--steps above {model.num_timesteps}",
-                           fix=f"pass --steps above {model.num_timesteps}")
+                           fix="pass a larger --steps to train further")
         print(f"resuming at {model.num_timesteps} steps", file=sys.stderr, flush=True)
         model.learn(total_timesteps=remaining, callback=Snapshot(), reset_num_timesteps=False)
         return

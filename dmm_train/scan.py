@@ -88,7 +88,7 @@ def selective_scan(
     """
     if impl not in SCAN_IMPLS:
         raise DMMError(f"scan impl {impl!r}", f"one of {', '.join(SCAN_IMPLS)}",
-                       fix=f"pass one of {', '.join(SCAN_IMPLS)}")
+                       fix="pass --scan with one of those")
     if _tracing():
         # A tracer records tensor ops; the fused kernel is a ctypes call whose output it would bake
         # into the graph as a constant (a silently wrong graph). "auto" traces the loop instead.

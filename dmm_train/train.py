@@ -409,7 +409,7 @@ def _prepare_run(config: TrainConfig, out_dir: Path, context: RankContext, resum
     if config.emulate_ranks > 1 and context.distributed:
         raise DMMError(f"--emulate-ranks {config.emulate_ranks} under torchrun ({context.world_size} ranks)",
                        "--emulate-ranks only in one process, which then plays every rank",
-                       fix="drop one of the two")
+                       fix="drop --emulate-ranks, or run in one process without torchrun")
     distributed.split_batch(config.batch_size, context.world_size * config.emulate_ranks)
     return config, resume_state
 
@@ -512,9 +512,9 @@ def _hold_out(config: TrainConfig, dataset, preset):
 
     _check_actions_in_range(dataset)
     if config.report_episodes:
-        raise DMMError(f"--report-episodes {config.report_episodes} with a dataset with no simulator "
+        raise DMMError(f"--report-episodes {config.report_episodes} for a dataset with no simulator "
                        f"({dataset.dataset_id!r} names no env)",
-                       "0: report evaluations play episodes; the periodic evaluation is offline",
+                       "0, since report evaluations play episodes (the periodic evaluation is offline)",
                        fix="pass --report-episodes 0")
     training_dataset, heldout = dataset, ()
     if config.eval_episodes:

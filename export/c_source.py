@@ -310,7 +310,7 @@ def _export_c_locked(checkpoint, c_path: Path, h_path: Path, prefix: str | None,
                                 rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
     if not np.isfinite(parity["max_abs"]) or parity["max_abs"] > PARITY_REFUSE_ABOVE:
         raise DMMError(f"parity: the generated C differs from PyTorch by {parity['max_abs']:.3g} on real-looking "
-                       "inputs; nothing was written", f"at most {PARITY_REFUSE_ABOVE:g}",
+                       "inputs (nothing was written)", f"at most {PARITY_REFUSE_ABOVE:g}",
                        "report this bug in export/c_source.py (or check the checkpoint for non-finite weights)")
     parity = {**parity, "candidate": "the generated C, compiled with " + " ".join(compile_flags())}
 

@@ -221,7 +221,7 @@ def _measure_parity(model, model_bytes: bytes, checkpoint, *, mode: str, batch: 
                             rtg_start=float(checkpoint.target_returns[0]), rtg_scale=checkpoint.rtg_scale)
     if not np.isfinite(parity["max_abs"]) or parity["max_abs"] > PARITY_REFUSE_ABOVE:
         raise DMMError(f"parity: ONNX Runtime differs from PyTorch by {parity['max_abs']:.3g} on real-looking "
-                       "inputs; nothing was written", f"at most {PARITY_REFUSE_ABOVE:g}",
+                       "inputs (nothing was written)", f"at most {PARITY_REFUSE_ABOVE:g}",
                        "report this bug in export/lowering.py (or check the checkpoint for non-finite weights)")
     return parity
 

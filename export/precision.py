@@ -216,7 +216,8 @@ class PrecisionOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PRECISION_SAMPLES:
                 raise DMMError(f"{flag} {value!r}", f"a positive integer of at most {MAX_PRECISION_SAMPLES:,} "
-                               "(the samples and episodes are held in memory)", f"pass {flag} between 1 and that")
+                               "(the samples and episodes are held in memory)",
+                               f"pass {flag} from 1 to {MAX_PRECISION_SAMPLES:,}")
         if self.max_score_drop is not None and not np.isfinite(self.max_score_drop):
             raise DMMError(f"--max-score-drop {self.max_score_drop}", "a finite number of points",
                            f"pass --max-score-drop {DEFAULT_MAX_SCORE_DROP[precision]:g} (the default) or another")
@@ -270,8 +271,8 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
     """
     options.validate(precision)
     if manifest.batch != 1:
-        raise DMMError(f"--batch {manifest.batch} with --{precision}", "1: a precision graph is judged by its "
-                       "closed-loop score in the control loop, which drives one plant",
+        raise DMMError(f"--batch {manifest.batch} with --{precision}", "1 (a precision graph is judged by its "
+                       "closed-loop score in the control loop, which drives one plant)",
                        f"leave --batch out with --{precision}")
     # What the options ask of each step, settled before the pass goes down into calibration/.
     steps = max(CLOSED_LOOP_MIN_STEPS, 2 * (options.calibration_samples + options.heldout_samples))
@@ -310,7 +311,7 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
         layers = ", --int8-layers auto" if precision == "int8" and details["int8_layers_choice"] != "auto" else ""
         raise DMMError(
             f"--{precision} accuracy: action RMSE {accuracy['action_rmse']:.2e} against fp32 on held-out inputs, "
-            f"{accuracy['action_rmse_relative']:.2e} of the action range; nothing was written (no episode was played)",
+            f"{accuracy['action_rmse_relative']:.2e} of the action range (nothing was written, no episode was played)",
             f"at most --max-action-error {action_limit:g}",
             f"export fp32/fp16, try another --calibration{layers}, or raise --max-action-error")
     if accuracy["score_refused"]:
@@ -318,7 +319,7 @@ def lower_precision(proto: onnx.ModelProto, checkpoint, manifest, *, precision: 
         raise DMMError(
             f"--{precision} accuracy: closed-loop normalised score {accuracy['score']:.2f} against fp32 "
             f"{accuracy['score_fp32']:.2f}, {describe_delta(accuracy)}, action RMSE {accuracy['action_rmse']:.2e}: "
-            f"{accuracy['score_verdict']}; nothing was written",
+            f"{accuracy['score_verdict']} (nothing was written)",
             f"a score shown no worse than --max-score-drop {accuracy['max_score_drop']:g}",
             f"export fp32/fp16, try another --calibration, play more episodes (--score-episodes){accept}, "
             "or raise --max-score-drop")

@@ -168,7 +168,7 @@ def _parse(builder: tensorrt.Builder, logger: tensorrt.ILogger, onnx_path: Path,
                     where += f" ({error.node_operator()})"
             problems.append(f"{error.desc()}{where}")
         raise _BuildFailure(f"the TensorRT ONNX parser rejected {str(onnx_path)!r}: "
-                            + ("; ".join(problems[:3]) or "no error reported")
+                            + (", ".join(problems[:3]) or "no error reported")
                             + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""))
     return network, parser
 
@@ -350,7 +350,7 @@ def _build_on_current_device(config: BuildConfig, onnx_path: Path, manifest: Man
             if typing != attempts[-1]:
                 fallback_reason = str(failure)
                 continue
-            prefix = f"strongly typed build failed ({fallback_reason}); the weakly typed one too: " \
+            prefix = f"strongly typed build failed ({fallback_reason}), and the weakly typed one too: " \
                 if fallback_reason else ""
             raise DMMError(f"{prefix}{failure}", f"a graph written by 'cli.py export' for TensorRT {version}",
                            "report it with the ONNX") from None

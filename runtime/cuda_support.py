@@ -174,9 +174,9 @@ def gpu_name_and_capability(device: int) -> tuple[str, str, str]:
     except CudaUnavailable as why:
         reasons.append(str(why))
     if all(reason.endswith("is not installed") for reason in reasons):
-        raise DMMError("reading the GPU: pycuda or cuda-python needed, and neither is installed",
-                       "pycuda or cuda-python installed", INSTALL_HINT)
-    raise DMMError(f"no usable CUDA GPU {device} here ({'; '.join(reasons)})",
+        raise DMMError("reading the GPU: neither pycuda nor cuda-python is installed", "one of them installed",
+                       INSTALL_HINT)
+    raise DMMError(f"no usable CUDA GPU {device} here ({', and '.join(reasons)})",
                    "an NVIDIA GPU with its driver and pycuda built for its CUDA", INSTALL_HINT)
 
 
@@ -265,7 +265,7 @@ def device_current(index: int):
         cudart_call(cudart, "cudaSetDevice", index)
     except CudaUnavailable as why:
         reasons.append(str(why))
-        raise DMMError(f"cannot make CUDA device {index} current ({'; '.join(reasons)})",
+        raise DMMError(f"cannot make CUDA device {index} current ({', and '.join(reasons)})",
                        "pycuda or cuda-python working with this GPU's driver", INSTALL_HINT) from None
     try:
         yield "cuda-python"

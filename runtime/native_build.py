@@ -161,8 +161,8 @@ def build_shared_library(sources: Sequence[str | Path], *, library_name: str, su
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             first = errors[0].strip() if errors else f"exit status {result.returncode}"
-            raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}); command: "
-                           f"{' '.join(command)}", f"C that {Path(compiler).name} accepts",
+            raise DMMError(f"compiling {', '.join(p.name for p in sources)} failed ({first}) (command: "
+                           f"{' '.join(command)})", f"C that {Path(compiler).name} accepts",
                            "re-export the C file with 'cli.py export --target c', or set $CC to another compiler")
         # The record first: a reader that sees the new library finds its hash, and one that sees a
         # record of other bytes than the library rebuilds.

@@ -34,7 +34,7 @@ PROVIDER_CHAINS = {
     "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
 }
 PROVIDERS = (*PROVIDER_CHAINS, "auto")
-GPU_PACKAGE_HINT = ("install onnxruntime-gpu (in place of onnxruntime; they share the import name) with the "
+GPU_PACKAGE_HINT = ("install onnxruntime-gpu (in place of onnxruntime, as they share the import name) with the "
                     "CUDA/cuDNN (and TensorRT) libraries it was built for, or use provider 'cpu'")
 
 # ONNX Runtime's type strings -> numpy dtype names, as the manifest writes them.

@@ -37,7 +37,8 @@ def make_plant(env_id: str | None, *, trusted: bool = False, **kwargs):
         import gymnasium as gym
     except ImportError:
         raise DMMError(f"simulated plant {env_id!r}: gymnasium is not installed",
-                       "gymnasium (not needed when you drive a Policy from your own loop)", INSTALL_HINT) from None
+                       "gymnasium installed",
+                       f"{INSTALL_HINT}, or drive the Policy from your own loop (no gymnasium needed)") from None
     try:
         return gym.make(env_id, **kwargs)
     except gym.error.DependencyNotInstalled as error:

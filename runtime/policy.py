@@ -435,7 +435,8 @@ class Policy:
         if not action_finite or not self._outputs_finite(outputs):
             return _Refusal("action_nonfinite",
                             f"engine {self.backend.name} action {predicted.tolist()} (or its caches): not finite",
-                            "finite values", "stop the plant; the engine is broken or overflowed (check its precision)",
+                            "finite values",
+                            "stop the plant and check the engine: it broke or overflowed (check its precision)",
                             reward_value)
 
         self._engine_action[...] = predicted
@@ -516,7 +517,7 @@ class Policy:
         np.isfinite(observation, out=finite)
         if not finite.all():
             bad = np.flatnonzero(~finite).tolist()
-            return ("observation_nonfinite", f"observation: non-finite values at indices {bad}", "finite numbers",
+            return ("observation_nonfinite", f"observation with non-finite values at indices {bad}", "finite numbers",
                     "check the sensors before calling act()")
         if self._observation_low is None:
             return None
@@ -531,7 +532,7 @@ class Policy:
         values = ", ".join(f"[{i}] {float(observation[i]):.4g} not in [{self._observation_low[i]:.4g}, "
                            f"{self._observation_high[i]:.4g}]" for i in indices[:_LISTED])
         more = f" and {indices.size - _LISTED} more" if indices.size > _LISTED else ""
-        return ("observation_range", f"observation: values outside the engine's observation range: {values}{more}",
+        return ("observation_range", f"observation values outside the engine's observation range: {values}{more}",
                 "the training data's range widened by the export margin",
                 "check the sensors, their units and that this is the plant the policy was trained for")
 

@@ -160,7 +160,7 @@ def replay_record(path: str | os.PathLike, engines, *, threads: int | None = 1) 
     record = read_record(path)
     if not engines:
         raise DMMError("parity --replay: no engine", "an engine to replay the record on",
-                       "pass --onnx ENGINE (.onnx, .c, .plan; repeatable) and / or --checkpoint model.pt")
+                       "pass --onnx ENGINE (.onnx, .c or .plan, repeatable) and / or --checkpoint model.pt")
     trajectory = trajectory_of_record(record)
     header = record.header
     actions = {}

@@ -324,7 +324,7 @@ def read_record(path: str | os.PathLike) -> StepRecord:
         except (OSError, ValueError, KeyError) as error:
             raise DMMError(f"record chunk {str(file)!r} cannot be read ({describe_error(error)})",
                            "a numpy .npz of the record's columns",
-                           "the record ends before it: remove it and later chunks") from None
+                           "remove it and the later chunks (the record ends before it)") from None
     state_dim, act_dim = int(header["state_dim"]), int(header["act_dim"])
     empty = {"observation": np.empty((0, state_dim)), "action_policy": np.empty((0, act_dim), np.float32),
              "action": np.empty((0, act_dim), np.float32)}

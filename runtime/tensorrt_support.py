@@ -174,7 +174,7 @@ def logged_errors(logger, limit: int = 3) -> str:
     errors = [message for level, message in logger.messages if level == "error"]
     if not errors:
         return "TensorRT logged no error"
-    shown = "; ".join(message.strip().splitlines()[0] for message in errors[:limit])
+    shown = ", ".join(message.strip().splitlines()[0] for message in errors[:limit])
     return shown + (f" (+{len(errors) - limit} more)" if len(errors) > limit else "")
 
 

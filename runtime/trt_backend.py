@@ -159,7 +159,7 @@ class TrtBackend(Backend):
             _OPEN.discard(self)
             self._manifest = None
         if errors:
-            raise DMMError(f"engine {str(self.path)!r}: closing the TensorRT backend failed ({'; '.join(errors)})",
+            raise DMMError(f"engine {str(self.path)!r}: closing the TensorRT backend failed ({', '.join(errors)})",
                            "a working CUDA driver", "check the driver with nvidia-smi (the backend is closed "
                            "regardless, and its GPU memory is freed at process exit)")
 
@@ -181,7 +181,7 @@ class TrtBackend(Backend):
         plan = self.path.read_bytes()
         check_plan_bytes(source, engine_record, plan)
 
-        import_tensorrt(f"{source} (a TensorRT plan): running it")
+        import_tensorrt(f"running {source} (a TensorRT plan)")
         import tensorrt as trt
 
         try:

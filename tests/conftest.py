@@ -50,8 +50,8 @@ def error_form_problems(error: DMMError) -> list[str]:
             problems.append(f"the {part} part spans lines")
         elif _OLD_GRAMMAR.search(text):
             problems.append(f"the {part} part uses the old '| received | expected' form")
-    if "; expected " in error.received or "; expected " in error.expected:
-        problems.append("a second '; expected' inside a part (a message nested in a message)")
+    if any("; " in getattr(error, part, "") for part in ("received", "expected", "fix")):
+        problems.append("a '; ' inside a part (the line has exactly two, between the parts)")
     if error.expected.lower().startswith("expected"):
         problems.append("the expected part starts with 'expected' (the grammar adds it)")
     if error.fix.lower().startswith("expected"):

@@ -174,7 +174,7 @@ def test_actions_beyond_the_tanh_range_are_refused_in_one_line(local_store, tmp_
 def test_report_evaluations_need_a_simulator(local_store, tmp_path, capsys):
     code = cli.main(["train", "--dataset", DATASET_ID, "--steps", "2", "--report-episodes", "2",
                      "--out", str(tmp_path / "run")])
-    assert_one_line_error(capsys, code, "--report-episodes 2 with a dataset with no simulator")
+    assert_one_line_error(capsys, code, "--report-episodes 2 for a dataset with no simulator")
 
 
 def test_the_example_feeds_the_policy_from_the_log(trained, local_store, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.errors import DMMError, check_dims
+from contract.errors import DMMError, check_dims, describe_error
 from tests.conftest import error_form_problems
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,8 @@ def test_message_reads_received_expected_fix_on_one_line():
     (("steps | received 0", "a positive integer", "pass --steps 1"), "old '| received | expected' form"),
     (("--steps 0", "expected a positive integer", "pass --steps 1"), "starts with 'expected'"),
     (("--steps 0", "a positive integer", "expected a number"), "another expectation"),
-    (("load: x; expected y; do z", "a file", "pass another"), "a message nested in a message"),
+    (("load: x; expected y; do z", "a file", "pass another"), "a '; ' inside a part"),
+    (("--steps 0", "a positive integer", "pass 1; or 2"), "a '; ' inside a part"),
 ])
 def test_the_form_check_names_what_is_wrong(parts, problem):
     problems = error_form_problems(DMMError(*parts))
@@ -112,3 +113,10 @@ def test_dimension_check_speaks_the_grammar():
         check_dims("dataset 'x'", (11, 3), (17, 6), "the checkpoint's", "pass --dataset with a hopper recording")
     assert str(caught.value) == ("dataset 'x' state/action dims 11/3; expected 17/6 (the checkpoint's); "
                                  "pass --dataset with a hopper recording")
+
+
+def test_a_library_error_folds_into_one_part():
+    library = OSError("Unable to open file (file signature not found; truncated?)\nmore detail")
+    received = describe_error(library)
+    assert received == "OSError: Unable to open file (file signature not found, truncated?)"
+    assert error_form_problems(DMMError(f"'a.hdf5': {received}", "an HDF5 file", "pass another file")) == []

@@ -46,7 +46,8 @@ def test_without_bindings_the_gpu_identity_is_one_clear_line():
     with pytest.raises(DMMError) as caught:
         gpu_name_and_capability(0)
     message = str(caught.value)
-    assert "\n" not in message and ("neither is installed" in message or "no usable CUDA GPU 0" in message)
+    assert "\n" not in message and ("neither pycuda nor cuda-python is installed" in message
+                                     or "no usable CUDA GPU 0" in message)
     assert "pip install -e '.[gpu]'" in message
 
 

@@ -207,7 +207,7 @@ def test_a_plan_manifest_needs_its_engine_record(engines, tmp_path):
 
 @pytest.mark.skipif(USABLE, reason="a GPU is usable here")
 def test_without_a_gpu_the_gpu_probe_is_a_clear_error():
-    with pytest.raises(DMMError, match="pycuda or cuda-python|no CUDA GPU|no usable CUDA"):
+    with pytest.raises(DMMError, match="pycuda nor cuda-python|no CUDA GPU|no usable CUDA"):
         gpu_identity()
     usable, why = tensorrt_status()
     assert not usable and why
@@ -243,7 +243,7 @@ def test_a_foreign_cuda_namespace_is_not_taken_for_cuda_python(tmp_path):
     assert result.returncode == 0, result.stderr
     cudart, identity = result.stdout.strip().splitlines()
     assert "cuda-python is not installed" in cudart and "without cuda.bindings or cuda.cudart" in cudart
-    assert identity.startswith("identity: no usable CUDA GPU 0 here (pycuda is not installed; cuda-python is not")
+    assert identity.startswith("identity: no usable CUDA GPU 0 here (pycuda is not installed, and cuda-python is not")
     assert "pip install -e '.[gpu]'" in identity
 
 

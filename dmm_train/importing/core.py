@@ -117,7 +117,7 @@ def _flags(values: np.ndarray | None, n: int, episode: LoggedEpisode, what: str)
     early = np.flatnonzero(flags[:-1])
     if early.size:
         raise DMMError(f"{episode.where(what)} step {int(early[0])}: set before the episode's last step {n - 1}",
-                       "it set only at the end", "give episode boundaries that end there")
+                       "the flag set only at the last step", "give episode boundaries that end there")
     return flags
 
 

@@ -75,7 +75,7 @@ class ImportMapping:
                            "pass --dataset-id namespace/name-vN, or dataset_id = ... in the mapping file")
         if self.done_means not in DONE_MEANS:
             raise DMMError(f"done_means {self.done_means!r}", f"one of {', '.join(DONE_MEANS)}",
-                           f"set done_means to one of {', '.join(DONE_MEANS)}")
+                           "set done_means to one of those")
         if self.stamp not in STAMPS:
             raise DMMError(f"stamp {self.stamp!r}", "'log' (the bag's receive time) or 'header' (each message's "
                            "header.stamp)", "set stamp to log or header")

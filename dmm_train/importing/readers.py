@@ -32,7 +32,7 @@ def run_import(source: str | os.PathLike, mapping: ImportMapping, *, reward_fn: 
     source = Path(source)
     if not source.exists():
         raise DMMError(f"import source {str(source)!r}: no such file or directory",
-                       f"a {mapping.format} file or directory", "check the path")
+                       f"a {mapping.format} file or directory", "pass the path of an existing log")
     if reward_fn and mapping.reward not in (None, SPARSE_SUCCESS) and mapping.origin.get("reward") == "option":
         raise DMMError(f"--reward {mapping.reward!r} with --reward-fn {reward_fn!r}", "one source of rewards",
                        "leave out --reward or --reward-fn")
