@@ -203,8 +203,8 @@ class RunReport:
     normalized_scores: tuple[float, ...]  # raw returns where the policy has no reference scores (score_name)
     latency: LatencyStats
     histogram: str | None = None
-    histogram_error: str | None = None  # why the histogram could not be written (the results stand)
-    histogram_failure: DMMError | None = field(default=None, repr=False, compare=False)  # that error, to raise
+    histogram_failure: DMMError | None = field(default=None, repr=False, compare=False)  # why the histogram
+    # could not be written (the results stand): raised by the CLI after the results
     on_fault: str = "raise"
     faults: dict = field(default_factory=dict)  # fault kind -> count over every episode
     timings: LoopTimings | None = None  # with a control period
@@ -215,6 +215,11 @@ class RunReport:
     record: str | None = None  # the step record's directory
     record_rows: int = 0
     score_name: str = "normalised score"  # or "return": a policy with no reference scores
+
+    @property
+    def histogram_error(self) -> str | None:
+        """The histogram's failure as its one line, for the JSON record."""
+        return str(self.histogram_failure) if self.histogram_failure is not None else None
 
     @property
     def returns(self) -> tuple[float, ...]:
@@ -320,7 +325,6 @@ def run_engine(config: RunConfig) -> RunReport:
         episodes=episodes,
         normalized_scores=tuple(manifest.facts.score(e.episode_return) for e in episodes),
         latency=LatencyStats.from_ns(samples, None if loop is not None else deadline_ms), histogram=histogram,
-        histogram_error=str(histogram_failure) if histogram_failure is not None else None,
         histogram_failure=histogram_failure,
         on_fault=config.on_fault, faults=dict(policy.faults), timings=loop.timings() if loop is not None else None,
         realtime=applied, limits=policy.limits.to_dict(), limit_counts=policy.limit_counts,
